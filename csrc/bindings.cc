@@ -1,0 +1,80 @@
+// pybind11 only: Python job tuples -> C++ CopyJob structs, GIL released while copying.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <thread>
+
+#include "convert.h"
+#include "executor.h"
+#include "file.h"
+
+namespace py = pybind11;
+
+namespace {
+
+gs::DType to_dtype(int code) {
+  if (!gs::dtype_valid(code)) throw gs::JobError("unknown dtype code " + std::to_string(code));
+  return static_cast<gs::DType>(code);
+}
+
+// (op, file, src_offset, src_dtype, shape, src_strides, dst_ptr, dst_dtype,
+//  scale_ptr, zero_ptr, scale_dtype, group_size, name)
+using JobTuple = std::tuple<int, int, uint64_t, int, std::vector<int64_t>, std::vector<int64_t>, uintptr_t, int,
+                            uintptr_t, uintptr_t, int, int64_t, std::string>;
+
+gs::CopyJob to_job(const JobTuple& t) {
+  gs::CopyJob job;
+  const int op = std::get<0>(t);
+  if (op < 0 || op > 2) throw gs::JobError("unknown op code " + std::to_string(op));
+  job.op = static_cast<gs::Op>(op);
+  job.file = std::get<1>(t);
+  job.src_offset = std::get<2>(t);
+  job.src_dtype = to_dtype(std::get<3>(t));
+  job.shape = std::get<4>(t);
+  job.src_strides = std::get<5>(t);
+  job.dst = reinterpret_cast<void*>(std::get<6>(t));
+  job.dst_dtype = to_dtype(std::get<7>(t));
+  job.scale = reinterpret_cast<void*>(std::get<8>(t));
+  job.zero = reinterpret_cast<void*>(std::get<9>(t));
+  job.scale_dtype = to_dtype(std::get<10>(t));
+  job.group_size = std::get<11>(t);
+  job.name = std::get<12>(t);
+  return job;
+}
+
+py::tuple run(const std::vector<std::string>& files, const std::vector<JobTuple>& job_tuples, int threads,
+              std::size_t chunk_bytes, bool drop_cache, const py::object& progress) {
+  std::vector<gs::CopyJob> jobs;
+  jobs.reserve(job_tuples.size());
+  for (const auto& t : job_tuples) jobs.push_back(to_job(t));
+  gs::Options options;
+  options.threads = threads;
+  options.chunk_bytes = chunk_bytes;
+  options.drop_cache = drop_cache;
+  // Called on this (the calling) thread only, with the GIL taken back briefly.
+  auto on_progress = [&progress](uint64_t done) -> bool {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    if (progress.is_none()) return true;
+    py::object verdict = progress(done);
+    return verdict.is_none() || verdict.cast<bool>();
+  };
+  gs::RunResult result;
+  {
+    py::gil_scoped_release release;
+    result = gs::run_jobs(files, jobs, options, on_progress);
+  }
+  return py::make_tuple(result.bytes_read, result.completed);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "gemma_stream's C++ copy engine (no torch dependency)";
+  py::register_exception<gs::JobError>(m, "JobError", PyExc_ValueError);
+  py::register_exception<gs::IoError>(m, "IoError", PyExc_OSError);
+  m.def("run", &run, py::arg("files"), py::arg("jobs"), py::arg("threads"), py::arg("chunk_bytes"),
+        py::arg("drop_cache"), py::arg("progress"),
+        "Run copy jobs; returns (bytes_read, completed).");
+  m.def("hardware_threads", []() { return static_cast<int>(std::thread::hardware_concurrency()); });
+}

@@ -1,0 +1,337 @@
+#include "executor.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <numeric>
+
+#include "file.h"
+#include "quant.h"
+#include "thread_pool.h"
+
+namespace gs {
+namespace {
+
+struct FreeDeleter { void operator()(void* p) const noexcept { std::free(p); } };
+using Buffer = std::unique_ptr<char, FreeDeleter>;
+
+Buffer allocate(std::size_t bytes) {
+  const std::size_t rounded = (bytes + 4095) & ~static_cast<std::size_t>(4095);
+  void* p = std::aligned_alloc(4096, rounded > 0 ? rounded : 4096);
+  if (!p) throw std::bad_alloc();
+  return Buffer(static_cast<char*>(p));
+}
+
+uint64_t checked_mul(uint64_t a, uint64_t b, const CopyJob& job) {
+  uint64_t out;
+  if (__builtin_mul_overflow(a, b, &out)) throw JobError("tensor '" + job.name + "': size overflows 64 bits");
+  return out;
+}
+
+uint64_t checked_add(uint64_t a, uint64_t b, const CopyJob& job) {
+  uint64_t out;
+  if (__builtin_add_overflow(a, b, &out)) throw JobError("tensor '" + job.name + "': offset overflows 64 bits");
+  return out;
+}
+
+// A strided source read block by block in storage order: dims are permuted by
+// decreasing source stride; a block is a run of `group` indices of dim
+// `split - 1` times all of dims [split, ndim), whose storage span fits a chunk.
+struct StridedLayout {
+  std::vector<int64_t> shape, src_strides, dst_strides;  // permuted
+  int split = 0;           // first dim wholly inside a block
+  int64_t group = 1;       // indices of dim split-1 per block
+  int64_t groups = 1;      // blocks along dim split-1
+  int64_t outer = 1;       // product of shape[0, split-1)
+  int64_t inner_span = 1;  // elements spanned by dims [split, ndim)
+};
+
+struct Item {
+  std::size_t job;
+  uint64_t begin, end;  // elements (copy), rows (quant) or blocks (strided)
+};
+
+struct Batch {
+  const std::vector<CopyJob>& jobs;
+  const Options& options;
+  std::vector<File> files;
+  std::vector<StridedLayout> strided;  // per job; empty shape when contiguous
+  std::vector<Item> items;
+  std::size_t bounce_bytes = 0;
+  int64_t max_row = 0;
+  std::atomic<uint64_t> bytes_done{0};
+};
+
+int64_t numel(const CopyJob& job) {
+  int64_t n = 1;
+  for (int64_t s : job.shape) n *= s;
+  return n;
+}
+
+void validate(const CopyJob& job, const Batch& batch) {
+  const std::string where = "tensor '" + job.name + "'";
+  if (job.file < 0 || static_cast<std::size_t>(job.file) >= batch.files.size())
+    throw JobError(where + ": file index out of range");
+  for (int64_t s : job.shape) if (s < 0) throw JobError(where + ": negative dimension");
+  for (int64_t s : job.src_strides) if (s < 0) throw JobError(where + ": negative stride");
+  if (!job.src_strides.empty() && job.src_strides.size() != job.shape.size())
+    throw JobError(where + ": strides and shape differ in rank");
+  const File& file = batch.files[static_cast<std::size_t>(job.file)];
+  const uint64_t item = itemsize(job.src_dtype);
+  const int64_t n = numel(job);
+  if (n == 0) return;
+  if (!job.dst) throw JobError(where + ": null destination");
+  // last byte touched by the view
+  uint64_t last = 0;
+  if (job.src_strides.empty()) {
+    last = static_cast<uint64_t>(n) - 1;
+  } else {
+    for (std::size_t d = 0; d < job.shape.size(); ++d)
+      last = checked_add(last, checked_mul(static_cast<uint64_t>(job.shape[d] - 1),
+                                           static_cast<uint64_t>(job.src_strides[d]), job), job);
+  }
+  const uint64_t end = checked_add(job.src_offset, checked_mul(last + 1, item, job), job);
+  if (end > file.size())
+    throw JobError(file.path() + ": " + where + ": bytes [" + std::to_string(job.src_offset) + ", " +
+                   std::to_string(end) + ") lie beyond the end of the file (" + std::to_string(file.size()) +
+                   " bytes)");
+  if (job.op == Op::Copy) {
+    if (!can_convert(job.src_dtype, job.dst_dtype))
+      throw JobError(where + ": cannot convert " + dtype_name(job.src_dtype) + " to " + dtype_name(job.dst_dtype));
+    return;
+  }
+  const bool float_src = job.src_dtype == DType::F16 || job.src_dtype == DType::BF16 || job.src_dtype == DType::F32;
+  const bool float_scale = job.scale_dtype == DType::F16 || job.scale_dtype == DType::BF16 || job.scale_dtype == DType::F32;
+  if (!float_src || !float_scale) throw JobError(where + ": quantization needs f16/bf16/f32 source and scales");
+  if (job.shape.size() != 2 || !job.src_strides.empty())
+    throw JobError(where + ": quantization needs a contiguous 2-D source");
+  if (!job.scale) throw JobError(where + ": null scale");
+  if (job.op == Op::QuantInt4) {
+    const int64_t K = job.shape[1];
+    if (job.group_size <= 0 || K % job.group_size != 0 || job.group_size % 2 != 0 || !job.zero)
+      throw JobError(where + ": int4 needs an even group size dividing K and a zero-point buffer");
+  }
+}
+
+StridedLayout make_strided(const CopyJob& job, std::size_t chunk_elems) {
+  const std::size_t nd = job.shape.size();
+  std::vector<std::size_t> order(nd);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return job.src_strides[a] > job.src_strides[b]; });
+  std::vector<int64_t> dst_strides(nd);
+  int64_t step = 1;
+  for (std::size_t d = nd; d-- > 0;) { dst_strides[d] = step; step *= job.shape[d]; }
+  StridedLayout L;
+  for (std::size_t i : order) {
+    L.shape.push_back(job.shape[i]);
+    L.src_strides.push_back(job.src_strides[i]);
+    L.dst_strides.push_back(dst_strides[i]);
+  }
+  // smallest split such that dims [split, nd) span at most one chunk
+  int split = static_cast<int>(nd);
+  int64_t span = 1;
+  while (split > 0) {
+    const int64_t wider = span + (L.shape[split - 1] - 1) * L.src_strides[split - 1];
+    if (static_cast<std::size_t>(wider) > chunk_elems) break;
+    span = wider;
+    --split;
+  }
+  L.split = split;
+  L.inner_span = span;
+  if (split > 0) {
+    const int64_t stride = std::max<int64_t>(L.src_strides[split - 1], 1);
+    const int64_t fit = (static_cast<int64_t>(chunk_elems) - span) / stride + 1;
+    L.group = std::max<int64_t>(1, std::min(fit, L.shape[split - 1]));
+    L.groups = (L.shape[split - 1] + L.group - 1) / L.group;
+    for (int d = 0; d < split - 1; ++d) L.outer *= L.shape[d];
+  }
+  return L;
+}
+
+// Elementwise copy of one block from a staged storage span to the destination.
+void scatter(const char* src, DType sd, char* dst, DType dd, const StridedLayout& L, int first_dim,
+             const std::vector<int64_t>& extent) {
+  const std::size_t nd = L.shape.size();
+  const std::size_t si = itemsize(sd), di = itemsize(dd);
+  std::vector<int64_t> idx(nd, 0);
+  const bool inner_runs = nd > 0 && L.src_strides[nd - 1] == 1 && L.dst_strides[nd - 1] == 1;
+  const int64_t run = inner_runs ? extent[nd - 1] : 1;
+  const int last_loop = inner_runs ? static_cast<int>(nd) - 1 : static_cast<int>(nd);
+  while (true) {
+    int64_t so = 0, doff = 0;
+    for (std::size_t d = static_cast<std::size_t>(first_dim); d < nd; ++d) {
+      so += idx[d] * L.src_strides[d];
+      doff += idx[d] * L.dst_strides[d];
+    }
+    convert(src + so * static_cast<int64_t>(si), sd, dst + doff * static_cast<int64_t>(di), dd,
+            static_cast<std::size_t>(run));
+    int d = last_loop - 1;
+    while (d >= first_dim) {
+      if (++idx[static_cast<std::size_t>(d)] < extent[static_cast<std::size_t>(d)]) break;
+      idx[static_cast<std::size_t>(d)] = 0;
+      --d;
+    }
+    if (d < first_dim) return;
+  }
+}
+
+void run_strided(Batch& batch, const CopyJob& job, const StridedLayout& L, uint64_t block, char* bounce) {
+  const File& file = batch.files[static_cast<std::size_t>(job.file)];
+  const std::size_t si = itemsize(job.src_dtype), di = itemsize(job.dst_dtype);
+  const std::size_t nd = L.shape.size();
+  int64_t src_base = 0, dst_base = 0;
+  std::vector<int64_t> extent(L.shape);
+  int first_dim = 0;
+  if (L.split > 0) {
+    // decode the block number into fixed indices of dims [0, split-1) and a group
+    int64_t outer_index = static_cast<int64_t>(block) / L.groups;
+    const int64_t g = static_cast<int64_t>(block) % L.groups;
+    for (int d = L.split - 2; d >= 0; --d) {
+      const int64_t i = outer_index % L.shape[d];
+      outer_index /= L.shape[d];
+      src_base += i * L.src_strides[d];
+      dst_base += i * L.dst_strides[d];
+    }
+    const int64_t first = g * L.group;
+    src_base += first * L.src_strides[L.split - 1];
+    dst_base += first * L.dst_strides[L.split - 1];
+    extent[L.split - 1] = std::min(L.group, L.shape[L.split - 1] - first);
+    first_dim = L.split - 1;
+  }
+  int64_t span = 1, count = 1;
+  for (std::size_t d = static_cast<std::size_t>(first_dim); d < nd; ++d) {
+    span += (extent[d] - 1) * L.src_strides[d];
+    count *= extent[d];
+  }
+  const uint64_t offset = job.src_offset + static_cast<uint64_t>(src_base) * si;
+  file.read_exact(bounce, static_cast<std::size_t>(span) * si, offset);
+  scatter(bounce, job.src_dtype, static_cast<char*>(job.dst) + dst_base * static_cast<int64_t>(di), job.dst_dtype,
+          L, first_dim, extent);
+  if (batch.options.drop_cache) file.drop_cache(offset, static_cast<std::size_t>(span) * si);
+  batch.bytes_done += static_cast<uint64_t>(count) * si;
+}
+
+void run_item(Batch& batch, const Item& item, char* bounce, float* scratch) {
+  const CopyJob& job = batch.jobs[item.job];
+  const File& file = batch.files[static_cast<std::size_t>(job.file)];
+  const std::size_t si = itemsize(job.src_dtype);
+  if (!batch.strided[item.job].shape.empty()) {
+    run_strided(batch, job, batch.strided[item.job], item.begin, bounce);
+    return;
+  }
+  if (job.op == Op::Copy) {
+    const uint64_t n = item.end - item.begin;
+    const uint64_t offset = job.src_offset + item.begin * si;
+    char* dst = static_cast<char*>(job.dst) + item.begin * itemsize(job.dst_dtype);
+    if (job.src_dtype == job.dst_dtype) {
+      file.read_exact(dst, n * si, offset);  // straight into the parameter: no staging copy
+    } else {
+      file.read_exact(bounce, n * si, offset);
+      convert(bounce, job.src_dtype, dst, job.dst_dtype, n);
+    }
+    if (batch.options.drop_cache) file.drop_cache(offset, n * si);
+    batch.bytes_done += n * si;
+    return;
+  }
+  const int64_t K = job.shape[1];
+  const uint64_t rows = item.end - item.begin;
+  const uint64_t row_bytes = static_cast<uint64_t>(K) * si;
+  const uint64_t offset = job.src_offset + item.begin * row_bytes;
+  file.read_exact(bounce, rows * row_bytes, offset);
+  const int64_t r0 = static_cast<int64_t>(item.begin);
+  int64_t bad;
+  if (job.op == Op::QuantInt8) {
+    bad = quantize_int8_rows(bounce, job.src_dtype, static_cast<int64_t>(rows), K,
+                             static_cast<int8_t*>(job.dst) + r0 * K,
+                             static_cast<char*>(job.scale) + r0 * static_cast<int64_t>(itemsize(job.scale_dtype)),
+                             job.scale_dtype, scratch);
+  } else {
+    const int64_t groups = K / job.group_size;
+    const int64_t scale_row = groups * static_cast<int64_t>(itemsize(job.scale_dtype));
+    bad = quantize_int4_rows(bounce, job.src_dtype, static_cast<int64_t>(rows), K, job.group_size,
+                             static_cast<uint8_t*>(job.dst) + r0 * (K / 2),
+                             static_cast<char*>(job.scale) + r0 * scale_row,
+                             static_cast<char*>(job.zero) + r0 * scale_row, job.scale_dtype, scratch);
+  }
+  if (bad >= 0)
+    throw JobError(file.path() + ": tensor '" + job.name + "': row " + std::to_string(r0 + bad) +
+                   " holds NaN or infinity; it cannot be quantized");
+  if (batch.options.drop_cache) file.drop_cache(offset, rows * row_bytes);
+  batch.bytes_done += rows * row_bytes;
+}
+
+void plan_items(Batch& batch) {
+  const std::size_t chunk = std::max<std::size_t>(batch.options.chunk_bytes, 4096);
+  batch.bounce_bytes = 0;
+  for (std::size_t j = 0; j < batch.jobs.size(); ++j) {
+    const CopyJob& job = batch.jobs[j];
+    const int64_t n = numel(job);
+    if (n == 0) continue;
+    const std::size_t si = itemsize(job.src_dtype);
+    bool contiguous = job.src_strides.empty();
+    if (contiguous && job.op == Op::Copy) {
+      const uint64_t per = std::max<uint64_t>(1, chunk / si);
+      for (uint64_t b = 0; b < static_cast<uint64_t>(n); b += per)
+        batch.items.push_back({j, b, std::min<uint64_t>(static_cast<uint64_t>(n), b + per)});
+      if (job.src_dtype != job.dst_dtype) batch.bounce_bytes = std::max(batch.bounce_bytes, per * si);
+    } else if (contiguous) {
+      const int64_t rows = job.shape[0], K = job.shape[1];
+      const uint64_t row_bytes = static_cast<uint64_t>(K) * si;
+      const uint64_t per = std::max<uint64_t>(1, chunk / row_bytes);
+      for (uint64_t b = 0; b < static_cast<uint64_t>(rows); b += per)
+        batch.items.push_back({j, b, std::min<uint64_t>(static_cast<uint64_t>(rows), b + per)});
+      batch.bounce_bytes = std::max<std::size_t>(batch.bounce_bytes, std::min<uint64_t>(per, rows) * row_bytes);
+      batch.max_row = std::max(batch.max_row, K);
+    } else {
+      batch.strided[j] = make_strided(job, std::max<std::size_t>(1, chunk / si));
+      const StridedLayout& L = batch.strided[j];
+      const uint64_t blocks = static_cast<uint64_t>(L.outer * L.groups);
+      for (uint64_t b = 0; b < blocks; ++b) batch.items.push_back({j, b, b + 1});
+      int64_t span = L.inner_span;
+      if (L.split > 0) span += (L.group - 1) * L.src_strides[L.split - 1];
+      batch.bounce_bytes = std::max<std::size_t>(batch.bounce_bytes, static_cast<std::size_t>(span) * si);
+    }
+  }
+  // Read each file front to back: the kernel's readahead then works for us.
+  std::stable_sort(batch.items.begin(), batch.items.end(), [&](const Item& a, const Item& b) {
+    const CopyJob& ja = batch.jobs[a.job];
+    const CopyJob& jb = batch.jobs[b.job];
+    if (ja.file != jb.file) return ja.file < jb.file;
+    if (ja.src_offset != jb.src_offset) return ja.src_offset < jb.src_offset;
+    return a.begin < b.begin;
+  });
+}
+
+}  // namespace
+
+RunResult run_jobs(const std::vector<std::string>& paths, const std::vector<CopyJob>& jobs,
+                   const Options& options, const std::function<bool(uint64_t)>& progress) {
+  Batch batch{jobs, options, {}, {}, {}, 0, 0, {}};
+  batch.files.reserve(paths.size());
+  for (const auto& p : paths) batch.files.emplace_back(p);
+  for (const auto& job : jobs) validate(job, batch);
+  for (const auto& f : batch.files) f.advise_sequential();
+  batch.strided.resize(jobs.size());
+  plan_items(batch);
+
+  const int threads = std::max(1, options.threads);
+  std::vector<Buffer> bounce(static_cast<std::size_t>(threads));
+  std::vector<std::vector<float>> scratch(static_cast<std::size_t>(threads));
+  auto work = [&](int worker, std::size_t i) {
+    const auto w = static_cast<std::size_t>(worker);
+    if (!bounce[w] && batch.bounce_bytes > 0) bounce[w] = allocate(batch.bounce_bytes);
+    if (scratch[w].size() < static_cast<std::size_t>(batch.max_row))
+      scratch[w].resize(static_cast<std::size_t>(batch.max_row));
+    run_item(batch, batch.items[i], bounce[w].get(), scratch[w].data());
+  };
+  auto on_wait = [&]() { return progress ? progress(batch.bytes_done.load()) : true; };
+  RunResult result;
+  result.completed = ThreadPool::run(batch.items.size(), threads, work, on_wait);
+  result.bytes_read = batch.bytes_done.load();
+  if (result.completed && progress) progress(result.bytes_read);
+  return result;
+}
+
+}  // namespace gs

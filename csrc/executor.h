@@ -1,0 +1,57 @@
+// Runs a batch of copy jobs: validates them against the files, splits them into
+// chunks, and copies / converts / quantizes each chunk on the thread pool.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "convert.h"
+
+namespace gs {
+
+enum class Op : int { Copy = 0, QuantInt8 = 1, QuantInt4 = 2 };
+
+// One source tensor (or row range of one) to one contiguous destination.
+struct CopyJob {
+  Op op = Op::Copy;
+  int file = 0;                      // index into the batch's file list
+  uint64_t src_offset = 0;           // file offset of element [0, ..., 0]
+  DType src_dtype = DType::U8;
+  std::vector<int64_t> shape;        // logical shape of the source view
+  std::vector<int64_t> src_strides;  // element strides; empty = C-contiguous
+  void* dst = nullptr;               // contiguous destination (q weights for quant ops)
+  DType dst_dtype = DType::U8;
+  void* scale = nullptr;             // quant ops: [rows] or [rows, K/G]
+  void* zero = nullptr;              // int4: [rows, K/G]
+  DType scale_dtype = DType::F32;
+  int64_t group_size = 0;            // int4 only
+  std::string name;                  // tensor name, for error messages
+};
+
+struct Options {
+  int threads = 2;
+  std::size_t chunk_bytes = 16u << 20;
+  bool drop_cache = false;  // posix_fadvise(DONTNEED) each chunk once copied
+};
+
+// A job the executor refuses (bad range, dtype pair, shape); names the tensor.
+class JobError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct RunResult {
+  uint64_t bytes_read = 0;
+  bool completed = true;  // false when progress() asked to cancel
+};
+
+// progress(bytes_done) is called on the calling thread about every 100 ms;
+// returning false cancels the batch (remaining chunks are skipped).
+RunResult run_jobs(const std::vector<std::string>& files, const std::vector<CopyJob>& jobs,
+                   const Options& options, const std::function<bool(uint64_t)>& progress);
+
+}  // namespace gs

@@ -1,0 +1,60 @@
+#include "file.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace gs {
+
+static std::string errno_text(int err) { return std::strerror(err); }
+
+File::File(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw IoError(path + ": cannot open: " + errno_text(errno));
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) {
+    const int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    throw IoError(path + ": cannot stat: " + errno_text(err));
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+}
+
+File::File(File&& other) noexcept : path_(std::move(other.path_)), fd_(other.fd_), size_(other.size_) {
+  other.fd_ = -1;
+}
+
+File::~File() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void File::read_exact(void* dst, std::size_t n, uint64_t offset) const {
+  char* out = static_cast<char*>(dst);
+  std::size_t done = 0;
+  while (done < n) {
+    const ssize_t got = ::pread(fd_, out + done, n - done, static_cast<off_t>(offset + done));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      throw IoError(path_ + ": read of " + std::to_string(n - done) + " bytes at offset " +
+                    std::to_string(offset + done) + " failed: " + errno_text(errno));
+    }
+    if (got == 0) {
+      throw IoError(path_ + ": unexpected end of file at offset " + std::to_string(offset + done) +
+                    " (file shrank to fewer than " + std::to_string(offset + n) + " bytes?)");
+    }
+    done += static_cast<std::size_t>(got);
+  }
+}
+
+void File::drop_cache(uint64_t offset, std::size_t n) const noexcept {
+  ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n), POSIX_FADV_DONTNEED);
+}
+
+void File::advise_sequential() const noexcept {
+  ::posix_fadvise(fd_, 0, 0, POSIX_FADV_SEQUENTIAL);
+}
+
+}  // namespace gs

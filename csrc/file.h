@@ -1,0 +1,42 @@
+// RAII owner of a read-only file descriptor: pread loops, size, page-cache advice.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace gs {
+
+// An I/O failure: carries the path, offset and errno text in its message.
+class IoError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class File {
+ public:
+  explicit File(const std::string& path);
+  ~File() noexcept;
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+  File(File&& other) noexcept;
+  File& operator=(File&&) = delete;
+
+  // Reads exactly n bytes at offset into dst, retrying short reads and EINTR.
+  void read_exact(void* dst, std::size_t n, uint64_t offset) const;
+  // Tells the kernel the range is no longer needed in the page cache.
+  void drop_cache(uint64_t offset, std::size_t n) const noexcept;
+  // Tells the kernel the whole file will be read sequentially.
+  void advise_sequential() const noexcept;
+
+  uint64_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  uint64_t size_ = 0;
+};
+
+}  // namespace gs

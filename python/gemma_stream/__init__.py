@@ -1,0 +1,19 @@
+"""gemma_stream: stream checkpoints straight into preallocated parameters.
+
+>>> import gemma_stream as gs
+>>> with torch.device("meta"):
+...     model = MyModel()
+>>> gs.load_into(model, "model.safetensors")
+"""
+
+from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
+from .errors import CheckpointError, GemmaStreamError, MismatchError
+from .executors import BACKEND, native_available
+from .plan import Route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "Route", "TensorInfo",
+    "__version__", "inspect", "load_into", "load_state_dict", "native_available",
+]

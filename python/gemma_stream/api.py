@@ -1,0 +1,237 @@
+"""Public entry points: load_into, load_state_dict, inspect.
+
+Each one is the same pipeline: format reader -> plan -> executor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import torch
+
+from .config import config
+from .errors import GemmaStreamError
+from .executors import get_executor, run_plan_jobs
+from .formats import Checkpoint, open_checkpoint
+from .plan import Plan, QuantTarget, Rename, make_plan
+
+__all__ = ["LoadReport", "TensorInfo", "load_into", "load_state_dict", "inspect"]
+
+Progress = Union[None, bool, Callable[[int, int], Union[bool, None]]]
+_AUTO_PROGRESS_BYTES = 1 << 30
+
+
+@dataclass
+class LoadReport:
+    """What ``load_into`` did."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[str] = field(default_factory=list)
+    skipped_keys: list[str] = field(default_factory=list)
+    #: tensors allocated from ``meta`` that the checkpoint did not fill (their memory is uninitialized)
+    uninitialized: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+    backend: str = ""
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint as ``inspect`` lists it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str
+    offset: int
+    strides: tuple[int, ...] | None = None
+    storage: str | None = None
+
+
+def inspect(path: str | os.PathLike, *, key: str | None = None) -> list[TensorInfo]:
+    """List the tensors of a checkpoint without reading their data.
+
+    >>> for t in gs.inspect("model.safetensors"):
+    ...     print(t.name, t.dtype, t.shape)
+    """
+    ckpt = open_checkpoint(path, key=key)
+    return [TensorInfo(r.name, r.dtype.torch, r.shape, r.nbytes, r.file, r.byte_offset,
+                       None if r.is_contiguous else r.strides, r.storage) for r in ckpt.records]
+
+
+# ---------------------------------------------------------------- helpers
+
+def _progress_callback(progress: Progress, total: int, desc: str):
+    """Return (callback(bytes_done) -> bool, close()) for the executor."""
+    if progress is None:
+        progress = sys.stderr.isatty() and total > _AUTO_PROGRESS_BYTES
+    if progress is False:
+        return None, lambda: None
+    if progress is True:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+
+        def update(done: int) -> bool:
+            bar.update(done - bar.n)
+            return True
+        return update, bar.close
+    if not callable(progress):
+        raise TypeError("progress must be None, a bool or a callable(bytes_done, bytes_total)")
+    return (lambda done: progress(done, total) is not False), lambda: None
+
+
+def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progress, cache: str,
+             desc: str) -> tuple[int, float, str]:
+    if cache not in ("keep", "drop"):
+        raise ValueError(f"cache must be 'keep' or 'drop', not {cache!r}")
+    cfg = config()
+    executor = get_executor(backend)
+    callback, close = _progress_callback(progress, plan.nbytes, desc)
+    start = time.perf_counter()
+    try:
+        read = run_plan_jobs(executor, plan.files, plan.jobs, threads=threads or cfg.default_threads,
+                             chunk_bytes=cfg.chunk_bytes, drop_cache=cache == "drop", progress=callback)
+    finally:
+        close()
+    return read, time.perf_counter() - start, executor.name
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> list[str]:
+    """Allocate every meta parameter and buffer on ``device``, keeping ties and Parameter classes."""
+    replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(old) -> (old, new)
+    names = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for slot in (module._parameters, module._buffers):
+            for attr, old in list(slot.items()):
+                if old is None or not old.is_meta:
+                    continue
+                names.append(f"{prefix}.{attr}" if prefix else attr)
+                if id(old) not in replaced:
+                    data = torch.empty(old.shape, dtype=old.dtype, device=device)
+                    if isinstance(old, torch.nn.Parameter):
+                        try:
+                            new = type(old)(data, requires_grad=old.requires_grad)
+                        except TypeError:
+                            new = torch.nn.Parameter(data, requires_grad=old.requires_grad)
+                    else:
+                        new = data
+                    replaced[id(old)] = (old, new)
+                slot[attr] = replaced[id(old)][1]
+    return names
+
+
+def _quant_targets(model: torch.nn.Module) -> dict[str, QuantTarget]:
+    """Quantized modules describe their destination through ``gs_quant_target()``."""
+    targets = {}
+    for prefix, module in model.named_modules():
+        describe = getattr(module, "gs_quant_target", None)
+        if describe is not None:
+            target = describe(prefix)
+            targets[f"{prefix}.weight" if prefix else "weight"] = target
+    return targets
+
+
+# ---------------------------------------------------------------- public API
+
+def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, rename: Rename = None,
+              device: str | torch.device | None = None, threads: int | None = None, backend: str = "auto",
+              progress: Progress = None, key: str | None = None, quantize: str | None = None,
+              group_size: int = 128, cache: str = "keep") -> LoadReport:
+    """Stream a checkpoint into ``model``'s parameters and buffers, in place.
+
+    Each tensor keeps its own dtype and device; tensors on ``meta`` are first
+    allocated on ``device`` (default cpu).  With ``quantize="int8"|"int4"``
+    the model's Linear/Embedding layers are quantized first and the weights
+    quantized on read.
+
+    >>> with torch.device("meta"):
+    ...     model = MyModel()
+    >>> report = gs.load_into(model, "model.safetensors")
+    """
+    ckpt = open_checkpoint(path, key=key)
+    if quantize is not None:
+        from .quant import quantize_
+        quantize_(model, quantize, group_size=group_size)
+    allocated = _materialize(model, torch.device(device) if device is not None else torch.device("cpu"))
+    targets = model.state_dict(keep_vars=True)
+    plan = make_plan(ckpt, targets, rename=rename, quant=_quant_targets(model), strict=strict)
+    read, seconds, backend_name = _execute(plan, threads=threads, backend=backend, progress=progress,
+                                           cache=cache, desc="gemma_stream load")
+    for module in model.modules():
+        hook = getattr(module, "gs_post_load", None)
+        if hook is not None:
+            hook()
+    loaded = set(plan.loaded)
+    return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
+                      mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
+                      uninitialized=[n for n in allocated if n not in loaded and n not in targets],
+                      bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files))
+
+
+def _select(ckpt: Checkpoint, keys) -> Checkpoint:
+    if keys is None:
+        return ckpt
+    wanted = set([keys] if isinstance(keys, str) else keys)
+    absent = sorted(wanted - {r.name for r in ckpt.records})
+    if absent:
+        raise GemmaStreamError(f"{ckpt.files[0]}: keys not in the checkpoint: {', '.join(absent[:20])}")
+    return Checkpoint(ckpt.format, ckpt.files, [r for r in ckpt.records if r.name in wanted], ckpt.metadata,
+                      ckpt.extras)
+
+
+def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu", keys=None, rename: Rename = None,
+                    threads: int | None = None, backend: str = "auto", progress: Progress = False,
+                    key: str | None = None, cache: str = "keep") -> dict[str, torch.Tensor]:
+    """Read a checkpoint into a new dict of tensors.
+
+    ``dtype`` converts floating-point tensors (f16/bf16/f32) and leaves the
+    others as stored; ``keys`` reads only those tensors.
+
+    >>> sd = gs.load_state_dict("model.safetensors", dtype=torch.bfloat16)
+    """
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise GemmaStreamError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
+    ckpt = _select(open_checkpoint(path, key=key), keys)
+    names = normalize_names(ckpt, rename)
+    targets: dict[str, torch.Tensor] = {}
+    views: dict[tuple, torch.Tensor] = {}  # identical views of one storage stay one tensor
+    for record in ckpt.records:
+        name = names.get(record.name)
+        if name is None:
+            continue
+        out_dtype = dtype if dtype is not None and record.dtype.name in ("f16", "bf16", "f32") else record.dtype.torch
+        view_key = (record.storage, record.file, record.byte_offset, record.shape, record.strides, out_dtype)
+        if record.storage is not None and view_key in views:
+            targets[name] = views[view_key]
+            continue
+        tensor = torch.empty(record.shape, dtype=out_dtype, device=device)
+        views[view_key] = targets[name] = tensor
+    plan = make_plan(ckpt, targets, rename={r.name: names.get(r.name) for r in ckpt.records}, strict=True)
+    _execute(plan, threads=threads, backend=backend, progress=progress, cache=cache, desc="gemma_stream read")
+    return targets
+
+
+def normalize_names(ckpt: Checkpoint, rename: Rename) -> dict[str, str | None]:
+    """Checkpoint name -> output name (or None to skip) for ``load_state_dict``."""
+    if rename is None:
+        return {r.name: r.name for r in ckpt.records}
+    out = {}
+    for r in ckpt.records:
+        new = rename.get(r.name, r.name) if isinstance(rename, dict) else rename(r.name)
+        if new is not None and not isinstance(new, str):
+            raise GemmaStreamError(f"load_state_dict: rename({r.name!r}) must give a name or None, not {new!r}")
+        out[r.name] = new
+    return out

@@ -1,0 +1,41 @@
+"""The one place that reads ``GEMMA_STREAM_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["Config", "config"]
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str | None      # GEMMA_STREAM_BACKEND: "native" | "python" (overrides backend="auto")
+    threads: int | None      # GEMMA_STREAM_THREADS
+    chunk_bytes: int         # GEMMA_STREAM_CHUNK_MB (MiB)
+
+    @property
+    def default_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+
+
+def config() -> Config:
+    """Read the environment now (cheap; not cached, so tests can monkeypatch)."""
+    backend = os.environ.get("GEMMA_STREAM_BACKEND", "").strip().lower() or None
+    if backend not in (None, "auto", "native", "python"):
+        raise ValueError(f"GEMMA_STREAM_BACKEND={backend!r}: expected native, python or auto")
+    chunk_mb = _int_env("GEMMA_STREAM_CHUNK_MB") or 16
+    return Config(backend=None if backend == "auto" else backend, threads=_int_env("GEMMA_STREAM_THREADS"),
+                  chunk_bytes=chunk_mb << 20)

@@ -1,0 +1,170 @@
+"""The pure-Python executor: same jobs, same bytes, no compiled code.
+
+Reads with ``os.preadv`` straight into the destination when dtypes agree,
+converts with ``Tensor.to`` otherwise, and quantizes with the torch reference
+quantizers; chunks are bounded by ``chunk_bytes`` like the C++ engine's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+from ..errors import CheckpointError
+from ..plan import CopyJob
+from ..quant import quantize_int4, quantize_int8
+
+
+def _read_into(fd: int, path: str, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise CheckpointError(f"{path}: unexpected end of file at offset {offset + done}")
+        done += got
+
+
+def _read(fd: int, path: str, nbytes: int, offset: int) -> bytearray:
+    buf = bytearray(nbytes)
+    _read_into(fd, path, memoryview(buf), offset)
+    return buf
+
+
+def _check_range(job: CopyJob, path: str, size: int) -> None:
+    item = job.src_dtype.itemsize
+    if math.prod(job.shape) == 0:
+        return
+    if job.src_strides is None:
+        last = math.prod(job.shape) - 1
+    else:
+        last = sum((n - 1) * s for n, s in zip(job.shape, job.src_strides))
+    end = job.src_offset + (last + 1) * item
+    if end > size:
+        raise CheckpointError(f"{path}: tensor '{job.name}': bytes [{job.src_offset}, {end}) lie beyond the end "
+                              f"of the file ({size} bytes)")
+
+
+class _Run:
+    def __init__(self, files: list[str], chunk_bytes: int, drop_cache: bool):
+        self.files = files
+        self.fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+        self.chunk_bytes = max(chunk_bytes, 4096)
+        self.drop_cache = drop_cache
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+    def _done(self, fd: int, offset: int, nbytes: int) -> None:
+        if self.drop_cache:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+    def tasks(self, job: CopyJob) -> list[Callable[[], int]]:
+        """Split a job into chunk tasks; each returns the bytes it read."""
+        fd, path = self.fds[job.file_index], self.files[job.file_index]
+        item = job.src_dtype.itemsize
+        numel = math.prod(job.shape)
+        if numel == 0:
+            return []
+        if job.src_strides is not None:
+            return [lambda: self._strided(fd, path, job)]
+        if job.op == "copy":
+            per = max(1, self.chunk_bytes // item)
+            return [lambda b=b: self._copy(fd, path, job, b, min(numel, b + per)) for b in range(0, numel, per)]
+        rows, k = job.shape
+        per = max(1, self.chunk_bytes // (k * item))
+        return [lambda b=b: self._quant(fd, path, job, b, min(rows, b + per)) for b in range(0, rows, per)]
+
+    def _copy(self, fd: int, path: str, job: CopyJob, begin: int, end: int) -> int:
+        item = job.src_dtype.itemsize
+        offset = job.src_offset + begin * item
+        nbytes = (end - begin) * item
+        dst = job.dst.reshape(-1)[begin:end]
+        if job.src_dtype.torch == job.dst.dtype:
+            _read_into(fd, path, memoryview(dst.view(torch.uint8).numpy()), offset)
+        else:
+            src = torch.frombuffer(_read(fd, path, nbytes, offset), dtype=job.src_dtype.torch)
+            dst.copy_(src.to(job.dst.dtype))
+        self._done(fd, offset, nbytes)
+        return nbytes
+
+    def _strided(self, fd: int, path: str, job: CopyJob) -> int:
+        # Read the storage span in storage order, one group of the outermost
+        # (largest-stride) dimension at a time, and scatter into the destination.
+        item = job.src_dtype.itemsize
+        order = sorted(range(len(job.shape)), key=lambda d: -job.src_strides[d])
+        shape = [job.shape[d] for d in order]
+        strides = [job.src_strides[d] for d in order]
+        dst = job.dst.permute(*order) if order else job.dst
+        inner = 1 + sum((n - 1) * s for n, s in zip(shape[1:], strides[1:]))
+        per = max(1, (self.chunk_bytes // item - inner) // max(strides[0], 1) + 1) if shape else 1
+        total = 0
+        for first in range(0, shape[0] if shape else 1, per):
+            count = min(per, shape[0] - first) if shape else 1
+            span = inner + (count - 1) * strides[0] if shape else 1
+            offset = job.src_offset + first * strides[0] * item if shape else job.src_offset
+            raw = torch.frombuffer(_read(fd, path, span * item, offset), dtype=job.src_dtype.torch)
+            view = raw.as_strided([count, *shape[1:]] if shape else [], strides)
+            target = dst[first:first + count] if shape else dst
+            target.copy_(view.to(job.dst.dtype))
+            self._done(fd, offset, span * item)
+            total += view.numel() * item
+        return total
+
+    def _quant(self, fd: int, path: str, job: CopyJob, begin: int, end: int) -> int:
+        rows, k = end - begin, job.shape[1]
+        nbytes = rows * k * job.src_dtype.itemsize
+        offset = job.src_offset + begin * k * job.src_dtype.itemsize
+        w = torch.frombuffer(_read(fd, path, nbytes, offset), dtype=job.src_dtype.torch).reshape(rows, k)
+        finite = torch.isfinite(w).all(dim=1)
+        if not bool(finite.all()):
+            bad = begin + int((~finite).nonzero()[0, 0])
+            raise CheckpointError(f"{path}: tensor '{job.name}': row {bad} holds NaN or infinity; "
+                                  f"it cannot be quantized")
+        if job.op == "int8":
+            q, s = quantize_int8(w, job.scale.dtype)
+            job.dst[begin:end].copy_(q)
+            job.scale[begin:end].copy_(s)
+        else:
+            q, s, z = quantize_int4(w, job.group_size, job.scale.dtype)
+            job.dst[begin:end].copy_(q)
+            job.scale[begin:end].copy_(s)
+            job.zero[begin:end].copy_(z)
+        self._done(fd, offset, nbytes)
+        return nbytes
+
+
+class PythonExecutor:
+    name = "python"
+
+    def run(self, files: list[str], jobs: list[CopyJob], *, threads: int, chunk_bytes: int,
+            drop_cache: bool, progress: Callable[[int], bool] | None) -> tuple[int, bool]:
+        sizes = [os.path.getsize(f) for f in files]
+        for job in jobs:
+            _check_range(job, files[job.file_index], sizes[job.file_index])
+        run = _Run(files, chunk_bytes, drop_cache)
+        try:
+            ordered = sorted(jobs, key=lambda j: (j.file_index, j.src_offset))
+            tasks = [t for job in ordered for t in run.tasks(job)]
+            done = 0
+            # preadv and torch kernels release the GIL, so threads overlap I/O and conversion
+            with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+                futures = [pool.submit(t) for t in tasks]
+                try:
+                    for future in futures:
+                        done += future.result()
+                        if progress is not None and progress(done) is False:
+                            for f in futures:
+                                f.cancel()
+                            return done, False
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+            return done, True
+        finally:
+            run.close()

@@ -1,0 +1,335 @@
+"""torch zip checkpoints (``torch.save`` since 1.6): ZIP directory + safe pickle walk.
+
+The archive is read with ``struct`` and ``os.pread`` only: the central directory
+once, then one local header per entry we use, because the payload offset depends
+on the *local* extra field (torch pads it so each ``data/<key>`` starts on a
+64-byte boundary).  Nothing is decompressed and nothing in ``data.pkl`` is
+executed (see :mod:`.pickle_walker`).  Every tensor view is checked against its
+storage and every storage against the file before records are returned.
+
+Example::
+
+    ckpt = read_torchzip("gemma-2b.ckpt")          # finds {"model_state_dict": ...}
+    ckpt.by_name()["embedder.weight"].byte_offset
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CheckpointError
+from .pickle_walker import TensorView, describe, walk_pickle
+from .records import Checkpoint, TensorRecord, contiguous_strides
+
+__all__ = ["read_torchzip", "ZipEntry", "read_zip_directory", "payload_offset", "STATE_DICT_KEYS"]
+
+#: where the state dict is looked for when the top level holds no tensors, in order
+STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
+MAX_PICKLE_BYTES = 1 << 28        # data.pkl of a 2B model is ~30 KB; 256 MiB is generous
+MAX_DIRECTORY_BYTES = 1 << 28     # bounds what a forged EOCD can make us read
+MAX_NESTING = 8                   # dict levels flattened into "a.b.c" names
+
+_EOCD = struct.Struct("<4sHHHHIIH")            # end of central directory, 22 bytes
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")        # 20 bytes, just before the EOCD
+_ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")     # 56 bytes
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory file header, 46 bytes
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")         # local file header, 30 bytes
+_U32_MAX, _U16_MAX = 0xFFFFFFFF, 0xFFFF
+
+_LEGACY_HINT = (
+    "this looks like a legacy torch.save file (PyTorch < 1.6, or _use_new_zipfile_serialization=False), "
+    "which cannot be read without executing pickle code. Re-save it with a recent torch: "
+    "torch.save(torch.load(path, weights_only=True), new_path)")
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One central directory entry of a STORED (uncompressed) archive member."""
+
+    name: str
+    raw_name: bytes
+    size: int
+    local_header_offset: int
+
+
+def _pread(fd: int, path: str, n: int, offset: int, what: str) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise CheckpointError(f"{path}: truncated: {what} needs {n} bytes at offset {offset}, got {len(data)}")
+    return data
+
+
+def _find_eocd(fd: int, path: str, file_size: int) -> tuple[int, tuple]:
+    """Offset and fields of the End of Central Directory record (it may be followed by a comment)."""
+    tail_size = min(file_size, _EOCD.size + _U16_MAX)
+    tail = _pread(fd, path, tail_size, file_size - tail_size, "the zip trailer")
+    pos = tail.rfind(b"PK\x05\x06")
+    while pos >= 0:
+        if pos + _EOCD.size <= tail_size:
+            fields = _EOCD.unpack_from(tail, pos)
+            if pos + _EOCD.size + fields[7] == tail_size:  # the comment must end the file
+                return file_size - tail_size + pos, fields
+        pos = tail.rfind(b"PK\x05\x06", 0, pos)
+    head = os.pread(fd, 4, 0)
+    if head == b"PK\x03\x04":
+        raise CheckpointError(f"{path}: truncated or damaged zip archive: no end of central directory record")
+    raise CheckpointError(f"{path}: not a zip archive (starts with {head!r}); {_LEGACY_HINT}")
+
+
+def _directory_bounds(fd: int, path: str, file_size: int) -> tuple[int, int, int, int]:
+    """(entry count, central directory offset, size, end of the region it may occupy)."""
+    eocd_offset, (_, disk, cd_disk, _, count, cd_size, cd_offset, _) = _find_eocd(fd, path, file_size)
+    limit = eocd_offset
+    if eocd_offset >= _ZIP64_LOCATOR.size:
+        sig, _, z64_offset, _ = _ZIP64_LOCATOR.unpack(
+            _pread(fd, path, _ZIP64_LOCATOR.size, eocd_offset - _ZIP64_LOCATOR.size, "the ZIP64 locator"))
+        if sig == b"PK\x06\x07":  # torch (miniz) always writes ZIP64 records
+            if z64_offset + _ZIP64_EOCD.size > eocd_offset - _ZIP64_LOCATOR.size:
+                raise CheckpointError(f"{path}: ZIP64 end of central directory offset {z64_offset} is out of range")
+            (sig, _, _, _, disk, cd_disk, _, count, cd_size, cd_offset) = _ZIP64_EOCD.unpack(
+                _pread(fd, path, _ZIP64_EOCD.size, z64_offset, "the ZIP64 end of central directory"))
+            if sig != b"PK\x06\x06":
+                raise CheckpointError(f"{path}: no ZIP64 end of central directory record at offset {z64_offset}")
+            limit = z64_offset
+        elif _U32_MAX in (cd_size, cd_offset) or count == _U16_MAX:
+            raise CheckpointError(f"{path}: zip directory needs ZIP64 records but has no ZIP64 locator")
+    if disk or cd_disk:
+        raise CheckpointError(f"{path}: multi-volume zip archives are not supported")
+    if cd_size > MAX_DIRECTORY_BYTES or cd_offset + cd_size > limit:
+        raise CheckpointError(
+            f"{path}: central directory [{cd_offset}, {cd_offset + cd_size}) does not fit before offset {limit}")
+    return count, cd_offset, cd_size, limit
+
+
+def _zip64_extra(path: str, name: str, extra: bytes, wanted: list[bool]) -> list[int]:
+    """Values of the ZIP64 extra field (id 1) for the 32-bit fields that were 0xFFFFFFFF."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 1:
+            count = sum(wanted)
+            if length < 8 * count or pos + 4 + 8 * count > len(extra):
+                break
+            return list(struct.unpack_from(f"<{count}Q", extra, pos + 4))
+        pos += 4 + length
+    raise CheckpointError(f"{path}: entry {name!r}: sizes need a ZIP64 extra field and it is missing or short")
+
+
+def read_zip_directory(fd: int, path: str, file_size: int) -> tuple[dict[str, ZipEntry], int]:
+    """Parse the central directory: (entries by name, offset where the directory starts).
+
+    Every entry must be STORED and unencrypted, and names must be unique.
+    """
+    count, cd_offset, cd_size, _ = _directory_bounds(fd, path, file_size)
+    directory = _pread(fd, path, cd_size, cd_offset, "the central directory")
+    entries: dict[str, ZipEntry] = {}
+    pos = 0
+    for index in range(count):
+        if pos + _CENTRAL.size > cd_size:
+            raise CheckpointError(f"{path}: central directory ends after {index} of {count} entries")
+        (sig, _, _, flags, method, _, _, _, csize, size, name_len, extra_len, comment_len, _, _, _,
+         lho) = _CENTRAL.unpack_from(directory, pos)
+        if sig != b"PK\x01\x02":
+            raise CheckpointError(f"{path}: central directory entry {index} has a bad signature")
+        raw_name = directory[pos + 46:pos + 46 + name_len]
+        extra = directory[pos + 46 + name_len:pos + 46 + name_len + extra_len]
+        pos += _CENTRAL.size + name_len + extra_len + comment_len
+        if pos > cd_size:
+            raise CheckpointError(f"{path}: central directory entry {index} runs past the directory")
+        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
+        wanted = [size == _U32_MAX, csize == _U32_MAX, lho == _U32_MAX]
+        if any(wanted):
+            values = iter(_zip64_extra(path, name, extra, wanted))
+            size, csize, lho = (next(values) if w else v for w, v in zip(wanted, (size, csize, lho)))
+        if flags & 1:
+            raise CheckpointError(f"{path}: entry {name!r} is encrypted")
+        if method != 0:
+            raise CheckpointError(
+                f"{path}: entry {name!r} is compressed (method {method}); torch.save stores every entry "
+                f"uncompressed, so this file was re-zipped: re-save it with torch.save")
+        if csize != size:
+            raise CheckpointError(f"{path}: entry {name!r} is stored but its sizes differ ({csize} != {size})")
+        if name in entries:
+            raise CheckpointError(f"{path}: entry {name!r} appears twice in the zip directory")
+        entries[name] = ZipEntry(name, raw_name, size, lho)
+    return entries, cd_offset
+
+
+def payload_offset(fd: int, path: str, entry: ZipEntry, end_limit: int) -> int:
+    """Absolute offset of an entry's bytes, from its local header; checked to end by ``end_limit``."""
+    n = _LOCAL.size + len(entry.raw_name)
+    header = _pread(fd, path, n, entry.local_header_offset, f"local header of {entry.name!r}")
+    sig, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(header)
+    if sig != b"PK\x03\x04" or method != 0 or header[_LOCAL.size:] != entry.raw_name:
+        raise CheckpointError(
+            f"{path}: local header of {entry.name!r} at offset {entry.local_header_offset} "
+            f"does not match the central directory")
+    start = entry.local_header_offset + _LOCAL.size + name_len + extra_len
+    if start + entry.size > end_limit:
+        raise CheckpointError(
+            f"{path}: entry {entry.name!r} bytes [{start}, {start + entry.size}) run past offset {end_limit} "
+            f"(file truncated or damaged)")
+    return start
+
+
+def _archive_prefix(path: str, entries: dict[str, ZipEntry]) -> str:
+    found = [n[:-len("data.pkl")] for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(found) != 1:
+        raise CheckpointError(f"{path}: expected one '<archive>/data.pkl' entry, found {len(found)}; "
+                              f"is this a torch.save checkpoint?")
+    return found[0]
+
+
+def _select_state_dict(path: str, tree: Any, key: str | None) -> tuple[dict, str | None]:
+    """The dict of tensors to load and the top-level key it came from (None: the top level)."""
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{path}: data.pkl holds {describe(tree, 40)}, not a dict of tensors")
+    available = ", ".join(repr(k) for k in list(tree)[:20]) + (", ..." if len(tree) > 20 else "")
+    if key is not None:
+        node: Any = tree.get(key)
+        top = key
+        if key not in tree:  # "a.b": a path through nested dicts
+            node, top = tree, key.split(".")[0]
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            what = "is missing" if node is None else f"holds {describe(node, 40)}, not a dict"
+            raise CheckpointError(f"{path}: key {key!r} {what}; top-level keys: {available}")
+        return node, top
+    if any(isinstance(v, TensorView) for v in tree.values()):
+        return tree, None
+    for candidate in STATE_DICT_KEYS:
+        if isinstance(tree.get(candidate), dict):
+            return tree[candidate], candidate
+    raise CheckpointError(f"{path}: no state dict found (no tensors at the top level and none of "
+                          f"{', '.join(STATE_DICT_KEYS)}); top-level keys: {available}; pass key=")
+
+
+def _flatten(node: dict, prefix: str, depth: int, tensors: dict[str, TensorView], extras: dict[str, str],
+             path: str) -> None:
+    for k, value in node.items():
+        name = f"{prefix}{k}"
+        if isinstance(value, TensorView):
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor name {name!r} appears twice after flattening")
+            tensors[name] = value
+        elif isinstance(value, dict) and value and depth < MAX_NESTING:
+            _flatten(value, f"{name}.", depth + 1, tensors, extras, path)
+        else:
+            extras[name] = describe(value)
+
+
+def _record(path: str, name: str, view: TensorView, payload: int) -> TensorRecord:
+    """The record of one view, after checking it lies inside its storage's declared numel."""
+    where = f"{path}: tensor {name!r}"
+    key, size, stride, offset = view.storage.key, view.size, view.stride, view.storage_offset
+    if len(size) != len(stride):
+        raise CheckpointError(f"{where}: size {list(size)} and stride {list(stride)} differ in length")
+    if any(n < 0 for n in size) or any(s < 0 for s in stride) or offset < 0:
+        raise CheckpointError(f"{where}: negative size, stride or storage offset "
+                              f"(size {list(size)}, stride {list(stride)}, offset {offset})")
+    itemsize = view.dtype.itemsize
+    numel = math.prod(size)
+    if numel * itemsize >= 1 << 63:
+        raise CheckpointError(f"{where}: shape {list(size)} overflows 64-bit byte counts")
+    capacity = view.storage.numel * view.storage.dtype.itemsize // itemsize
+    if numel == 0:
+        byte_offset = payload  # nothing is read; keep the offset inside the file for range checks
+    else:
+        needed = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+        if needed > capacity:
+            raise CheckpointError(
+                f"{where}: storage {key!r} holds {capacity} elements but the view needs {needed}")
+        byte_offset = payload + offset * itemsize
+    want = contiguous_strides(size)
+    contiguous = numel == 0 or all(s == w or n == 1 for n, s, w in zip(size, stride, want))
+    return TensorRecord(name=name, dtype=view.dtype, shape=size, file=path, byte_offset=byte_offset,
+                        strides=None if contiguous else stride, storage=key)
+
+
+def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: str,
+                    tensors: dict[str, TensorView], end_limit: int) -> dict[str, int]:
+    """Payload offset of each storage used; each data/<key> holds at least the declared bytes."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for name, view in tensors.items():
+        ref = view.storage
+        entry = entries.get(f"{prefix}data/{ref.key}")
+        if entry is None:
+            raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} has no 'data/{ref.key}' entry")
+        declared = ref.numel * ref.dtype.itemsize
+        if entry.size < declared:
+            raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} declares {declared} bytes "
+                                  f"but data/{ref.key} holds {entry.size}")
+        if ref.key not in ranges:
+            ranges[ref.key] = (payload_offset(fd, path, entry, end_limit), entry.size)
+    spans = sorted((start, start + size, key) for key, (start, size) in ranges.items())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:  # a forged directory could alias two storages
+            raise CheckpointError(f"{path}: storages {first!r} and {second!r} overlap in the file")
+    return {key: start for key, (start, _) in ranges.items()}
+
+
+def _check_byteorder(fd: int, path: str, entries: dict[str, ZipEntry], prefix: str, end_limit: int) -> None:
+    entry = entries.get(f"{prefix}byteorder")
+    if entry is None:
+        return  # torch < 1.10 wrote no byteorder record; those files are little-endian
+    if entry.size > 16:
+        raise CheckpointError(f"{path}: byteorder record is {entry.size} bytes")
+    order = _pread(fd, path, entry.size, payload_offset(fd, path, entry, end_limit), "byteorder").strip()
+    if order == b"big":
+        raise CheckpointError(f"{path}: big-endian checkpoints are not supported; re-save it on a "
+                              f"little-endian machine")
+    if order != b"little":
+        raise CheckpointError(f"{path}: byteorder record is {order!r}, expected b'little'")
+
+
+def read_torchzip(path: str, key: str | None = None) -> Checkpoint:
+    """Read and validate a ``torch.save`` zip checkpoint without loading any tensor data.
+
+    ``key`` selects the state dict (a top-level key, or a dotted path through
+    nested dicts); by default the top level is used if it holds tensors, else the
+    first of :data:`STATE_DICT_KEYS` present.  Non-tensor entries, and the siblings
+    of the state dict, are listed in ``Checkpoint.extras``::
+
+        ckpt = read_torchzip("model.ckpt")
+        [(r.name, r.dtype, r.shape) for r in ckpt.records]
+        ckpt.extras  # e.g. {"epoch": "3"}
+    """
+    path = os.path.abspath(os.fspath(path))
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from e
+    try:
+        file_size = os.fstat(fd).st_size
+        if file_size < _EOCD.size:
+            raise CheckpointError(f"{path}: file is {file_size} bytes, too short for a zip archive; {_LEGACY_HINT}")
+        entries, data_end = read_zip_directory(fd, path, file_size)
+        prefix = _archive_prefix(path, entries)
+        _check_byteorder(fd, path, entries, prefix, data_end)
+        pkl = entries[f"{prefix}data.pkl"]
+        if pkl.size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{path}: data.pkl is {pkl.size} bytes, over the {MAX_PICKLE_BYTES}-byte limit")
+        pkl_bytes = _pread(fd, path, pkl.size, payload_offset(fd, path, pkl, data_end), "data.pkl")
+        tree = walk_pickle(pkl_bytes, where=f"{path}: data.pkl")
+        state_dict, top_key = _select_state_dict(path, tree, key)
+        tensors: dict[str, TensorView] = {}
+        extras: dict[str, str] = {}
+        _flatten(state_dict, "", 0, tensors, extras, path)
+        offsets = _storage_ranges(fd, path, entries, prefix, tensors, data_end)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    if top_key is not None:  # siblings such as "epoch"; a clash with a state-dict entry is renamed
+        for k, value in tree.items():
+            if k != top_key:
+                extras[f"{k}" if f"{k}" not in extras else f"[top level] {k}"] = describe(value)
+    records = [_record(path, name, view, offsets[view.storage.key]) for name, view in tensors.items()]
+    records.sort(key=lambda r: (r.byte_offset, r.name))
+    metadata = {"state_dict_key": top_key} if top_key is not None else {}
+    return Checkpoint(format="torchzip", files=[path], records=records, metadata=metadata, extras=extras)
