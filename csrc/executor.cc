@@ -328,6 +328,10 @@ RunResult run_jobs(const std::vector<std::string>& paths, const std::vector<Copy
   };
   auto on_wait = [&]() { return progress ? progress(batch.bytes_done.load()) : true; };
   RunResult result;
+  if (progress && !progress(0)) {  // a callback that refuses at once cancels before any copy
+    result.completed = false;
+    return result;
+  }
   result.completed = ThreadPool::run(batch.items.size(), threads, work, on_wait);
   result.bytes_read = batch.bytes_done.load();
   if (result.completed && progress) progress(result.bytes_read);

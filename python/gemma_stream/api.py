@@ -101,8 +101,9 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     callback, close = _progress_callback(progress, plan.nbytes, desc)
     start = time.perf_counter()
     try:
-        read = run_plan_jobs(executor, plan.files, plan.jobs, threads=threads or cfg.default_threads,
-                             chunk_bytes=cfg.chunk_bytes, drop_cache=cache == "drop", progress=callback)
+        with torch.no_grad():
+            read = run_plan_jobs(executor, plan.files, plan.jobs, threads=threads or cfg.default_threads,
+                                 chunk_bytes=cfg.chunk_bytes, drop_cache=cache == "drop", progress=callback)
     finally:
         close()
     return read, time.perf_counter() - start, executor.name

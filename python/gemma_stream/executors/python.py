@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -28,10 +29,21 @@ def _read_into(fd: int, path: str, view: memoryview, offset: int) -> None:
         done += got
 
 
-def _read(fd: int, path: str, nbytes: int, offset: int) -> bytearray:
-    buf = bytearray(nbytes)
-    _read_into(fd, path, memoryview(buf), offset)
-    return buf
+_bounce = threading.local()
+
+
+def _read(fd: int, path: str, nbytes: int, offset: int) -> memoryview:
+    """Read into this thread's reusable bounce buffer (valid until its next call).
+
+    Reusing one buffer per thread keeps the fallback's extra memory at
+    threads x chunk, instead of leaving freed chunks in malloc arenas.
+    """
+    buf = getattr(_bounce, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _bounce.buf = bytearray(max(nbytes, 1))
+    view = memoryview(buf)[:nbytes]
+    _read_into(fd, path, view, offset)
+    return view
 
 
 def _check_range(job: CopyJob, path: str, size: int) -> None:
@@ -88,7 +100,7 @@ class _Run:
             _read_into(fd, path, memoryview(dst.view(torch.uint8).numpy()), offset)
         else:
             src = torch.frombuffer(_read(fd, path, nbytes, offset), dtype=job.src_dtype.torch)
-            dst.copy_(src.to(job.dst.dtype))
+            dst.copy_(src)  # the same conversion kernel Tensor.to runs, without its temporary
         self._done(fd, offset, nbytes)
         return nbytes
 
@@ -110,7 +122,7 @@ class _Run:
             raw = torch.frombuffer(_read(fd, path, span * item, offset), dtype=job.src_dtype.torch)
             view = raw.as_strided([count, *shape[1:]] if shape else [], strides)
             target = dst[first:first + count] if shape else dst
-            target.copy_(view.to(job.dst.dtype))
+            target.copy_(view)
             self._done(fd, offset, span * item)
             total += view.numel() * item
         return total
@@ -138,6 +150,12 @@ class _Run:
         return nbytes
 
 
+def _no_grad(task: Callable[[], int]) -> int:
+    # grad mode is per thread: destinations are often Parameters that require grad
+    with torch.no_grad():
+        return task()
+
+
 class PythonExecutor:
     name = "python"
 
@@ -153,7 +171,7 @@ class PythonExecutor:
             done = 0
             # preadv and torch kernels release the GIL, so threads overlap I/O and conversion
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-                futures = [pool.submit(t) for t in tasks]
+                futures = [pool.submit(_no_grad, t) for t in tasks]
                 try:
                     for future in futures:
                         done += future.result()
