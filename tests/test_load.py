@@ -303,3 +303,15 @@ def test_public_names():
     assert issubclass(gs.GemmaStreamError, ValueError)
     assert issubclass(gs.CheckpointError, gs.GemmaStreamError) and issubclass(gs.MismatchError, gs.GemmaStreamError)
     assert gs.native_available() and gs.BACKEND == "native"
+
+
+def test_strict_mismatch_on_meta_model_allocates_nothing(tmp_path, backend):
+    sd = reference_state()
+    del sd["norm.bias"]
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    with torch.device("meta"):
+        model = Tiny()
+    with pytest.raises(gs.MismatchError, match="norm.bias"):
+        gs.load_into(model, path, backend=backend)
+    assert all(t.is_meta for t in model.state_dict().values())

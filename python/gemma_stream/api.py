@@ -165,6 +165,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     if quantize is not None:
         from .quant import quantize_
         quantize_(model, quantize, group_size=group_size)
+    if strict and any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
+        # check names and shapes on the meta model first: a mismatch must not allocate the model
+        make_plan(ckpt, model.state_dict(keep_vars=True), rename=rename, quant=_quant_targets(model), strict=True)
     allocated = _materialize(model, torch.device(device) if device is not None else torch.device("cpu"))
     targets = model.state_dict(keep_vars=True)
     plan = make_plan(ckpt, targets, rename=rename, quant=_quant_targets(model), strict=strict)
