@@ -85,12 +85,10 @@ _ALLOWED["torch.storage.UntypedStorage"] = Global("torch.storage.UntypedStorage"
 for _dtype in DTYPES.values():
     if _dtype.torch is not None:  # str(torch.bfloat16) == "torch.bfloat16", as pickled
         _ALLOWED[str(_dtype.torch)] = Global(str(_dtype.torch), _dtype)
-for _name in ("collections.OrderedDict", "collections.Counter", "torch._utils._rebuild_tensor",
-              "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
-              "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
-              "torch._tensor._rebuild_from_type_v2", "torch.Tensor", "torch.nn.parameter.Parameter",
-              "torch.Size", "torch.device", "_codecs.encode", "builtins.set", "builtins.frozenset",
-              "builtins.complex", "builtins.bytearray"):
+for _name in ("collections.OrderedDict", "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+              "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter",
+              "torch._utils._rebuild_parameter_with_state", "torch._tensor._rebuild_from_type_v2",
+              "torch.Tensor", "torch.nn.parameter.Parameter", "torch.Size", "_codecs.encode", "builtins.set"):
     _ALLOWED[_name] = Global(_name)
 _TENSOR_CLASSES = ("torch.Tensor", "torch.nn.parameter.Parameter")
 _SCALARS = (str, int, float, bool, bytes, type(None))
@@ -98,58 +96,61 @@ _SCALARS = (str, int, float, bool, bytes, type(None))
 
 def describe(obj: Any, limit: int = 80) -> str:
     """A short, bounded, cycle-safe repr of a walked value (for ``Checkpoint.extras``)."""
-    parts: list[str] = []
-    budget = [limit]
+    out: list[str] = []
+    used = 0
 
-    def emit(text: str) -> bool:
-        parts.append(text)
-        budget[0] -= len(text)
-        return budget[0] > 0
+    def emit(text: str) -> None:
+        nonlocal used
+        out.append(text)
+        used += len(text)
 
-    def walk(value: Any, depth: int) -> bool:
+    def walk(value: Any, depth: int) -> None:
         if isinstance(value, TensorView):
-            return emit(f"tensor({value.dtype.name}{list(value.size)})")
-        if isinstance(value, Global):
-            return emit(value.qualname)
-        if isinstance(value, int) and value.bit_length() > 64:  # str() of huge ints is slow or refused
-            return emit(f"<{value.bit_length()}-bit int>")
-        if isinstance(value, _SCALARS):
-            return emit(repr(value[:limit] if isinstance(value, (str, bytes)) else value))
-        if depth >= 4:
-            return emit("...")
-        if isinstance(value, dict):
-            pairs: Any = value.items()
-            opener, closer = "{", "}"
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            pairs = ((None, item) for item in value)
-            opener, closer = ("[", "]") if isinstance(value, list) else ("(", ")")
+            emit(f"tensor({value.dtype.name}{list(value.size)})")
+        elif isinstance(value, Global):
+            emit(value.qualname)
+        elif isinstance(value, int) and value.bit_length() > 64:  # str() of huge ints is slow or refused
+            emit(f"<{value.bit_length()}-bit int>")
+        elif isinstance(value, _SCALARS):
+            emit(repr(value[:limit] if isinstance(value, (str, bytes)) else value))
+        elif not isinstance(value, (dict, list, tuple, set, frozenset)):
+            emit(type(value).__name__)
+        elif depth >= 4:  # also what ends a cycle
+            emit("...")
         else:
-            return emit(type(value).__name__)
-        if not emit(opener):
-            return False
-        for i, (key, item) in enumerate(pairs):
-            if (i and not emit(", ")) or (key is not None and not (walk(key, depth + 1) and emit(": "))):
-                return False
-            if not walk(item, depth + 1):
-                return False
-        return emit(closer)
+            pairs = value.items() if isinstance(value, dict) else ((None, item) for item in value)
+            brackets = "{}" if isinstance(value, dict) else "[]" if isinstance(value, list) else "()"
+            emit(brackets[0])
+            for i, (key, item) in enumerate(pairs):
+                if used > limit:  # stop early: a value may hold millions of items
+                    return
+                emit(", " if i else "")
+                if key is not None:
+                    walk(key, depth + 1)
+                    emit(": ")
+                walk(item, depth + 1)
+            emit(brackets[1])
 
-    if not walk(obj, 0):
-        return "".join(parts)[:limit] + "..."
-    return "".join(parts)
+    walk(obj, 0)
+    text = "".join(out)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _Walker:
-    """Stack machine for the binary pickle opcodes (protocols 2 to 5)."""
+    """Stack machine for the binary pickle opcodes (protocols 2 to 5).
+
+    Handlers are methods named in ``_OPCODES``; each reads its argument bytes
+    with :meth:`take`, which checks lengths *before* slicing, so no length field
+    can make us allocate more than the pickle itself.
+    """
 
     def __init__(self, data: bytes, where: str) -> None:
-        self.data = data
-        self.where = where
-        self.pos = 0
+        self.data, self.where, self.pos = data, where, 0
         self.stack: list[Any] = []
         self.marks: list[list[Any]] = []
-        self.memo: dict[int, Any] = {}
+        self.memo: dict[int, Any] = {}  # a dict: a huge LONG_BINPUT index allocates nothing
         self.containers = 0
+        self.ops = {code: getattr(self, name) for code, name in _OPCODES.items()}
 
     # -- helpers -------------------------------------------------------------------
     def fail(self, message: str) -> CheckpointError:
@@ -157,26 +158,29 @@ class _Walker:
 
     def take(self, n: int) -> bytes:
         end = self.pos + n
-        if n < 0 or end > len(self.data):  # checked before slicing: a length field cannot allocate
+        if n < 0 or end > len(self.data):
             raise self.fail(f"truncated: needs {n} bytes at offset {self.pos}, {len(self.data)} in total")
-        chunk = self.data[self.pos:end]
-        self.pos = end
+        chunk, self.pos = self.data[self.pos:end], end
         return chunk
 
-    def unpack(self, fmt: str) -> int:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+    def unpack(self, fmt: struct.Struct) -> Any:
+        pos = self.pos
+        if pos + fmt.size > len(self.data):
+            raise self.fail(f"truncated: needs {fmt.size} bytes at offset {pos}, {len(self.data)} in total")
+        self.pos = pos + fmt.size
+        return fmt.unpack_from(self.data, pos)[0]
 
-    def new_container(self, value: Any) -> Any:
-        self.containers += 1
-        if self.containers > MAX_CONTAINERS:
-            raise self.fail(f"more than {MAX_CONTAINERS} containers; refusing to allocate more")
-        return value
+    def push(self, value: Any, container: bool = False) -> None:
+        if container:
+            self.containers += 1
+            if self.containers > MAX_CONTAINERS:
+                raise self.fail(f"more than {MAX_CONTAINERS} containers; refusing to allocate more")
+        self.stack.append(value)
 
-    def pop_mark(self) -> list[Any]:
+    def pop_mark(self) -> list[Any]:  # also the POP_MARK opcode
         if not self.marks:
             raise self.fail(f"opcode at offset {self.pos - 1} needs a MARK and there is none")
-        items = self.stack
-        self.stack = self.marks.pop()
+        items, self.stack = self.stack, self.marks.pop()
         return items
 
     def hashable(self, key: Any) -> Any:
@@ -194,331 +198,250 @@ class _Walker:
 
     def lookup_global(self, module: str, name: str) -> Global:
         module = {"__builtin__": "builtins"}.get(module, module)  # protocol-2 spelling
-        qualname = f"{module}.{name}"
-        found = _ALLOWED.get(qualname)
+        found = _ALLOWED.get(f"{module}.{name}")
         if found is None:
-            raise self.fail(f"global {qualname!r} is not allowed; gemma_stream never executes pickle code "
+            raise self.fail(f"global '{module}.{name}' is not allowed; gemma_stream never executes pickle code "
                             f"(only plain tensors, dicts and scalars are supported)")
         return found
 
-    # -- the main loop -------------------------------------------------------------
     def run(self) -> Any:
-        ops = _OPS
-        data = self.data
+        data, ops = self.data, self.ops
         while self.pos < len(data):
             code = data[self.pos]
             self.pos += 1
             handler = ops.get(code)
             if handler is None:
                 raise self.fail(f"opcode {bytes([code])!r} at offset {self.pos - 1} is not supported")
-            if handler(self) is _STOP:
+            if handler() is _STOP:
                 if len(self.stack) != 1 or self.marks:
                     raise self.fail(f"STOP with {len(self.stack)} values on the stack")
                 return self.stack[0]
         raise self.fail("pickle ends without a STOP opcode (truncated)")
 
+    # -- framing, stack and constants ------------------------------------------------
+    def proto(self) -> None:
+        if self.unpack(_U8) > 5:
+            raise self.fail(f"pickle protocol {self.data[self.pos - 1]} is newer than 5")
+
+    def frame(self) -> None:  # a length hint only: the whole pickle is one buffer already
+        if self.unpack(_U64) > len(self.data) - self.pos:
+            raise self.fail("FRAME runs past the end of the pickle (truncated)")
+
+    def stop(self) -> object:
+        return _STOP
+
+    def mark(self) -> None:
+        self.marks.append(self.stack)
+        self.stack = []
+
+    def pop(self) -> None:
+        if self.stack:
+            self.stack.pop()
+        else:
+            self.pop_mark()
+
+    def dup(self) -> None:
+        self.push(self.stack[-1])
+
+    def constant(self) -> None:  # NONE, NEWTRUE, NEWFALSE, EMPTY_TUPLE
+        self.push(_CONSTANTS[self.data[self.pos - 1]])
+
+    def number(self) -> None:  # BININT, BININT1, BININT2, BINFLOAT
+        self.push(self.unpack(_NUMBER_FORMATS[self.data[self.pos - 1]]))
+
+    def long(self) -> None:  # LONG1, LONG4: little-endian two's complement of a given length
+        length = self.unpack(_LENGTH_FORMATS[self.data[self.pos - 1]])
+        self.push(int.from_bytes(self.take(length), "little", signed=True))
+
+    def string(self) -> None:  # (SHORT_)BINUNICODE(8) are text; (SHORT_)BINBYTES(8), BYTEARRAY8 bytes
+        code = self.data[self.pos - 1]
+        raw = self.take(self.unpack(_LENGTH_FORMATS[code]))
+        self.push(self.text(raw) if code in _TEXT_OPCODES else raw)
+
+    # -- containers ------------------------------------------------------------------
+    def tuple_op(self) -> None:
+        self.push(tuple(self.pop_mark()), container=True)
+
+    def tuple_n(self) -> None:  # TUPLE1, TUPLE2, TUPLE3
+        n = self.data[self.pos - 1] - 0x84
+        if len(self.stack) < n:
+            raise self.fail(f"TUPLE{n} at offset {self.pos - 1} needs {n} values on the stack")
+        items = tuple(self.stack[-n:])
+        del self.stack[-n:]
+        self.push(items, container=True)
+
+    def empty_container(self) -> None:  # EMPTY_LIST, EMPTY_DICT, EMPTY_SET
+        self.push(_EMPTY[self.data[self.pos - 1]](), container=True)
+
+    def frozenset_op(self) -> None:
+        items = self.pop_mark()
+        self.push(frozenset(self.hashable(item) for item in items), container=True)
+
+    def set_pairs(self, target: Any, items: list[Any]) -> Any:
+        if not isinstance(target, dict) or len(items) % 2:
+            raise self.fail(f"SETITEM(S) on a {type(target).__name__} with {len(items)} values")
+        for i in range(0, len(items), 2):
+            target[self.hashable(items[i])] = items[i + 1]
+        return target
+
+    def setitem(self) -> None:
+        value, key = self.stack.pop(), self.stack.pop()
+        self.set_pairs(self.stack[-1], [key, value])
+
+    def setitems(self) -> None:
+        items = self.pop_mark()
+        self.set_pairs(self.stack[-1], items)
+
+    def append(self) -> None:  # APPEND, APPENDS to a list; ADDITEMS to a set
+        code = self.data[self.pos - 1]
+        items = [self.stack.pop()] if code == 0x61 else self.pop_mark()  # APPEND "a"
+        target = self.stack[-1]
+        if isinstance(target, list) and code != 0x90:
+            target.extend(items)
+        elif isinstance(target, set) and code == 0x90:
+            target.update(self.hashable(item) for item in items)
+        else:
+            raise self.fail(f"opcode {bytes([code])!r} adds items to a {type(target).__name__}")
+
+    # -- memo --------------------------------------------------------------------------
+    def put(self) -> None:  # BINPUT, LONG_BINPUT
+        index = self.unpack(_U8 if self.data[self.pos - 1] == 0x71 else _U32)  # BINPUT "q"
+        self.memo[index] = self.stack[-1]
+
+    def memoize(self) -> None:
+        self.memo[len(self.memo)] = self.stack[-1]
+
+    def get(self) -> None:  # BINGET, LONG_BINGET
+        index = self.unpack(_U8 if self.data[self.pos - 1] == 0x68 else _U32)  # BINGET "h"
+        if index not in self.memo:
+            raise self.fail(f"memo entry {index} read at offset {self.pos} was never stored")
+        self.push(self.memo[index])
+
+    # -- globals, calls, persistent ids ------------------------------------------------
+    def global_op(self) -> None:
+        end_module = self.data.find(b"\n", self.pos, self.pos + 256)
+        end_name = self.data.find(b"\n", end_module + 1, end_module + 257) if end_module >= 0 else -1
+        if end_name < 0:
+            raise self.fail(f"GLOBAL at offset {self.pos - 1} is not two short newline-terminated lines")
+        module, name = self.text(self.data[self.pos:end_module]), self.text(self.data[end_module + 1:end_name])
+        self.pos = end_name + 1
+        self.push(self.lookup_global(module, name))
+
+    def stack_global(self) -> None:
+        name, module = self.stack.pop(), self.stack.pop()
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise self.fail("STACK_GLOBAL needs two strings")
+        self.push(self.lookup_global(module, name))
+
+    def binpersid(self) -> None:
+        pid = self.stack.pop()
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise self.fail(f"persistent id {describe(pid)} is not ('storage', type, key, location, numel)")
+        _, storage_type, key, location, numel = pid
+        if not (isinstance(storage_type, Global) and storage_type.is_storage_type and storage_type.dtype):
+            raise self.fail(f"persistent id names {describe(storage_type)}, not a supported storage type")
+        if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
+            raise self.fail(f"persistent id {describe(pid)} has a malformed key, location or numel")
+        self.push(StorageRef(key, storage_type.dtype, location, numel))
+
+    def reduce(self) -> None:
+        args, func = self.stack.pop(), self.stack.pop()
+        handler = _REDUCERS.get(func.qualname) if isinstance(func, Global) else None
+        if handler is None:
+            raise self.fail(f"calling {describe(func)} is not allowed; gemma_stream never executes pickle code")
+        if not isinstance(args, tuple):
+            raise self.fail(f"arguments of {func.qualname} are a {type(args).__name__}, not a tuple")
+        self.push(handler(self, args), container=True)
+
+    def build(self) -> None:
+        state, target = self.stack.pop(), self.stack[-1]
+        # Module.state_dict() OrderedDicts carry `_metadata` (module versions) as instance
+        # state, and python attributes on tensors arrive the same way: both are ignored.
+        if isinstance(target, dict) and isinstance(state, (dict, type(None))):
+            return
+        if isinstance(target, TensorView) and (state is None or state == () or state == {}):
+            return
+        raise self.fail(f"BUILD (setting state) on a {type(target).__name__} is not allowed")
+
 
 _STOP = object()
-
-
-def _op(*codes: bytes) -> Callable[[Callable[[_Walker], Any]], Callable[[_Walker], Any]]:
-    def register(fn: Callable[[_Walker], Any]) -> Callable[[_Walker], Any]:
-        for code in codes:
-            _OPS[code[0]] = fn
-        return fn
-    return register
-
-
-_OPS: dict[int, Callable[[_Walker], Any]] = {}
-
-
-@_op(b"\x80")
-def _proto(w: _Walker) -> None:
-    version = w.take(1)[0]
-    if version > 5:
-        raise w.fail(f"pickle protocol {version} is newer than 5")
-
-
-@_op(b"\x95")  # FRAME: a length hint only; the data is read as one buffer anyway
-def _frame(w: _Walker) -> None:
-    if w.unpack("<Q") > len(w.data) - w.pos:
-        raise w.fail("FRAME runs past the end of the pickle (truncated)")
-
-
-@_op(b".")
-def _stop(w: _Walker) -> object:
-    return _STOP
-
-
-@_op(b"(")
-def _mark(w: _Walker) -> None:
-    w.marks.append(w.stack)
-    w.stack = []
-
-
-@_op(b"0")
-def _pop(w: _Walker) -> None:
-    if w.stack:
-        w.stack.pop()
-    else:
-        w.pop_mark()
-
-
-@_op(b"1")
-def _pop_mark(w: _Walker) -> None:
-    w.pop_mark()
-
-
-@_op(b"2")
-def _dup(w: _Walker) -> None:
-    w.stack.append(w.stack[-1])
-
-
-_CONSTANTS = {ord("N"): None, 0x88: True, 0x89: False}
-for _code, _value in _CONSTANTS.items():
-    _OPS[_code] = lambda w, _v=_value: w.stack.append(_v)
-_OPS[ord("J")] = lambda w: w.stack.append(w.unpack("<i"))
-_OPS[ord("K")] = lambda w: w.stack.append(w.take(1)[0])
-_OPS[ord("M")] = lambda w: w.stack.append(w.unpack("<H"))
-_OPS[ord("G")] = lambda w: w.stack.append(struct.unpack(">d", w.take(8))[0])
-_OPS[0x8A] = lambda w: w.stack.append(int.from_bytes(w.take(w.take(1)[0]), "little", signed=True))
-_OPS[0x8B] = lambda w: w.stack.append(int.from_bytes(w.take(w.unpack("<i")), "little", signed=True))
-# strings and bytes: (opcode, length format, decode as text)
-for _code, _fmt, _is_text in ((b"X", "<I", True), (b"\x8c", "<B", True), (b"\x8d", "<Q", True),
-                              (b"B", "<I", False), (b"C", "<B", False), (b"\x8e", "<Q", False),
-                              (b"\x96", "<Q", False), (b"T", "<i", None), (b"U", "<B", None)):
-    def _read_string(w: _Walker, _fmt: str = _fmt, _is_text: bool | None = _is_text) -> None:
-        raw = w.take(w.unpack(_fmt))
-        if _is_text is None:  # protocol-2 str of Python 2: text if it decodes, else bytes
-            try:
-                w.stack.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                w.stack.append(raw)
-        else:
-            w.stack.append(w.text(raw) if _is_text else raw)
-    _OPS[_code[0]] = _read_string
-
-
-@_op(b")")
-def _empty_tuple(w: _Walker) -> None:
-    w.stack.append(())
-
-
-@_op(b"t")
-def _tuple(w: _Walker) -> None:
-    w.stack.append(w.new_container(tuple(w.pop_mark())))
-
-
-def _tuple_n(n: int) -> Callable[[_Walker], None]:
-    def build(w: _Walker) -> None:
-        if len(w.stack) < n:
-            raise w.fail(f"TUPLE{n} at offset {w.pos - 1} needs {n} values on the stack")
-        items = tuple(w.stack[-n:])
-        del w.stack[-n:]
-        w.stack.append(w.new_container(items))
-    return build
-
-
-_OPS[0x85], _OPS[0x86], _OPS[0x87] = _tuple_n(1), _tuple_n(2), _tuple_n(3)
-_OPS[ord("]")] = lambda w: w.stack.append(w.new_container([]))
-_OPS[ord("}")] = lambda w: w.stack.append(w.new_container({}))
-_OPS[0x8F] = lambda w: w.stack.append(w.new_container(set()))
-_OPS[ord("l")] = lambda w: w.stack.append(w.new_container(w.pop_mark()))
-
-
-@_op(b"d")
-def _dict(w: _Walker) -> None:
-    items = w.pop_mark()
-    w.stack.append(w.new_container(_pairs_into({}, items, w)))
-
-
-def _pairs_into(target: Any, items: list[Any], w: _Walker) -> Any:
-    if not isinstance(target, dict):
-        raise w.fail(f"SETITEM(S) on a {type(target).__name__}")
-    if len(items) % 2:
-        raise w.fail("SETITEMS with an odd number of values")
-    for i in range(0, len(items), 2):
-        target[w.hashable(items[i])] = items[i + 1]
-    return target
-
-
-@_op(b"s")
-def _setitem(w: _Walker) -> None:
-    value, key = w.stack.pop(), w.stack.pop()
-    _pairs_into(w.stack[-1], [key, value], w)
-
-
-@_op(b"u")
-def _setitems(w: _Walker) -> None:
-    items = w.pop_mark()
-    _pairs_into(w.stack[-1], items, w)
-
-
-@_op(b"a", b"e")
-def _append(w: _Walker) -> None:
-    items = [w.stack.pop()] if w.data[w.pos - 1] == ord("a") else w.pop_mark()
-    target = w.stack[-1]
-    if not isinstance(target, list):
-        raise w.fail(f"APPEND(S) on a {type(target).__name__}")
-    target.extend(items)
-
-
-@_op(b"\x90")
-def _additems(w: _Walker) -> None:
-    items = w.pop_mark()
-    target = w.stack[-1]
-    if not isinstance(target, set):
-        raise w.fail(f"ADDITEMS on a {type(target).__name__}")
-    target.update(w.hashable(item) for item in items)
-
-
-@_op(b"\x91")
-def _frozenset(w: _Walker) -> None:
-    w.stack.append(w.new_container(frozenset(w.hashable(item) for item in w.pop_mark())))
-
-
-# -- memo: indices are dict keys, so a huge LONG_BINPUT index allocates nothing --------
-_OPS[ord("q")] = lambda w: w.memo.__setitem__(w.take(1)[0], w.stack[-1])
-_OPS[ord("r")] = lambda w: w.memo.__setitem__(w.unpack("<I"), w.stack[-1])
-_OPS[0x94] = lambda w: w.memo.__setitem__(len(w.memo), w.stack[-1])
-
-
-@_op(b"h", b"j")
-def _get(w: _Walker) -> None:
-    index = w.take(1)[0] if w.data[w.pos - 1] == ord("h") else w.unpack("<I")
-    if index not in w.memo:
-        raise w.fail(f"memo entry {index} read at offset {w.pos} was never stored")
-    w.stack.append(w.memo[index])
-
-
-@_op(b"c")
-def _global(w: _Walker) -> None:
-    end_module = w.data.find(b"\n", w.pos, w.pos + 256)
-    end_name = w.data.find(b"\n", end_module + 1, end_module + 257) if end_module >= 0 else -1
-    if end_name < 0:
-        raise w.fail(f"GLOBAL at offset {w.pos - 1} is not two short newline-terminated lines")
-    module, name = w.text(w.data[w.pos:end_module]), w.text(w.data[end_module + 1:end_name])
-    w.pos = end_name + 1
-    w.stack.append(w.lookup_global(module, name))
-
-
-@_op(b"\x93")
-def _stack_global(w: _Walker) -> None:
-    name, module = w.stack.pop(), w.stack.pop()
-    if not isinstance(module, str) or not isinstance(name, str):
-        raise w.fail("STACK_GLOBAL needs two strings")
-    w.stack.append(w.lookup_global(module, name))
-
-
-@_op(b"Q")
-def _binpersid(w: _Walker) -> None:
-    pid = w.stack.pop()
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-        raise w.fail(f"persistent id {describe(pid)} is not ('storage', type, key, location, numel)")
-    _, storage_type, key, location, numel = pid
-    if not (isinstance(storage_type, Global) and storage_type.is_storage_type):
-        raise w.fail(f"persistent id names {describe(storage_type)}, not a supported storage type")
-    if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
-        raise w.fail(f"persistent id {describe(pid)} has a malformed key, location or numel")
-    assert storage_type.dtype is not None
-    w.stack.append(StorageRef(key, storage_type.dtype, location, numel))
-
-
-@_op(b"R")
-def _reduce(w: _Walker) -> None:
-    args, func = w.stack.pop(), w.stack.pop()
-    if not isinstance(args, tuple):
-        raise w.fail(f"REDUCE arguments are a {type(args).__name__}, not a tuple")
-    handler = _REDUCERS.get(func.qualname) if isinstance(func, Global) else None
-    if handler is None:
-        raise w.fail(f"calling {describe(func)} is not allowed; gemma_stream never executes pickle code")
-    w.stack.append(handler(w, args))
-
-
-@_op(b"b")
-def _build(w: _Walker) -> None:
-    state, target = w.stack.pop(), w.stack[-1]
-    # An OrderedDict from Module.state_dict() carries `_metadata` (module versions) as
-    # instance state; python attributes on tensors arrive the same way. Both are ignored.
-    if isinstance(target, dict) and isinstance(state, (dict, type(None))):
-        return
-    if isinstance(target, TensorView) and (state is None or state == () or state == {}):
-        return
-    raise w.fail(f"BUILD (setting state) on a {type(target).__name__} is not allowed")
+_U8, _U16, _U32, _I32, _U64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<i", "<Q"))
+_LENGTH_FORMATS = {ord("X"): _U32, 0x8C: _U8, 0x8D: _U64, ord("B"): _U32, ord("C"): _U8, 0x8E: _U64,
+                   0x96: _U64, 0x8A: _U8, 0x8B: _I32}
+_TEXT_OPCODES = frozenset((ord("X"), 0x8C, 0x8D))
+_NUMBER_FORMATS = {ord("J"): _I32, ord("K"): _U8, ord("M"): _U16, ord("G"): struct.Struct(">d")}
+_CONSTANTS = {ord("N"): None, 0x88: True, 0x89: False, ord(")"): ()}
+_EMPTY: dict[int, Callable[[], Any]] = {ord("]"): list, ord("}"): dict, 0x8F: set}
+_OPCODES: dict[int, str] = {}  # opcode -> name of the _Walker method that handles it
+for _method, _codes in {
+    "proto": b"\x80", "frame": b"\x95", "stop": b".", "mark": b"(", "pop": b"0", "pop_mark": b"1", "dup": b"2",
+    "constant": b"N\x88\x89)", "number": b"JKMG", "long": b"\x8a\x8b", "string": b"X\x8c\x8dBC\x8e\x96",
+    "tuple_op": b"t", "tuple_n": b"\x85\x86\x87", "empty_container": b"]}\x8f", "frozenset_op": b"\x91",
+    "setitem": b"s", "setitems": b"u", "append": b"ae\x90", "put": b"qr", "memoize": b"\x94",
+    "get": b"hj", "global_op": b"c", "stack_global": b"\x93", "binpersid": b"Q", "reduce": b"R", "build": b"b",
+}.items():
+    _OPCODES.update(dict.fromkeys(_codes, _method))
 
 
 # -- REDUCE handlers: our own code computing inert values, one per allowlisted callable --
-def _expect(w: _Walker, args: tuple, name: str, lengths: tuple[int, ...]) -> None:
-    if len(args) not in lengths:
-        raise w.fail(f"{name} called with {len(args)} arguments, expected {' or '.join(map(str, lengths))}")
-
-
 def _int_tuple(w: _Walker, value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or not all(type(v) is int for v in value):
         raise w.fail(f"tensor {what} {describe(value)} is not a tuple of integers")
     return tuple(value)
 
 
-def _tensor(w: _Walker, args: tuple, name: str, dtype: Any = None, metadata: Any = None) -> TensorView:
-    storage, offset, size, stride = args[:4]
-    if not isinstance(storage, StorageRef):
-        raise w.fail(f"{name} expects a storage, got {describe(storage)}")
-    if type(offset) is not int:
-        raise w.fail(f"{name}: storage offset {describe(offset)} is not an integer")
-    if dtype is None:
+def _tensor_rebuilder(name: str, counts: tuple[int, ...], dtype_at: int | None) -> Callable[[_Walker, tuple], Any]:
+    """``_rebuild_tensor(storage, offset, size, stride)``; ``_v2`` adds requires_grad, hooks
+    and optional metadata; ``_v3`` adds the dtype (for storages saved as UntypedStorage)."""
+    def rebuild(w: _Walker, args: tuple) -> TensorView:
+        if len(args) not in counts:
+            raise w.fail(f"{name} called with {len(args)} arguments, expected {' or '.join(map(str, counts))}")
+        storage, offset = args[0], args[1]
+        if not isinstance(storage, StorageRef) or type(offset) is not int:
+            raise w.fail(f"{name} expects a storage and an integer offset, got {describe(args[:2])}")
         dtype = storage.dtype
-    elif not (isinstance(dtype, Global) and dtype.dtype is not None and not dtype.is_storage_type):
-        raise w.fail(f"{name}: dtype {describe(dtype)} is not a supported torch dtype")
-    else:
-        dtype = dtype.dtype
-    if isinstance(metadata, dict) and any(metadata.values()):
-        # conj/neg bits make the stored bytes differ from the tensor's values
-        raise w.fail(f"tensor with metadata {describe(metadata)} (conj/neg bit) is not supported; "
-                     f"save t.resolve_conj().resolve_neg() instead")
-    return TensorView(storage, dtype, offset, _int_tuple(w, size, "size"), _int_tuple(w, stride, "stride"))
-
-
-def _rebuild_tensor(w: _Walker, args: tuple) -> TensorView:
-    _expect(w, args, "_rebuild_tensor", (4,))
-    return _tensor(w, args, "_rebuild_tensor")
-
-
-def _rebuild_tensor_v2(w: _Walker, args: tuple) -> TensorView:
-    _expect(w, args, "_rebuild_tensor_v2", (6, 7))
-    return _tensor(w, args, "_rebuild_tensor_v2", metadata=args[6] if len(args) == 7 else None)
-
-
-def _rebuild_tensor_v3(w: _Walker, args: tuple) -> TensorView:
-    _expect(w, args, "_rebuild_tensor_v3", (7, 8))
-    return _tensor(w, args, "_rebuild_tensor_v3", dtype=args[6], metadata=args[7] if len(args) == 8 else None)
+        if dtype_at is not None:
+            marker = args[dtype_at]
+            if not (isinstance(marker, Global) and marker.dtype and not marker.is_storage_type):
+                raise w.fail(f"{name}: dtype {describe(marker)} is not a supported torch dtype")
+            dtype = marker.dtype
+        metadata = args[counts[-1] - 1] if len(args) == counts[-1] > 4 else None
+        if isinstance(metadata, dict) and any(metadata.values()):
+            # conj/neg bits make the stored bytes differ from the tensor's values
+            raise w.fail(f"tensor with metadata {describe(metadata)} (conj/neg bit) is not supported; "
+                         f"save t.resolve_conj().resolve_neg() instead")
+        return TensorView(storage, dtype, offset, _int_tuple(w, args[2], "size"), _int_tuple(w, args[3], "stride"))
+    return rebuild
 
 
 def _rebuild_parameter(w: _Walker, args: tuple) -> TensorView:
-    _expect(w, args, "_rebuild_parameter", (3, 4))  # _with_state adds python attributes: ignored
-    if not isinstance(args[0], TensorView):
-        raise w.fail(f"_rebuild_parameter expects a tensor, got {describe(args[0])}")
+    # (data, requires_grad, hooks[, state]): the state is python attributes, ignored
+    if len(args) not in (3, 4) or not isinstance(args[0], TensorView):
+        raise w.fail(f"_rebuild_parameter called with {describe(args)}")
     return args[0]
 
 
 def _rebuild_from_type_v2(w: _Walker, args: tuple) -> Any:
-    # (func, new_type, args, state): a Tensor/Parameter with python attributes
-    _expect(w, args, "_rebuild_from_type_v2", (4,))
+    # (func, new_type, args, state): how a Tensor/Parameter with python attributes is saved
+    if len(args) != 4:
+        raise w.fail(f"_rebuild_from_type_v2 called with {describe(args)}")
     func, new_type, inner = args[:3]
     if not (isinstance(new_type, Global) and new_type.qualname in _TENSOR_CLASSES):
         raise w.fail(f"tensor subclass {describe(new_type)} is not supported")
-    if not isinstance(func, Global) or func.qualname not in _REDUCERS or not isinstance(inner, tuple):
+    handler = _REDUCERS.get(func.qualname) if isinstance(func, Global) else None
+    if handler is None or not isinstance(inner, tuple) or func.qualname == "torch._tensor._rebuild_from_type_v2":
         raise w.fail(f"_rebuild_from_type_v2 with {describe(func)} is not supported")
-    result = _REDUCERS[func.qualname](w, inner)
+    result = handler(w, inner)
     if not isinstance(result, TensorView):
         raise w.fail("_rebuild_from_type_v2 did not rebuild a tensor")
     return result
 
 
 def _ordered_dict(w: _Walker, args: tuple) -> dict:
-    # OrderedDict() / Counter({...}): a plain dict keeps insertion order
+    # OrderedDict() (items follow as SETITEMS): a plain dict keeps insertion order
     if args and not (len(args) == 1 and isinstance(args[0], dict)):
-        raise w.fail(f"OrderedDict/Counter called with {describe(args)}")
-    return w.new_container(dict(args[0]) if args else {})
+        raise w.fail(f"OrderedDict called with {describe(args)}")
+    return dict(args[0]) if args else {}
 
 
 def _codecs_encode(w: _Walker, args: tuple) -> bytes:
@@ -529,44 +452,26 @@ def _codecs_encode(w: _Walker, args: tuple) -> bytes:
 
 
 def _sequence(kind: type) -> Callable[[_Walker, tuple], Any]:
+    """``set(list)``, ``torch.Size(tuple)``: built as a set or a tuple."""
     def build(w: _Walker, args: tuple) -> Any:
-        if args and not (len(args) == 1 and isinstance(args[0], (list, tuple, bytes))):
+        if args and not (len(args) == 1 and isinstance(args[0], (list, tuple))):
             raise w.fail(f"{kind.__name__} called with {describe(args)}")
         items = args[0] if args else ()
-        if kind in (set, frozenset):
-            items = [w.hashable(item) for item in items]
-        return w.new_container(kind(items))
+        return kind(w.hashable(item) for item in items) if kind is set else kind(items)
     return build
 
 
-def _complex(w: _Walker, args: tuple) -> complex:
-    if not (1 <= len(args) <= 2 and all(type(a) in (int, float) for a in args)):
-        raise w.fail(f"complex called with {describe(args)}")
-    return complex(*args)
-
-
-def _device(w: _Walker, args: tuple) -> str:
-    if not args or not all(isinstance(a, (str, int)) for a in args):
-        raise w.fail(f"torch.device called with {describe(args)}")
-    return ":".join(map(str, args))
-
-
 _REDUCERS: dict[str, Callable[[_Walker, tuple], Any]] = {
-    "torch._utils._rebuild_tensor": _rebuild_tensor,
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
-    "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
+    "torch._utils._rebuild_tensor": _tensor_rebuilder("_rebuild_tensor", (4,), None),
+    "torch._utils._rebuild_tensor_v2": _tensor_rebuilder("_rebuild_tensor_v2", (6, 7), None),
+    "torch._utils._rebuild_tensor_v3": _tensor_rebuilder("_rebuild_tensor_v3", (7, 8), 6),
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
     "collections.OrderedDict": _ordered_dict,
-    "collections.Counter": _ordered_dict,
     "_codecs.encode": _codecs_encode,
     "torch.Size": _sequence(tuple),
     "builtins.set": _sequence(set),
-    "builtins.frozenset": _sequence(frozenset),
-    "builtins.bytearray": _sequence(bytearray),
-    "builtins.complex": _complex,
-    "torch.device": _device,
 }
 
 

@@ -188,7 +188,7 @@ def _select_state_dict(path: str, tree: Any, key: str | None) -> tuple[dict, str
     """The dict of tensors to load and the top-level key it came from (None: the top level)."""
     if not isinstance(tree, dict):
         raise CheckpointError(f"{path}: data.pkl holds {describe(tree, 40)}, not a dict of tensors")
-    available = ", ".join(repr(k) for k in list(tree)[:20]) + (", ..." if len(tree) > 20 else "")
+    available = ", ".join(describe(k, 40) for k in list(tree)[:20]) + (", ..." if len(tree) > 20 else "")
     if key is not None:
         node: Any = tree.get(key)
         top = key
@@ -293,7 +293,9 @@ def read_torchzip(path: str, key: str | None = None) -> Checkpoint:
     ``key`` selects the state dict (a top-level key, or a dotted path through
     nested dicts); by default the top level is used if it holds tensors, else the
     first of :data:`STATE_DICT_KEYS` present.  Non-tensor entries, and the siblings
-    of the state dict, are listed in ``Checkpoint.extras``::
+    of the state dict, are listed in ``Checkpoint.extras``.  Views keep their element
+    strides (``None`` when the view is C-contiguous, size-1 dims ignored) and
+    ``storage`` is the ``data/<key>`` they read, shared by tied weights::
 
         ckpt = read_torchzip("model.ckpt")
         [(r.name, r.dtype, r.shape) for r in ckpt.records]

@@ -1,0 +1,513 @@
+"""torch zip reader and pickle walker, at the record level.
+
+Records are checked against ``torch.load(weights_only=True)`` bit for bit by
+rebuilding every tensor from the raw file bytes at ``byte_offset`` with the
+record's shape and strides; every error class has a test that builds the bad file.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import random
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemma_stream.errors import CheckpointError
+from gemma_stream.formats import open_checkpoint, pickle_walker
+from gemma_stream.formats.pickle_walker import TensorView, describe, walk_pickle
+from gemma_stream.formats.records import contiguous_strides
+from gemma_stream.formats.torchzip import read_torchzip
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def tensor_from_record(record) -> torch.Tensor:
+    """The tensor a record describes, built from the file's bytes (not from torch.load)."""
+    dtype = record.dtype.torch
+    if record.numel == 0:
+        return torch.empty(record.shape, dtype=dtype)
+    strides = record.strides or contiguous_strides(record.shape)
+    span = sum((n - 1) * s for n, s in zip(record.shape, strides)) + 1
+    with open(record.file, "rb") as f:
+        f.seek(record.byte_offset)
+        raw = bytearray(f.read(span * record.dtype.itemsize))
+    flat = torch.frombuffer(raw, dtype=dtype)
+    return torch.as_strided(flat, record.shape, strides)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-exact equality (NaNs and float8 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def check_against_torch(path, key: str | None = None, state_key: str | None = None, reference=None):
+    """Read ``path`` and compare every record with ``torch.load(weights_only=True)`` (or ``reference``)."""
+    ckpt = read_torchzip(str(path), key=key)
+    if reference is None:
+        reference = torch.load(path, weights_only=True)
+    if state_key is not None:
+        reference = reference[state_key]
+    expected = {k: v for k, v in reference.items() if isinstance(v, torch.Tensor)}
+    assert {r.name for r in ckpt.records} == set(expected)
+    for record in ckpt.records:
+        want = expected[record.name]
+        assert record.dtype.torch == want.dtype, record.name
+        assert record.shape == tuple(want.shape), record.name
+        assert record.file == os.path.abspath(path)
+        assert same_bits(tensor_from_record(record), want), record.name
+    offsets = [r.byte_offset for r in ckpt.records]
+    assert offsets == sorted(offsets)
+    return ckpt
+
+
+class FakeStorage:
+    """Stands for a storage in a hand-made data.pkl (becomes a persistent id)."""
+
+    def __init__(self, key: str, numel: int, storage_type=torch.FloatStorage) -> None:
+        self.key, self.numel, self.storage_type = key, numel, storage_type
+
+
+class FakeView:
+    """Pickles as torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)."""
+
+    def __init__(self, storage: FakeStorage, offset: int, size, stride, metadata=None) -> None:
+        self.args = (storage, offset, tuple(size), tuple(stride), False, collections.OrderedDict())
+        if metadata is not None:
+            self.args += (metadata,)
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class TorchLikePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, FakeStorage):
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+def pickle_like_torch(obj, protocol: int = 2) -> bytes:
+    buffer = io.BytesIO()
+    TorchLikePickler(buffer, protocol=protocol).dump(obj)
+    return buffer.getvalue()
+
+
+def local_header(name: str, data: bytes, extra: bytes = b"") -> bytes:
+    return struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data),
+                       len(name.encode()), len(extra)) + name.encode() + extra
+
+
+def write_zip(path, members: list[tuple[str, bytes]], zip64: bool = False, align: int = 64,
+              phantoms: tuple[tuple[str, bytes, int], ...] = ()) -> str:
+    """A STORED zip laid out like torch's (payloads padded to ``align``), optionally ZIP64 everywhere.
+
+    ``phantoms`` are (name, data, local header offset) entries that exist only in the
+    central directory, pointing at a local header hidden inside another payload.
+    """
+    out, central, entries = bytearray(), bytearray(), []
+    for name, data in members:
+        offset = len(out)
+        pad = -(offset + 30 + len(name.encode()) + 4) % align
+        out += local_header(name, data, struct.pack("<HH", 0x4246, pad) + b"Z" * pad) + data  # torch's "FB" pad
+        entries.append((name, data, offset))
+    for name, data, offset in entries + list(phantoms):
+        raw, crc = name.encode(), zlib.crc32(data)
+        if zip64:  # every 32-bit field saturated, real values in the ZIP64 extra field
+            cextra = struct.pack("<HHQQQ", 1, 24, len(data), len(data), offset)
+            csize = size = lho = 0xFFFFFFFF
+        else:
+            cextra, csize, size, lho = b"", len(data), len(data), offset
+        central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, 0, 0, 0, crc, csize, size,
+                               len(raw), len(cextra), 0, 0, 0, 0, lho) + raw + cextra
+    cd_offset, count = len(out), len(entries) + len(phantoms)
+    out += central
+    if zip64:
+        z64 = len(out)
+        out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(central), cd_offset)
+        out += struct.pack("<4sIQI", b"PK\x06\x07", 0, z64, 1)
+        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    else:
+        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, len(central), cd_offset, 0)
+    with open(path, "wb") as f:
+        f.write(out)
+    return str(path)
+
+
+def crafted(path, obj, storages: dict[str, bytes], byteorder: bytes | None = b"little", protocol: int = 2) -> str:
+    """A torch-style checkpoint with a hand-made data.pkl and the given storage payloads."""
+    members = [("archive/data.pkl", pickle_like_torch(obj, protocol)), ("archive/version", b"3\n")]
+    if byteorder is not None:
+        members.append(("archive/byteorder", byteorder))
+    members += [(f"archive/data/{key}", data) for key, data in storages.items()]
+    return write_zip(path, members)
+
+
+def members_of(path) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(path) as z:
+        return [(info.filename, z.read(info.filename)) for info in z.infolist()]
+
+
+# --- agreement with torch.load ------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
+          torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+          # saved as UntypedStorage + _rebuild_tensor_v3(dtype)
+          torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def sample(dtype: torch.dtype, shape=(3, 5)) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.5
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, dtype=torch.float32 if not dtype.is_complex else dtype).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, dtype=torch.int64).to(dtype)
+
+
+def test_every_dtype_matches_torch_load(tmp_path):
+    sd = {str(dtype): sample(dtype) for dtype in DTYPES}
+    path = tmp_path / "dtypes.pt"
+    torch.save(sd, path)  # default settings: zip serialization, protocol 2, 64-byte alignment
+    ckpt = check_against_torch(path)
+    assert {r.dtype.torch for r in ckpt.records} == set(DTYPES)
+    assert all(r.byte_offset % 64 == 0 and r.strides is None for r in ckpt.records)
+    assert ckpt.format == "torchzip" and ckpt.extras == {} and ckpt.metadata == {}
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_module_state_dict_every_protocol(tmp_path, protocol):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Embedding(5, 2))
+    sd = model.state_dict()  # an OrderedDict with `_metadata` set through BUILD
+    path = tmp_path / f"p{protocol}.bin"
+    torch.save(sd, path, pickle_protocol=protocol)
+    # torch.load(weights_only=True) warns on protocol 3 and cannot read FRAME (4, 5): compare with sd
+    ckpt = check_against_torch(path, reference=sd if protocol > 2 else None)
+    assert [r.name for r in ckpt.records] == list(sd)  # one storage each, saved in order
+
+
+def test_tied_weights_share_one_storage(tmp_path):
+    embedding = torch.randn(10, 4)
+    path = tmp_path / "tied.pt"
+    torch.save({"embedder.weight": embedding, "lm_head.weight": embedding}, path)
+    a, b = check_against_torch(path).records
+    assert (a.storage, a.byte_offset) == (b.storage, b.byte_offset)
+
+
+def test_slice_with_storage_offset(tmp_path):
+    base = torch.arange(10, dtype=torch.float32)
+    path = tmp_path / "slice.pt"
+    torch.save({"base": base, "middle": base[3:7], "alone": torch.arange(20.0)[5:9]}, path)
+    records = check_against_torch(path).by_name()
+    assert records["middle"].storage == records["base"].storage
+    assert records["middle"].byte_offset == records["base"].byte_offset + 3 * 4
+    assert records["alone"].byte_offset % 64 == 5 * 4  # torch saves the whole storage
+
+
+def test_transposed_and_expanded_views_keep_strides(tmp_path):
+    weight = torch.randn(3, 4, dtype=torch.bfloat16)
+    path = tmp_path / "views.pt"
+    torch.save({"w_t": weight.t(), "row": torch.ones(3).expand(4, 3), "col": weight[:, 1:2],
+                "contig_size1": torch.randn(4, 1).t()}, path)
+    records = check_against_torch(path).by_name()
+    assert records["w_t"].strides == (1, 4) and not records["w_t"].is_contiguous
+    assert records["row"].strides == (0, 1)
+    assert records["col"].strides == (4, 1)
+    assert records["contig_size1"].strides is None
+
+
+def test_empty_and_scalar_tensors(tmp_path):
+    path = tmp_path / "empty.pt"
+    base = torch.arange(6.0)
+    torch.save({"empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5), "tail": base[6:], "base": base}, path)
+    records = check_against_torch(path).by_name()
+    assert records["empty"].numel == 0 and records["scalar"].shape == ()
+    assert records["tail"].byte_offset == records["base"].byte_offset  # kept inside the file
+
+
+def test_parameters_and_tensor_attributes(tmp_path):
+    tagged = torch.randn(2, 2)
+    tagged.note = "python attribute"  # saved through torch._tensor._rebuild_from_type_v2
+    path = tmp_path / "param.pt"
+    torch.save({"p": torch.nn.Parameter(torch.randn(3)), "tagged": tagged}, path)
+    check_against_torch(path)
+
+
+def test_nested_model_state_dict_and_extras(tmp_path):
+    sd = collections.OrderedDict(w=torch.randn(2, 3), step_size=0.5, name="layer")
+    path = tmp_path / "gemma.ckpt"
+    torch.save({"model_state_dict": sd, "epoch": 3, "config": {"layers": 18}}, path)
+    ckpt = check_against_torch(path, state_key="model_state_dict")
+    assert ckpt.extras == {"step_size": "0.5", "name": "'layer'", "epoch": "3", "config": "{'layers': 18}"}
+    assert ckpt.metadata == {"state_dict_key": "model_state_dict"}
+
+
+def test_key_selects_another_state_dict(tmp_path):
+    path = tmp_path / "two.pt"
+    torch.save({"ema": {"w": torch.ones(2)}, "model": {"w": torch.zeros(3), "b": torch.ones(1)}}, path)
+    assert {r.name for r in check_against_torch(path, state_key="model").records} == {"w", "b"}
+    ckpt = check_against_torch(path, key="ema", state_key="ema")
+    assert ckpt.extras == {"model": "{'w': tensor(f32[3]), 'b': tensor(f32[1])}"}
+    with pytest.raises(CheckpointError, match=r"key 'missing' is missing; top-level keys: 'ema', 'model'"):
+        read_torchzip(str(path), key="missing")
+
+
+def test_dotted_key_and_nested_dicts_are_flattened(tmp_path):
+    path = tmp_path / "nested.pt"
+    torch.save({"run": {"weights": {"encoder": {"w": torch.ones(2)}, "head": torch.zeros(1)}}}, path)
+    ckpt = read_torchzip(str(path), key="run.weights")
+    assert sorted(r.name for r in ckpt.records) == ["encoder.w", "head"]
+    with pytest.raises(CheckpointError, match="no state dict found.*'run'"):
+        read_torchzip(str(path))
+
+
+def test_open_checkpoint_and_sharded_index(tmp_path):
+    shards = {"pytorch_model-00001-of-00002.bin": {"a": torch.randn(2, 2)},
+              "pytorch_model-00002-of-00002.bin": {"b": torch.randn(3).to(torch.bfloat16)}}
+    weight_map = {}
+    for file_name, sd in shards.items():
+        torch.save(sd, tmp_path / file_name)
+        weight_map.update(dict.fromkeys(sd, file_name))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ckpt = open_checkpoint(tmp_path)
+    assert ckpt.format == "torchzip" and len(ckpt.files) == 2
+    for record in ckpt.records:
+        want = shards[os.path.basename(record.file)][record.name]
+        assert same_bits(tensor_from_record(record), want)
+
+
+def test_zip64_directory(tmp_path):
+    original = tmp_path / "plain.pt"
+    torch.save({"w": torch.randn(4, 4), "v": torch.arange(5)}, original)
+    path = write_zip(tmp_path / "zip64.pt", members_of(original), zip64=True)
+    with zipfile.ZipFile(path) as z:  # the stdlib agrees the crafted file is valid ZIP64
+        assert z.read("plain/data/0") == zipfile.ZipFile(original).read("plain/data/0")
+    check_against_torch(path)
+
+
+def test_many_tensors_parse_quickly(tmp_path):
+    path = tmp_path / "many.pt"
+    torch.save({f"model.layers.{i}.w": torch.zeros(2) for i in range(2000)}, path)
+    assert len(read_torchzip(str(path)).records) == 2000
+
+
+# --- files that must be refused ----------------------------------------------------------
+
+
+def test_legacy_torch_save_is_refused(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy torch.save.*weights_only=True"):
+        read_torchzip(str(path))
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world, not a checkpoint" * 10])
+def test_non_zip_files_are_refused(tmp_path, content):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="legacy"):
+        read_torchzip(str(path))
+
+
+@pytest.mark.parametrize("only", [None, "archive/data/0"])
+def test_compressed_entries_are_refused(tmp_path, only):
+    source = tmp_path / "archive.pt"
+    torch.save({"w": torch.zeros(100)}, source)
+    path = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members_of(source):
+            stored = only is not None and name != only
+            z.writestr(name, data, compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match=f"entry '{only or 'archive/data.pkl'}' is compressed"):
+        read_torchzip(str(path))
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9, -1])
+def test_truncated_files_are_refused(tmp_path, keep):
+    source = tmp_path / "full.pt"
+    torch.save({"w": torch.randn(64, 64)}, source)
+    data = source.read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[:int(len(data) * keep) if keep > 0 else keep])
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        read_torchzip(str(path))
+
+
+def test_malicious_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "MARKER"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    for protocol in (2, 4):
+        path = crafted(tmp_path / f"evil{protocol}.pt", {"w": Exploit()}, {}, protocol=protocol)
+        with pytest.raises(CheckpointError, match=r"global '(posix|nt)\.system' is not allowed"):
+            read_torchzip(path)
+    assert not marker.exists()
+
+
+def storage_bytes(n: int) -> bytes:
+    return torch.arange(n, dtype=torch.float32).numpy().tobytes()
+
+
+def test_crafted_file_matches_torch_load(tmp_path):
+    storage = FakeStorage("0", 12)
+    obj = {"x": FakeView(storage, 2, (2, 3), (1, 2)), "y": FakeView(storage, 0, (12,), (1,))}
+    path = crafted(tmp_path / "ok.pt", obj, {"0": storage_bytes(12)})
+    check_against_torch(path)
+
+
+@pytest.mark.parametrize("view, storages, message", [
+    (((10,), 2, (6,), (2,)), {"0": 40}, r"tensor 'x': storage '0' holds 10 elements but the view needs 13"),
+    (((10,), 0, (3,), (-1,)), {"0": 40}, r"tensor 'x': negative size, stride or storage offset"),
+    (((10,), -1, (3,), (1,)), {"0": 40}, r"tensor 'x': negative size"),
+    (((10,), 0, (3, 2), (1,)), {"0": 40}, r"size \[3, 2\] and stride \[1\] differ in length"),
+    (((10,), 0, (3,), (1,)), {"0": 20}, r"storage '0' declares 40 bytes but data/0 holds 20"),
+    (((10,), 0, (3,), (1,)), {"1": 40}, r"storage '0' has no 'data/0' entry"),
+])
+def test_views_outside_their_storage_are_refused(tmp_path, view, storages, message):
+    (numel,), offset, size, stride = view
+    obj = {"x": FakeView(FakeStorage("0", numel), offset, size, stride)}
+    path = crafted(tmp_path / "bad.pt", obj, {k: b"\0" * n for k, n in storages.items()})
+    with pytest.raises(CheckpointError, match=message) as info:
+        read_torchzip(path)
+    assert str(info.value).startswith(path)
+
+
+def test_big_endian_and_conj_are_refused(tmp_path):
+    obj = {"x": FakeView(FakeStorage("0", 2), 0, (2,), (1,))}
+    path = crafted(tmp_path / "big.pt", obj, {"0": storage_bytes(2)}, byteorder=b"big")
+    with pytest.raises(CheckpointError, match="big-endian checkpoints are not supported"):
+        read_torchzip(path)
+    path = tmp_path / "conj.pt"
+    torch.save({"c": torch.randn(3, dtype=torch.complex64).conj()}, path)
+    with pytest.raises(CheckpointError, match="conj/neg bit"):
+        read_torchzip(str(path))
+
+
+def test_overlapping_storages_are_refused(tmp_path):
+    # data/1's local header and bytes hide inside data/0's payload: two storages alias
+    hidden = storage_bytes(4)
+    outer = local_header("archive/data/1", hidden) + hidden
+    obj = {"x": FakeView(FakeStorage("0", len(outer) // 4), 0, (2,), (1,)),
+           "y": FakeView(FakeStorage("1", 4), 0, (4,), (1,))}
+    path = crafted(tmp_path / "overlap.pt", obj, {"0": outer})
+    with zipfile.ZipFile(path) as z:
+        offset = z.getinfo("archive/data/0").header_offset
+    name_len, extra_len = struct.unpack_from("<HH", Path(path).read_bytes(), offset + 26)
+    start = offset + 30 + name_len + extra_len  # where data/0's bytes, and data/1's header, begin
+    members = members_of(path)
+    write_zip(path, members, phantoms=(("archive/data/1", hidden, start),))
+    with pytest.raises(CheckpointError, match="storages '0' and '1' overlap in the file"):
+        read_torchzip(path)
+
+
+# --- the pickle walker on its own ------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_walker_agrees_with_pickle_on_plain_data(protocol):
+    obj = {"int": [0, 1, -1, 255, 65535, -(2 ** 31), 2 ** 31, 2 ** 70, -(2 ** 70)], "float": 1.5e300,
+           "text": "ünïcödé" * 50, "bytes": b"\x00\xff" * 200, "none": None, "flags": (True, False),
+           "set": {1, 2, 3}, "nested": {"a": [(), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4)]}, 7: "int key"}
+    obj["shared"] = obj["nested"]
+    walked = walk_pickle(pickle.dumps(obj, protocol=protocol))
+    assert walked == obj
+    assert walked["shared"] is walked["nested"]  # the memo keeps identity
+
+
+def test_walker_returns_tensor_views():
+    storage = FakeStorage("7", 6, torch.BFloat16Storage)
+    tree = walk_pickle(pickle_like_torch(collections.OrderedDict(t=FakeView(storage, 1, (2, 2), (2, 1)))))
+    view = tree["t"]
+    assert isinstance(view, TensorView) and type(tree) is dict
+    assert (view.storage.key, view.storage.numel, view.dtype.name) == ("7", 6, "bf16")
+    assert (view.storage_offset, view.size, view.stride) == (1, (2, 2), (2, 1))
+
+
+class Evil:
+    def __init__(self, reducer) -> None:
+        self.reducer = reducer
+
+    def __reduce__(self):
+        return self.reducer
+
+
+HOSTILE = {
+    "eval": pickle.dumps(Evil((eval, ("1+1",))), protocol=2),
+    "stack_global": pickle.dumps(Evil((os.system, ("true",))), protocol=4),
+    "call_storage_type": pickle_like_torch(Evil((torch.FloatStorage, ()))),
+    "protocol0": pickle.dumps({"a": 1}, protocol=0),
+    "counter": pickle.dumps(collections.Counter(a=1), protocol=2),
+    "foreign_class": pickle.dumps(Evil((Evil, (None,))), protocol=2),
+    "newobj": b"\x80\x02ccollections\nOrderedDict\n)\x81.",
+    "build_on_tensor": pickle_like_torch(
+        {"t": Evil((torch._utils._rebuild_tensor, (FakeStorage("0", 1), 0, (1,), (1,)), {"x": 1}))}),
+    "memo_miss": b"\x80\x02h\x05.",
+    "unterminated": b"\x80\x02}q\x00",
+    "huge_length": b"\x80\x04\x8d" + struct.pack("<Q", 2 ** 60) + b"abc",
+    "deep_key": b"\x80\x02}K\x01" + b"\x85" * 100_000 + b"K\x01s.",
+    "underflow": b"\x80\x02s.",
+    "bad_persid": b"\x80\x02X\x06\x00\x00\x00moduleQ.",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_walker_refuses_hostile_pickles(name):
+    with pytest.raises(CheckpointError, match=r"^evil\.pkl: "):
+        walk_pickle(HOSTILE[name], where="evil.pkl")
+
+
+def test_walker_messages_name_the_global():
+    with pytest.raises(CheckpointError, match=r"global 'builtins\.eval' is not allowed; gemma_stream never"):
+        walk_pickle(HOSTILE["eval"])
+    with pytest.raises(CheckpointError, match=r"calling torch\.FloatStorage is not allowed"):
+        walk_pickle(HOSTILE["call_storage_type"])
+
+
+def test_walker_bounds_containers(monkeypatch):
+    monkeypatch.setattr(pickle_walker, "MAX_CONTAINERS", 100)
+    with pytest.raises(CheckpointError, match="more than 100 containers"):
+        walk_pickle(pickle.dumps([[] for _ in range(200)], protocol=2))
+
+
+def test_describe_is_short_and_cycle_safe():
+    cycle: list = []
+    cycle.append(cycle)
+    assert len(describe(cycle)) <= 90
+    assert describe(list(range(10_000)), limit=20).endswith("...")
+    assert describe(2 ** 10_000) == "<10001-bit int>"
+    assert describe({"a": (1, "x")}) == "{'a': (1, 'x')}"
+
+
+def test_mutated_pickles_fail_only_with_checkpoint_error(tmp_path):
+    path = tmp_path / "seed.pt"
+    torch.save({"model_state_dict": {"w": torch.ones(2, 3).t()}, "epoch": 1, "tags": {"a"}}, path)
+    seed = dict(members_of(path))["seed/data.pkl"]
+    rng = random.Random(0)
+    for _ in range(1000):
+        data = bytearray(seed)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data))
+            if rng.random() < 0.7:
+                data[at] = rng.randrange(256)
+            else:
+                del data[at:at + rng.randint(1, 8)]
+        try:
+            walk_pickle(bytes(data))
+        except CheckpointError:
+            pass
