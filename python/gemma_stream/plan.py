@@ -125,8 +125,14 @@ def normalize_rename(rename: Rename) -> Callable[[str], list[Route] | None]:
     return routes
 
 
-def _rows(span: tuple[int, int] | None, total: int) -> tuple[int, int]:
-    return (0, total) if span is None else span
+def _rows(span: tuple[int, int] | None, total: int, what: str) -> tuple[int, int]:
+    if span is None:
+        return (0, total)
+    lo, hi = span
+    if not 0 <= lo < hi <= total:
+        # a range past the end would read another tensor's bytes or write past the destination
+        raise MismatchError(f"{what}: rows [{lo}, {hi}) are not a non-empty range inside its {total} rows")
+    return lo, hi
 
 
 def _is_plain_cpu(t: torch.Tensor) -> bool:
@@ -184,8 +190,10 @@ class _Planner:
             p.unexpected_keys.append(record.name)
             return
         tshape = tuple(target.shape)
-        src_lo, src_hi = _rows(route.src_rows, record.shape[0] if record.shape else 1)
-        dst_lo, dst_hi = _rows(route.dst_rows, tshape[0] if tshape else 1)
+        src_lo, src_hi = _rows(route.src_rows, record.shape[0] if record.shape else 1,
+                               f"checkpoint tensor {record.name!r}")
+        dst_lo, dst_hi = _rows(route.dst_rows, tshape[0] if tshape else 1,
+                               f"{record.name!r} -> model tensor {route.target!r}")
         src_shape = (src_hi - src_lo, *record.shape[1:]) if route.src_rows else record.shape
         dst_shape = (dst_hi - dst_lo, *tshape[1:]) if route.dst_rows else tshape
         if src_shape != dst_shape:
@@ -217,8 +225,9 @@ class _Planner:
     def _quant_job(self, record: TensorRecord, route: Route, qt: QuantTarget) -> None:
         p = self.plan
         n, k = qt.shape
-        src_lo, src_hi = _rows(route.src_rows, record.shape[0] if record.shape else 1)
-        dst_lo, dst_hi = _rows(route.dst_rows, n)
+        src_lo, src_hi = _rows(route.src_rows, record.shape[0] if record.shape else 1,
+                               f"checkpoint tensor {record.name!r}")
+        dst_lo, dst_hi = _rows(route.dst_rows, n, f"{record.name!r} -> quantized model tensor {route.target!r}")
         src_shape = (src_hi - src_lo, *record.shape[1:])
         if src_shape != (dst_hi - dst_lo, k):
             p.mismatched_keys.append(
