@@ -10,10 +10,12 @@ from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
 from .errors import CheckpointError, GemmaStreamError, MismatchError
 from .executors import BACKEND, native_available
 from .plan import Route
+from .quant import QuantEmbedding, QuantLinear, quantize_
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "Route", "TensorInfo",
-    "__version__", "inspect", "load_into", "load_state_dict", "native_available",
+    "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
+    "Route", "TensorInfo",
+    "__version__", "inspect", "load_into", "load_state_dict", "native_available", "quantize_",
 ]

@@ -1,16 +1,43 @@
-"""Quantized layouts (../shared/FORMATS.md): torch reference quantizers.
+"""Quantized layouts (../shared/FORMATS.md): reference quantizers, modules, ``quantize_``.
 
-These functions are the contract both executors are held to, bit for bit.
+The reference quantizers are the contract both executors are held to, bit for
+bit.  ``quantize_`` swaps ``nn.Linear``/``nn.Embedding`` for
+:class:`QuantLinear`/:class:`QuantEmbedding`, whose ``state_dict()`` is always
+the contract layout, so ``gs.load_into(..., quantize=...)`` writes the
+quantized bytes straight from the checkpoint stream.
+
+>>> with torch.device("meta"):
+...     model = MyModel()
+>>> gs.load_into(model, "model.safetensors", quantize="int4", group_size=128)
 """
 
 from __future__ import annotations
 
-import torch
+import fnmatch
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Union
 
-__all__ = ["quantize_int8", "quantize_int4", "FLT_EPSILON"]
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GemmaStreamError
+from .plan import QuantTarget
+
+__all__ = ["quantize_int8", "quantize_int4", "dequantize", "quantize_", "QuantLinear", "QuantEmbedding",
+           "QuantizeReport", "FLT_EPSILON", "GROUP_SIZES"]
+
+log = logging.getLogger("gemma_stream")
 
 FLT_EPSILON = 2.0 ** -23
+GROUP_SIZES = (32, 64, 128, 256)
+_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CHUNK_BYTES = 8 << 20   # temporaries of in-memory quantization and of the int4 repack stay near this
 
+
+# ---------------------------------------------------------------- reference quantizers (the contract)
 
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: returns (q int8 [N, K], scale [N] in ``scale_dtype``).
@@ -47,3 +74,507 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128,
     q = q.clamp(0, 15).to(torch.uint8).reshape(n, k)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
     return packed, s, z
+
+
+def _split_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K/2] -> the 4-bit values [..., K] (even k from the low nibble)."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def _join_nibbles(q: torch.Tensor) -> torch.Tensor:
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def _dequant_int8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return q.float() * s.float()[..., None]
+
+
+def _dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """q: 4-bit values [..., K]; s, z: [..., K/G] -> float32 ``(q - 8) * s + z``."""
+    groups = s.shape[-1]
+    g = q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).float()
+    return ((g - 8) * s.float()[..., None] + z.float()[..., None]).flatten(-2)
+
+
+# ---------------------------------------------------------------- torch's CPU int4 kernel layout
+# _convert_weight_to_int4pack_for_cpu returns [N, K/2] uint8 whose nibbles are the
+# weight's, permuted inside blocks of 32 or 64 rows (the ISA's BLOCK_N); a block's
+# bytes are the bytes its rows had in our layout.  So the repack works in place,
+# 64 rows at a time at most a few MiB of temporaries, and is undone with the
+# permutation probed from the op itself (no copy of torch's ISA-specific code).
+
+_BLOCK_ROWS = 64
+
+
+def _to_cpu_pack(q4: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32).contiguous(), 2)
+
+
+@functools.lru_cache(maxsize=32)
+def _positions(rows: int, k: int) -> torch.Tensor:
+    """int64 [rows * K]: where value (r, k) of a ``rows``-row block lands among the packed nibbles."""
+    index = torch.arange(rows * k, dtype=torch.int64)
+    source = torch.zeros(rows * k, dtype=torch.int64)
+    shift = 0
+    while (rows * k - 1) >> shift:
+        digit = ((index >> shift) & 15).reshape(rows, k)
+        source |= _split_nibbles(_to_cpu_pack(digit)).reshape(-1).to(torch.int64) << shift
+        shift += 4
+    positions = torch.empty_like(index)
+    positions[source] = index
+    if not torch.equal(source[positions], index):
+        raise RuntimeError("the int4 CPU pack is not a permutation of nibbles")
+    return positions
+
+
+def _unpack_cpu_rows(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Packed rows (starting on a block boundary) -> 4-bit values [rows, K]."""
+    rows = packed.shape[0]
+    nibbles = _split_nibbles(packed).reshape(-1)
+    full = rows // _BLOCK_ROWS * _BLOCK_ROWS
+    parts = []
+    if full:
+        parts.append(nibbles[:full * k].view(-1, _BLOCK_ROWS * k)[:, _positions(_BLOCK_ROWS, k)].view(full, k))
+    if rows > full:
+        parts.append(nibbles[full * k:][_positions(rows - full, k)].view(rows - full, k))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _gather_cpu_rows(packed: torch.Tensor, k: int, rows: torch.Tensor) -> torch.Tensor:
+    """4-bit values [T, K] of ``rows`` of a packed [N, K/2] weight."""
+    n = packed.shape[0]
+    flat = packed.reshape(-1)
+    tail = n // _BLOCK_ROWS * _BLOCK_ROWS
+    out = torch.empty(rows.numel(), k, dtype=torch.uint8, device=packed.device)
+    for sel, start, block in ((rows < tail, rows // _BLOCK_ROWS * _BLOCK_ROWS, _BLOCK_ROWS),
+                              (rows >= tail, torch.full_like(rows, tail), n - tail)):
+        if not bool(sel.any()):
+            continue
+        table = _positions(block, k).view(block, k)
+        pos = table[(rows - start)[sel]] + (start[sel] * k)[:, None]
+        byte = flat[pos >> 1]
+        out[sel] = torch.where((pos & 1).bool(), byte >> 4, byte & 15)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _int4_kernel_ok() -> bool:
+    """Probe once that torch's CPU int4 ops exist and behave as FORMATS.md says."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        n, k, g = 2 * _BLOCK_ROWS + 32, 64, 32
+        q4 = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+        whole = _to_cpu_pack(q4)
+        blocks = torch.cat([_to_cpu_pack(q4[i:i + _BLOCK_ROWS]) for i in range(0, n, _BLOCK_ROWS)])
+        if whole.shape != (n, k // 2) or whole.dtype != torch.uint8 or not torch.equal(whole, blocks):
+            return False
+        if not torch.equal(_unpack_cpu_rows(whole, k), q4):
+            return False
+        s = torch.rand(n, k // g, generator=gen).bfloat16() / 8 + 0.01
+        z = torch.randn(n, k // g, generator=gen).bfloat16()
+        x = torch.randn(3, k, generator=gen).bfloat16()
+        sz = torch.stack((s.t(), z.t()), dim=-1).contiguous()
+        got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, whole, g, sz).float()
+        want = x.float() @ _dequant_int4(q4, s, z).t()
+        return bool((got - want).norm() <= 1e-2 * want.norm())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ---------------------------------------------------------------- modules
+
+# Set on an int4 weight tensor whose bytes hold torch's CPU kernel layout.  It lives
+# on the tensor, not the module, so an embedding and an LM head sharing the
+# tensor always agree on what its bytes mean.
+_CPU_LAYOUT = "_gs_int4_cpu_layout"
+
+
+def _is_cpu_layout(t: torch.Tensor) -> bool:
+    return bool(getattr(t, _CPU_LAYOUT, False))
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class _QuantWeight(nn.Module):
+    """Holds one quantized [N, K] matrix in the contract layout; shared by the two module types.
+
+    The tensors are frozen Parameters (as gemma_pytorch's quantized layers), so a
+    tied embedding and LM head stay one storage through ``.to()``.
+    """
+
+    def _init_quant(self, scheme: str, shape: tuple[int, int], group_size: int, scale_dtype: torch.dtype | None,
+                    tensors: dict[str, torch.Tensor] | None, device=None) -> None:
+        _check_scheme(scheme, group_size, scale_dtype)
+        self.scheme = scheme
+        self.group_size = group_size if scheme == "int4" else 0
+        n, k = shape
+        if scheme == "int4" and k % group_size:
+            raise GemmaStreamError(f"int4 needs K ({k}) to be a multiple of the group size ({group_size})")
+        if tensors is None:
+            dtype = scale_dtype or _default_scale_dtype(scheme)
+            if scheme == "int8":
+                tensors = {"weight": torch.empty(n, k, dtype=torch.int8, device=device),
+                           "weight_scaler": torch.empty(n, dtype=dtype, device=device)}
+            else:
+                tensors = {"weight": torch.empty(n, k // 2, dtype=torch.uint8, device=device),
+                           "weight_scale": torch.empty(n, k // group_size, dtype=dtype, device=device),
+                           "weight_zero": torch.empty(n, k // group_size, dtype=dtype, device=device)}
+        for name, tensor in tensors.items():
+            setattr(self, name, tensor if isinstance(tensor, nn.Parameter) else _frozen(tensor))
+
+    def _quant_tensors(self) -> dict[str, nn.Parameter]:
+        names = ("weight", "weight_scaler") if self.scheme == "int8" else ("weight", "weight_scale", "weight_zero")
+        return {name: getattr(self, name) for name in names}
+
+    @property
+    def quant_shape(self) -> tuple[int, int]:
+        n = self.weight.shape[0]
+        return n, self.weight.shape[1] * (2 if self.scheme == "int4" else 1)
+
+    # ---- loader protocol (api.load_into)
+    def gs_quant_target(self, prefix: str) -> QuantTarget:
+        """The destination gemma_stream's planner writes quantize-on-read jobs into."""
+        self._to_contract_layout_()
+        p = f"{prefix}." if prefix else ""
+        if self.scheme == "int8":
+            return QuantTarget("int8", self.quant_shape, self.weight, self.weight_scaler, None, 0,
+                               (f"{p}weight_scaler",))
+        return QuantTarget("int4", self.quant_shape, self.weight, self.weight_scale, self.weight_zero,
+                           self.group_size, (f"{p}weight_scale", f"{p}weight_zero"))
+
+    # ---- int4 layouts
+    def _to_contract_layout_(self) -> None:
+        """Undo the CPU kernel repack in place (block by block)."""
+        w = self.weight
+        if not _is_cpu_layout(w):
+            return
+        k = self.quant_shape[1]
+        step = _repack_rows(k)
+        with torch.no_grad():
+            for r0 in range(0, w.shape[0], step):
+                rows = w[r0:r0 + step]
+                rows.copy_(_join_nibbles(_unpack_cpu_rows(rows, k)))
+        setattr(w, _CPU_LAYOUT, False)
+
+    def _to_cpu_layout_(self) -> bool:
+        """Repack the int4 weight in place for ``_weight_int4pack_mm_for_cpu``; False when it cannot."""
+        w = self.weight
+        if _is_cpu_layout(w):
+            return True
+        n, k = self.quant_shape
+        if self.scheme != "int4" or w.device.type != "cpu" or n % 16 or not _int4_kernel_ok():
+            return False
+        step = _repack_rows(k)
+        with torch.no_grad():
+            for r0 in range(0, n, step):
+                rows = w[r0:r0 + step]
+                rows.copy_(_to_cpu_pack(_split_nibbles(rows)))
+        setattr(w, _CPU_LAYOUT, True)
+        return True
+
+    def _int4_values(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """4-bit values [N or T, K] (all rows, or ``rows``), whatever the storage layout."""
+        w, k = self.weight, self.quant_shape[1]
+        if not _is_cpu_layout(w):
+            return _split_nibbles(w if rows is None else w[rows])
+        if rows is None:
+            return _unpack_cpu_rows(w, k)
+        return _gather_cpu_rows(w, k, rows)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float [N, K] matrix the quantized tensors stand for."""
+        if self.scheme == "int8":
+            return _dequant_int8(self.weight, self.weight_scaler).to(dtype)
+        return _dequant_int4(self._int4_values(), self.weight_scale, self.weight_zero).to(dtype)
+
+    # ---- state dict: always the contract layout
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.scheme == "int4" and keep_vars:
+            self._to_contract_layout_()  # callers of keep_vars write into the live tensors
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.scheme == "int4" and not keep_vars:
+            # a copy: the live bytes may hold (or later be repacked to) the kernel layout
+            values = self._int4_values()
+            destination[prefix + "weight"] = _join_nibbles(values) if _is_cpu_layout(self.weight) else \
+                self.weight.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._to_contract_layout_()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        n, k = self.quant_shape
+        scale = (self.weight_scaler if self.scheme == "int8" else self.weight_scale).dtype
+        group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return f"{self.scheme}, shape=({n}, {k}){group}, scale_dtype={scale}"
+
+
+class QuantLinear(_QuantWeight):
+    """``nn.Linear`` with an int8 or int4 weight (FORMATS.md layout); ``bias`` stays float.
+
+    >>> layer = QuantLinear(4096, 1024, scheme="int4", group_size=128)
+    >>> y = layer(x_bf16)   # torch's CPU int4 kernel after gs_post_load / first call
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: str = "int8",
+                 group_size: int = 128, scale_dtype: torch.dtype | None = None, device=None, dtype=None,
+                 _tensors: dict[str, torch.Tensor] | None = None, _bias: nn.Parameter | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_quant(scheme, (out_features, in_features), group_size, scale_dtype, _tensors, device)
+        if _bias is not None:
+            self.bias = _bias
+        elif bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def gs_post_load(self) -> None:
+        """Called by ``gs.load_into`` after the load: repack int4 for the CPU kernel, once."""
+        if self.scheme == "int4" and not self.weight.is_meta:
+            self._to_cpu_layout_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        out = None
+        if x2.shape[0] and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and \
+                not (torch.is_grad_enabled() and x.requires_grad):
+            scale = self.weight_scaler if self.scheme == "int8" else self.weight_scale
+            if not scale.requires_grad:
+                out = self._kernel(x2.contiguous())
+        if out is None:
+            out = F.linear(x2, self.dequantized(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.scheme == "int8":
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.weight_scaler.to(x.dtype))
+        if not self._to_cpu_layout_():
+            return None
+        sz = torch.stack((self.weight_scale.t().to(x.dtype), self.weight_zero.t().to(x.dtype)), dim=-1)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, sz)
+
+
+class QuantEmbedding(_QuantWeight):
+    """``nn.Embedding`` with int8 or int4 rows: gathers the rows, then dequantizes only those.
+
+    ``dtype`` is the output dtype (the float embedding's).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 scheme: str = "int8", group_size: int = 128, scale_dtype: torch.dtype | None = None,
+                 device=None, dtype=None, _tensors: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.dtype = dtype or torch.get_default_dtype()
+        self._init_quant(scheme, (num_embeddings, embedding_dim), group_size, scale_dtype, _tensors, device)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows = input.reshape(-1)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_embeddings):
+            raise IndexError(f"index out of range in QuantEmbedding({self.num_embeddings} rows)")
+        if self.scheme == "int8":
+            values = _dequant_int8(self.weight[rows], self.weight_scaler[rows])
+        else:
+            values = _dequant_int4(self._int4_values(rows), self.weight_scale[rows], self.weight_zero[rows])
+        return values.to(self.dtype).reshape(*input.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse=True):
+        try:  # follow module.to(dtype)/.half() for the output dtype, as a float weight would
+            self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        except Exception:  # noqa: BLE001 - a fn that only moves devices, or cannot take a probe
+            pass
+        return super()._apply(fn, recurse)
+
+
+def _repack_rows(k: int) -> int:
+    return max(_BLOCK_ROWS, _CHUNK_BYTES // (4 * k) // _BLOCK_ROWS * _BLOCK_ROWS)
+
+
+# ---------------------------------------------------------------- dequantize
+
+Tensors = Union[_QuantWeight, dict, tuple, list]
+
+
+def dequantize(module_or_tensors: Tensors, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference dequantizer: the float [N, K] matrix of a quantized module or of contract tensors.
+
+    Takes a :class:`QuantLinear`/:class:`QuantEmbedding`, a dict with the
+    contract names (``weight`` + ``weight_scaler``, or ``weight`` +
+    ``weight_scale`` + ``weight_zero``), or a tuple ``(q, s)`` / ``(q, s, z)``.
+
+    >>> w = gs.quant.dequantize(gs.quant.quantize_int4(torch.randn(8, 256), 128))
+    """
+    if isinstance(module_or_tensors, _QuantWeight):
+        return module_or_tensors.dequantized(dtype)
+    t = module_or_tensors
+    if isinstance(t, dict):
+        t = (t["weight"], t["weight_scaler"]) if "weight_scaler" in t else \
+            (t["weight"], t["weight_scale"], t["weight_zero"])
+    if len(t) == 2:
+        return _dequant_int8(t[0], t[1]).to(dtype)
+    if len(t) == 3:
+        return _dequant_int4(_split_nibbles(t[0]), t[1], t[2]).to(dtype)
+    raise TypeError("dequantize takes a quantized module, a dict of contract tensors, (q, s) or (q, s, z)")
+
+
+# ---------------------------------------------------------------- quantize_
+
+Skip = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+@dataclass
+class QuantizeReport:
+    """What ``quantize_`` did; stored on the model as ``model.gs_quantize_report``."""
+
+    scheme: str
+    group_size: int
+    scale_dtype: torch.dtype
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)    # module name -> why it stays float
+    tied: list[tuple[str, ...]] = field(default_factory=list)  # modules sharing one quantized storage
+
+
+def _default_scale_dtype(scheme: str) -> torch.dtype:
+    return torch.float32 if scheme == "int8" else torch.bfloat16
+
+
+def _check_scheme(scheme: str, group_size: int, scale_dtype: torch.dtype | None) -> None:
+    if scheme not in ("int8", "int4"):
+        raise GemmaStreamError(f"quantize must be 'int8' or 'int4', not {scheme!r}")
+    if scheme == "int4" and group_size not in GROUP_SIZES:
+        raise GemmaStreamError(f"int4 group_size must be one of {GROUP_SIZES}, not {group_size}")
+    if scale_dtype is not None and scale_dtype not in _SCALE_DTYPES:
+        raise GemmaStreamError(f"scale_dtype must be float32, float16 or bfloat16, not {scale_dtype}")
+
+
+def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return skip
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    return lambda name, module: any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _why_not(name: str, module: nn.Module, scheme: str, group_size: int, skip) -> str | None:
+    if not name:
+        return "the model itself cannot be replaced in place"
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Embedding
+    if type(module).forward is not base.forward:
+        return f"{type(module).__name__} overrides forward"
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        return "embedding with max_norm or sparse gradients"
+    if skip(name, module):
+        return "skipped by the caller"
+    n, k = module.weight.shape
+    if n == 0 or k == 0:
+        return "empty weight"
+    if scheme == "int4" and k % group_size:
+        return f"K={k} is not a multiple of group_size={group_size}"
+    return None
+
+
+def _quantize_weight(name: str, w: torch.Tensor, scheme: str, group_size: int,
+                     scale_dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """Quantize an already materialized weight with the reference, a few MiB of rows at a time."""
+    if w.is_meta:
+        return None
+    n, k = w.shape
+    out = QuantLinear(k, n, False, scheme=scheme, group_size=group_size, scale_dtype=scale_dtype,
+                      device=w.device)._quant_tensors()
+    step = max(1, _CHUNK_BYTES // (4 * k))
+    with torch.no_grad():
+        for r0 in range(0, n, step):
+            rows = w[r0:r0 + step].detach()
+            finite = torch.isfinite(rows).all(dim=1)
+            if not bool(finite.all()):
+                bad = r0 + int((~finite).nonzero()[0, 0])
+                raise GemmaStreamError(f"{name}.weight: row {bad} holds NaN or infinity; it cannot be quantized")
+            parts = quantize_int8(rows, scale_dtype) if scheme == "int8" else \
+                quantize_int4(rows, group_size, scale_dtype)
+            for tensor, part in zip(out.values(), parts):
+                tensor[r0:r0 + step].copy_(part)
+    return dict(out)
+
+
+def _replacement(module: nn.Module, scheme: str, group_size: int, scale_dtype: torch.dtype,
+                 tensors: dict[str, torch.Tensor] | None) -> _QuantWeight:
+    w = module.weight
+    kwargs = dict(scheme=scheme, group_size=group_size, scale_dtype=scale_dtype, device=w.device, _tensors=tensors)
+    if isinstance(module, nn.Linear):
+        return QuantLinear(module.in_features, module.out_features, module.bias is not None,
+                           dtype=w.dtype, _bias=module.bias, **kwargs)
+    return QuantEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype=w.dtype, **kwargs)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def quantize_(model: nn.Module, scheme: str, *, group_size: int = 128, scale_dtype: torch.dtype | None = None,
+              skip: Skip = None) -> nn.Module:
+    """Swap ``nn.Linear``/``nn.Embedding`` for quantized modules, in place; returns ``model``.
+
+    On ``meta`` nothing is allocated (``gs.load_into`` then quantizes on read);
+    materialized weights are quantized with the reference quantizers.  ``skip``
+    takes module names (``fnmatch`` patterns allowed) or ``predicate(name,
+    module) -> bool``.  Modules that stay float (skipped, K not a multiple of
+    ``group_size``, a subclass with its own forward, a tie with one of those)
+    are listed with the reason in ``model.gs_quantize_report.skipped``.  A weight
+    tied between modules (embedding and LM head) becomes one quantized storage
+    shared by both.
+
+    >>> with torch.device("meta"):
+    ...     model = MyModel()
+    >>> gs.quantize_(model, "int4", group_size=128, skip=["lm_head"])
+    >>> model.gs_quantize_report.skipped
+    """
+    _check_scheme(scheme, group_size, scale_dtype)
+    scale_dtype = scale_dtype or _default_scale_dtype(scheme)
+    report = QuantizeReport(scheme, group_size if scheme == "int4" else 0, scale_dtype)
+    skip_fn = _skip_predicate(skip)
+    # every place a Linear/Embedding sits, grouped by the weight Parameter they share
+    groups: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            groups.setdefault(id(module.weight), []).append((name, module))
+    uses: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(param), []).append(pname)
+
+    for key, members in groups.items():
+        reasons = {name: _why_not(name, module, scheme, group_size, skip_fn) for name, module in members}
+        outside = sorted(set(uses.get(key, [])) - {f"{name}.weight" if name else "weight" for name, _ in members})
+        blocker = next((name for name, why in reasons.items() if why), None)
+        if blocker is not None or outside:
+            for name, why in reasons.items():
+                report.skipped[name] = why or (f"tied to {blocker}, which stays float" if blocker else
+                                               f"weight also used as {outside[0]}")
+            continue
+        first_name, first = members[0]
+        tensors = _quantize_weight(first_name, first.weight, scheme, group_size, scale_dtype)
+        done: dict[int, _QuantWeight] = {}
+        for name, module in members:
+            if id(module) not in done:
+                new = _replacement(module, scheme, group_size, scale_dtype, tensors)
+                tensors = new._quant_tensors()  # later members share these very tensors
+                done[id(module)] = new
+            _set_module(model, name, done[id(module)])
+            report.quantized.append(name)
+        if len(members) > 1:
+            report.tied.append(tuple(name for name, _ in members))
+
+    model.gs_quantize_report = report
+    if report.skipped:
+        log.info("quantize_(%s): %d modules stay float: %s", scheme, len(report.skipped),
+                 ", ".join(f"{n} ({why})" for n, why in report.skipped.items()))
+    return model
