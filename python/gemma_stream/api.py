@@ -177,10 +177,10 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
         hook = getattr(module, "gs_post_load", None)
         if hook is not None:
             hook()
-    loaded = set(plan.loaded)
+    missing = set(plan.missing_keys)  # every name of a tied group the checkpoint left unfilled
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
-                      uninitialized=[n for n in allocated if n not in loaded and n not in targets],
+                      uninitialized=[n for n in allocated if n in missing or n not in targets],
                       bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files))
 
 
