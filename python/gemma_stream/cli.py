@@ -1,0 +1,475 @@
+"""The ``gemma-stream`` command (also ``python -m gemma_stream``).
+
+    $ gemma-stream inspect model.safetensors --filter 'layers\\.0\\.'
+    $ gemma-stream verify model.ckpt --against model.safetensors --checksum
+    $ gemma-stream convert model.ckpt out/ --dtype bf16 --max-shard-size 2GB
+
+Exit status: 0 success; 1 ``verify`` found an invalid checkpoint or a difference;
+2 a wrong argument or a bad input file (one line on stderr, a traceback only
+with ``--debug``); 3 an internal error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from collections import Counter, defaultdict
+
+from . import __version__
+from .errors import GemmaStreamError
+from .formats import Checkpoint, TensorRecord, open_checkpoint, resolve_path
+
+__all__ = ["main", "build_parser", "inspect_report", "format_inspect"]
+
+PROG = "gemma-stream"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+COMMANDS = ("inspect", "verify", "convert", "bench", "demo")
+MIB = 1 << 20
+log = logging.getLogger("gemma_stream.cli")
+
+#: dtypes worth a warning in ``inspect``, and why
+UNUSUAL_DTYPES = {
+    "f64": "float64 doubles the bytes of float32 and is rarely what a model computes in",
+    "c64": "complex; gemma_pytorch's freqs_cis is recomputed at init, so loaders usually skip it",
+    "c128": "complex; loaded as stored, never converted",
+    "f8_e4m3": "float8; loaded as stored, never converted on read",
+    "f8_e5m2": "float8; loaded as stored, never converted on read",
+    "u16": "unsigned 16-bit; few torch ops accept it",
+    "u32": "unsigned 32-bit; few torch ops accept it",
+    "u64": "unsigned 64-bit; few torch ops accept it",
+}
+
+
+class UsageError(Exception):
+    """A wrong argument or an unavailable command: one line on stderr, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage too; we keep one line
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ---------------------------------------------------------------- parser
+
+def _regex(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"bad regular expression {text!r}: {e}") from None
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000 bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 2GB, 500MB, 1GiB or a number of bytes")
+    unit = (match.group(2) or "b").lower().rstrip("b") or "b"
+    power = "bkmgt".index(unit[0])
+    base = 1024 if unit.endswith("i") else 1000
+    return int(float(match.group(1)) * base ** power)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
+
+
+def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options accepted before and after the command; the command's copy must not reset them."""
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False), help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="count", default=default(0),
+                        help="log to stderr through logger 'gemma_stream' (-v info, -vv debug)")
+    parser.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks on errors")
+
+
+def _harness():
+    """The benchmark module, imported only for ``bench`` and ``demo``: ``inspect`` must stay fast."""
+    try:
+        from . import benchmark
+    except ModuleNotFoundError as e:
+        if e.name == f"{__package__}.benchmark":
+            raise UsageError("the benchmark harness (gemma_stream.benchmark) is not part of this install") from None
+        raise UsageError(f"this command needs the {e.name!r} package: pip install 'gemma_stream[bench]'") from None
+    return benchmark
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``command`` names the subcommand whose lazily imported options to add."""
+    parser = _Parser(prog=PROG, description="Inspect, verify, convert and benchmark PyTorch checkpoints "
+                     "(safetensors, sharded, torch zip .ckpt/.pt/.bin).",
+                     epilog="exit status: 0 ok, 1 verify found a problem, 2 bad argument or bad file, "
+                     "3 internal error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="list the tensors, metadata and warnings of a checkpoint")
+    p.add_argument("path", help="a .safetensors, .ckpt/.pt/.bin, *.index.json or a directory")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--filter", type=_regex, metavar="REGEX", help="only tensors whose name matches (re.search)")
+    p.add_argument("--key", help="state dict inside a torch zip (default: found automatically)")
+    _add_common(p, suppress=True)
+
+    p = sub.add_parser("verify", help="validate headers and byte ranges; compare with another checkpoint")
+    p.add_argument("path")
+    p.add_argument("--against", metavar="OTHER", help="compare every tensor with this checkpoint")
+    p.add_argument("--checksum", action="store_true", help="print a SHA-256 per file (sha256sum format)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--min-sqnr", type=float, metavar="DB",
+                   help="accept values that differ if their SQNR is at least DB (default: dequantized "
+                        "tensors pass with their figures reported, other differences fail)")
+    p.add_argument("--batch-mb", type=_positive_int, default=256, metavar="MB",
+                   help="tensor bytes held per comparison batch, both sides together (default 256)")
+    p.add_argument("--key", help="state dict inside a torch zip (both sides)")
+    p.add_argument("--backend", choices=("auto", "native", "python"), default="auto")
+    _add_common(p, suppress=True)
+
+    p = sub.add_parser("convert", help="stream a checkpoint into safetensors (optionally cast or quantize)")
+    p.add_argument("src")
+    p.add_argument("dst", help="a .safetensors file, or a directory for a sharded set")
+    p.add_argument("--dtype", choices=("bf16", "f16", "f32"), help="cast floating-point tensors")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="quantize 2-D weights (FORMATS.md layouts)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=128, help="int4 group size")
+    p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="shard the output, e.g. 2GB")
+    p.add_argument("--key", help="state dict inside a torch zip")
+    _add_common(p, suppress=True)
+
+    for name, what in (("bench", "time loaders, each in its own subprocess"),
+                       ("demo", "write a Gemma-shaped checkpoint and load it two ways")):
+        p = sub.add_parser(name, help=what)
+        if command == name:
+            add_arguments = getattr(_harness(), f"add_{name}_arguments", None)
+            if add_arguments is None:
+                raise UsageError(f"the benchmark harness in this install has no add_{name}_arguments()")
+            add_arguments(p)
+        _add_common(p, suppress=True)
+    return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv: global options take no values, so it is the first non-option."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+# ---------------------------------------------------------------- presentation helpers
+
+def format_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _display_path(path: str) -> str:
+    """Relative to the working directory when below it, so ``sha256sum -c`` accepts our output."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _bar(args, total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False,
+                file=sys.stderr, disable=not args.progress)
+
+
+# ---------------------------------------------------------------- inspect
+
+def _warnings(records: list[TensorRecord], base: str) -> list[str]:
+    out = []
+    strided = [r for r in records if r.strides is not None]
+    if strided:
+        first = strided[0]
+        out.append(f"{_count(len(strided), 'non-contiguous view')}, loaded by strided copies: "
+                   f"{_names([r.name for r in strided])} (e.g. shape {list(first.shape)}, strides {list(first.strides)})")
+    shared = defaultdict(list)
+    for r in records:
+        if r.storage is not None:
+            shared[(r.file, r.storage)].append(r.name)
+    for (file, storage), names in shared.items():
+        if len(names) > 1:
+            out.append(f"{len(names)} tensors share storage {storage!r} of {os.path.relpath(file, base)} "
+                       f"(tied weights or views): {_names(names)}")
+    by_dtype = defaultdict(list)
+    for r in records:
+        if r.dtype.name in UNUSUAL_DTYPES:
+            by_dtype[r.dtype.name].append(r.name)
+    for dtype, names in by_dtype.items():
+        out.append(f"{_count(len(names), 'tensor')} in {dtype} ({UNUSUAL_DTYPES[dtype]}): {_names(names)}")
+    return out
+
+
+def inspect_report(path: str, ckpt: Checkpoint, pattern: re.Pattern | None = None) -> dict:
+    """The JSON-ready description ``inspect`` prints (schema ``gemma_stream.inspect/1``)."""
+    base = os.path.dirname(ckpt.files[0]) if ckpt.files else os.getcwd()
+    records = [r for r in ckpt.records if pattern is None or pattern.search(r.name)]
+    totals: dict[str, dict[str, int]] = {}
+    for r in records:
+        row = totals.setdefault(r.dtype.name, {"tensors": 0, "params": 0, "nbytes": 0})
+        row["tensors"] += 1
+        row["params"] += r.numel
+        row["nbytes"] += r.nbytes
+    counts = Counter(r.file for r in ckpt.records)
+    return {
+        "schema": "gemma_stream.inspect/1",
+        "path": resolve_path(path),
+        "format": ckpt.format,
+        "files": [{"path": f, "bytes": os.path.getsize(f), "tensors": counts[f]} for f in ckpt.files],
+        "filter": pattern.pattern if pattern is not None else None,
+        "total_tensors": len(ckpt.records),
+        "tensors": [{"name": r.name, "dtype": r.dtype.name, "shape": list(r.shape), "nbytes": r.nbytes,
+                     "file": r.file, "offset": r.byte_offset,
+                     "strides": list(r.strides) if r.strides is not None else None, "storage": r.storage}
+                    for r in records],
+        "totals": {"tensors": len(records), "params": sum(r.numel for r in records),
+                   "nbytes": sum(r.nbytes for r in records),
+                   "by_dtype": dict(sorted(totals.items(), key=lambda kv: -kv[1]["nbytes"]))},
+        "metadata": dict(ckpt.metadata),
+        "extras": dict(ckpt.extras),
+        "warnings": _warnings(records, base),
+    }
+
+
+def format_inspect(report: dict) -> str:
+    base = os.path.dirname(report["files"][0]["path"]) if report["files"] else ""
+    files, totals = report["files"], report["totals"]
+    size = sum(f["bytes"] for f in files)
+    lines = [f"checkpoint  {report['path']}",
+             f"format      {report['format']}, {_count(len(files), 'file')}, {human_bytes(size)}, "
+             f"{_count(report['total_tensors'], 'tensor')}"]
+    if report["filter"] is not None:
+        lines.append(f"filter      {report['filter']!r}: {totals['tensors']} of {report['total_tensors']} tensors match")
+    if len(files) > 1:
+        lines += ["", *format_table(["file", "size", "tensors"],
+                                    [[os.path.relpath(f["path"], base), human_bytes(f["bytes"]), str(f["tensors"])]
+                                     for f in files], right={1, 2})]
+    rows = [[t["name"], t["dtype"], str(t["shape"]), f"{t['nbytes'] / MIB:.2f}", os.path.relpath(t["file"], base),
+             str(t["offset"])] for t in report["tensors"]]
+    lines += ["", *format_table(["name", "dtype", "shape", "MiB", "file", "offset"], rows, right={3, 5})]
+    dtype_rows = [[d, str(v["tensors"]), f"{v['params']:,}", f"{v['nbytes'] / MIB:.2f}"]
+                  for d, v in totals["by_dtype"].items()]
+    dtype_rows.append(["total", str(totals["tensors"]), f"{totals['params']:,}", f"{totals['nbytes'] / MIB:.2f}"])
+    lines += ["", *format_table(["dtype", "tensors", "params", "MiB"], dtype_rows, right={1, 2, 3})]
+    for title, entries in (("metadata", report["metadata"]), ("non-tensor entries", report["extras"])):
+        if entries:
+            lines += ["", f"{title}:"] + [f"  {k}: {v}" for k, v in entries.items()]
+    if report["warnings"]:
+        lines += ["", "warnings:"] + [f"  - {w}" for w in report["warnings"]]
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    start = time.perf_counter()
+    ckpt = open_checkpoint(args.path, key=args.key)
+    log.info("read %d tensor records from %d files in %.3f s", len(ckpt.records), len(ckpt.files),
+             time.perf_counter() - start)
+    report = inspect_report(args.path, ckpt, args.filter)
+    print(json.dumps(report, indent=2) if args.json else format_inspect(report))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- verify
+
+def _format_figure(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def format_comparison(comparison) -> list[str]:
+    rows = [[t.name, t.a or "-", t.b or "-", str(t.shape), t.status,
+             _format_figure(t.max_abs_err if t.status != "equal" else None, ".3g"),
+             _format_figure(t.rel_err if t.status != "equal" else None, ".3g"),
+             _format_figure(t.sqnr_db, ".1f") if t.status != "equal" else "", t.note]
+            for t in comparison.tensors]
+    return format_table(["name", "A", "B", "shape", "result", "max abs err", "rel err", "SQNR dB", "note"],
+                        rows, right={5, 6, 7})
+
+
+def _comparison_verdict(comparison) -> str:
+    where = f"{_display_path(comparison.path_a)} vs {_display_path(comparison.path_b)}"
+    counts = ", ".join(f"{n} {status}" for status, n in comparison.counts().most_common())
+    total = len(comparison.tensors)
+    if comparison.ok:
+        sqnrs = [t.sqnr_db for t in comparison.tensors if t.sqnr_db is not None]
+        lowest = f" (lowest SQNR {min(sqnrs):.1f} dB)" if sqnrs else ""
+        return f"OK: {where}: {total} tensors: {counts}{lowest}"
+    bad = [t for t in comparison.tensors if not t.ok]
+    return f"FAILED: {where}: {len(bad)} of {total} tensors disagree ({counts}); first: {bad[0].name!r} {bad[0].status}"
+
+
+def _checkpoint_summary(path: str, ckpt: Checkpoint) -> str:
+    size = sum(os.path.getsize(f) for f in ckpt.files)
+    return f"{ckpt.format}, {_count(len(ckpt.files), 'file')}, {_count(len(ckpt.records), 'tensor')}, {human_bytes(size)}"
+
+
+def cmd_verify(args) -> int:
+    from . import verify
+    from .errors import CheckpointError
+    paths = [args.path] + ([args.against] if args.against else [])
+    for path in paths:
+        resolve_path(path)  # a path that names no checkpoint is a wrong argument (exit 2), not a verdict
+    document = {"schema": "gemma_stream.verify/1", "ok": False, "verdict": "", "error": None,
+                "checkpoints": [], "comparison": None}
+    try:
+        checkpoints = []
+        for path in paths:
+            ckpt = open_checkpoint(path, key=args.key)
+            verify.check_ranges(ckpt)
+            checkpoints.append(ckpt)
+            files = [{"path": f, "bytes": os.path.getsize(f), "sha256": None}
+                     for f in verify.checkpoint_files(path, ckpt)]
+            document["checkpoints"].append({"path": resolve_path(path), "format": ckpt.format, "files": files,
+                                            "tensors": len(ckpt.records)})
+    except CheckpointError as e:
+        document["error"] = str(e)
+        document["verdict"] = f"FAILED: {e}"
+        return _finish_verify(args, document, [])
+    lines = []
+    if args.checksum:
+        for entry in document["checkpoints"]:
+            with _bar(args, sum(f["bytes"] for f in entry["files"]), "sha256") as bar:
+                for f in entry["files"]:
+                    f["sha256"] = verify.sha256_file(f["path"], on_bytes=bar.update)
+                    lines.append(f"{f['sha256']}  {_display_path(f['path'])}")
+    if args.against:
+        total = sum(r.nbytes for ckpt in checkpoints for r in ckpt.records)
+        with _bar(args, total, "compare") as bar:
+            comparison = verify.compare_checkpoints(args.path, args.against, key=args.key, min_sqnr_db=args.min_sqnr,
+                                                    batch_bytes=args.batch_mb * MIB, backend=args.backend,
+                                                    on_bytes=bar.update, checkpoints=tuple(checkpoints))
+        document["ok"] = comparison.ok
+        document["verdict"] = _comparison_verdict(comparison)
+        document["comparison"] = {"a": resolve_path(args.path), "b": resolve_path(args.against),
+                                  "min_sqnr_db": args.min_sqnr, "counts": dict(comparison.counts()),
+                                  "tensors": [dataclasses.asdict(t) for t in comparison.tensors]}
+        lines += format_comparison(comparison)
+    else:
+        document["ok"] = True
+        document["verdict"] = (f"OK: {_display_path(resolve_path(args.path))}: "
+                               f"{_checkpoint_summary(args.path, checkpoints[0])}: every header and byte range is valid")
+    return _finish_verify(args, document, lines)
+
+
+def _finish_verify(args, document: dict, lines: list[str]) -> int:
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print("\n".join(lines + [document["verdict"]]))
+    return EXIT_OK if document["ok"] else EXIT_FAILED
+
+
+# ---------------------------------------------------------------- convert, bench, demo
+
+def cmd_convert(args) -> int:
+    import inspect as pyinspect
+
+    import torch
+    try:
+        from .convert import convert
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.convert":
+            raise
+        raise UsageError("convert is not part of this install (gemma_stream.convert is missing)") from None
+    kwargs = {"dtype": {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}.get(args.dtype),
+              "quantize": args.quantize, "max_shard_size": args.max_shard_size}
+    accepted = pyinspect.signature(convert).parameters
+    optional = {"group_size": args.group_size, "key": args.key, "progress": args.progress}
+    kwargs.update({k: v for k, v in optional.items() if k in accepted})
+    if args.quantize == "int4" and "group_size" not in accepted and args.group_size != 128:
+        raise UsageError("this version of convert has no --group-size")
+    start = time.perf_counter()
+    result = convert(args.src, args.dst, **kwargs)
+    seconds = time.perf_counter() - start
+    ckpt = open_checkpoint(args.dst)
+    print(f"wrote {_display_path(resolve_path(args.dst))}: {_checkpoint_summary(args.dst, ckpt)} in {seconds:.2f} s")
+    log.info("convert returned %r", result)
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    return int(_harness().run_bench(args))
+
+
+def cmd_demo(args) -> int:
+    return int(_harness().run_demo(args))
+
+
+# ---------------------------------------------------------------- entry point
+
+def _configure_logging(verbosity: int) -> None:
+    """Logger ``gemma_stream`` is silent unless -v; repeated calls (tests) replace our handler."""
+    logger = logging.getLogger("gemma_stream")
+    for handler in [h for h in logger.handlers if getattr(h, "gemma_stream_cli", False)]:
+        logger.removeHandler(handler)
+    handler: logging.Handler = logging.NullHandler()
+    if verbosity:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(name)s: %(message)s"))
+        logger.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
+    handler.gemma_stream_cli = True
+    logger.addHandler(handler)
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser(_command_of(argv)).parse_args(argv)
+        _configure_logging(args.verbose)
+        args.progress = not args.quiet and sys.stderr.isatty()
+        return globals()[f"cmd_{args.command}"](args)
+    except UsageError as e:
+        _error(str(e))
+        return EXIT_USAGE
+    except BrokenPipeError:  # `gemma-stream inspect ... | head`: stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except (GemmaStreamError, ValueError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        _error(message)
+        return EXIT_USAGE
+    except Exception as e:  # a bug: still one line, unless --debug
+        if debug:
+            traceback.print_exc()
+        _error(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        return EXIT_INTERNAL
