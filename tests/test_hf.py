@@ -129,7 +129,12 @@ def test_parameters_stay_on_meta_until_loaded_and_buffers_are_computed():
         assert not buffers[name].is_meta and torch.equal(buffers[name], buffer), name
 
 
-def test_shape_mismatch_raises_before_allocating(tmp_path, backend):
+def test_needs_a_local_directory_with_config(tmp_path):
+    with pytest.raises(gs.GemmaStreamError, match="no config.json"):
+        gs_hf.from_pretrained(tmp_path / "google/gemma-2b")
+
+
+def test_config_and_checkpoint_shape_mismatch_raises(tmp_path, backend):
     random_model("gemma").save_pretrained(tmp_path)
     with open(tmp_path / "config.json") as f:
         config = json.load(f)

@@ -82,7 +82,7 @@ def build_empty(config: Any, dtype: torch.dtype, **model_kwargs: Any) -> torch.n
         return AutoModelForCausalLM.from_config(config, **{_dtype_keyword(): dtype}, **model_kwargs)
 
 
-def _check_tied_sources(model: torch.nn.Module, path: str, tensors: list[TensorInfo]) -> None:
+def _check_tied_sources(model: torch.nn.Module, path: str, tensors: list[TensorInfo], backend: str) -> None:
     """Names of one tied tensor found twice in the checkpoint must hold the same values.
 
     The planner loads a tied tensor once and skips its other names; a checkpoint
@@ -98,7 +98,7 @@ def _check_tied_sources(model: torch.nn.Module, path: str, tensors: list[TensorI
         present = [n for n in names if n in by_name]
         if len({(by_name[n].file, by_name[n].offset, by_name[n].storage) for n in present}) < 2:
             continue  # absent, once, or views of one storage (torch.save of a tied model)
-        values = load_state_dict(path, keys=present)
+        values = load_state_dict(path, keys=present, backend=backend)
         if not all(torch.equal(values[present[0]], values[n]) for n in present[1:]):
             raise MismatchError(
                 f"{path}: {' and '.join(present)} are tied in the model (tie_word_embeddings) but hold different "
@@ -136,12 +136,15 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     from transformers import AutoConfig
 
     path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise GemmaStreamError(f"{path}: no config.json; from_pretrained takes a local directory written by "
+                               f"save_pretrained (it never downloads)")
     config = AutoConfig.from_pretrained(path)
     tensors = inspect(path)
     dtype = _resolve_dtype(dtype, config, path, tensors)
     model_kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = build_empty(config, dtype, **model_kwargs)
-    _check_tied_sources(model, path, tensors)
+    _check_tied_sources(model, path, tensors, backend)
     report = load_into(model, path, strict=True, device=device, threads=threads, backend=backend,
                        progress=progress, quantize=quantize, group_size=group_size)
     if report.uninitialized:
