@@ -23,4 +23,13 @@ int64_t quantize_int8_rows(const void* src, DType src_dtype, int64_t rows, int64
 int64_t quantize_int4_rows(const void* src, DType src_dtype, int64_t rows, int64_t K, int64_t G,
                            uint8_t* q, void* scale, void* zero, DType scale_dtype, float* scratch);
 
+// Converts int4 weights in place between the layout above ([rows, K/2], even k
+// in the low nibble) and the one torch's _convert_weight_to_int4pack_for_cpu
+// produces: each block of `block` rows becomes [K, block/2] bytes with byte
+// (k, j) = q[lo(j), k] | q[hi(j), k] << 4, (lo, hi) = (j, j + block/2) when
+// `halves`, else (2j, 2j + 1); a last block of fewer rows always pairs (2j, 2j + 1).
+// `data` starts on a block boundary; K is a multiple of 16. Temporaries: one block.
+void int4_to_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves);
+void int4_from_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves);
+
 }  // namespace gs

@@ -97,88 +97,118 @@ def _dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Te
 
 
 # ---------------------------------------------------------------- torch's CPU int4 kernel layout
-# _convert_weight_to_int4pack_for_cpu returns [N, K/2] uint8 whose nibbles are the
-# weight's, permuted inside blocks of 32 or 64 rows (the ISA's BLOCK_N); a block's
-# bytes are the bytes its rows had in our layout.  So the repack works in place,
-# 64 rows at a time at most a few MiB of temporaries, and is undone with the
-# permutation probed from the op itself (no copy of torch's ISA-specific code).
+# _convert_weight_to_int4pack_for_cpu (torch 2.13, aten/src/ATen/native/cpu/int4mm_kernel.cpp)
+# returns [N, K/2] uint8 built block by block: B rows (64 with AVX-512, 32 with AVX2 or
+# without vectors) become [K, B/2] bytes, byte (k, j) = q[lo(j), k] | q[hi(j), k] << 4,
+# pairing row j with row j + B/2 ("halves") or rows 2j, 2j+1 ("adjacent", always used
+# for a 16/32/48-row tail).  A block's bytes are the bytes its rows had in our layout,
+# so the repack runs in place, a few MiB of rows at a time, with uint8 ops only.  Which
+# variant this torch build uses is probed once against the op itself.
 
-_BLOCK_ROWS = 64
+@dataclass(frozen=True)
+class _CpuLayout:
+    block: int       # rows per full block
+    halves: bool     # full blocks pair row j with j + block/2 (else 2j with 2j + 1)
+
+
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F     # as int64 words: the nibble ops run 8 bytes at a time
+_HIGH_NIBBLES = -0x0F0F0F0F0F0F0F10   # 0xF0F0F0F0F0F0F0F0
+
+
+def _pair_rows(plain: torch.Tensor, halves: bool, out: torch.Tensor) -> None:
+    """Our layout [nb, B, K/2] -> the kernel's [nb, K, B/2], written to ``out``."""
+    nb, b, half_k = plain.shape
+    x, y = (plain[:, :b // 2], plain[:, b // 2:]) if halves else (plain[:, 0::2], plain[:, 1::2])
+    x, y = x.view(torch.int64), y.view(torch.int64)
+    even_k = (x & _LOW_NIBBLES) | ((y << 4) & _HIGH_NIBBLES)   # q[lo, 2m] | q[hi, 2m] << 4
+    odd_k = ((x >> 4) & _LOW_NIBBLES) | (y & _HIGH_NIBBLES)    # q[lo, 2m+1] | q[hi, 2m+1] << 4
+    dst = out.view(nb, half_k, 2, b // 2)
+    dst[:, :, 0].copy_(even_k.view(torch.uint8).transpose(1, 2))
+    dst[:, :, 1].copy_(odd_k.view(torch.uint8).transpose(1, 2))
+
+
+def _unpair_rows(packed: torch.Tensor, halves: bool, out: torch.Tensor) -> None:
+    """The kernel's [nb, K, B/2] -> our layout [nb, B, K/2], written to ``out``."""
+    nb, k, half_b = packed.shape
+    src = packed.view(nb, k // 2, 2, half_b)
+    even_k = src[:, :, 0].transpose(1, 2).contiguous().view(torch.int64)
+    odd_k = src[:, :, 1].transpose(1, 2).contiguous().view(torch.int64)
+    x, y = (out[:, :half_b], out[:, half_b:]) if halves else (out[:, 0::2], out[:, 1::2])
+    x.view(torch.int64).copy_((even_k & _LOW_NIBBLES) | ((odd_k << 4) & _HIGH_NIBBLES))
+    y.view(torch.int64).copy_(((even_k >> 4) & _LOW_NIBBLES) | (odd_k & _HIGH_NIBBLES))
+
+
+def _blocks(layout: _CpuLayout, rows: int):
+    """(first row, row count, block rows, halves) of the full blocks, then of the tail."""
+    full = rows // layout.block * layout.block
+    if full:
+        yield 0, full, layout.block, layout.halves
+    if rows > full:
+        yield full, rows - full, rows - full, False
+
+
+def _pack_cpu(plain: torch.Tensor, layout: _CpuLayout) -> torch.Tensor:
+    """Our [R, K/2] (starting on a block boundary) -> the kernel's bytes, [R, K/2]."""
+    out = torch.empty_like(plain)
+    half_k = plain.shape[1]
+    for r0, n, b, halves in _blocks(layout, plain.shape[0]):
+        _pair_rows(plain[r0:r0 + n].view(n // b, b, half_k), halves, out[r0:r0 + n])
+    return out
+
+
+def _unpack_cpu(packed: torch.Tensor, layout: _CpuLayout) -> torch.Tensor:
+    out = torch.empty_like(packed)
+    half_k = packed.shape[1]
+    for r0, n, b, halves in _blocks(layout, packed.shape[0]):
+        _unpair_rows(packed[r0:r0 + n].view(n // b, 2 * half_k, b // 2), halves,
+                     out[r0:r0 + n].view(n // b, b, half_k))
+    return out
+
+
+def _gather_cpu_rows(packed: torch.Tensor, layout: _CpuLayout, rows: torch.Tensor) -> torch.Tensor:
+    """4-bit values [T, K] of ``rows`` of a whole packed [N, K/2] weight."""
+    k = 2 * packed.shape[1]
+    out = torch.empty(rows.numel(), k, dtype=torch.uint8, device=packed.device)
+    for r0, n, b, halves in _blocks(layout, packed.shape[0]):
+        sel = (rows >= r0) & (rows < r0 + n)
+        if not bool(sel.any()):
+            continue
+        local = rows[sel] - r0
+        i = local % b
+        j = i % (b // 2) if halves else i // 2
+        high = i >= b // 2 if halves else (i % 2).bool()
+        byte = packed[r0:r0 + n].view(n // b, k, b // 2)[local // b, :, j]
+        out[sel] = torch.where(high[:, None], byte >> 4, byte & 0x0F)
+    return out
 
 
 def _to_cpu_pack(q4: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32).contiguous(), 2)
 
 
-@functools.lru_cache(maxsize=32)
-def _positions(rows: int, k: int) -> torch.Tensor:
-    """int64 [rows * K]: where value (r, k) of a ``rows``-row block lands among the packed nibbles."""
-    index = torch.arange(rows * k, dtype=torch.int64)
-    source = torch.zeros(rows * k, dtype=torch.int64)
-    shift = 0
-    while (rows * k - 1) >> shift:
-        digit = ((index >> shift) & 15).reshape(rows, k)
-        source |= _split_nibbles(_to_cpu_pack(digit)).reshape(-1).to(torch.int64) << shift
-        shift += 4
-    positions = torch.empty_like(index)
-    positions[source] = index
-    if not torch.equal(source[positions], index):
-        raise RuntimeError("the int4 CPU pack is not a permutation of nibbles")
-    return positions
-
-
-def _unpack_cpu_rows(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Packed rows (starting on a block boundary) -> 4-bit values [rows, K]."""
-    rows = packed.shape[0]
-    nibbles = _split_nibbles(packed).reshape(-1)
-    full = rows // _BLOCK_ROWS * _BLOCK_ROWS
-    parts = []
-    if full:
-        parts.append(nibbles[:full * k].view(-1, _BLOCK_ROWS * k)[:, _positions(_BLOCK_ROWS, k)].view(full, k))
-    if rows > full:
-        parts.append(nibbles[full * k:][_positions(rows - full, k)].view(rows - full, k))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _gather_cpu_rows(packed: torch.Tensor, k: int, rows: torch.Tensor) -> torch.Tensor:
-    """4-bit values [T, K] of ``rows`` of a packed [N, K/2] weight."""
-    n = packed.shape[0]
-    flat = packed.reshape(-1)
-    tail = n // _BLOCK_ROWS * _BLOCK_ROWS
-    out = torch.empty(rows.numel(), k, dtype=torch.uint8, device=packed.device)
-    for sel, start, block in ((rows < tail, rows // _BLOCK_ROWS * _BLOCK_ROWS, _BLOCK_ROWS),
-                              (rows >= tail, torch.full_like(rows, tail), n - tail)):
-        if not bool(sel.any()):
-            continue
-        table = _positions(block, k).view(block, k)
-        pos = table[(rows - start)[sel]] + (start[sel] * k)[:, None]
-        byte = flat[pos >> 1]
-        out[sel] = torch.where((pos & 1).bool(), byte >> 4, byte & 15)
-    return out
-
-
 @functools.lru_cache(maxsize=1)
-def _int4_kernel_ok() -> bool:
-    """Probe once that torch's CPU int4 ops exist and behave as FORMATS.md says."""
+def _cpu_layout() -> _CpuLayout | None:
+    """Probe once which layout torch's CPU int4 ops use, and that they compute
+    ``x @ ((q - 8) * s + z).T`` as FORMATS.md says; None disables the kernel path."""
     try:
         gen = torch.Generator().manual_seed(0)
-        n, k, g = 2 * _BLOCK_ROWS + 32, 64, 32
+        n, k, g = 2 * 128 + 48, 64, 32   # full blocks of any candidate size plus a tail
         q4 = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
-        whole = _to_cpu_pack(q4)
-        blocks = torch.cat([_to_cpu_pack(q4[i:i + _BLOCK_ROWS]) for i in range(0, n, _BLOCK_ROWS)])
-        if whole.shape != (n, k // 2) or whole.dtype != torch.uint8 or not torch.equal(whole, blocks):
-            return False
-        if not torch.equal(_unpack_cpu_rows(whole, k), q4):
-            return False
+        want = _to_cpu_pack(q4)
+        plain = _join_nibbles(q4)
+        layout = next((c for c in (_CpuLayout(b, h) for b in (64, 32, 16, 128) for h in (True, False))
+                       if torch.equal(_pack_cpu(plain, c), want)), None)
+        if layout is None or not torch.equal(_unpack_cpu(want, layout), plain):
+            return None
         s = torch.rand(n, k // g, generator=gen).bfloat16() / 8 + 0.01
         z = torch.randn(n, k // g, generator=gen).bfloat16()
         x = torch.randn(3, k, generator=gen).bfloat16()
         sz = torch.stack((s.t(), z.t()), dim=-1).contiguous()
-        got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, whole, g, sz).float()
-        want = x.float() @ _dequant_int4(q4, s, z).t()
-        return bool((got - want).norm() <= 1e-2 * want.norm())
+        got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, want, g, sz).float()
+        ref = x.float() @ _dequant_int4(q4, s, z).t()
+        return layout if bool((got - ref).norm() <= 1e-2 * ref.norm()) else None
     except (AttributeError, RuntimeError):
-        return False
+        return None
 
 
 # ---------------------------------------------------------------- modules
@@ -250,12 +280,7 @@ class _QuantWeight(nn.Module):
         w = self.weight
         if not _is_cpu_layout(w):
             return
-        k = self.quant_shape[1]
-        step = _repack_rows(k)
-        with torch.no_grad():
-            for r0 in range(0, w.shape[0], step):
-                rows = w[r0:r0 + step]
-                rows.copy_(_join_nibbles(_unpack_cpu_rows(rows, k)))
+        _repack_(w, _cpu_layout(), to_kernel=False)
         setattr(w, _CPU_LAYOUT, False)
 
     def _to_cpu_layout_(self) -> bool:
@@ -263,25 +288,21 @@ class _QuantWeight(nn.Module):
         w = self.weight
         if _is_cpu_layout(w):
             return True
-        n, k = self.quant_shape
-        if self.scheme != "int4" or w.device.type != "cpu" or n % 16 or not _int4_kernel_ok():
+        layout = _cpu_layout() if self.scheme == "int4" and w.device.type == "cpu" else None
+        if layout is None or w.shape[0] % 16:
             return False
-        step = _repack_rows(k)
-        with torch.no_grad():
-            for r0 in range(0, n, step):
-                rows = w[r0:r0 + step]
-                rows.copy_(_to_cpu_pack(_split_nibbles(rows)))
+        _repack_(w, layout, to_kernel=True)
         setattr(w, _CPU_LAYOUT, True)
         return True
 
     def _int4_values(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """4-bit values [N or T, K] (all rows, or ``rows``), whatever the storage layout."""
-        w, k = self.weight, self.quant_shape[1]
+        w = self.weight
         if not _is_cpu_layout(w):
             return _split_nibbles(w if rows is None else w[rows])
         if rows is None:
-            return _unpack_cpu_rows(w, k)
-        return _gather_cpu_rows(w, k, rows)
+            return _split_nibbles(_unpack_cpu(w, _cpu_layout()))
+        return _gather_cpu_rows(w, _cpu_layout(), rows)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float [N, K] matrix the quantized tensors stand for."""
@@ -296,9 +317,9 @@ class _QuantWeight(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.scheme == "int4" and not keep_vars:
             # a copy: the live bytes may hold (or later be repacked to) the kernel layout
-            values = self._int4_values()
-            destination[prefix + "weight"] = _join_nibbles(values) if _is_cpu_layout(self.weight) else \
-                self.weight.detach().clone()
+            w = self.weight
+            destination[prefix + "weight"] = _unpack_cpu(w.detach(), _cpu_layout()) if _is_cpu_layout(w) else \
+                w.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -394,8 +415,30 @@ class QuantEmbedding(_QuantWeight):
         return super()._apply(fn, recurse)
 
 
-def _repack_rows(k: int) -> int:
-    return max(_BLOCK_ROWS, _CHUNK_BYTES // (4 * k) // _BLOCK_ROWS * _BLOCK_ROWS)
+def _native_repack(to_kernel: bool):
+    try:
+        from . import _native
+    except ImportError:
+        return None
+    return getattr(_native, "int4_to_cpu_kernel_layout" if to_kernel else "int4_from_cpu_kernel_layout", None)
+
+
+def _repack_(weight: torch.Tensor, layout: _CpuLayout, *, to_kernel: bool) -> None:
+    """Convert an int4 weight between our layout and the CPU kernel's, in place.
+
+    The C++ kernel (csrc/quant.cc) needs one block of scratch; the torch
+    fallback works through about _CHUNK_BYTES of rows at a time."""
+    n, k = weight.shape[0], 2 * weight.shape[1]
+    native = _native_repack(to_kernel)
+    if native is not None and weight.is_contiguous():
+        native(weight.data_ptr(), n, k, layout.block, layout.halves)
+        return
+    step = max(1, _CHUNK_BYTES // (2 * k) // layout.block) * layout.block
+    convert = _pack_cpu if to_kernel else _unpack_cpu
+    with torch.no_grad():
+        for r0 in range(0, n, step):
+            rows = weight[r0:r0 + step]
+            rows.copy_(convert(rows, layout))
 
 
 # ---------------------------------------------------------------- dequantize
