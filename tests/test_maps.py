@@ -232,7 +232,8 @@ def test_name_the_map_does_not_cover_is_an_error(tmp_path, backend):
     state["model.layers.0.self_attn.rotary_scale"] = torch.ones(4)
     save_file(state, tmp_path / "model.safetensors")
     rename = maps.hf_to_gemma_pytorch(hf.config)
-    with pytest.raises(gs.MismatchError, match=r"unexpected in checkpoint \(1\): model\.layers\.0\.self_attn\.rotary_scale"):
+    unexpected = r"unexpected in checkpoint \(1\): model\.layers\.0\.self_attn\.rotary_scale"
+    with pytest.raises(gs.MismatchError, match=unexpected):
         gs.load_into(GemmaPytorchLM(hf.config, 2), tmp_path / "model.safetensors", rename=rename, backend=backend)
     report = gs.load_into(GemmaPytorchLM(hf.config, 2), tmp_path / "model.safetensors", rename=rename, strict=False,
                           backend=backend)
