@@ -315,3 +315,27 @@ def test_strict_mismatch_on_meta_model_allocates_nothing(tmp_path, backend):
     with pytest.raises(gs.MismatchError, match="norm.bias"):
         gs.load_into(model, path, backend=backend)
     assert all(t.is_meta for t in model.state_dict().values())
+
+
+def test_split_routes_must_read_every_row(tmp_path, backend):
+    path = tmp_path / "f.safetensors"
+    save_file({"qkv": torch.randn(16, 6)}, str(path))
+    split = nn.Module()
+    split.register_buffer("q", torch.zeros(8, 6))
+    split.register_buffer("k", torch.zeros(4, 6))
+    with pytest.raises(gs.MismatchError, match="rest would be dropped"):
+        gs.load_into(split, path, backend=backend,
+                     rename=lambda n: [gs.Route("q", src_rows=(0, 8)), gs.Route("k", src_rows=(8, 12))])
+
+
+def test_rename_map_may_name_computed_buffers(tmp_path, backend):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(3)}, str(path))
+    model = nn.Module()
+    model.register_buffer("w", torch.zeros(3))
+    model.register_buffer("freqs_cis", torch.ones(4))
+
+    class Map(dict):
+        computed = ("freqs_cis",)
+    report = gs.load_into(model, path, rename=Map(), backend=backend)
+    assert report.missing_keys == [] and torch.equal(model.freqs_cis, torch.ones(4))

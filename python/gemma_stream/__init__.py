@@ -6,6 +6,7 @@
 >>> gs.load_into(model, "model.safetensors")
 """
 
+from . import maps
 from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
 from .errors import CheckpointError, GemmaStreamError, MismatchError
 from .executors import BACKEND, native_available
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
     "Route", "TensorInfo",
-    "__version__", "inspect", "load_into", "load_state_dict", "native_available", "quantize_",
+    "__version__", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
 ]

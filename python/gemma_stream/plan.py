@@ -290,12 +290,33 @@ def make_plan(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, re
         if routes is None:
             planner.plan.skipped_keys.append(record.name)
             continue
+        _check_split_covers(record, routes, planner.plan)
         for route in routes:
             planner.route(record, route)
     plan = planner.finish()
+    # a map may name tensors the model computes itself (gemma_pytorch's freqs_cis): not missing
+    computed = set(getattr(rename, "computed", ()) or ())
+    if computed:
+        plan.missing_keys = [n for n in plan.missing_keys if n not in computed]
     if strict and (plan.missing_keys or plan.unexpected_keys or plan.mismatched_keys):
         raise MismatchError(_describe(plan, checkpoint))
     return plan
+
+
+def _check_split_covers(record: TensorRecord, routes: list[Route], plan: Plan) -> None:
+    """Rows of a split checkpoint tensor that no route reads would be silently lost."""
+    spans = sorted(r.src_rows for r in routes if r.src_rows is not None)
+    if not spans or len(spans) != len(routes) or not record.shape:
+        return
+    cursor = 0
+    for lo, hi in spans:
+        if lo > cursor:
+            break
+        cursor = max(cursor, hi)
+    if cursor < record.shape[0] or spans[0][0] > 0:
+        plan.mismatched_keys.append(
+            f"{record.name}: routes read rows {[list(s) for s in spans]} but the checkpoint tensor has "
+            f"{record.shape[0]} rows; the rest would be dropped")
 
 
 def _describe(plan: Plan, checkpoint: Checkpoint) -> str:
