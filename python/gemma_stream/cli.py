@@ -20,6 +20,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter, defaultdict
 
 from . import __version__
@@ -63,20 +64,6 @@ def _regex(text: str) -> re.Pattern:
         return re.compile(text)
     except re.error as e:
         raise argparse.ArgumentTypeError(f"bad regular expression {text!r}: {e}") from None
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'2GB' -> 2_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000 bytes."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 2GB, 500MB, 1GiB or a number of bytes")
-    unit = (match.group(2) or "b").lower().rstrip("b") or "b"
-    power = "bkmgt".index(unit[0])
-    base = 1024 if unit.endswith("i") else 1000
-    return int(float(match.group(1)) * base ** power)
 
 
 def _positive_int(text: str) -> int:
@@ -143,8 +130,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "f16", "f32"), help="cast floating-point tensors")
     p.add_argument("--quantize", choices=("int8", "int4"), help="quantize 2-D weights (FORMATS.md layouts)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=128, help="int4 group size")
-    p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="shard the output, e.g. 2GB")
+    p.add_argument("--max-shard-size", metavar="SIZE",
+                   help="write a directory of shards of at most SIZE (2GB = 10^9 bytes, 2GiB = 2^30) and an index")
     p.add_argument("--key", help="state dict inside a torch zip")
+    p.add_argument("--backend", choices=("auto", "native", "python"), default="auto")
     _add_common(p, suppress=True)
 
     for name, what in (("bench", "time loaders, each in its own subprocess"),
@@ -391,28 +380,31 @@ def _finish_verify(args, document: dict, lines: list[str]) -> int:
 # ---------------------------------------------------------------- convert, bench, demo
 
 def cmd_convert(args) -> int:
-    import inspect as pyinspect
-
-    import torch
     try:
         from .convert import convert
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}.convert":
             raise
         raise UsageError("convert is not part of this install (gemma_stream.convert is missing)") from None
-    kwargs = {"dtype": {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}.get(args.dtype),
-              "quantize": args.quantize, "max_shard_size": args.max_shard_size}
-    accepted = pyinspect.signature(convert).parameters
-    optional = {"group_size": args.group_size, "key": args.key, "progress": args.progress}
-    kwargs.update({k: v for k, v in optional.items() if k in accepted})
-    if args.quantize == "int4" and "group_size" not in accepted and args.group_size != 128:
-        raise UsageError("this version of convert has no --group-size")
-    start = time.perf_counter()
-    result = convert(args.src, args.dst, **kwargs)
-    seconds = time.perf_counter() - start
-    ckpt = open_checkpoint(args.dst)
-    print(f"wrote {_display_path(resolve_path(args.dst))}: {_checkpoint_summary(args.dst, ckpt)} in {seconds:.2f} s")
-    log.info("convert returned %r", result)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
+                         max_shard_size=args.max_shard_size, key=args.key, backend=args.backend,
+                         progress=args.progress)
+    for warning in caught:
+        print(f"{PROG}: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+    rate = report.bytes_read / report.seconds / 1e9 if report.seconds > 0 else 0.0
+    print(f"wrote {_display_path(report.index or report.files[0])}: {_count(len(report.files), 'file')}, "
+          f"{_count(report.tensors, 'tensor')}, {human_bytes(report.bytes_written)} in {report.seconds:.2f} s "
+          f"({rate:.2f} GB/s read, {report.backend} backend)")
+    if report.quantized:
+        print(f"  {_count(len(report.quantized), 'tensor')} stored as {args.quantize}")
+    if report.unquantized:
+        print(f"  {_count(len(report.unquantized), '2-D weight')} kept in float: {'; '.join(report.unquantized[:3])}"
+              + (" ..." if len(report.unquantized) > 3 else ""))
+    if report.aliases:
+        print(f"  {_count(len(report.aliases), 'tied name')} written once: "
+              + ", ".join(f"{alias} -> {name}" for alias, name in list(report.aliases.items())[:4]))
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ import torch
 from .api import load_state_dict
 from .errors import CheckpointError
 from .formats import Checkpoint, TensorRecord, contiguous_strides, open_checkpoint, resolve_path
+from .quant import dequantize
 
 __all__ = ["check_ranges", "checkpoint_files", "sha256_file", "Operand", "pair_operands",
            "TensorComparison", "Comparison", "compare_checkpoints", "dequantize_rows"]
@@ -160,20 +161,11 @@ def _layout_problem(op: Operand) -> str | None:
 
 
 def dequantize_rows(op: Operand, tensors: dict[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
-    """Rows ``[start, stop)`` of a quantized weight as float32, with FORMATS.md's formulas.
+    """Rows ``[start, stop)`` of a quantized weight as float32, by the reference :func:`quant.dequantize`.
 
-    int8: ``q * s``; int4: ``(q - 8) * s + z`` per group, ``q[n, 2j]`` in the low nibble.
+    Every FORMATS.md layout is per row, so a row range dequantizes on its own.
     """
-    q = tensors[op.records[0].name][start:stop]
-    if op.layout == "int8":
-        return q.float() * tensors[op.records[1].name][start:stop].float()[:, None]
-    rows, k = q.shape[0], q.shape[1] * 2
-    nibbles = torch.stack((q & 0xF, q >> 4), dim=-1).reshape(rows, k).float()
-    scale = tensors[op.records[1].name][start:stop].float()
-    zero = tensors[op.records[2].name][start:stop].float()
-    group = k // scale.shape[1]
-    grouped = nibbles.reshape(rows, scale.shape[1], group)
-    return ((grouped - 8) * scale[..., None] + zero[..., None]).reshape(rows, k)
+    return dequantize(tuple(tensors[r.name][start:stop] for r in op.records))
 
 
 def pair_operands(a: Checkpoint, b: Checkpoint) -> list[tuple[str, Operand | None, Operand | None]]:
@@ -213,10 +205,12 @@ def pair_operands(a: Checkpoint, b: Checkpoint) -> list[tuple[str, Operand | Non
 class TensorComparison:
     """How one tensor of checkpoint A compares with the same-named tensor of B.
 
-    ``status``: equal, equal as <dtype> (A's values rounded to B's narrower float
-    dtype, or the reverse, are bit-identical), dequantized, close (below
-    ``min_sqnr_db`` is not reached), differs, low SQNR, shape mismatch, bad layout,
-    only in A, only in B.  ``rel_err`` is the relative Frobenius error
+    ``status``: equal (bit-identical, or equal values across dtypes), equal as
+    <dtype> (the wider side rounded to the narrower float dtype is bit-identical),
+    dequantized, close (differs but reaches ``min_sqnr_db``), differs, low SQNR
+    (a dequantized tensor below ``min_sqnr_db``), shape mismatch, bad layout, only
+    in A, only in B, tied (missing on one side but the same view as a tensor both
+    sides hold, as ``convert`` writes tied weights once).  ``rel_err`` is the relative Frobenius error
     ``||a - b|| / ||a||`` and ``sqnr_db`` is ``20 log10(||a|| / ||a - b||)`` (None
     when the values agree exactly), both over positions finite on both sides.
     """
@@ -361,6 +355,25 @@ def _structural(name: str, oa: Operand | None, ob: Operand | None) -> TensorComp
     return None
 
 
+def _tied_groups(ckpt: Checkpoint) -> dict[str, list[str]]:
+    """Name -> every name that is the very same view of one storage (tied weights in a torch zip)."""
+    groups: dict[tuple, list[str]] = {}
+    for r in ckpt.records:
+        if r.storage is not None:
+            view = (r.file, r.storage, r.byte_offset, r.shape, r.strides, r.dtype.name)
+            groups.setdefault(view, []).append(r.name)
+    return {name: names for names in groups.values() if len(names) > 1 for name in names}
+
+
+def _tied(verdict: TensorComparison, present: Checkpoint, absent: Checkpoint) -> TensorComparison:
+    """A name missing on one side is fine when it is tied to a name both sides hold (convert writes ties once)."""
+    held = absent.by_name()
+    twin = next((n for n in _tied_groups(present).get(verdict.name, []) if n != verdict.name and n in held), None)
+    if twin is not None:
+        verdict.status, verdict.ok, verdict.note = "tied", True, f"same bytes as {twin!r}"
+    return verdict
+
+
 def _batches(pairs: list, batch_bytes: int) -> Iterator[list]:
     batch, size = [], 0
     for pair in pairs:
@@ -392,6 +405,8 @@ def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, *,
     comparable = []
     for name, oa, ob in pairs:
         verdict = _structural(name, oa, ob)
+        if verdict is not None and verdict.status in ("only in A", "only in B"):
+            verdict = _tied(verdict, *((ckpt_a, ckpt_b) if ob is None else (ckpt_b, ckpt_a)))
         if verdict is not None:
             judged.append(verdict)
         else:
