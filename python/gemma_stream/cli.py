@@ -31,7 +31,6 @@ __all__ = ["main", "build_parser", "inspect_report", "format_inspect"]
 
 PROG = "gemma-stream"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-COMMANDS = ("inspect", "verify", "convert", "bench", "demo")
 MIB = 1 << 20
 log = logging.getLogger("gemma_stream.cli")
 
@@ -316,57 +315,57 @@ def _comparison_verdict(comparison) -> str:
     return f"FAILED: {where}: {len(bad)} of {total} tensors disagree ({counts}); first: {bad[0].name!r} {bad[0].status}"
 
 
-def _checkpoint_summary(path: str, ckpt: Checkpoint) -> str:
+def _checkpoint_summary(ckpt: Checkpoint) -> str:
     size = sum(os.path.getsize(f) for f in ckpt.files)
     return f"{ckpt.format}, {_count(len(ckpt.files), 'file')}, {_count(len(ckpt.records), 'tensor')}, {human_bytes(size)}"
 
 
 def cmd_verify(args) -> int:
-    from . import verify
     from .errors import CheckpointError
-    paths = [args.path] + ([args.against] if args.against else [])
-    for path in paths:
+    for path in [args.path] + ([args.against] if args.against else []):
         resolve_path(path)  # a path that names no checkpoint is a wrong argument (exit 2), not a verdict
     document = {"schema": "gemma_stream.verify/1", "ok": False, "verdict": "", "error": None,
                 "checkpoints": [], "comparison": None}
+    lines: list[str] = []
     try:
-        checkpoints = []
-        for path in paths:
-            ckpt = open_checkpoint(path, key=args.key)
-            verify.check_ranges(ckpt)
-            checkpoints.append(ckpt)
-            files = [{"path": f, "bytes": os.path.getsize(f), "sha256": None}
-                     for f in verify.checkpoint_files(path, ckpt)]
-            document["checkpoints"].append({"path": resolve_path(path), "format": ckpt.format, "files": files,
-                                            "tensors": len(ckpt.records)})
-    except CheckpointError as e:
-        document["error"] = str(e)
-        document["verdict"] = f"FAILED: {e}"
-        return _finish_verify(args, document, [])
-    lines = []
+        _run_verify(args, document, lines)
+    except CheckpointError as e:  # a header, a range or a read failed: that is the verdict
+        document["ok"], document["error"], document["verdict"] = False, str(e), f"FAILED: {e}"
+    return _finish_verify(args, document, lines)
+
+
+def _run_verify(args, document: dict, lines: list[str]) -> None:
+    from . import verify
+    checkpoints = []
+    for path in [args.path] + ([args.against] if args.against else []):
+        ckpt = open_checkpoint(path, key=args.key)
+        verify.check_ranges(ckpt)
+        checkpoints.append(ckpt)
+        files = [{"path": f, "bytes": os.path.getsize(f), "sha256": None} for f in verify.checkpoint_files(path, ckpt)]
+        document["checkpoints"].append({"path": resolve_path(path), "format": ckpt.format, "files": files,
+                                        "tensors": len(ckpt.records)})
     if args.checksum:
         for entry in document["checkpoints"]:
             with _bar(args, sum(f["bytes"] for f in entry["files"]), "sha256") as bar:
                 for f in entry["files"]:
                     f["sha256"] = verify.sha256_file(f["path"], on_bytes=bar.update)
                     lines.append(f"{f['sha256']}  {_display_path(f['path'])}")
-    if args.against:
-        total = sum(r.nbytes for ckpt in checkpoints for r in ckpt.records)
-        with _bar(args, total, "compare") as bar:
-            comparison = verify.compare_checkpoints(args.path, args.against, key=args.key, min_sqnr_db=args.min_sqnr,
-                                                    batch_bytes=args.batch_mb * MIB, backend=args.backend,
-                                                    on_bytes=bar.update, checkpoints=tuple(checkpoints))
-        document["ok"] = comparison.ok
-        document["verdict"] = _comparison_verdict(comparison)
-        document["comparison"] = {"a": resolve_path(args.path), "b": resolve_path(args.against),
-                                  "min_sqnr_db": args.min_sqnr, "counts": dict(comparison.counts()),
-                                  "tensors": [dataclasses.asdict(t) for t in comparison.tensors]}
-        lines += format_comparison(comparison)
-    else:
+    if not args.against:
         document["ok"] = True
         document["verdict"] = (f"OK: {_display_path(resolve_path(args.path))}: "
-                               f"{_checkpoint_summary(args.path, checkpoints[0])}: every header and byte range is valid")
-    return _finish_verify(args, document, lines)
+                               f"{_checkpoint_summary(checkpoints[0])}: every header and byte range is valid")
+        return
+    total = sum(r.nbytes for ckpt in checkpoints for r in ckpt.records)
+    with _bar(args, total, "compare") as bar:
+        comparison = verify.compare_checkpoints(args.path, args.against, key=args.key, min_sqnr_db=args.min_sqnr,
+                                                batch_bytes=args.batch_mb * MIB, backend=args.backend,
+                                                on_bytes=bar.update, checkpoints=tuple(checkpoints))
+    document["ok"] = comparison.ok
+    document["verdict"] = _comparison_verdict(comparison)
+    document["comparison"] = {"a": resolve_path(args.path), "b": resolve_path(args.against),
+                              "min_sqnr_db": args.min_sqnr, "counts": dict(comparison.counts()),
+                              "tensors": [dataclasses.asdict(t) for t in comparison.tensors]}
+    lines += format_comparison(comparison)
 
 
 def _finish_verify(args, document: dict, lines: list[str]) -> int:
@@ -416,6 +415,10 @@ def cmd_demo(args) -> int:
     return int(_harness().run_demo(args))
 
 
+COMMANDS = {"inspect": cmd_inspect, "verify": cmd_verify, "convert": cmd_convert, "bench": cmd_bench,
+            "demo": cmd_demo}
+
+
 # ---------------------------------------------------------------- entry point
 
 def _configure_logging(verbosity: int) -> None:
@@ -444,9 +447,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(_command_of(argv)).parse_args(argv)
         _configure_logging(args.verbose)
         args.progress = not args.quiet and sys.stderr.isatty()
-        return globals()[f"cmd_{args.command}"](args)
+        return COMMANDS[args.command](args)
     except UsageError as e:
         _error(str(e))
+        return EXIT_USAGE
+    except SystemExit as e:  # the harness refuses bad options with SystemExit("bench: ..."); --help exits 0
+        if not isinstance(e.code, str):
+            raise
+        _error(e.code)
         return EXIT_USAGE
     except BrokenPipeError:  # `gemma-stream inspect ... | head`: stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
