@@ -27,9 +27,13 @@ namespace {
 constexpr float kRoundMagic = 12582912.0f;
 inline float round_even(float v) { return (v + kRoundMagic) - kRoundMagic; }
 
+// NaN -> 0, which is what torch's float -> int8 conversion gives: a NaN quotient
+// only arises as 0 / 0 when an f16 scale underflows to 0 (the row then
+// dequantizes to 0 whatever q holds).
 inline float clamp(float v, float lo, float hi) {
   v = v < lo ? lo : v;
-  return v > hi ? hi : v;
+  v = v > hi ? hi : v;
+  return v == v ? v : 0.0f;
 }
 
 inline uint32_t bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
