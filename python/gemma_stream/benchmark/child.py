@@ -1,0 +1,491 @@
+"""The benchmark's child process: one loader, one load, one line of JSON.
+
+Every loader runs in a fresh interpreter so that peak memory is its own.  The child imports what the
+loader needs and builds the model on ``meta`` first, then takes the baseline: RSS now, and the peak
+(VmHWM) reset to it through ``/proc/self/clear_refs``.  The timed part is the load itself (plus, for
+loaders whose weights stay mapped from the file, one read per page: time to all weights touched).
+Peak = VmHWM - baseline RSS; the resident kind compares RssAnon and RssFile after the load.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import mmap
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["LOADERS", "Loader", "child_main", "RESULT_PREFIX"]
+
+RESULT_PREFIX = "GSBENCH_RESULT "
+_IO_BYTES = 64 << 20
+_DIRECT_ALIGN = 4096
+
+
+# ---------------------------------------------------------------- /proc/self/status
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (clear_refs "5"); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- what a child is told
+
+@dataclass
+class Context:
+    spec: dict
+
+    @property
+    def files(self) -> dict:
+        return self.spec["files"]
+
+    def model_dtype(self) -> torch.dtype | None:
+        name = self.spec.get("model_dtype")
+        return getattr(torch, name) if name else None
+
+    def meta_model(self) -> torch.nn.Module:
+        """The model every user-built loader fills, constructed on meta (no memory)."""
+        model = self.spec["model"]
+        with torch.device("meta"):
+            if model["kind"] == "gemma":
+                from .shapes import GemmaShape, GemmaShaped
+                return GemmaShaped(GemmaShape(**model["shape"]), self.model_dtype(), model["naming"])
+            from .shapes import module_from_specs
+            dtype = self.model_dtype()
+            specs = [(name, tuple(shape), dtype if dtype is not None and getattr(torch, dt).is_floating_point
+                      else getattr(torch, dt)) for name, shape, dt in model["tensors"]]
+            return module_from_specs(specs)
+
+
+@dataclass(frozen=True)
+class Loader:
+    label: str
+    reads: str            # which file set it reads: primary | ckpt | safetensors | hf
+    prepare: Callable[[Context], Callable[[], Any]]   # imports + meta model; returns the timed load
+    touch: bool = False   # weights may stay file-backed: read one byte per page inside the timing
+    kind: str = "loader"  # loader | bound
+    doubles_memory: bool = False   # holds a full second copy at its peak (refused when RAM is short)
+    quantizes: bool = False        # honours --quantize
+
+
+# ---------------------------------------------------------------- loaders
+
+def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str | None = None):
+    def prepare(ctx: Context):
+        import gemma_stream as gs
+        model = ctx.meta_model()
+        kwargs: dict = {"backend": backend, "threads": ctx.spec.get("threads"), "progress": False}
+        if quantize and ctx.spec.get("quantize"):
+            kwargs.update(quantize=ctx.spec["quantize"], group_size=ctx.spec.get("group_size", 128))
+        if mode:
+            kwargs["mode"] = mode
+        if cache:
+            kwargs["cache"] = cache
+        if ctx.spec.get("key"):
+            kwargs["key"] = ctx.spec["key"]
+
+        def run():
+            report = gs.load_into(model, ctx.files["primary"], **kwargs)
+            ctx.spec["_info"] = {"backend": report.backend, "bytes_read": report.bytes_read}
+            return model
+        return run
+    return prepare
+
+
+def _import_transformers_gemma() -> None:
+    """transformers imports its model classes lazily: do it before the baseline, for both HF loaders."""
+    import transformers
+    import transformers.models.gemma.modeling_gemma  # noqa: F401
+
+    transformers.logging.set_verbosity_error()
+
+
+def _gs_hf(ctx: Context):
+    from gemma_stream import hf
+
+    _import_transformers_gemma()
+    kwargs: dict = {"dtype": ctx.model_dtype(), "progress": False, "threads": ctx.spec.get("threads")}
+    if ctx.spec.get("quantize"):
+        kwargs.update(quantize=ctx.spec["quantize"], group_size=ctx.spec.get("group_size", 128))
+    return lambda: hf.from_pretrained(ctx.files["hf"], **kwargs)
+
+
+def _transformers(ctx: Context):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    _import_transformers_gemma()
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_arg = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return lambda: AutoModelForCausalLM.from_pretrained(ctx.files["hf"], **{dtype_arg: ctx.model_dtype()})
+
+
+def _state_dict_of(obj, key: str | None):
+    if key:
+        return obj[key]
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for name in ("model_state_dict", "state_dict", "model"):
+            if isinstance(obj.get(name), dict):
+                return obj[name]
+    return obj
+
+
+def _torch_load(use_mmap: bool, assign: bool):
+    def prepare(ctx: Context):
+        model = ctx.meta_model()
+        path, key = ctx.files["ckpt"], ctx.spec.get("key")
+
+        def run():
+            if not assign:
+                model.to_empty(device="cpu")   # what gemma_pytorch does: the model exists, then the file is read
+            state = _state_dict_of(torch.load(path, mmap=use_mmap, weights_only=True, map_location="cpu"), key)
+            model.load_state_dict(state, assign=assign)
+            return model
+        return run
+    return prepare
+
+
+def _safetensors_into(model: torch.nn.Module, files: list[str]) -> torch.nn.Module:
+    from safetensors.torch import load_file, load_model
+
+    model.to_empty(device="cpu")
+    if len(files) == 1:
+        load_model(model, files[0], strict=True)
+        return model
+    seen: set[str] = set()
+    for path in files:   # sharded: one shard's state dict at a time, as transformers did before v4.45
+        state = load_file(path)
+        model.load_state_dict(state, strict=False)
+        seen.update(state)
+        del state
+    missing = set(model.state_dict()) - seen
+    if missing:
+        raise RuntimeError(f"safetensors shards miss {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    return model
+
+
+def _safetensors(ctx: Context):
+    import safetensors.torch  # noqa: F401  (import before the baseline)
+
+    model = ctx.meta_model()
+    return lambda: _safetensors_into(model, ctx.files["safetensors"])
+
+
+def _quantize_torch(model: torch.nn.Module, scheme: str, group_size: int) -> torch.nn.Module:
+    """Step two of the two-step path: FORMATS.md formulas with torch ops, 64 MiB row blocks at a time."""
+    from gemma_stream.quant import quantize_int4, quantize_int8
+
+    for module in list(model.modules()):
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        w = module.weight.detach()
+        n, k = w.shape
+        rows = max(1, (64 << 20) // (k * 4))
+        if scheme == "int8":
+            outs = [torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.float32)]
+            names = ["weight", "weight_scaler"]
+        else:
+            outs = [torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // group_size, dtype=torch.bfloat16),
+                    torch.empty(n, k // group_size, dtype=torch.bfloat16)]
+            names = ["weight", "weight_scale", "weight_zero"]
+        for start in range(0, n, rows):
+            block = w[start:start + rows]
+            parts = quantize_int8(block) if scheme == "int8" else quantize_int4(block, group_size)
+            for out, part in zip(outs, parts):
+                out[start:start + rows] = part
+        del module._parameters["weight"], w
+        for name, out in zip(names, outs):
+            module.register_buffer(name, out)
+    return model
+
+
+def _twostep_torch(ctx: Context):
+    import safetensors.torch  # noqa: F401
+
+    model = ctx.meta_model()
+    scheme, group = ctx.spec["quantize"], ctx.spec.get("group_size", 128)
+    return lambda: _quantize_torch(_safetensors_into(model, ctx.files["safetensors"]), scheme, group)
+
+
+def _twostep_torchao(ctx: Context):
+    import torchao.quantization as tq
+
+    model = ctx.meta_model()
+    scheme, group = ctx.spec["quantize"], ctx.spec.get("group_size", 128)
+    if scheme == "int8":
+        config = tq.Int8WeightOnlyConfig() if hasattr(tq, "Int8WeightOnlyConfig") else tq.int8_weight_only()
+    else:
+        config = (tq.Int4WeightOnlyConfig(group_size=group) if hasattr(tq, "Int4WeightOnlyConfig")
+                  else tq.int4_weight_only(group_size=group))
+
+    def run():
+        _safetensors_into(model, ctx.files["safetensors"])
+        tq.quantize_(model, config)
+        return model
+    return run
+
+
+# ---------------------------------------------------------------- bounds: the same bytes, no parsing
+
+def _pieces(paths: list[str], align: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """(file index, file offset, length, buffer offset) in 64 MiB calls; each file's region aligned."""
+    pieces, buf_offset = [], 0
+    for i, path in enumerate(paths):
+        size = os.path.getsize(path)
+        for offset in range(0, size, _IO_BYTES):
+            length = min(_IO_BYTES, size - offset)
+            pieces.append((i, offset, -(-length // align) * align, buf_offset + offset))
+        buf_offset += -(-size // align) * align
+    return pieces, buf_offset
+
+
+def _split(pieces: list, parts: int) -> list[list]:
+    """Contiguous groups of about equal bytes: thread i reads the i-th part of the file(s)."""
+    total = sum(p[2] for p in pieces)
+    groups: list[list] = [[] for _ in range(parts)]
+    done = 0
+    for piece in pieces:
+        groups[min(parts - 1, done * parts // max(total, 1))].append(piece)
+        done += piece[2]
+    return groups
+
+
+def _read_into(fds: list[int], view: memoryview, group: list) -> None:
+    for index, offset, length, buf_offset in group:
+        got = 0
+        while got < length:
+            n = os.preadv(fds[index], [view[buf_offset + got:buf_offset + length]], offset + got)
+            if n == 0:   # end of file (O_DIRECT reads round the last call up to the block size)
+                break
+            got += n
+
+
+def _pread_bound(threads: int, direct: bool = False):
+    def prepare(ctx: Context):
+        paths = ctx.files["data"]
+        pieces, alloc = _pieces(paths, _DIRECT_ALIGN if direct else 1)
+
+        def run():
+            flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+            fds = [os.open(p, flags) for p in paths]
+            # fresh, untouched private anonymous memory, like a just-allocated parameter
+            buf = mmap.mmap(-1, max(alloc, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            view = memoryview(buf)
+            errors: list[BaseException] = []
+
+            def work(group):
+                try:
+                    _read_into(fds, view, group)
+                except BaseException as exc:   # re-raised on the calling thread below
+                    errors.append(exc)
+            workers = [threading.Thread(target=work, args=(g,)) for g in _split(pieces, threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            view.release()
+            for fd in fds:
+                os.close(fd)
+            if errors:
+                raise errors[0]
+            return _Buffer(buf, sum(os.path.getsize(p) for p in paths))
+        return run
+    return prepare
+
+
+def _memcpy_bound(ctx: Context):
+    paths = ctx.files["data"]
+    pieces, alloc = _pieces(paths, 1)
+
+    def run():
+        maps = []
+        for p in paths:
+            with open(p, "rb") as f:
+                maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        buf = mmap.mmap(-1, max(alloc, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        dst, srcs = memoryview(buf), [memoryview(m) for m in maps]
+        for index, offset, length, buf_offset in pieces:
+            dst[buf_offset:buf_offset + length] = srcs[index][offset:offset + length]
+        for view in [dst, *srcs]:
+            view.release()
+        for m in maps:
+            m.close()
+        return _Buffer(buf, alloc)
+    return run
+
+
+@dataclass
+class _Buffer:
+    data: mmap.mmap
+    nbytes: int
+
+
+LOADERS: dict[str, Loader] = {
+    "gs_native": Loader("gemma_stream load_into (native)", "primary", _gs("native"), quantizes=True),
+    "gs_python": Loader("gemma_stream load_into (python)", "primary", _gs("python"), quantizes=True),
+    "gs_native_drop": Loader("gemma_stream native, cache='drop'", "primary", _gs("native", cache="drop"),
+                             quantizes=True),
+    "gs_mmap": Loader("gemma_stream mode='mmap' (+touch)", "primary", _gs("native", mode="mmap"), touch=True),
+    "gs_plain": Loader("gemma_stream native, not quantized", "primary", _gs("native", quantize=False)),
+    "gs_hf": Loader("gemma_stream.hf.from_pretrained", "hf", _gs_hf, quantizes=True),
+    "torch_load": Loader("torch.load + load_state_dict", "ckpt", _torch_load(False, False), doubles_memory=True),
+    "torch_load_mmap": Loader("torch.load(mmap) + load_state_dict", "ckpt", _torch_load(True, False),
+                              doubles_memory=True),
+    "torch_load_mmap_assign": Loader("torch.load(mmap) + meta + assign (+touch)", "ckpt", _torch_load(True, True),
+                                     touch=True),
+    "safetensors": Loader("safetensors load_model", "safetensors", _safetensors, doubles_memory=True),
+    "transformers": Loader("transformers from_pretrained (+touch)", "hf", _transformers, touch=True,
+                           doubles_memory=True),
+    "twostep_torch": Loader("safetensors load_model + torch quantize", "safetensors", _twostep_torch,
+                            doubles_memory=True, quantizes=True),
+    "twostep_torchao": Loader("safetensors load_model + torchao quantize_", "safetensors", _twostep_torchao,
+                              doubles_memory=True, quantizes=True),
+    "read_1t": Loader("bound: pread, 1 thread", "primary", _pread_bound(1), kind="bound"),
+    "memcpy_1t": Loader("bound: mmap + memcpy, 1 thread", "primary", _memcpy_bound, kind="bound"),
+    "pread_2t": Loader("bound: pread, 2 threads", "primary", _pread_bound(2), kind="bound"),
+    "odirect_2t": Loader("bound: O_DIRECT pread, 2 threads", "primary", _pread_bound(2, direct=True), kind="bound"),
+}
+
+
+# ---------------------------------------------------------------- after the load
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        return [t for t in (*obj.parameters(), *obj.buffers()) if not t.is_meta]
+    return []
+
+
+def _unique_storage_bytes(tensors: list[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _touch(obj) -> None:
+    """Read one byte per 4 KiB page of every weight (they may still be only mapped)."""
+    seen = set()
+    for t in _tensors(obj):
+        if t.untyped_storage().data_ptr() in seen or t.numel() == 0:
+            continue
+        seen.add(t.untyped_storage().data_ptr())
+        flat = t.detach().reshape(-1).view(torch.uint8)
+        int(flat[::4096].sum()) + int(flat[-1])
+
+
+def _check(obj, names: list[str]) -> float | None:
+    """A cheap fingerprint of a few tensors, so loaders that disagree about the values are caught."""
+    if not isinstance(obj, torch.nn.Module) or not names:
+        return None
+    state = dict(obj.named_parameters())
+    state.update(obj.named_buffers())
+    total = 0.0
+    for name in names:
+        t = state.get(name)
+        if t is None or not t.is_floating_point():
+            return None
+        flat = t.detach().reshape(-1)
+        total += float(flat[:: max(1, flat.numel() // 4096)].double().sum())
+    return total
+
+
+def _sqnr(obj, ctx: Context) -> dict[str, float] | None:
+    """SQNR (dB) of a few quantized weights against the checkpoint, from the contract layout."""
+    if not ctx.spec.get("quantize") or not isinstance(obj, torch.nn.Module):
+        return None
+    import gemma_stream as gs
+
+    names = ctx.spec.get("sqnr_names") or []
+    modules = dict(obj.named_modules())
+    out = {}
+    reference = gs.load_state_dict(ctx.files["primary"], keys=names, dtype=torch.float32, progress=False,
+                                   key=ctx.spec.get("key"))
+    for name in names:
+        module = modules.get(name.rsplit(".", 1)[0])
+        if module is None:
+            continue
+        state = module.state_dict()
+        deq = _dequantize(state, ctx.spec["quantize"])
+        if deq is None:
+            continue
+        w = reference[name]
+        err = (w - deq).norm()
+        out[name] = float(20 * math.log10(float(w.norm()) / float(err))) if err > 0 else float("inf")
+    return out or None
+
+
+def _dequantize(state: dict, scheme: str) -> torch.Tensor | None:
+    """FORMATS.md dequantization from a module's state_dict (the contract layout)."""
+    q = state.get("weight")
+    if q is None:
+        return None
+    if scheme == "int8" and "weight_scaler" in state:
+        return q.float() * state["weight_scaler"].float()[:, None]
+    if scheme == "int4" and "weight_scale" in state:
+        s, z = state["weight_scale"].float(), state["weight_zero"].float()
+        n, half = q.shape
+        values = torch.stack([q & 0xF, q >> 4], dim=2).reshape(n, half * 2).float()
+        group = values.shape[1] // s.shape[1]
+        return ((values.reshape(n, -1, group) - 8) * s[..., None] + z[..., None]).reshape(n, -1)
+    return None
+
+
+def child_main(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    ctx = Context(spec)
+    loader = LOADERS[spec["loader"]]
+    run = loader.prepare(ctx)
+    gc.collect()
+    before = _status()
+    reset = _reset_peak()
+    start = time.perf_counter()
+    obj = run()
+    if loader.touch:
+        _touch(obj)
+    seconds = time.perf_counter() - start
+    peak_hwm = _status()["VmHWM"]
+    gc.collect()
+    after = _status()
+    result = {
+        "loader": spec["loader"], "seconds": seconds, "peak_bytes": peak_hwm - before["VmRSS"],
+        "rss_before": before["VmRSS"], "hwm_reset": reset,
+        "anon_bytes": after["RssAnon"] - before["RssAnon"], "file_bytes": after["RssFile"] - before["RssFile"],
+        "shmem_bytes": after["RssShmem"] - before["RssShmem"],
+        "model_bytes": obj.nbytes if isinstance(obj, _Buffer) else _unique_storage_bytes(_tensors(obj)),
+    }
+    result.update(spec.get("_info", {}))
+    if not spec.get("quantize") or not loader.quantizes:
+        result["check"] = _check(obj, spec.get("check_names") or [])
+    if loader.quantizes:
+        result["sqnr_db"] = _sqnr(obj, ctx)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1]))

@@ -1,0 +1,250 @@
+"""``bench`` and ``demo``: argument parsers and entry points shared by the CLI and benchmarks/bench_load.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from .child import LOADERS
+from .report import evaluate_targets, format_table, machine_info, write_json, write_plot
+from .runner import Row, Workload, run_loaders, synthetic_workload, user_workload
+from .shapes import SIZES, parse_size
+
+__all__ = ["add_bench_arguments", "run_bench", "add_demo_arguments", "run_demo", "default_loaders"]
+
+_BOUNDS = ["read_1t", "memcpy_1t", "pread_2t", "odirect_2t"]
+_GIB = 2**30
+
+
+def default_loaders(fmt: str, quantize: str | None) -> list[str]:
+    if quantize:
+        return ["gs_native", "gs_python", "gs_plain", "twostep_torch", "twostep_torchao", "pread_2t"]
+    if fmt == "ckpt":
+        return ["gs_native", "gs_python", "gs_mmap", "torch_load", "torch_load_mmap", "torch_load_mmap_assign",
+                *_BOUNDS]
+    if fmt == "hf":
+        return ["gs_hf", "gs_native", "transformers", "safetensors", *_BOUNDS]
+    return ["gs_native", "gs_python", "gs_mmap", "torch_load", "torch_load_mmap", "torch_load_mmap_assign",
+            "safetensors", "transformers", "gs_hf", *_BOUNDS]
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``gemma-stream bench`` / ``benchmarks/bench_load.py``."""
+    parser.add_argument("path", nargs="?", help="benchmark this checkpoint instead of a synthetic one")
+    parser.add_argument("--synthetic", "--size", dest="size", default=None,
+                        help=f"synthetic Gemma shape: {', '.join(SIZES)} or a size in GiB such as 1.5 (default 2b)")
+    parser.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16", help="checkpoint dtype")
+    parser.add_argument("--model-dtype", choices=["bf16", "f16", "f32"], default=None,
+                        help="destination dtype (default: the checkpoint's), e.g. --dtype f32 --model-dtype bf16")
+    parser.add_argument("--format", dest="fmt", choices=["safetensors", "sharded", "ckpt", "hf"],
+                        default="safetensors", help="synthetic checkpoint format (hf = config.json + shards)")
+    parser.add_argument("--hf", action="store_true", help="shorthand for --format hf")
+    parser.add_argument("--loaders", default=None,
+                        help=f"comma-separated subset of: {', '.join(LOADERS)} (default depends on the format)")
+    parser.add_argument("--cold", action="store_true", help="evict the files from the page cache before each load")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    parser.add_argument("--repeat", type=int, default=1, help="loads per loader; the table shows the median")
+    parser.add_argument("--threads", type=int, default=None, help="gemma_stream threads (default: its own)")
+    parser.add_argument("--key", default=None, help="state-dict key inside a torch zip checkpoint")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", dest="plot_path", default=None, metavar="FILE.png",
+                        help="bar chart of time and peak memory (needs matplotlib)")
+    parser.add_argument("--workdir", default=None,
+                        help="where synthetic checkpoints go; kept and reused (default: a temporary folder, removed)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="gemma_stream only, on several sizes (--scaling-sizes): GB/s per size, warm and cold")
+    parser.add_argument("--scaling-sizes", default="1b,2b,7b")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per load before it counts as failed")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each load, wait up to SECONDS for the CPUs to be idle (shared machines)")
+    return parser
+
+
+def _workdir(args) -> tuple[str, bool]:
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+        return args.workdir, False
+    return tempfile.mkdtemp(prefix="gemma_stream_bench_", dir="/tmp" if os.path.isdir("/tmp") else None), True
+
+
+def _check_disk(folder: str, nbytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < nbytes * 1.05:
+        raise SystemExit(f"bench: {folder} has {free / _GIB:.1f} GiB free, the checkpoints need about "
+                         f"{nbytes / _GIB:.1f} GiB (use --workdir elsewhere)")
+
+
+def _loader_list(text: str | None, fmt: str, quantize: str | None) -> list[str]:
+    if not text:
+        return default_loaders(fmt, quantize)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOADERS]
+    if unknown:
+        raise SystemExit(f"bench: unknown loader(s) {', '.join(unknown)}; choose from {', '.join(LOADERS)}")
+    return names
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark the parsed arguments describe; print the table; 1 if a load failed."""
+    if args.repeat < 1:
+        raise SystemExit("bench: --repeat must be at least 1")
+    fmt = "hf" if args.hf else args.fmt
+    if args.scaling:
+        return _run_scaling(args)
+    workdir, temporary = (None, False) if args.path else _workdir(args)
+    try:
+        if args.path:
+            if args.size:
+                raise SystemExit("bench: give a PATH or --synthetic, not both")
+            workload = user_workload(args.path, key=args.key, model_dtype=args.model_dtype)
+        else:
+            shape = parse_size(args.size or "2b", itemsize=2)
+            workload = synthetic_workload(shape, args.dtype, fmt, workdir, model_dtype=args.model_dtype)
+        loaders = _loader_list(args.loaders, workload.fmt, args.quantize)
+        if not args.path:
+            sets = {workload.reads(x) for x in loaders if workload.reads(x)} | {"primary"}
+            _check_disk(workdir, workload.data_bytes * len(sets))
+        started = time.time()
+        rows = run_loaders(workload, loaders, cold=args.cold, repeat=args.repeat, quantize=args.quantize,
+                           group_size=args.group_size, threads=args.threads, timeout=args.timeout,
+                           wait_idle=args.wait_idle)
+        _report(args, workload, rows, started)
+        return 1 if any(r.status == "error" for r in rows) else 0
+    finally:
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _report(args, workload: Workload, rows: list[Row], started: float) -> None:
+    table = format_table(workload, rows, cold=args.cold, quantize=args.quantize)
+    targets = evaluate_targets(workload, rows, cold=args.cold, quantize=args.quantize, group_size=args.group_size)
+    print(table)
+    if targets:
+        print("targets:")
+        for target in targets:
+            print(target.line())
+    checks = {r.loader: r.last("check") for r in rows if r.runs and r.last("check") is not None}
+    if len({round(v, 3) for v in checks.values()}) > 1:
+        print(f"WARNING: loaders disagree about the weights (fingerprints {checks})")
+    if args.json_path:
+        write_json(args.json_path, {
+            "schema": 1, "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]], "started": started,
+            "machine": machine_info(), "workload": {"title": workload.title, "format": workload.fmt,
+                                                    "model": workload.model, "model_dtype": workload.model_dtype,
+                                                    "data_bytes": workload.data_bytes,
+                                                    "model_bytes": workload.model_bytes},
+            "mode": "cold" if args.cold else "warm", "quantize": args.quantize, "group_size": args.group_size,
+            "repeat": args.repeat, "rows": [r.as_dict(workload.data_bytes) for r in rows],
+            "targets": [t.__dict__ for t in targets], "table": table})
+        print(f"wrote {args.json_path}")
+    if args.plot_path:
+        mode = "cold" if args.cold else "warm"
+        if write_plot(args.plot_path, workload, rows, title=f"{workload.title}, {mode}"):
+            print(f"wrote {args.plot_path}")
+
+
+def _run_scaling(args) -> int:
+    """gemma_stream native and the 2-thread pread bound per size, warm then cold: is GB/s flat?"""
+    workdir, temporary = _workdir(args)
+    loaders = _loader_list(args.loaders, "safetensors", None) if args.loaders else ["gs_native", "pread_2t"]
+    results = []
+    failed = False
+    try:
+        for size in [s.strip() for s in args.scaling_sizes.split(",") if s.strip()]:
+            shape = parse_size(size)
+            workload = synthetic_workload(shape, args.dtype, "safetensors", workdir, model_dtype=args.model_dtype)
+            _check_disk(workdir, workload.data_bytes)
+            entry = {"size": size, "model_bytes": workload.model_bytes, "data_bytes": workload.data_bytes}
+            for cold in (False, True):
+                rows = run_loaders(workload, loaders, cold=cold, repeat=args.repeat, threads=args.threads,
+                                   timeout=args.timeout, wait_idle=args.wait_idle)
+                failed |= any(r.status == "error" for r in rows)
+                entry["cold" if cold else "warm"] = [r.as_dict(workload.data_bytes) for r in rows]
+            results.append(entry)
+            if temporary or size not in ("1b", "2b"):   # a 17 GB 7b file is not worth keeping around
+                shutil.rmtree(workload.directory, ignore_errors=True)
+    finally:
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+    table = _scaling_table(results, loaders)
+    print(table)
+    if args.json_path:
+        write_json(args.json_path, {"schema": 1, "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+                                    "machine": machine_info(), "scaling": results, "table": table})
+        print(f"wrote {args.json_path}")
+    return 1 if failed else 0
+
+
+def _scaling_table(results: list[dict], loaders: list[str]) -> str:
+    lines = ["size   GiB     loader                              warm s  warm GB/s  cold s  cold GB/s  peak/model"]
+    speeds: dict[tuple[str, str], list[float]] = {}
+    for entry in results:
+        for i, warm in enumerate(entry["warm"]):
+            cold = entry["cold"][i]
+            if warm["status"] != "ok" or not warm["seconds"] or not cold["seconds"]:
+                lines.append(f"{entry['size']:<6} {warm['label']}: {warm['status']} {warm['message']}")
+                continue
+            speeds.setdefault((warm["loader"], "warm"), []).append(warm["gb_per_s"])
+            speeds.setdefault((warm["loader"], "cold"), []).append(cold["gb_per_s"])
+            lines.append(f"{entry['size']:<6} {entry['model_bytes'] / _GIB:6.2f}  {warm['label']:<35} "
+                         f"{warm['seconds']:6.2f}  {warm['gb_per_s']:9.2f}  {cold['seconds']:6.2f}  "
+                         f"{cold['gb_per_s']:9.2f}  {max(warm['peak_over_model'], cold['peak_over_model']):9.2f}x")
+    lines.append("spread of GB/s across sizes ((max - min) / max; issue 7 target for gemma_stream: <= 10%):")
+    for (loader, mode), values in speeds.items():
+        if len(values) > 1:
+            spread = (max(values) - min(values)) / max(values)
+            flag = ("MET " if spread <= 0.10 else "MISS") if loader.startswith("gs") else "    "
+            lines.append(f"  [{flag}] {LOADERS[loader].label}, {mode}: {spread:.0%}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- demo
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``gemma-stream demo``."""
+    parser.add_argument("--size", default="1", help="checkpoint size in GiB (default 1), or tiny/1b/2b/7b")
+    parser.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
+    parser.add_argument("--workdir", default=None, help="parent folder of the temporary checkpoint (default /tmp)")
+    return parser
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Write a Gemma-shaped torch zip checkpoint, load it with gemma_stream and with torch.load, compare."""
+    import gemma_stream as gs
+
+    itemsize = 4 if args.dtype == "f32" else 2
+    shape = parse_size(args.size, itemsize)
+    folder = tempfile.mkdtemp(prefix="gemma_stream_demo_", dir=args.workdir)
+    try:
+        _check_disk(folder, shape.nbytes(itemsize))
+        workload = synthetic_workload(shape, args.dtype, "ckpt", folder, durable=False)
+        started = time.perf_counter()
+        print(f"writing a Gemma-shaped checkpoint ({shape.layers} layers of Gemma-2B width, vocabulary {shape.vocab}, "
+              f"{workload.data_bytes / _GIB:.2f} GiB {args.dtype}, torch zip like gemma_pytorch's) ...", flush=True)
+        path = workload.ensure("primary")["path"]
+        print(f"  {path}: {time.perf_counter() - started:.1f} s", flush=True)
+        ours = "gs_native" if gs.native_available() else "gs_python"
+        print("loading it twice, each in a fresh process (file in the page cache) ...", flush=True)
+        rows = run_loaders(workload, [ours, "torch_load"], cold=False)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print()
+    print(f"{'':34}{'seconds':>8}{'peak RSS':>12}{'peak / model':>14}  weights in")
+    for row in rows:
+        if row.status != "ok" or not row.runs:
+            print(f"{row.label:<34}{row.status}: {row.message}")
+            continue
+        print(f"{row.label:<34}{row.seconds:8.2f}{row.peak_bytes / _GIB:8.2f} GiB"
+              f"{row.peak_bytes / row.model_bytes:13.2f}x  {row.resident}")
+    print()
+    if all(r.status == "ok" and r.runs for r in rows):
+        mine, theirs = rows
+        print(f"gemma_stream: {theirs.seconds / mine.seconds:.1f}x faster, "
+              f"{theirs.peak_bytes / mine.peak_bytes:.1f}x less peak memory than torch.load + load_state_dict.")
+    print(f"removed {folder}")
+    return 0 if all(r.status == "ok" for r in rows) else 1

@@ -1,0 +1,147 @@
+"""The benchmark harness at the tiny size: files it writes, the table and the JSON of one real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gemma_stream as gs
+from gemma_stream.benchmark import SIZES, GemmaShaped, parse_size, tensor_specs
+from gemma_stream.benchmark import writers
+from gemma_stream.benchmark.child import _pieces, _split
+from gemma_stream.benchmark.shapes import module_from_specs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = SIZES["tiny"]
+
+
+def test_sizes_are_the_real_gemma_shapes():
+    assert SIZES["2b"].params() == 2_506_172_416      # Gemma 2B: 2.51B params
+    assert SIZES["7b"].params() == 8_537_680_896      # Gemma 7B: 8.54B params
+    one_gib = parse_size("1")
+    assert abs(one_gib.nbytes(2) - 2**30) < 0.01 * 2**30
+    three = parse_size("3gib")
+    assert three.vocab == 256000 and abs(three.nbytes(2) - 3 * 2**30) < 0.05 * 2**30
+    with pytest.raises(ValueError, match="expected one of"):
+        parse_size("huge")
+
+
+@pytest.mark.parametrize("naming", ["hf", "gemma_pytorch"])
+def test_model_class_matches_the_tensor_list(naming):
+    with torch.device("meta"):
+        model = GemmaShaped(TINY, torch.bfloat16, naming)
+    assert sorted((k, tuple(v.shape)) for k, v in model.state_dict().items()) == sorted(tensor_specs(TINY, naming))
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_written_files_agree_with_the_reference_readers(tmp_path, dtype):
+    single = tmp_path / "model.safetensors"
+    writers.write_safetensors(str(single), TINY, dtype)
+    shards = writers.write_sharded(str(tmp_path), TINY, dtype, max_shard_bytes=1_500_000)
+    ckpt = tmp_path / "model.ckpt"
+    writers.write_ckpt(str(ckpt), TINY, dtype)
+    reference = load_file(str(single))
+    assert {k: tuple(v.shape) for k, v in reference.items()} == dict(tensor_specs(TINY, "hf"))
+    assert reference["model.embed_tokens.weight"].dtype == dtype
+    assert 0.9 < float(reference["model.layers.1.mlp.up_proj.weight"].float().std()) < 1.1   # Gaussian
+    assert not torch.equal(reference["model.layers.0.mlp.up_proj.weight"], reference["model.layers.1.mlp.up_proj.weight"])
+    assert len(shards) > 1
+    sharded = {}
+    for path in shards:
+        sharded.update(load_file(path))
+    assert sharded.keys() == reference.keys() and all(torch.equal(sharded[k], reference[k]) for k in reference)
+    # gemma_pytorch layout: {"model_state_dict": ...}, embedder, fused qkv = cat(q, k, v)
+    state = torch.load(str(ckpt), weights_only=True)["model_state_dict"]
+    assert torch.equal(state["embedder.weight"], reference["model.embed_tokens.weight"])
+    for i in range(TINY.layers):
+        qkv = torch.cat([reference[f"model.layers.{i}.self_attn.{x}_proj.weight"] for x in "qkv"])
+        assert torch.equal(state[f"model.layers.{i}.self_attn.qkv_proj.weight"], qkv)
+        assert torch.equal(state[f"model.layers.{i}.mlp.down_proj.weight"],
+                           reference[f"model.layers.{i}.mlp.down_proj.weight"])
+
+
+def test_eviction_empties_the_page_cache(tmp_path):
+    path = tmp_path / "model.safetensors"
+    writers.write_safetensors(str(path), TINY, torch.bfloat16)
+    writers.warm_up([str(path)])
+    assert writers.cached_fraction([str(path)]) > 0.99
+    writers.evict([str(path)])
+    assert writers.cached_fraction([str(path)]) < 0.05
+
+
+def test_bound_pieces_cover_every_byte_once(tmp_path):
+    paths = []
+    for i, size in enumerate([(64 << 20) * 2 + 5, 4097, 1]):
+        path = tmp_path / f"f{i}"
+        with open(path, "wb") as f:
+            f.truncate(size)
+        paths.append(str(path))
+    for align in (1, 4096):
+        pieces, alloc = _pieces(paths, align)
+        halves = _split(pieces, 2)
+        assert [p for h in halves for p in h] == pieces and all(halves)
+        covered = {}
+        for index, offset, length, buf_offset in pieces:
+            assert length % align == 0 and buf_offset % align == 0 and offset % align == 0
+            covered[index] = covered.get(index, 0) + min(length, os.path.getsize(paths[index]) - offset)
+            assert buf_offset + length <= alloc
+        assert covered == {i: os.path.getsize(p) for i, p in enumerate(paths)}
+
+
+def test_module_from_specs_builds_linear_layers():
+    specs = [("embed_tokens.weight", (10, 4), torch.bfloat16), ("blocks.0.proj.weight", (8, 4), torch.bfloat16),
+             ("blocks.0.proj.bias", (8,), torch.bfloat16), ("blocks.0.scale", (4,), torch.float32), ("step", (), torch.int64)]
+    with torch.device("meta"):
+        model = module_from_specs(specs)
+    assert isinstance(model.embed_tokens, torch.nn.Embedding)
+    assert isinstance(model.get_submodule("blocks.0.proj"), torch.nn.Linear)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()} == {n: (s, d) for n, s, d in specs}
+
+
+def test_bench_tiny_table_and_json(tmp_path):
+    """One real run: two loaders, each in its own process; every field the RESULTS tables quote is there."""
+    loader = "gs_native" if gs.native_available() else "gs_python"
+    report = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_load.py"), "--size", "tiny",
+                           "--loaders", f"{loader},safetensors", "--workdir", str(tmp_path / "work"),
+                           "--json", str(report)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "gemma_stream load_into" in out and "safetensors load_model" in out
+    assert "peak/model" in out and "vs st" in out and "warm (file in the page cache)" in out
+    assert "peak <= 1.03 x model + 64 MiB" in out and "warm >= 2x faster than safetensors load_model" in out
+    doc = json.loads(report.read_text())
+    assert doc["mode"] == "warm" and doc["workload"]["model_bytes"] == TINY.nbytes(2)
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["torch"] == torch.__version__
+    rows = {r["loader"]: r for r in doc["rows"]}
+    assert set(rows) == {loader, "safetensors"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["seconds"] > 0 and row["gb_per_s"] > 0 and row["hwm_reset"] is True
+        assert row["peak_bytes"] < 3 * TINY.nbytes(2) + (64 << 20)
+        assert row["model_bytes"] == TINY.nbytes(2)
+        assert row["resident"] and row["runs"][0]["cached_before"] > 0.99
+    # both loaders saw the same weights
+    assert rows[loader]["check"] == pytest.approx(rows["safetensors"]["check"])
+    assert rows[loader]["backend"] == loader[3:]
+    targets = {t["text"]: t for t in doc["targets"]}
+    assert any("peak <= 1.03" in text for text in targets)
+    assert all(t["met"] in (True, False, None) for t in targets.values())
+
+
+def test_unavailable_loader_is_reported_not_skipped(tmp_path):
+    """A loader that cannot read the format is a table row that says why."""
+    from gemma_stream.benchmark.runner import availability, synthetic_workload
+
+    workload = synthetic_workload(TINY, "bf16", "ckpt", str(tmp_path))
+    assert "cannot read a ckpt" in availability("transformers", workload, None)
+    assert availability("twostep_torch", workload, None) == "needs --quantize"
+    assert availability("gs_python", workload, None) is None
