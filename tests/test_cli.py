@@ -432,3 +432,23 @@ def test_demo_tiny(tmp_path):
     proc = run_cli("demo", "--size", "tiny", "--workdir", tmp_path)
     assert "torch.load + load_state_dict" in proc.stdout and "faster" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # the checkpoint is removed
+
+
+def test_compare_non_finite_values_and_signed_zeros(tmp_path):
+    values = torch.tensor([[1.0, float("nan"), float("inf")], [0.0, -2.0, 3.0]])
+    moved = values.clone()
+    moved[0, 1], moved[1, 0] = 5.0, float("nan")  # the NaN moved: two positions disagree
+    zeros = values.clone()
+    zeros[1, 0] = -0.0
+    save_file({"w": values, "v": values.clone()}, tmp_path / "a.safetensors")
+    save_file({"w": moved.bfloat16(), "v": zeros}, tmp_path / "b.safetensors")
+    result = {t.name: t for t in verify.compare_checkpoints(tmp_path / "a.safetensors",
+                                                            tmp_path / "b.safetensors").tensors}
+    w, v = result["w"], result["v"]
+    assert (w.status, w.ok, w.nonfinite_mismatches) == ("differs", False, 2)
+    assert w.max_abs_err == 0.0  # finite positions: 1, inf==inf skipped, -2, 3 all agree in bf16
+    assert (v.status, v.ok, v.max_abs_err, v.sqnr_db) == ("differs", False, 0.0, None)
+    assert "signed zeros" in v.note
+    relaxed = {t.name: t for t in verify.compare_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                                                             min_sqnr_db=40).tensors}
+    assert relaxed["v"].status == "close" and relaxed["v"].ok and not relaxed["w"].ok
