@@ -210,9 +210,11 @@ class TensorComparison:
     dequantized, close (differs but reaches ``min_sqnr_db``), differs, low SQNR
     (a dequantized tensor below ``min_sqnr_db``), shape mismatch, bad layout, only
     in A, only in B, tied (missing on one side but the same view as a tensor both
-    sides hold, as ``convert`` writes tied weights once).  ``rel_err`` is the relative Frobenius error
-    ``||a - b|| / ||a||`` and ``sqnr_db`` is ``20 log10(||a|| / ||a - b||)`` (None
-    when the values agree exactly), both over positions finite on both sides.
+    sides hold, as ``convert`` writes tied weights once).
+
+    ``rel_err`` is the relative Frobenius error ``||a - b|| / ||a||`` and
+    ``sqnr_db`` is ``20 log10(||a|| / ||a - b||)`` (None when the values agree
+    exactly), both over positions finite on both sides, A as the reference.
     """
 
     name: str
