@@ -208,7 +208,7 @@ def _warnings(records: list[TensorRecord], base: str) -> list[str]:
     for (file, storage), names in shared.items():
         if len(names) > 1:
             out.append(f"{len(names)} tensors share storage {storage!r} of {os.path.relpath(file, base)} "
-                       f"(tied weights or views): {_names(names)}")
+                       f"(tied weights or views; the totals count each name): {_names(names)}")
     by_dtype = defaultdict(list)
     for r in records:
         if r.dtype.name in UNUSUAL_DTYPES:
