@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import gemma_stream as gs
+from gemma_stream import _int4_cpu as cpu4
 from gemma_stream import quant
 from gemma_stream.quant import dequantize, quantize_int4, quantize_int8
 
@@ -233,7 +234,7 @@ def test_reload_into_repacked_model_and_keep_vars(tmp_path, backend):
     with torch.device("meta"):
         model = Layers(128, 64)
     gs.load_into(model, path, quantize="int4", group_size=64, backend=backend)
-    assert quant._is_cpu_layout(model.wide.weight) == (quant._cpu_layout() is not None)
+    assert quant._is_cpu_layout(model.wide.weight) == (cpu4.layout() is not None)
     gs.load_into(model, path, backend=backend)  # second load writes the live tensors again
     assert_matches_reference(model, sd, "int4", 64, torch.bfloat16)
     live = model.state_dict(keep_vars=True)["wide.weight"]
@@ -257,12 +258,24 @@ def test_quant_linear_forward_matches_dequantized(scheme, rows, x_dtype):
     assert got.dtype == x_dtype and got.shape == (2, 5, rows)
     assert (got.float() - want).norm() <= 1e-2 * want.norm()
     if scheme == "int4":
-        assert quant._is_cpu_layout(layer.weight) == (rows % 16 == 0 and quant._cpu_layout() is not None)
+        assert quant._is_cpu_layout(layer.weight) == (rows % 16 == 0 and cpu4.layout() is not None)
+
+
+@pytest.mark.parametrize("k", [8, 33, 4097, 48])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_int8_forward_any_k_and_offset_input(k, rows):
+    """torch's int8 kernel needs K % 16 == 0 and aligned rows; other shapes take the fallback."""
+    torch.manual_seed(0)
+    layer = gs.quantize_(nn.Sequential(nn.Linear(k, rows)), "int8")[0]
+    base = torch.randn(301 * (k + 1)).bfloat16()
+    for x in (base[: 300 * k].view(300, k), base[1: 1 + 3 * k].view(3, k), base[:k].view(1, k)):
+        want = x.float() @ dequantize(layer).t() + layer.bias.float()
+        assert (layer(x).float() - want).norm() <= 1e-2 * want.norm()
 
 
 def test_int4_kernel_is_available_on_this_torch():
     """FORMATS.md: torch's CPU int4 op computes x @ ((q - 8) * s + z).T; the probe checks it."""
-    assert quant._cpu_layout() is not None
+    assert cpu4.layout() is not None
 
 
 def test_quant_linear_with_grad_input_uses_fallback():
@@ -291,20 +304,20 @@ def test_quant_embedding_gathers_rows(scheme, rows):
 
 
 def test_int4_repack_matches_torch_and_round_trips(monkeypatch):
-    layout = quant._cpu_layout()
+    layout = cpu4.layout()
     if layout is None:
         pytest.skip("no CPU int4 kernel in this torch")
     for native in (True, False):
         if not native:
-            monkeypatch.setattr(quant, "_native_repack", lambda to_kernel: None)
+            monkeypatch.setattr(cpu4, "native_repack", lambda to_kernel: None)
         for n, k in ((64, 32), (16, 64), (304, 256), (1040, 128)):
             plain = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
             w = plain.clone()
-            quant._repack_(w, layout, to_kernel=True)
-            assert torch.equal(w, quant._to_cpu_pack(quant._split_nibbles(plain))), (native, n, k)
+            cpu4.repack_(w, layout, to_kernel=True)
+            assert torch.equal(w, cpu4.torch_pack(cpu4.split_nibbles(plain))), (native, n, k)
             rows = torch.tensor([0, n - 1, n // 3, 17 % n])
-            assert torch.equal(quant._gather_cpu_rows(w, layout, rows), quant._split_nibbles(plain[rows]))
-            quant._repack_(w, layout, to_kernel=False)
+            assert torch.equal(cpu4.gather_rows(w, layout, rows), cpu4.split_nibbles(plain[rows]))
+            cpu4.repack_(w, layout, to_kernel=False)
             assert torch.equal(w, plain)
 
 

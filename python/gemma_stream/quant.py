@@ -14,7 +14,6 @@ quantized bytes straight from the checkpoint stream.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
@@ -23,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _int4_cpu as cpu4
+from ._int4_cpu import dequant_int4 as _dequant_int4
+from ._int4_cpu import split_nibbles as _split_nibbles
 from .errors import GemmaStreamError
 from .plan import QuantTarget
 
@@ -34,7 +36,7 @@ log = logging.getLogger("gemma_stream")
 FLT_EPSILON = 2.0 ** -23
 GROUP_SIZES = (32, 64, 128, 256)
 _SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CHUNK_BYTES = 8 << 20   # temporaries of in-memory quantization and of the int4 repack stay near this
+_CHUNK_BYTES = 8 << 20   # rows quantized at a time by quantize_ on a materialized model
 
 
 # ---------------------------------------------------------------- reference quantizers (the contract)
@@ -76,139 +78,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128,
     return packed, s, z
 
 
-def _split_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., K/2] -> the 4-bit values [..., K] (even k from the low nibble)."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
-
-
-def _join_nibbles(q: torch.Tensor) -> torch.Tensor:
-    return q[..., 0::2] | (q[..., 1::2] << 4)
-
-
 def _dequant_int8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return q.float() * s.float()[..., None]
-
-
-def _dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """q: 4-bit values [..., K]; s, z: [..., K/G] -> float32 ``(q - 8) * s + z``."""
-    groups = s.shape[-1]
-    g = q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).float()
-    return ((g - 8) * s.float()[..., None] + z.float()[..., None]).flatten(-2)
-
-
-# ---------------------------------------------------------------- torch's CPU int4 kernel layout
-# _convert_weight_to_int4pack_for_cpu (torch 2.13, aten/src/ATen/native/cpu/int4mm_kernel.cpp)
-# returns [N, K/2] uint8 built block by block: B rows (64 with AVX-512, 32 with AVX2 or
-# without vectors) become [K, B/2] bytes, byte (k, j) = q[lo(j), k] | q[hi(j), k] << 4,
-# pairing row j with row j + B/2 ("halves") or rows 2j, 2j+1 ("adjacent", always used
-# for a 16/32/48-row tail).  A block's bytes are the bytes its rows had in our layout,
-# so the repack runs in place, a few MiB of rows at a time, with uint8 ops only.  Which
-# variant this torch build uses is probed once against the op itself.
-
-@dataclass(frozen=True)
-class _CpuLayout:
-    block: int       # rows per full block
-    halves: bool     # full blocks pair row j with j + block/2 (else 2j with 2j + 1)
-
-
-_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F     # as int64 words: the nibble ops run 8 bytes at a time
-_HIGH_NIBBLES = -0x0F0F0F0F0F0F0F10   # 0xF0F0F0F0F0F0F0F0
-
-
-def _pair_rows(plain: torch.Tensor, halves: bool, out: torch.Tensor) -> None:
-    """Our layout [nb, B, K/2] -> the kernel's [nb, K, B/2], written to ``out``."""
-    nb, b, half_k = plain.shape
-    x, y = (plain[:, :b // 2], plain[:, b // 2:]) if halves else (plain[:, 0::2], plain[:, 1::2])
-    x, y = x.view(torch.int64), y.view(torch.int64)
-    even_k = (x & _LOW_NIBBLES) | ((y << 4) & _HIGH_NIBBLES)   # q[lo, 2m] | q[hi, 2m] << 4
-    odd_k = ((x >> 4) & _LOW_NIBBLES) | (y & _HIGH_NIBBLES)    # q[lo, 2m+1] | q[hi, 2m+1] << 4
-    dst = out.view(nb, half_k, 2, b // 2)
-    dst[:, :, 0].copy_(even_k.view(torch.uint8).transpose(1, 2))
-    dst[:, :, 1].copy_(odd_k.view(torch.uint8).transpose(1, 2))
-
-
-def _unpair_rows(packed: torch.Tensor, halves: bool, out: torch.Tensor) -> None:
-    """The kernel's [nb, K, B/2] -> our layout [nb, B, K/2], written to ``out``."""
-    nb, k, half_b = packed.shape
-    src = packed.view(nb, k // 2, 2, half_b)
-    even_k = src[:, :, 0].transpose(1, 2).contiguous().view(torch.int64)
-    odd_k = src[:, :, 1].transpose(1, 2).contiguous().view(torch.int64)
-    x, y = (out[:, :half_b], out[:, half_b:]) if halves else (out[:, 0::2], out[:, 1::2])
-    x.view(torch.int64).copy_((even_k & _LOW_NIBBLES) | ((odd_k << 4) & _HIGH_NIBBLES))
-    y.view(torch.int64).copy_(((even_k >> 4) & _LOW_NIBBLES) | (odd_k & _HIGH_NIBBLES))
-
-
-def _blocks(layout: _CpuLayout, rows: int):
-    """(first row, row count, block rows, halves) of the full blocks, then of the tail."""
-    full = rows // layout.block * layout.block
-    if full:
-        yield 0, full, layout.block, layout.halves
-    if rows > full:
-        yield full, rows - full, rows - full, False
-
-
-def _pack_cpu(plain: torch.Tensor, layout: _CpuLayout) -> torch.Tensor:
-    """Our [R, K/2] (starting on a block boundary) -> the kernel's bytes, [R, K/2]."""
-    out = torch.empty_like(plain)
-    half_k = plain.shape[1]
-    for r0, n, b, halves in _blocks(layout, plain.shape[0]):
-        _pair_rows(plain[r0:r0 + n].view(n // b, b, half_k), halves, out[r0:r0 + n])
-    return out
-
-
-def _unpack_cpu(packed: torch.Tensor, layout: _CpuLayout) -> torch.Tensor:
-    out = torch.empty_like(packed)
-    half_k = packed.shape[1]
-    for r0, n, b, halves in _blocks(layout, packed.shape[0]):
-        _unpair_rows(packed[r0:r0 + n].view(n // b, 2 * half_k, b // 2), halves,
-                     out[r0:r0 + n].view(n // b, b, half_k))
-    return out
-
-
-def _gather_cpu_rows(packed: torch.Tensor, layout: _CpuLayout, rows: torch.Tensor) -> torch.Tensor:
-    """4-bit values [T, K] of ``rows`` of a whole packed [N, K/2] weight."""
-    k = 2 * packed.shape[1]
-    out = torch.empty(rows.numel(), k, dtype=torch.uint8, device=packed.device)
-    for r0, n, b, halves in _blocks(layout, packed.shape[0]):
-        sel = (rows >= r0) & (rows < r0 + n)
-        if not bool(sel.any()):
-            continue
-        local = rows[sel] - r0
-        i = local % b
-        j = i % (b // 2) if halves else i // 2
-        high = i >= b // 2 if halves else (i % 2).bool()
-        byte = packed[r0:r0 + n].view(n // b, k, b // 2)[local // b, :, j]
-        out[sel] = torch.where(high[:, None], byte >> 4, byte & 0x0F)
-    return out
-
-
-def _to_cpu_pack(q4: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32).contiguous(), 2)
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_layout() -> _CpuLayout | None:
-    """Probe once which layout torch's CPU int4 ops use, and that they compute
-    ``x @ ((q - 8) * s + z).T`` as FORMATS.md says; None disables the kernel path."""
-    try:
-        gen = torch.Generator().manual_seed(0)
-        n, k, g = 2 * 128 + 48, 64, 32   # full blocks of any candidate size plus a tail
-        q4 = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
-        want = _to_cpu_pack(q4)
-        plain = _join_nibbles(q4)
-        layout = next((c for c in (_CpuLayout(b, h) for b in (64, 32, 16, 128) for h in (True, False))
-                       if torch.equal(_pack_cpu(plain, c), want)), None)
-        if layout is None or not torch.equal(_unpack_cpu(want, layout), plain):
-            return None
-        s = torch.rand(n, k // g, generator=gen).bfloat16() / 8 + 0.01
-        z = torch.randn(n, k // g, generator=gen).bfloat16()
-        x = torch.randn(3, k, generator=gen).bfloat16()
-        sz = torch.stack((s.t(), z.t()), dim=-1).contiguous()
-        got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, want, g, sz).float()
-        ref = x.float() @ _dequant_int4(q4, s, z).t()
-        return layout if bool((got - ref).norm() <= 1e-2 * ref.norm()) else None
-    except (AttributeError, RuntimeError):
-        return None
 
 
 # ---------------------------------------------------------------- modules
@@ -228,10 +99,20 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class _QuantWeight(nn.Module):
-    """Holds one quantized [N, K] matrix in the contract layout; shared by the two module types.
+    """One quantized [N, K] matrix; the shared base of QuantLinear and QuantEmbedding.
 
-    The tensors are frozen Parameters (as gemma_pytorch's quantized layers), so a
-    tied embedding and LM head stay one storage through ``.to()``.
+    The tensors are frozen Parameters with the contract names (gemma_pytorch
+    registers its quantized weights the same way), so a tied embedding and LM
+    head stay one storage through ``.to()``.
+
+    int4 and torch's CPU kernel: ``gs_post_load`` (or the first forward) rewrites
+    the ``weight`` bytes in place into the kernel's layout, so the model never
+    holds a second copy; a flag on the tensor records it.  Whatever hands the
+    bytes out goes back through the contract layout: ``state_dict()`` returns a
+    contract-layout *copy* of an int4 weight (a later repack must not change a
+    dict already handed out), while ``state_dict(keep_vars=True)``,
+    ``load_state_dict`` and ``gs_quant_target`` (callers that write into the
+    live tensors) convert back in place first; the next forward repacks.
     """
 
     def _init_quant(self, scheme: str, shape: tuple[int, int], group_size: int, scale_dtype: torch.dtype | None,
@@ -280,7 +161,7 @@ class _QuantWeight(nn.Module):
         w = self.weight
         if not _is_cpu_layout(w):
             return
-        _repack_(w, _cpu_layout(), to_kernel=False)
+        cpu4.repack_(w, cpu4.layout(), to_kernel=False)
         setattr(w, _CPU_LAYOUT, False)
 
     def _to_cpu_layout_(self) -> bool:
@@ -288,10 +169,10 @@ class _QuantWeight(nn.Module):
         w = self.weight
         if _is_cpu_layout(w):
             return True
-        layout = _cpu_layout() if self.scheme == "int4" and w.device.type == "cpu" else None
+        layout = cpu4.layout() if self.scheme == "int4" and w.device.type == "cpu" else None
         if layout is None or w.shape[0] % 16:
             return False
-        _repack_(w, layout, to_kernel=True)
+        cpu4.repack_(w, layout, to_kernel=True)
         setattr(w, _CPU_LAYOUT, True)
         return True
 
@@ -301,8 +182,8 @@ class _QuantWeight(nn.Module):
         if not _is_cpu_layout(w):
             return _split_nibbles(w if rows is None else w[rows])
         if rows is None:
-            return _split_nibbles(_unpack_cpu(w, _cpu_layout()))
-        return _gather_cpu_rows(w, _cpu_layout(), rows)
+            return _split_nibbles(cpu4.unpack(w, cpu4.layout()))
+        return cpu4.gather_rows(w, cpu4.layout(), rows)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float [N, K] matrix the quantized tensors stand for."""
@@ -318,7 +199,7 @@ class _QuantWeight(nn.Module):
         if self.scheme == "int4" and not keep_vars:
             # a copy: the live bytes may hold (or later be repacked to) the kernel layout
             w = self.weight
-            destination[prefix + "weight"] = _unpack_cpu(w.detach(), _cpu_layout()) if _is_cpu_layout(w) else \
+            destination[prefix + "weight"] = cpu4.unpack(w.detach(), cpu4.layout()) if _is_cpu_layout(w) else \
                 w.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -363,7 +244,8 @@ class QuantLinear(_QuantWeight):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         out = None
-        if x2.shape[0] and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and \
+        # torch's CPU kernels are vectorized for bf16 activations only (f32/f16 run a scalar loop)
+        if x2.shape[0] and x.device.type == "cpu" and x.dtype == torch.bfloat16 and \
                 not (torch.is_grad_enabled() and x.requires_grad):
             scale = self.weight_scaler if self.scheme == "int8" else self.weight_scale
             if not scale.requires_grad:
@@ -376,6 +258,13 @@ class QuantLinear(_QuantWeight):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.scheme == "int8":
+            # torch 2.13's AVX2/AVX-512 int8 kernels load 16 k at a time with *aligned* loads and
+            # check neither: a K that is not a multiple of 16 or a misaligned row reads garbage
+            # (or segfaults).  Fresh CPU allocations are 64-byte aligned.
+            if self.in_features % 16 or self.weight.data_ptr() % 64:
+                return None
+            if x.data_ptr() % 64:
+                x = x.clone()
             return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.weight_scaler.to(x.dtype))
         if not self._to_cpu_layout_():
             return None
@@ -413,32 +302,6 @@ class QuantEmbedding(_QuantWeight):
         except Exception:  # noqa: BLE001 - a fn that only moves devices, or cannot take a probe
             pass
         return super()._apply(fn, recurse)
-
-
-def _native_repack(to_kernel: bool):
-    try:
-        from . import _native
-    except ImportError:
-        return None
-    return getattr(_native, "int4_to_cpu_kernel_layout" if to_kernel else "int4_from_cpu_kernel_layout", None)
-
-
-def _repack_(weight: torch.Tensor, layout: _CpuLayout, *, to_kernel: bool) -> None:
-    """Convert an int4 weight between our layout and the CPU kernel's, in place.
-
-    The C++ kernel (csrc/quant.cc) needs one block of scratch; the torch
-    fallback works through about _CHUNK_BYTES of rows at a time."""
-    n, k = weight.shape[0], 2 * weight.shape[1]
-    native = _native_repack(to_kernel)
-    if native is not None and weight.is_contiguous():
-        native(weight.data_ptr(), n, k, layout.block, layout.halves)
-        return
-    step = max(1, _CHUNK_BYTES // (2 * k) // layout.block) * layout.block
-    convert = _pack_cpu if to_kernel else _unpack_cpu
-    with torch.no_grad():
-        for r0 in range(0, n, step):
-            rows = weight[r0:r0 + step]
-            rows.copy_(convert(rows, layout))
 
 
 # ---------------------------------------------------------------- dequantize
