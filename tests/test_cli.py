@@ -387,6 +387,8 @@ def test_convert_sharded_bf16_then_verify(files, tmp_path, capsys):
     proc = call_cli(capsys, "verify", files["ckpt_real"], "--against", out)
     assert proc.returncode == 0, proc.stdout
     assert ": 4 tensors: 3 equal as bf16, 1 tied (lowest SQNR " in proc.stdout.splitlines()[-1]
+    proc = call_cli(capsys, "verify", files["ckpt_real"], "--against", out, "--ignore", "^(rows|proj)", "--json")
+    assert json.loads(proc.stdout)["comparison"]["counts"] == {"equal as bf16": 1, "tied": 1}
 
 
 def test_convert_quantized_output_verifies(files, tmp_path, capsys):
@@ -427,9 +429,10 @@ def test_bench_plot_writes_a_png(tmp_path):
     json.loads(report.read_text())
 
 
-def test_demo_tiny(tmp_path):
+def test_demo_tiny(tmp_path, capsys):
     _harness_or_skip()
-    proc = run_cli("demo", "--size", "tiny", "--workdir", tmp_path)
+    proc = call_cli(capsys, "demo", "--size", "tiny", "--workdir", tmp_path)  # its loaders run in subprocesses
+    assert proc.returncode == 0, proc.stderr
     assert "torch.load + load_state_dict" in proc.stdout and "faster" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # the checkpoint is removed
 

@@ -117,6 +117,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--min-sqnr", type=float, metavar="DB",
                    help="accept values that differ if their SQNR is at least DB (default: dequantized "
                         "tensors pass with their figures reported, other differences fail)")
+    p.add_argument("--ignore", type=_regex, metavar="REGEX",
+                   help="leave tensors whose name matches out of --against (e.g. 'freqs_cis', which convert drops)")
     p.add_argument("--batch-mb", type=_positive_int, default=256, metavar="MB",
                    help="tensor bytes held per comparison batch, both sides together (default 256)")
     p.add_argument("--key", help="state dict inside a torch zip (both sides)")
@@ -359,11 +361,13 @@ def _run_verify(args, document: dict, lines: list[str]) -> None:
     with _bar(args, total, "compare") as bar:
         comparison = verify.compare_checkpoints(args.path, args.against, key=args.key, min_sqnr_db=args.min_sqnr,
                                                 batch_bytes=args.batch_mb * MIB, backend=args.backend,
-                                                on_bytes=bar.update, checkpoints=tuple(checkpoints))
+                                                on_bytes=bar.update, checkpoints=tuple(checkpoints),
+                                                ignore=args.ignore)
     document["ok"] = comparison.ok
     document["verdict"] = _comparison_verdict(comparison)
     document["comparison"] = {"a": resolve_path(args.path), "b": resolve_path(args.against),
-                              "min_sqnr_db": args.min_sqnr, "counts": dict(comparison.counts()),
+                              "min_sqnr_db": args.min_sqnr, "ignore": args.ignore and args.ignore.pattern,
+                              "counts": dict(comparison.counts()),
                               "tensors": [dataclasses.asdict(t) for t in comparison.tensors]}
     lines += format_comparison(comparison)
 

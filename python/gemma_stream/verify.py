@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -411,16 +412,18 @@ def _batches(pairs: list, batch_bytes: int) -> Iterator[list]:
 def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, *, key: str | None = None,
                         min_sqnr_db: float | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
                         backend: str = "auto", on_bytes: OnBytes | None = None,
-                        checkpoints: tuple[Checkpoint, Checkpoint] | None = None) -> Comparison:
+                        checkpoints: tuple[Checkpoint, Checkpoint] | None = None,
+                        ignore: re.Pattern | None = None) -> Comparison:
     """Stream two checkpoints tensor by tensor, a batch of about ``batch_bytes`` at a time.
 
     Peak memory is one batch of both sides (or the largest tensor pair, whichever
     is larger) plus float temporaries of ``CHUNK_ELEMENTS``; never two whole models.
-    ``on_bytes(n)`` is called as tensor bytes are read (for a progress bar).
+    ``on_bytes(n)`` is called as tensor bytes are read (for a progress bar);
+    names matching ``ignore`` (``re.search``) are left out on both sides.
     """
     ckpt_a, ckpt_b = checkpoints or (open_checkpoint(path_a, key=key), open_checkpoint(path_b, key=key))
     result = Comparison(os.fspath(path_a), os.fspath(path_b), min_sqnr_db=min_sqnr_db)
-    pairs = pair_operands(ckpt_a, ckpt_b)
+    pairs = [pair for pair in pair_operands(ckpt_a, ckpt_b) if ignore is None or not ignore.search(pair[0])]
     position = {name: i for i, (name, _, _) in enumerate(pairs)}
     judged: list[TensorComparison] = []
     comparable = []
