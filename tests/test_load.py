@@ -339,3 +339,9 @@ def test_rename_map_may_name_computed_buffers(tmp_path, backend):
         computed = ("freqs_cis",)
     report = gs.load_into(model, path, rename=Map(), backend=backend)
     assert report.missing_keys == [] and torch.equal(model.freqs_cis, torch.ones(4))
+
+
+def test_complex64_written_by_safetensors(tmp_path, backend):
+    x = torch.randn(4, 3, dtype=torch.complex64)
+    save_file({"freqs_cis": x}, str(tmp_path / "c.safetensors"))
+    assert torch.equal(gs.load_state_dict(tmp_path / "c.safetensors", backend=backend)["freqs_cis"], x)

@@ -43,7 +43,7 @@ _TABLE = [
     ("f64",   12, 8, "F64",     torch.float64,        True),
     ("f8_e4m3", 13, 1, "F8_E4M3", getattr(torch, "float8_e4m3fn", None), True),
     ("f8_e5m2", 14, 1, "F8_E5M2", getattr(torch, "float8_e5m2", None), True),
-    ("c64",   15, 8, None,      torch.complex64,      False),
+    ("c64",   15, 8, "C64",     torch.complex64,      False),
     ("c128",  16, 16, None,     torch.complex128,     False),
 ]
 
