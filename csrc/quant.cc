@@ -165,7 +165,8 @@ void unpack_block(const uint8_t* kernel, uint8_t* plain, int64_t b, int64_t half
 }
 
 template <typename BlockFn>
-void for_each_block(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves, BlockFn fn) {
+bool for_each_block(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves, BlockFn fn) {
+  if (rows <= 0 || K <= 0 || block <= 0 || rows % 2 || K % 2 || block % 2) return false;
   const int64_t half_k = K / 2;
   std::vector<uint8_t> scratch(static_cast<std::size_t>(block * half_k));
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
@@ -175,16 +176,17 @@ void for_each_block(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool 
     fn(at, scratch.data(), b, half_k, b == block && halves);
     std::memcpy(at, scratch.data(), bytes);
   }
+  return true;
 }
 
 }  // namespace
 
-void int4_to_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves) {
-  for_each_block(data, rows, K, block, halves, pack_block);
+bool int4_to_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves) {
+  return for_each_block(data, rows, K, block, halves, pack_block);
 }
 
-void int4_from_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves) {
-  for_each_block(data, rows, K, block, halves, unpack_block);
+bool int4_from_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves) {
+  return for_each_block(data, rows, K, block, halves, unpack_block);
 }
 
 }  // namespace gs

@@ -28,8 +28,9 @@ int64_t quantize_int4_rows(const void* src, DType src_dtype, int64_t rows, int64
 // produces: each block of `block` rows becomes [K, block/2] bytes with byte
 // (k, j) = q[lo(j), k] | q[hi(j), k] << 4, (lo, hi) = (j, j + block/2) when
 // `halves`, else (2j, 2j + 1); a last block of fewer rows always pairs (2j, 2j + 1).
-// `data` starts on a block boundary; K is a multiple of 16. Temporaries: one block.
-void int4_to_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves);
-void int4_from_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves);
+// `data` starts on a block boundary. Temporaries: one block. Returns false (and
+// touches nothing) unless rows, K and block are even and positive.
+bool int4_to_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves);
+bool int4_from_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves);
 
 }  // namespace gs

@@ -159,7 +159,8 @@ def repack_(weight: torch.Tensor, layout: CpuLayout, *, to_kernel: bool) -> None
     n, k = weight.shape[0], 2 * weight.shape[1]
     native = native_repack(to_kernel)
     if native is not None and weight.device.type == "cpu" and weight.is_contiguous():
-        native(weight.data_ptr(), n, k, layout.block, layout.halves)
+        if not native(weight.data_ptr(), n, k, layout.block, layout.halves):
+            raise ValueError(f"int4 repack: bad shape [{n}, {k}] for blocks of {layout.block} rows")
         return
     step = max(1, _CHUNK_BYTES // (2 * k) // layout.block) * layout.block
     convert = pack if to_kernel else unpack
