@@ -7,6 +7,7 @@
 #include "convert.h"
 #include "executor.h"
 #include "file.h"
+#include "quant.h"
 
 namespace py = pybind11;
 
@@ -76,5 +77,15 @@ PYBIND11_MODULE(_native, m) {
   m.def("run", &run, py::arg("files"), py::arg("jobs"), py::arg("threads"), py::arg("chunk_bytes"),
         py::arg("drop_cache"), py::arg("progress"),
         "Run copy jobs; returns (bytes_read, completed).");
+  // In-place int4 repack between the stored layout and torch's CPU kernel layout
+  // (quant.h); QuantLinear calls it once per layer after a load.
+  m.def("int4_to_cpu_kernel_layout", [](uintptr_t data, int64_t rows, int64_t K, int64_t block, bool halves) {
+    py::gil_scoped_release release;
+    return gs::int4_to_cpu_kernel_layout(reinterpret_cast<uint8_t*>(data), rows, K, block, halves);
+  });
+  m.def("int4_from_cpu_kernel_layout", [](uintptr_t data, int64_t rows, int64_t K, int64_t block, bool halves) {
+    py::gil_scoped_release release;
+    return gs::int4_from_cpu_kernel_layout(reinterpret_cast<uint8_t*>(data), rows, K, block, halves);
+  });
   m.def("hardware_threads", []() { return static_cast<int>(std::thread::hardware_concurrency()); });
 }
