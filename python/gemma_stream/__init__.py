@@ -8,6 +8,7 @@
 
 from . import maps
 from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
+from .convert import convert
 from .errors import CheckpointError, GemmaStreamError, MismatchError
 from .executors import BACKEND, native_available
 from .plan import Route
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
     "Route", "TensorInfo",
-    "__version__", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
+    "__version__", "convert", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
 ]
