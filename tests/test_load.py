@@ -345,3 +345,15 @@ def test_complex64_written_by_safetensors(tmp_path, backend):
     x = torch.randn(4, 3, dtype=torch.complex64)
     save_file({"freqs_cis": x}, str(tmp_path / "c.safetensors"))
     assert torch.equal(gs.load_state_dict(tmp_path / "c.safetensors", backend=backend)["freqs_cis"], x)
+
+
+def test_meta_tensors_left_unfilled_are_reported(tmp_path, backend):
+    sd = reference_state()
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    with torch.device("meta"):
+        model = Tiny()
+        model.register_buffer("inv_freq", torch.ones(4), persistent=False)
+    report = gs.load_into(model, path, backend=backend)
+    assert report.uninitialized == ["inv_freq"]
+    assert not model.inv_freq.is_meta

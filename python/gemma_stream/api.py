@@ -5,6 +5,7 @@ Each one is the same pipeline: format reader -> plan -> executor.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ __all__ = ["LoadReport", "TensorInfo", "load_into", "load_state_dict", "inspect"
 
 Progress = Union[None, bool, Callable[[int, int], Union[bool, None]]]
 _AUTO_PROGRESS_BYTES = 1 << 30
+logger = logging.getLogger("gemma_stream")
 
 
 @dataclass
@@ -109,7 +111,7 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     return read, time.perf_counter() - start, executor.name
 
 
-def _materialize(model: torch.nn.Module, device: torch.device) -> list[str]:
+def _materialize(model: torch.nn.Module, device: torch.device) -> list[tuple[str, torch.Tensor]]:
     """Allocate every meta parameter and buffer on ``device``, keeping ties and Parameter classes."""
     replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(old) -> (old, new)
     names = []
@@ -118,7 +120,6 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> list[str]:
             for attr, old in list(slot.items()):
                 if old is None or not old.is_meta:
                     continue
-                names.append(f"{prefix}.{attr}" if prefix else attr)
                 if id(old) not in replaced:
                     data = torch.empty(old.shape, dtype=old.dtype, device=device)
                     if isinstance(old, torch.nn.Parameter):
@@ -130,6 +131,7 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> list[str]:
                         new = data
                     replaced[id(old)] = (old, new)
                 slot[attr] = replaced[id(old)][1]
+                names.append((f"{prefix}.{attr}" if prefix else attr, slot[attr]))
     return names
 
 
@@ -177,10 +179,15 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
         hook = getattr(module, "gs_post_load", None)
         if hook is not None:
             hook()
-    missing = set(plan.missing_keys)  # every name of a tied group the checkpoint left unfilled
+    filled = {id(targets[n]) for n in plan.loaded if n in targets}
+    uninitialized = [n for n, tensor in allocated if id(tensor) not in filled]
+    if uninitialized:
+        # e.g. non-persistent buffers (rotary inv_freq) that a meta-built model never computed
+        logger.warning("gemma_stream: %d tensors were allocated from meta but not in the checkpoint; their "
+                       "memory is uninitialized: %s", len(uninitialized), ", ".join(uninitialized[:10]))
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
-                      uninitialized=[n for n in allocated if n in missing or n not in targets],
+                      uninitialized=uninitialized,
                       bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files))
 
 
