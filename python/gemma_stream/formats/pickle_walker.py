@@ -2,9 +2,10 @@
 
 ``torch.save`` writes its object tree as a pickle whose only "code" is a handful
 of well-known globals (``_rebuild_tensor_v2``, storage types, ``OrderedDict``).
-This module interprets the opcodes itself: every GLOBAL must be on an allowlist
-and becomes an inert :class:`Global` marker, and REDUCE is answered by our own
-small handlers that build inert values (:class:`TensorView`, dicts, tuples).
+This module interprets the opcodes itself: every GLOBAL must be on the allowlist
+of :mod:`.torch_globals` and becomes an inert :class:`Global` marker, and REDUCE
+is answered by that module's small handlers, which build inert values
+(:class:`TensorView`, dicts, tuples).
 Nothing from the pickle is imported, called or instantiated, so a malicious
 ``data.pkl`` can at worst produce a :class:`~gemma_stream.errors.CheckpointError`.
 
@@ -17,123 +18,16 @@ Example::
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..dtypes import DTYPES, DType
 from ..errors import CheckpointError
+from .torch_globals import ALLOWED, REDUCERS, SCALARS, Global, StorageRef, TensorView, describe
 
 __all__ = ["Global", "StorageRef", "TensorView", "walk_pickle", "describe", "MAX_CONTAINERS"]
 
 #: containers a pickle may create; a 2B model needs ~2k, 100k tensors ~600k.  Bounds
 #: the memory an adversarial pickle can make us allocate (1 opcode byte -> ~60 bytes).
 MAX_CONTAINERS = 1 << 22
-
-
-@dataclass(frozen=True, eq=False)
-class Global:
-    """An allowlisted global, by qualified name; ``dtype`` for storage types and dtypes."""
-
-    qualname: str
-    dtype: DType | None = None
-    is_storage_type: bool = False
-
-
-@dataclass(frozen=True, eq=False)
-class StorageRef:
-    """A persistent id ``('storage', type, key, location, numel)``: bytes in ``data/<key>``.
-
-    ``numel`` counts elements of ``dtype`` (``u8`` bytes for ``UntypedStorage``).
-    """
-
-    key: str
-    dtype: DType
-    location: str
-    numel: int
-
-
-@dataclass(frozen=True, eq=False)
-class TensorView:
-    """What ``_rebuild_tensor_v2/v3`` would build: a strided view of one storage.
-
-    ``storage_offset``, ``size`` and ``stride`` are in elements of ``dtype``.
-    Only the types are checked here; ranges are validated by the zip reader,
-    which knows the tensor's name and the storage's real size.
-    """
-
-    storage: StorageRef
-    dtype: DType
-    storage_offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-# --- the allowlist ----------------------------------------------------------------
-# Legacy typed storage classes (torch.storage._dtype_to_storage_type_map); dtypes added
-# since then are saved as UntypedStorage plus a torch dtype passed to _rebuild_tensor_v3.
-_STORAGE_TYPES = {
-    "DoubleStorage": "f64", "FloatStorage": "f32", "HalfStorage": "f16", "LongStorage": "i64",
-    "IntStorage": "i32", "ShortStorage": "i16", "CharStorage": "i8", "ByteStorage": "u8",
-    "BoolStorage": "bool", "BFloat16Storage": "bf16", "ComplexDoubleStorage": "c128",
-    "ComplexFloatStorage": "c64",
-}
-_ALLOWED: dict[str, Global] = {}
-for _cls, _name in _STORAGE_TYPES.items():
-    for _module in ("torch", "torch.cuda"):
-        _ALLOWED[f"{_module}.{_cls}"] = Global(f"{_module}.{_cls}", DTYPES[_name], True)
-_ALLOWED["torch.storage.UntypedStorage"] = Global("torch.storage.UntypedStorage", DTYPES["u8"], True)
-for _dtype in DTYPES.values():
-    if _dtype.torch is not None:  # str(torch.bfloat16) == "torch.bfloat16", as pickled
-        _ALLOWED[str(_dtype.torch)] = Global(str(_dtype.torch), _dtype)
-for _name in ("collections.OrderedDict", "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
-              "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter",
-              "torch._utils._rebuild_parameter_with_state", "torch._tensor._rebuild_from_type_v2",
-              "torch.Tensor", "torch.nn.parameter.Parameter", "torch.Size", "_codecs.encode", "builtins.set"):
-    _ALLOWED[_name] = Global(_name)
-_TENSOR_CLASSES = ("torch.Tensor", "torch.nn.parameter.Parameter")
-_SCALARS = (str, int, float, bool, bytes, type(None))
-
-
-def describe(obj: Any, limit: int = 80) -> str:
-    """A short, bounded, cycle-safe repr of a walked value (for ``Checkpoint.extras``)."""
-    out: list[str] = []
-    used = 0
-
-    def emit(text: str) -> None:
-        nonlocal used
-        out.append(text)
-        used += len(text)
-
-    def walk(value: Any, depth: int) -> None:
-        if isinstance(value, TensorView):
-            emit(f"tensor({value.dtype.name}{list(value.size)})")
-        elif isinstance(value, Global):
-            emit(value.qualname)
-        elif isinstance(value, int) and value.bit_length() > 64:  # str() of huge ints is slow or refused
-            emit(f"<{value.bit_length()}-bit int>")
-        elif isinstance(value, _SCALARS):
-            emit(repr(value[:limit] if isinstance(value, (str, bytes)) else value))
-        elif not isinstance(value, (dict, list, tuple, set, frozenset)):
-            emit(type(value).__name__)
-        elif depth >= 4:  # also what ends a cycle
-            emit("...")
-        else:
-            pairs = value.items() if isinstance(value, dict) else ((None, item) for item in value)
-            brackets = "{}" if isinstance(value, dict) else "[]" if isinstance(value, list) else "()"
-            emit(brackets[0])
-            for i, (key, item) in enumerate(pairs):
-                if used > limit:  # stop early: a value may hold millions of items
-                    return
-                emit(", " if i else "")
-                if key is not None:
-                    walk(key, depth + 1)
-                    emit(": ")
-                walk(item, depth + 1)
-            emit(brackets[1])
-
-    walk(obj, 0)
-    text = "".join(out)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _Walker:
@@ -186,7 +80,7 @@ class _Walker:
     def hashable(self, key: Any) -> Any:
         # Only scalars (and flat tuples of them) may be dict keys or set items: hashing a
         # deeply nested tuple from an adversarial pickle could overflow the C stack.
-        if isinstance(key, _SCALARS) or (isinstance(key, tuple) and all(isinstance(k, _SCALARS) for k in key)):
+        if isinstance(key, SCALARS) or (isinstance(key, tuple) and all(isinstance(k, SCALARS) for k in key)):
             return key
         raise self.fail(f"a {type(key).__name__} used as a dict key or set item is not supported")
 
@@ -198,7 +92,7 @@ class _Walker:
 
     def lookup_global(self, module: str, name: str) -> Global:
         module = {"__builtin__": "builtins"}.get(module, module)  # protocol-2 spelling
-        found = _ALLOWED.get(f"{module}.{name}")
+        found = ALLOWED.get(f"{module}.{name}")
         if found is None:
             raise self.fail(f"global '{module}.{name}' is not allowed; gemma_stream never executes pickle code "
                             f"(only plain tensors, dicts and scalars are supported)")
@@ -346,7 +240,7 @@ class _Walker:
 
     def reduce(self) -> None:
         args, func = self.stack.pop(), self.stack.pop()
-        handler = _REDUCERS.get(func.qualname) if isinstance(func, Global) else None
+        handler = REDUCERS.get(func.qualname) if isinstance(func, Global) else None
         if handler is None:
             raise self.fail(f"calling {describe(func)} is not allowed; gemma_stream never executes pickle code")
         if not isinstance(args, tuple):
@@ -381,98 +275,6 @@ for _method, _codes in {
     "get": b"hj", "global_op": b"c", "stack_global": b"\x93", "binpersid": b"Q", "reduce": b"R", "build": b"b",
 }.items():
     _OPCODES.update(dict.fromkeys(_codes, _method))
-
-
-# -- REDUCE handlers: our own code computing inert values, one per allowlisted callable --
-def _int_tuple(w: _Walker, value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int for v in value):
-        raise w.fail(f"tensor {what} {describe(value)} is not a tuple of integers")
-    return tuple(value)
-
-
-def _tensor_rebuilder(name: str, counts: tuple[int, ...], dtype_at: int | None) -> Callable[[_Walker, tuple], Any]:
-    """``_rebuild_tensor(storage, offset, size, stride)``; ``_v2`` adds requires_grad, hooks
-    and optional metadata; ``_v3`` adds the dtype (for storages saved as UntypedStorage)."""
-    def rebuild(w: _Walker, args: tuple) -> TensorView:
-        if len(args) not in counts:
-            raise w.fail(f"{name} called with {len(args)} arguments, expected {' or '.join(map(str, counts))}")
-        storage, offset = args[0], args[1]
-        if not isinstance(storage, StorageRef) or type(offset) is not int:
-            raise w.fail(f"{name} expects a storage and an integer offset, got {describe(args[:2])}")
-        dtype = storage.dtype
-        if dtype_at is not None:
-            marker = args[dtype_at]
-            if not (isinstance(marker, Global) and marker.dtype and not marker.is_storage_type):
-                raise w.fail(f"{name}: dtype {describe(marker)} is not a supported torch dtype")
-            dtype = marker.dtype
-        metadata = args[counts[-1] - 1] if len(args) == counts[-1] > 4 else None
-        if isinstance(metadata, dict) and any(metadata.values()):
-            # conj/neg bits make the stored bytes differ from the tensor's values
-            raise w.fail(f"tensor with metadata {describe(metadata)} (conj/neg bit) is not supported; "
-                         f"save t.resolve_conj().resolve_neg() instead")
-        return TensorView(storage, dtype, offset, _int_tuple(w, args[2], "size"), _int_tuple(w, args[3], "stride"))
-    return rebuild
-
-
-def _rebuild_parameter(w: _Walker, args: tuple) -> TensorView:
-    # (data, requires_grad, hooks[, state]): the state is python attributes, ignored
-    if len(args) not in (3, 4) or not isinstance(args[0], TensorView):
-        raise w.fail(f"_rebuild_parameter called with {describe(args)}")
-    return args[0]
-
-
-def _rebuild_from_type_v2(w: _Walker, args: tuple) -> Any:
-    # (func, new_type, args, state): how a Tensor/Parameter with python attributes is saved
-    if len(args) != 4:
-        raise w.fail(f"_rebuild_from_type_v2 called with {describe(args)}")
-    func, new_type, inner = args[:3]
-    if not (isinstance(new_type, Global) and new_type.qualname in _TENSOR_CLASSES):
-        raise w.fail(f"tensor subclass {describe(new_type)} is not supported")
-    handler = _REDUCERS.get(func.qualname) if isinstance(func, Global) else None
-    if handler is None or not isinstance(inner, tuple) or func.qualname == "torch._tensor._rebuild_from_type_v2":
-        raise w.fail(f"_rebuild_from_type_v2 with {describe(func)} is not supported")
-    result = handler(w, inner)
-    if not isinstance(result, TensorView):
-        raise w.fail("_rebuild_from_type_v2 did not rebuild a tensor")
-    return result
-
-
-def _ordered_dict(w: _Walker, args: tuple) -> dict:
-    # OrderedDict() (items follow as SETITEMS): a plain dict keeps insertion order
-    if args and not (len(args) == 1 and isinstance(args[0], dict)):
-        raise w.fail(f"OrderedDict called with {describe(args)}")
-    return dict(args[0]) if args else {}
-
-
-def _codecs_encode(w: _Walker, args: tuple) -> bytes:
-    # protocol 2 pickles bytes as _codecs.encode(text, "latin1")
-    if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
-        raise w.fail(f"_codecs.encode called with {describe(args)}")
-    return args[0].encode("latin1")
-
-
-def _sequence(kind: type) -> Callable[[_Walker, tuple], Any]:
-    """``set(list)``, ``torch.Size(tuple)``: built as a set or a tuple."""
-    def build(w: _Walker, args: tuple) -> Any:
-        if args and not (len(args) == 1 and isinstance(args[0], (list, tuple))):
-            raise w.fail(f"{kind.__name__} called with {describe(args)}")
-        items = args[0] if args else ()
-        return kind(w.hashable(item) for item in items) if kind is set else kind(items)
-    return build
-
-
-_REDUCERS: dict[str, Callable[[_Walker, tuple], Any]] = {
-    "torch._utils._rebuild_tensor": _tensor_rebuilder("_rebuild_tensor", (4,), None),
-    "torch._utils._rebuild_tensor_v2": _tensor_rebuilder("_rebuild_tensor_v2", (6, 7), None),
-    "torch._utils._rebuild_tensor_v3": _tensor_rebuilder("_rebuild_tensor_v3", (7, 8), 6),
-    "torch._utils._rebuild_parameter": _rebuild_parameter,
-    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
-    "collections.OrderedDict": _ordered_dict,
-    "_codecs.encode": _codecs_encode,
-    "torch.Size": _sequence(tuple),
-    "builtins.set": _sequence(set),
-}
 
 
 def walk_pickle(data: bytes, where: str = "data.pkl") -> Any:
