@@ -152,6 +152,15 @@ def test_safetensors_source_keeps_its_metadata(tmp_path, backend):
     assert torch.equal(loaded["a"], sd["a"].float()) and torch.equal(loaded["b"], sd["b"])
 
 
+def test_key_selects_the_state_dict(tmp_path, backend):
+    src, dst = tmp_path / "two.pt", tmp_path / "ema.safetensors"
+    ema = {"w": torch.randn(3, 2), "v": torch.ones(2)}
+    torch.save({"model": {"w": torch.zeros(3, 2)}, "ema": ema, "step": 7}, src)
+    gs.convert(src, dst, key="ema", backend=backend)
+    loaded = load_file(dst)
+    assert set(loaded) == set(ema) and all(torch.equal(loaded[k], v) for k, v in ema.items())
+
+
 # --- sharded output -----------------------------------------------------------------------
 
 

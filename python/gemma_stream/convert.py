@@ -16,9 +16,9 @@ stay as they are) whose K (dim 1) fits the scheme (int4: a multiple of
 uint8 [N, K/2] + ``X.weight_scale``, ``X.weight_zero`` bfloat16 [N, K/G].
 
 Tied tensors of a torch zip (the same view of one storage under two names) are
-written once, under the first name in storage order; the dropped names are in
-``ConvertReport.aliases``.  Different views of one storage are written each as
-its own contiguous copy.
+written once, under the alphabetically first of those names (safetensors cannot
+alias); the others are in ``ConvertReport.aliases``.  Different views of one
+storage (a slice, a transpose) are each written as their own contiguous copy.
 
 >>> report = gs.convert("gemma-2b.ckpt", "gemma-2b.safetensors", dtype=torch.bfloat16)
 >>> report.files, report.bytes_written
