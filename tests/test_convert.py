@@ -385,11 +385,7 @@ def big_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("option", ["dtype", "int8"])
-def test_peak_rss_stays_near_one_block(big_ckpt, tmp_path, backend, option, request):
-    if backend == "python" and option == "int8":
-        # measured ~310 MiB: the fallback's quantizer keeps several float32 temporaries of a 16 MiB chunk per
-        # thread (load_into(quantize="int8", backend="python") shows the same ~210 MiB over the model)
-        request.applymarker(pytest.mark.xfail(strict=True, reason="python executor int8 temporaries"))
+def test_peak_rss_stays_near_one_block(big_ckpt, tmp_path, backend, option):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(gs.__file__)))
     out = subprocess.run([sys.executable, "-c", CHILD, big_ckpt, str(tmp_path / "out.safetensors"), backend, option],
                          capture_output=True, text=True, env=env, timeout=300)

@@ -88,7 +88,9 @@ class _Run:
             per = max(1, self.chunk_bytes // item)
             return [lambda b=b: self._copy(fd, path, job, b, min(numel, b + per)) for b in range(0, numel, per)]
         rows, k = job.shape
-        per = max(1, self.chunk_bytes // (k * item))
+        # the torch reference quantizers keep ~5 float32 temporaries per element:
+        # size their row blocks so those stay within one chunk per thread
+        per = max(1, self.chunk_bytes // (k * 20))
         return [lambda b=b: self._quant(fd, path, job, b, min(rows, b + per)) for b in range(0, rows, per)]
 
     def _copy(self, fd: int, path: str, job: CopyJob, begin: int, end: int) -> int:
