@@ -6,6 +6,8 @@
 >>> gs.load_into(model, "model.safetensors")
 """
 
+import logging
+
 from . import maps
 from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
 from .convert import convert
@@ -15,6 +17,9 @@ from .plan import Route
 from .quant import QuantEmbedding, QuantLinear, quantize_
 
 __version__ = "0.1.0"
+
+# silent unless the application configures logging (the CLI's -v does)
+logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 
 __all__ = [
     "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
