@@ -8,7 +8,7 @@
 
 import logging
 
-from . import maps
+from . import hf, maps  # hf imports transformers only when called
 from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
 from .convert import convert
 from .errors import CheckpointError, GemmaStreamError, MismatchError
@@ -24,5 +24,5 @@ logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 __all__ = [
     "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
     "Route", "TensorInfo",
-    "__version__", "convert", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
+    "__version__", "convert", "hf", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
 ]
