@@ -181,18 +181,21 @@ def test_quantize_int8_logits_stay_close(sharded_f32, dtype, backend):
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
 
 
-def test_quantize_int8_matches_the_reference_quantizer(tmp_path, backend):
-    """The int8 error is the quantizer's own: same logits as float weights set to dequant(quantize_int8(w))."""
-    from gemma_stream.quant import quantize_int8
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_matches_the_reference_quantizer(tmp_path, backend, scheme):
+    """The error is the quantizer's own: same logits as float weights set to dequant(quantize(w)), the
+    scaled embedding (and the lm_head tied to it) included."""
+    from gemma_stream.quant import dequantize, quantize_int4, quantize_int8
     random_model("gemma3").save_pretrained(tmp_path, max_shard_size="40KB")
     fake_quant = reference(tmp_path, torch.float32)
     with torch.no_grad():
-        for module in fake_quant.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                q, scale = quantize_int8(module.weight)
-                module.weight.copy_(q.float() * scale[:, None])
+        for module in fake_quant.model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                parts = quantize_int8(module.weight) if scheme == "int8" else quantize_int4(module.weight, 32)
+                module.weight.copy_(dequantize(parts))
     expected = logits(fake_quant)
-    ours = logits(gs_hf.from_pretrained(tmp_path, dtype=torch.float32, quantize="int8", backend=backend))
+    ours = logits(gs_hf.from_pretrained(tmp_path, dtype=torch.float32, quantize=scheme, group_size=32,
+                                        backend=backend))
     assert ((ours - expected).norm() / expected.norm()).item() < 1e-5
 
 

@@ -354,6 +354,72 @@ def test_quantize_skip_predicate_patterns_and_custom_forward():
     assert type(model.b[1]) is nn.Linear
 
 
+class GemmaLikeScaledWordEmbedding(nn.Embedding):
+    """transformers' Gemma*TextScaledWordEmbedding written out: the scale is a non-persistent buffer."""
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, embed_scale=1.0):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.scalar_embed_scale = embed_scale
+        self.embed_scale = nn.Buffer(torch.tensor(embed_scale), persistent=False)
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
+
+
+class BartLikeScaledWordEmbedding(nn.Embedding):
+    def __init__(self, num_embeddings, embedding_dim, embed_scale=1.0):
+        super().__init__(num_embeddings, embedding_dim)
+        self.embed_scale = embed_scale   # a Python float, multiplied unrounded
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * self.embed_scale
+
+
+class UnroundedScaledWordEmbedding(GemmaLikeScaledWordEmbedding):
+    def forward(self, input_ids):   # the float32 buffer as is: other bits than Gemma's in bf16
+        return nn.Embedding.forward(self, input_ids) * self.embed_scale
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scaled_word_embedding_is_quantized_bit_exact(scheme, dtype):
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.embed = GemmaLikeScaledWordEmbedding(320, 128, 0, embed_scale=128 ** 0.5)  # 11.31...: not a bf16
+    model.embed.weight.data = model.embed.weight.data.to(dtype)  # the float32 scale is rounded to dtype per call
+    model.head = nn.Linear(128, 320, bias=False, dtype=dtype)
+    model.head.weight = model.embed.weight
+    scale = model.embed.embed_scale
+    gs.quantize_(model, scheme, group_size=64)
+    assert type(model.embed) is quant.QuantScaledEmbedding and isinstance(model.embed, gs.QuantEmbedding)
+    assert model.head.weight is model.embed.weight
+    report = model.gs_quantize_report
+    assert report.quantized == ["embed", "head"] and report.tied == [("embed", "head")] and report.skipped == {}
+    assert model.embed.embed_scale is scale and "embed.embed_scale" not in model.state_dict()
+    model.head.gs_post_load()  # int4: the shared storage now holds the kernel layout
+    # the float module on the dequantized weight, with the same buffer
+    ref = GemmaLikeScaledWordEmbedding(320, 128, 0, embed_scale=128 ** 0.5)
+    ref.weight.data = dequantize(model.embed).to(dtype)
+    ids = torch.randperm(320, generator=torch.Generator().manual_seed(0)).reshape(4, 80)   # every row
+    with torch.no_grad():
+        assert torch.equal(model.embed(ids), ref(ids))
+        model.half(), ref.half()  # the buffer follows, as in the float module (and so do the scales)
+        ref.weight.data = dequantize(model.embed).half()
+        assert model.embed.embed_scale.dtype == torch.float16 and torch.equal(model.embed(ids), ref(ids))
+
+
+def test_scaled_embedding_look_alikes_stay_float():
+    model = nn.Module()
+    model.bart = BartLikeScaledWordEmbedding(10, 32, embed_scale=3.3)
+    model.unrounded = UnroundedScaledWordEmbedding(10, 32, embed_scale=3.3).bfloat16()
+    model.plain = nn.Embedding(10, 32)
+    gs.quantize_(model, "int8")
+    assert type(model.bart) is BartLikeScaledWordEmbedding and type(model.unrounded) is UnroundedScaledWordEmbedding
+    assert model.gs_quantize_report.skipped == {"bart": "BartLikeScaledWordEmbedding overrides forward",
+                                                "unrounded": "UnroundedScaledWordEmbedding overrides forward"}
+    assert type(model.plain) is gs.QuantEmbedding
+
+
 def test_quantize_materialized_model_matches_reference():
     torch.manual_seed(0)
     model = Layers(128, 64).bfloat16()

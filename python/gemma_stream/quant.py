@@ -26,11 +26,11 @@ from ._int4_cpu import dequant_int4 as _dequant_int4
 from ._int4_cpu import split_nibbles as _split_nibbles
 from .errors import GemmaStreamError
 # the modules live in quant_modules; quant stays their public home (gs.quant.QuantLinear, ...)
-from .quant_modules import GROUP_SIZES, QuantEmbedding, QuantLinear, _QuantWeight
+from .quant_modules import GROUP_SIZES, QuantEmbedding, QuantLinear, QuantScaledEmbedding, _QuantWeight
 from .quant_modules import _check_scheme, _default_scale_dtype, _dequant_int8, _is_cpu_layout  # noqa: F401 - tests
 
 __all__ = ["quantize_int8", "quantize_int4", "dequantize", "quantize_", "QuantLinear", "QuantEmbedding",
-           "QuantizeReport", "FLT_EPSILON", "GROUP_SIZES"]
+           "QuantScaledEmbedding", "QuantizeReport", "FLT_EPSILON", "GROUP_SIZES"]
 
 log = logging.getLogger("gemma_stream")
 
@@ -134,7 +134,7 @@ def _why_not(name: str, module: nn.Module, scheme: str, group_size: int, skip) -
     if not name:
         return "the model itself cannot be replaced in place"
     base = nn.Linear if isinstance(module, nn.Linear) else nn.Embedding
-    if type(module).forward is not base.forward:
+    if type(module).forward is not base.forward and not QuantScaledEmbedding.stands_in_for(module):
         return f"{type(module).__name__} overrides forward"
     if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
         return "embedding with max_norm or sparse gradients"
@@ -178,6 +178,9 @@ def _replacement(module: nn.Module, scheme: str, group_size: int, scale_dtype: t
     if isinstance(module, nn.Linear):
         return QuantLinear(module.in_features, module.out_features, module.bias is not None,
                            dtype=w.dtype, _bias=module.bias, **kwargs)
+    if QuantScaledEmbedding.stands_in_for(module):  # Gemma's embed_tokens: keep its computed embed_scale buffer
+        return QuantScaledEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
+                                    module.embed_scale, dtype=w.dtype, **kwargs)
     return QuantEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype=w.dtype, **kwargs)
 
 
@@ -195,7 +198,9 @@ def quantize_(model: nn.Module, scheme: str, *, group_size: int = 128, scale_dty
     takes module names (``fnmatch`` patterns allowed) or ``predicate(name,
     module) -> bool``.  Modules that stay float (skipped, K not a multiple of
     ``group_size``, a subclass with its own forward, a tie with one of those)
-    are listed with the reason in ``model.gs_quantize_report.skipped``.  A weight
+    are listed with the reason in ``model.gs_quantize_report.skipped``.  The
+    one subclass taken is transformers' Gemma ``*ScaledWordEmbedding``, which
+    becomes a :class:`QuantScaledEmbedding` keeping its ``embed_scale``.  A weight
     tied between modules (embedding and LM head) becomes one quantized storage
     shared by both.
 

@@ -1,4 +1,4 @@
-"""Quantized modules: QuantLinear and QuantEmbedding (layouts in ../shared/FORMATS.md).
+"""Quantized modules: QuantLinear, QuantEmbedding, QuantScaledEmbedding (layouts in ../shared/FORMATS.md).
 
 Their ``state_dict()`` is always the contract layout, whatever they keep
 internally (int4 weights are repacked in place for torch's CPU kernel), so
@@ -22,7 +22,7 @@ from ._int4_cpu import split_nibbles as _split_nibbles
 from .errors import GemmaStreamError
 from .plan import QuantTarget
 
-__all__ = ["QuantLinear", "QuantEmbedding", "GROUP_SIZES"]
+__all__ = ["QuantLinear", "QuantEmbedding", "QuantScaledEmbedding", "GROUP_SIZES"]
 
 GROUP_SIZES = (32, 64, 128, 256)
 _SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -263,3 +263,65 @@ class QuantEmbedding(_QuantWeight):
         except Exception:  # noqa: BLE001 - a fn that only moves devices, or cannot take a probe
             pass
         return super()._apply(fn, recurse)
+
+
+class QuantScaledEmbedding(QuantEmbedding):
+    """A transformers ``*ScaledWordEmbedding`` (Gemma's ``embed_tokens``) with int8 or int4 rows.
+
+    Gemma scales its embeddings by ``sqrt(hidden_size)`` inside the embedding's
+    forward, ``embedding(ids) * embed_scale.to(weight.dtype)``, with
+    ``embed_scale`` a non-persistent buffer that no checkpoint holds.  This
+    module keeps that buffer (``quantize_`` hands over the float module's own
+    tensor, so the value computed when the model was built carries over) and
+    applies it the same way: its output is bit for bit the float module's on
+    the dequantized weight.
+
+    >>> embed = QuantScaledEmbedding(256000, 2048, 0, embed_scale=2048 ** 0.5, scheme="int8")
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 embed_scale: float | torch.Tensor = 1.0, **kwargs):
+        super().__init__(num_embeddings, embedding_dim, padding_idx, **kwargs)
+        if not isinstance(embed_scale, torch.Tensor):
+            embed_scale = torch.tensor(embed_scale, device=kwargs.get("device"))
+        self.register_buffer("embed_scale", embed_scale, persistent=False)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(input)
+        return rows * self.embed_scale.to(rows.dtype)
+
+    @staticmethod
+    def stands_in_for(module: nn.Module) -> bool:
+        """Whether ``module`` is a scaled word embedding this class reproduces exactly.
+
+        Narrow on purpose: an ``nn.Embedding`` subclass named ``*ScaledWordEmbedding``
+        with a scalar floating ``embed_scale`` buffer, whose forward computes
+        ``embedding(ids) * embed_scale.to(weight.dtype)`` on a probe.  BART's
+        (``embed_scale`` a Python float attribute) and any forward that does
+        something else stay float, reported as overriding forward.
+        """
+        scale = module._buffers.get("embed_scale") if isinstance(module, nn.Embedding) else None
+        return (type(module).__name__.endswith("ScaledWordEmbedding") and isinstance(scale, torch.Tensor)
+                and scale.dim() == 0 and scale.is_floating_point() and _forward_is_scaled_lookup(type(module)))
+
+
+def _forward_is_scaled_lookup(cls: type) -> bool:
+    """Run ``cls.forward`` on a small CPU stand-in (its ``__init__`` skipped) and compare.
+
+    bf16 rows times a float32 scale that bf16 cannot hold: multiplying by the
+    unrounded scale (a Python float, or the float32 tensor as is) gives other
+    bits than rounding the scale to the weight dtype first, as Gemma does.
+    """
+    weight = (torch.arange(-8, 8, dtype=torch.float32, device="cpu") * 0.37).to(torch.bfloat16).reshape(8, 2)
+    scale = torch.tensor(3.3, dtype=torch.float32, device="cpu")
+    ids = torch.tensor([[7, 0, 3], [1, 5, 6]], device="cpu")
+    try:
+        probe = cls.__new__(cls)
+        nn.Embedding.__init__(probe, 8, 2, _weight=weight)
+        probe.register_buffer("embed_scale", scale, persistent=False)
+        with torch.no_grad():
+            got = probe(ids)
+    except Exception:  # noqa: BLE001 - a forward that needs more than an embedding and a scale is not this one
+        return False
+    want = F.embedding(ids, weight) * scale.to(torch.bfloat16)
+    return isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
