@@ -199,6 +199,34 @@ def test_quantize_matches_the_reference_quantizer(tmp_path, backend, scheme):
     assert ((ours - expected).norm() / expected.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("scheme, group_size, bound", [("int8", 128, 0.05), ("int4", 32, 0.4)])
+def test_quantize_takes_the_scaled_embedding_and_its_tied_head(sharded_f32, scheme, group_size, bound):
+    """Gemma's *ScaledWordEmbedding is quantized, the lm_head tied to it shares its quantized tensors, the
+    embed_scale computed at build time is kept; both executors give the same bytes and the same logits."""
+    family, path = sharded_f32
+    float_model = reference(path, torch.bfloat16)
+    models = {backend: gs_hf.from_pretrained(path, dtype=torch.bfloat16, quantize=scheme, group_size=group_size,
+                                             backend=backend) for backend in ("native", "python")}
+    for model in models.values():
+        embed = model.model.embed_tokens
+        assert isinstance(embed, gs.QuantEmbedding) and embed.weight.dtype in (torch.int8, torch.uint8)
+        quantized = dict(embed.named_parameters())
+        assert len(quantized) == (2 if scheme == "int8" else 3)
+        assert all(quantized[name] is tensor for name, tensor in model.lm_head.named_parameters())
+        assert torch.equal(embed.embed_scale, float_model.model.embed_tokens.embed_scale)
+        assert model.gs_quantize_report.skipped == {}
+        assert model.gs_quantize_report.tied == [("model.embed_tokens", "lm_head")]
+    native_state, python_state = models["native"].state_dict(), models["python"].state_dict()
+    assert all(torch.equal(tensor, python_state[name]) for name, tensor in native_state.items())
+    ours, theirs = logits(models["native"]), logits(float_model)
+    assert torch.equal(ours, logits(models["python"]))
+    ours, theirs = ours.float(), theirs.float()
+    error = ((ours - theirs).norm() / theirs.norm()).item()
+    print(f"\n{family} bf16 {scheme} (embedding and lm_head quantized too): relative logits error {error:.4f}, "
+          f"argmax agreement {(ours.argmax(-1) == theirs.argmax(-1)).float().mean():.2f}")
+    assert error < bound
+
+
 def test_importing_gemma_stream_does_not_import_transformers():
     code = ("import sys, gemma_stream, gemma_stream.maps, gemma_stream.hf; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
