@@ -108,7 +108,9 @@ def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str
 
         def run():
             report = gs.load_into(model, ctx.files["primary"], **kwargs)
-            ctx.spec["_info"] = {"backend": report.backend, "bytes_read": report.bytes_read}
+            # the executor's own seconds: the rest of the load is planning and allocation
+            ctx.spec["_info"] = {"backend": report.backend, "bytes_read": report.bytes_read,
+                                 "executor_seconds": report.seconds}
             return model
         return run
     return prepare

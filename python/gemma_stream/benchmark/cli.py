@@ -223,11 +223,10 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         _check_disk(folder, shape.nbytes(itemsize))
         workload = synthetic_workload(shape, args.dtype, "ckpt", folder, durable=False)
-        started = time.perf_counter()
-        print(f"writing a Gemma-shaped checkpoint ({shape.layers} layers of Gemma-2B width, vocabulary {shape.vocab}, "
-              f"{workload.data_bytes / _GIB:.2f} GiB {args.dtype}, torch zip like gemma_pytorch's) ...", flush=True)
-        path = workload.ensure("primary")["path"]
-        print(f"  {path}: {time.perf_counter() - started:.1f} s", flush=True)
+        layers = f"{shape.layers} layer" + ("s" if shape.layers != 1 else "")
+        print(f"Gemma-shaped checkpoint: hidden size {shape.hidden}, {layers}, vocabulary {shape.vocab}, "
+              f"{workload.data_bytes / _GIB:.2f} GiB {args.dtype}, a torch zip like gemma_pytorch's", flush=True)
+        workload.ensure("primary")
         ours = "gs_native" if gs.native_available() else "gs_python"
         print("loading it twice, each in a fresh process (file in the page cache) ...", flush=True)
         rows = run_loaders(workload, [ours, "torch_load"], cold=False)

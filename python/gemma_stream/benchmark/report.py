@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ def format_table(workload: Workload, rows: list[Row], *, cold: bool, quantize: s
     refs = [(rid, head, "of") for rid, head in _BOUND_REFS if rid in ok]
     refs += [(rid, head, "vs") for rid, head in _SPEED_REFS
              if rid in ok and (rid != "torch_load_mmap" or workload.fmt == "ckpt")]
-    header = ["loader", "reads", "s", "GB/s", "peak GiB", "peak/model", "resident"]
+    repeated = any(len(r.runs) > 1 for r in rows)
+    header = ["loader", "reads", "s", *(["min s"] if repeated else []), "GB/s", "peak GiB", "peak/model", "resident"]
     if quantize:
         header.append("SQNR dB")
     header += [head for _, head, _ in refs]
@@ -50,7 +52,8 @@ def format_table(workload: Workload, rows: list[Row], *, cold: bool, quantize: s
             continue
         d = row.as_dict(workload.data_bytes)
         reads = workload.fmt if row.reads == "primary" else row.reads
-        cells = [row.label, reads, f"{d['seconds']:.2f}", f"{d['gb_per_s']:.2f}",
+        cells = [row.label, reads, f"{d['seconds']:.2f}", *([f"{d['min_seconds']:.2f}"] if repeated else []),
+                 f"{d['gb_per_s']:.2f}",
                  f"{d['peak_bytes'] / _GIB:.2f}", f"{d['peak_over_model']:.2f}x", row.resident]
         if quantize:
             sqnr = d.get("sqnr_db")
@@ -65,10 +68,10 @@ def format_table(workload: Workload, rows: list[Row], *, cold: bool, quantize: s
     out = [f"{workload.title}; model {workload.model_bytes / _GIB:.2f} GiB, read {workload.data_bytes / 1e9:.2f} GB; "
            f"{mode}" + (f"; quantize {quantize}" if quantize else ""),
            "  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    busy = [r.get("cpu_busy_before", 0.0) for row in rows for r in row.runs]
-    if busy and max(busy) > 0.25:
-        out.insert(1, f"WARNING: other work was running (CPU up to {max(busy):.0%} busy before a load): timings are "
-                      "noisy; --wait-idle SECONDS waits for a quiet machine")
+    others = [r.get("others_cpu", 0.0) for row in rows for r in row.runs]
+    if others and max(others) > 0.10:
+        out.insert(1, f"WARNING: other processes used up to {max(others):.0%} of the CPUs during a load "
+                      f"(median {statistics.median(others):.0%}): timings are noisy; see 'min s', or use --wait-idle")
     for cells in lines:
         if len(cells) != len(header):
             out.append(f"{cells[0].ljust(widths[0])}  {cells[1]}")
@@ -78,7 +81,10 @@ def format_table(workload: Workload, rows: list[Row], *, cold: bool, quantize: s
               "of read-1t": "1-thread sequential pread", "vs st": "safetensors load_model",
               "vs tf": "transformers from_pretrained", "vs tl-mmap": "torch.load(mmap) + load_state_dict",
               "vs bf16": "the unquantized gemma_stream load"}
-    out.append("s: median seconds until all weights are in memory (+touch: one read per page, the weights stay "
+    for row in rows:
+        if row.status == "ok" and row.errors:
+            out.append(f"NOTE: {row.label}: {row.message}")
+    out.append("s: median seconds (min s: fastest run) until all weights are in memory (+touch: one read per page, the weights stay "
                "mapped); GB/s: checkpoint bytes / s; peak: VmHWM over the RSS before the load;")
     out.append("resident: anon or file-backed after the load (a/f: fractions of the model); 'of X' = X's s / this "
                "row's s (1.00 = as fast as X); 'vs X' = speedup over X; X: "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,12 +59,16 @@ def wait_for_idle(limit_seconds: float, busy_max: float = 0.15) -> float:
     return busy
 
 
-def mem_available() -> int:
+def _meminfo(field: str) -> int:
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def mem_available() -> int:
+    return _meminfo("MemAvailable")
 
 
 # ---------------------------------------------------------------- what is loaded
@@ -233,6 +238,7 @@ class Row:
     message: str = ""
     runs: list[dict] = field(default_factory=list)
     reads: str = ""
+    errors: list[str] = field(default_factory=list)
 
     def _median(self, key: str) -> float | None:
         values = [r[key] for r in self.runs if r.get(key) is not None]
@@ -241,6 +247,11 @@ class Row:
     @property
     def seconds(self) -> float | None:
         return self._median("seconds")
+
+    @property
+    def min_seconds(self) -> float | None:
+        values = [r["seconds"] for r in self.runs]
+        return min(values) if values else None
 
     @property
     def peak_bytes(self) -> int | None:
@@ -269,12 +280,13 @@ class Row:
         seconds = self.seconds
         out = {"loader": self.loader, "label": self.label, "kind": self.kind, "status": self.status,
                "message": self.message, "reads": self.reads, "seconds": seconds,
-               "seconds_all": [r["seconds"] for r in self.runs], "peak_bytes": self.peak_bytes,
+               "seconds_all": [r["seconds"] for r in self.runs], "min_seconds": self.min_seconds,
+               "peak_bytes": self.peak_bytes,
                "model_bytes": self.model_bytes, "resident": self.resident,
                "gb_per_s": data_bytes / seconds / 1e9 if seconds else None,
                "peak_over_model": self.peak_bytes / self.model_bytes if self.runs and self.model_bytes else None,
-               "runs": self.runs}
-        for key in ("anon_bytes", "file_bytes", "check", "sqnr_db", "backend", "hwm_reset"):
+               "runs": self.runs, "errors": self.errors}
+        for key in ("anon_bytes", "file_bytes", "check", "sqnr_db", "backend", "hwm_reset", "executor_seconds"):
             out[key] = self.last(key)
         return out
 
@@ -290,12 +302,27 @@ def _child_env() -> dict:
     return env
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values) - idle, sum(values)
+
+
 def _run_child(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "gemma_stream.benchmark", "--child", json.dumps(spec)]
+    usage0, (busy0, total0) = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_jiffies()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
+    usage1, (busy1, total1) = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_jiffies()
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            result = json.loads(line[len(RESULT_PREFIX):])
+            # CPU time the rest of the machine used while the child ran (ours excluded): interference
+            ticks = os.sysconf("SC_CLK_TCK")
+            ours = (usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime) * ticks
+            result["others_cpu"] = max(0.0, (busy1 - busy0 - ours) / max(total1 - total0, 1))
+            return result
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     reason = lines[-1] if lines else f"exit status {proc.returncode}, no output"
     if proc.returncode < 0:
@@ -363,7 +390,7 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
             loader = LOADERS[row.loader]
             out_bytes = quant_bytes if (quantize and loader.quantizes) else workload.model_bytes
             if loader.doubles_memory:
-                need = 2.1 * workload.model_bytes + (1 << 30)
+                need = workload.data_bytes + 1.1 * workload.model_bytes + (1 << 30)   # state dict + model
                 if need > mem_available():
                     row.status = "skipped"
                     row.message = (f"needs about {need / 2**30:.1f} GiB (two copies), "
@@ -387,14 +414,22 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
             try:
                 result = _run_child(spec, timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                row.status, row.message = "error", str(exc)[-300:]
-                _log(f"    error: {row.message}")
+                row.errors.append(str(exc)[-300:])
+                _log(f"    error: {row.errors[-1]}")
                 continue
             result["cached_before"] = cached
             result["cpu_busy_before"] = busy
+            result["mem_free_before"] = _meminfo("MemFree")
             result["expected_model_bytes"] = out_bytes
             row.runs.append(result)
-            _log(f"    {result['seconds']:.2f} s, peak {result['peak_bytes'] / 2**30:.2f} GiB")
+            _log(f"    {result['seconds']:.2f} s, peak {result['peak_bytes'] / 2**30:.2f} GiB, "
+                 f"other work {result['others_cpu']:.0%} of the CPUs meanwhile")
+    for row in rows:
+        if row.status == "ok" and row.errors:
+            if not row.runs:
+                row.status, row.message = "error", row.errors[-1]
+            else:
+                row.message = f"{len(row.errors)} of {len(row.errors) + len(row.runs)} runs failed: {row.errors[-1]}"
     return rows
 
 
