@@ -284,7 +284,7 @@ def _read_into(fds: list[int], view: memoryview, group: list) -> None:
             got += n
 
 
-def _pread_bound(threads: int, direct: bool = False):
+def _pread_bound(threads: int, direct: bool = False, huge_pages: bool = False):
     def prepare(ctx: Context):
         paths = ctx.files["data"]
         pieces, alloc = _pieces(paths, _DIRECT_ALIGN if direct else 1)
@@ -294,6 +294,8 @@ def _pread_bound(threads: int, direct: bool = False):
             fds = [os.open(p, flags) for p in paths]
             # fresh, untouched private anonymous memory, like a just-allocated parameter
             buf = mmap.mmap(-1, max(alloc, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if huge_pages:   # transparent huge pages: one fault per 2 MiB instead of per 4 KiB
+                buf.madvise(mmap.MADV_HUGEPAGE)
             view = memoryview(buf)
             errors: list[BaseException] = []
 
@@ -338,9 +340,31 @@ def _memcpy_bound(ctx: Context):
     return run
 
 
+def _mmap_copy_bound(ctx: Context):
+    """mmap the file and copy it with torch's (multi-threaded) copy_: what safetensors' load_model does."""
+    paths = ctx.files["data"]
+
+    def run():
+        total = sum(os.path.getsize(p) for p in paths)
+        dst = torch.empty(total, dtype=torch.uint8)
+        at = 0
+        for p in paths:
+            with open(p, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # private: never written
+            src = torch.frombuffer(mapped, dtype=torch.uint8)
+            for offset in range(0, src.numel(), _IO_BYTES):
+                piece = src[offset:offset + _IO_BYTES]
+                dst[at + offset:at + offset + piece.numel()].copy_(piece)
+            at += src.numel()
+            del src, piece
+            mapped.close()
+        return _Buffer(dst, total)
+    return run
+
+
 @dataclass
 class _Buffer:
-    data: mmap.mmap
+    data: object   # keeps the destination alive until the child has measured it
     nbytes: int
 
 
@@ -367,6 +391,9 @@ LOADERS: dict[str, Loader] = {
     "read_1t": Loader("bound: pread, 1 thread", "primary", _pread_bound(1), kind="bound"),
     "memcpy_1t": Loader("bound: mmap + memcpy, 1 thread", "primary", _memcpy_bound, kind="bound"),
     "pread_2t": Loader("bound: pread, 2 threads", "primary", _pread_bound(2), kind="bound"),
+    "pread_2t_thp": Loader("bound: pread, 2 threads, huge pages", "primary", _pread_bound(2, huge_pages=True),
+                           kind="bound"),
+    "mmap_copy_2t": Loader("bound: mmap + torch copy_ (2 threads)", "primary", _mmap_copy_bound, kind="bound"),
     "odirect_2t": Loader("bound: O_DIRECT pread, 2 threads", "primary", _pread_bound(2, direct=True), kind="bound"),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -16,7 +17,7 @@ from .shapes import SIZES, parse_size
 
 __all__ = ["add_bench_arguments", "run_bench", "add_demo_arguments", "run_demo", "default_loaders"]
 
-_BOUNDS = ["read_1t", "memcpy_1t", "pread_2t", "odirect_2t"]
+_BOUNDS = ["read_1t", "memcpy_1t", "mmap_copy_2t", "pread_2t", "pread_2t_thp", "odirect_2t"]
 _GIB = 2**30
 
 
@@ -60,6 +61,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="gemma_stream only, on several sizes (--scaling-sizes): GB/s per size, warm and cold")
     parser.add_argument("--scaling-sizes", default="1b,2b,7b")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per load before it counts as failed")
+    parser.add_argument("--render", metavar="FILE.json", default=None,
+                        help="print the table (and --plot) again from a --json file, without loading anything")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each load, wait up to SECONDS for the CPUs to be idle (shared machines)")
     return parser
@@ -94,6 +97,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         raise SystemExit("bench: --repeat must be at least 1")
     fmt = "hf" if args.hf else args.fmt
+    if args.render:
+        return _render(args)
     if args.scaling:
         return _run_scaling(args)
     workdir, temporary = (None, False) if args.path else _workdir(args)
@@ -118,6 +123,23 @@ def run_bench(args: argparse.Namespace) -> int:
     finally:
         if temporary:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _render(args) -> int:
+    """Table, targets and chart again from a JSON file (e.g. after changing how they are computed)."""
+    with open(args.render) as f:
+        doc = json.load(f)
+    if "rows" not in doc:
+        raise SystemExit(f"bench: {args.render} is not a bench --json file with rows")
+    w = doc["workload"]
+    workload = Workload(title=w["title"], fmt=w["format"], model=w["model"], model_dtype=w["model_dtype"],
+                        stored_dtype=None, data_bytes=w["data_bytes"], model_bytes=w["model_bytes"])
+    rows = [Row(r["loader"], r["label"], r["kind"], r["status"], r["message"], r["runs"], r["reads"],
+                r.get("errors", [])) for r in doc["rows"]]
+    args.cold, args.quantize, args.group_size = doc["mode"] == "cold", doc["quantize"], doc["group_size"]
+    args.json_path = None
+    _report(args, workload, rows, doc.get("started", 0.0))
+    return 0
 
 
 def _report(args, workload: Workload, rows: list[Row], started: float) -> None:

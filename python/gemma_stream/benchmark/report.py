@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .runner import Row, Workload
+from .runner import CLEAN_OTHERS_CPU, Row, Workload
 
 __all__ = ["Target", "evaluate_targets", "format_table", "machine_info", "write_json", "write_plot"]
 
@@ -41,7 +41,8 @@ def format_table(workload: Workload, rows: list[Row], *, cold: bool, quantize: s
     refs += [(rid, head, "vs") for rid, head in _SPEED_REFS
              if rid in ok and (rid != "torch_load_mmap" or workload.fmt == "ckpt")]
     repeated = any(len(r.runs) > 1 for r in rows)
-    header = ["loader", "reads", "s", *(["min s"] if repeated else []), "GB/s", "peak GiB", "peak/model", "resident"]
+    header = ["loader", "reads", *(["quiet"] if repeated else []), "s", *(["min s"] if repeated else []), "GB/s",
+              "peak GiB", "peak/model", "resident"]
     if quantize:
         header.append("SQNR dB")
     header += [head for _, head, _ in refs]
@@ -52,7 +53,8 @@ def format_table(workload: Workload, rows: list[Row], *, cold: bool, quantize: s
             continue
         d = row.as_dict(workload.data_bytes)
         reads = workload.fmt if row.reads == "primary" else row.reads
-        cells = [row.label, reads, f"{d['seconds']:.2f}", *([f"{d['min_seconds']:.2f}"] if repeated else []),
+        cells = [row.label, reads, *([f"{d['quiet_runs']}/{len(row.runs)}"] if repeated else []),
+                 f"{d['seconds']:.2f}", *([f"{d['min_seconds']:.2f}"] if repeated else []),
                  f"{d['gb_per_s']:.2f}",
                  f"{d['peak_bytes'] / _GIB:.2f}", f"{d['peak_over_model']:.2f}x", row.resident]
         if quantize:
@@ -69,9 +71,10 @@ def format_table(workload: Workload, rows: list[Row], *, cold: bool, quantize: s
            f"{mode}" + (f"; quantize {quantize}" if quantize else ""),
            "  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     others = [r.get("others_cpu", 0.0) for row in rows for r in row.runs]
-    if others and max(others) > 0.10:
-        out.insert(1, f"WARNING: other processes used up to {max(others):.0%} of the CPUs during a load "
-                      f"(median {statistics.median(others):.0%}): timings are noisy; see 'min s', or use --wait-idle")
+    if others and max(others) > CLEAN_OTHERS_CPU:
+        out.insert(1, f"NOTE: other processes used up to {max(others):.0%} of the CPUs during a load (median "
+                      f"{statistics.median(others):.0%}); s is the median over the quiet runs (others < "
+                      f"{CLEAN_OTHERS_CPU:.0%}; 'quiet' counts them), or over all runs when none was quiet")
     for cells in lines:
         if len(cells) != len(header):
             out.append(f"{cells[0].ljust(widths[0])}  {cells[1]}")
