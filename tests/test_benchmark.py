@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import gemma_stream as gs
 from gemma_stream.benchmark import SIZES, GemmaShaped, parse_size, tensor_specs
 from gemma_stream.benchmark import writers
-from gemma_stream.benchmark.child import _pieces, _split
+from gemma_stream.benchmark.bounds import _pieces, _split
 from gemma_stream.benchmark.shapes import module_from_specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ you have), warm or cold, and the results come out as one table with the issue ta
 
 The pieces, along the pipeline: ``shapes`` (Gemma shapes and a model class buildable on meta),
 ``writers`` (streaming checkpoint writers, page-cache control), ``child`` (one load in a subprocess),
-``runner`` (checkpoints on disk, subprocesses, repeats), ``report`` (table, targets, JSON, chart),
-``cli`` (the ``bench`` and ``demo`` entry points).
+``bounds`` (the same bytes with no parsing), ``runner`` (checkpoints on disk, subprocesses,
+repeats), ``report`` (table, targets, JSON, chart), ``cli`` (the ``bench`` and ``demo`` entry points).
 """
 
 from .cli import add_bench_arguments, add_demo_arguments, default_loaders, run_bench, run_demo

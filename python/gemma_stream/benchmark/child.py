@@ -12,21 +12,18 @@ from __future__ import annotations
 import gc
 import json
 import math
-import mmap
-import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from .bounds import Buffer, memcpy_bound, mmap_copy_bound, pread_bound
+
 __all__ = ["LOADERS", "Loader", "child_main", "RESULT_PREFIX"]
 
 RESULT_PREFIX = "GSBENCH_RESULT "
-_IO_BYTES = 64 << 20
-_DIRECT_ALIGN = 4096
 
 
 # ---------------------------------------------------------------- /proc/self/status
@@ -249,125 +246,6 @@ def _twostep_torchao(ctx: Context):
     return run
 
 
-# ---------------------------------------------------------------- bounds: the same bytes, no parsing
-
-def _pieces(paths: list[str], align: int) -> tuple[list[tuple[int, int, int, int]], int]:
-    """(file index, file offset, length, buffer offset) in 64 MiB calls; each file's region aligned."""
-    pieces, buf_offset = [], 0
-    for i, path in enumerate(paths):
-        size = os.path.getsize(path)
-        for offset in range(0, size, _IO_BYTES):
-            length = min(_IO_BYTES, size - offset)
-            pieces.append((i, offset, -(-length // align) * align, buf_offset + offset))
-        buf_offset += -(-size // align) * align
-    return pieces, buf_offset
-
-
-def _split(pieces: list, parts: int) -> list[list]:
-    """Contiguous groups of about equal bytes: thread i reads the i-th part of the file(s)."""
-    total = sum(p[2] for p in pieces)
-    groups: list[list] = [[] for _ in range(parts)]
-    done = 0
-    for piece in pieces:
-        groups[min(parts - 1, done * parts // max(total, 1))].append(piece)
-        done += piece[2]
-    return groups
-
-
-def _read_into(fds: list[int], view: memoryview, group: list) -> None:
-    for index, offset, length, buf_offset in group:
-        got = 0
-        while got < length:
-            n = os.preadv(fds[index], [view[buf_offset + got:buf_offset + length]], offset + got)
-            if n == 0:   # end of file (O_DIRECT reads round the last call up to the block size)
-                break
-            got += n
-
-
-def _pread_bound(threads: int, direct: bool = False, huge_pages: bool = False):
-    def prepare(ctx: Context):
-        paths = ctx.files["data"]
-        pieces, alloc = _pieces(paths, _DIRECT_ALIGN if direct else 1)
-
-        def run():
-            flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
-            fds = [os.open(p, flags) for p in paths]
-            # fresh, untouched private anonymous memory, like a just-allocated parameter
-            buf = mmap.mmap(-1, max(alloc, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if huge_pages:   # transparent huge pages: one fault per 2 MiB instead of per 4 KiB
-                buf.madvise(mmap.MADV_HUGEPAGE)
-            view = memoryview(buf)
-            errors: list[BaseException] = []
-
-            def work(group):
-                try:
-                    _read_into(fds, view, group)
-                except BaseException as exc:   # re-raised on the calling thread below
-                    errors.append(exc)
-            workers = [threading.Thread(target=work, args=(g,)) for g in _split(pieces, threads)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            view.release()
-            for fd in fds:
-                os.close(fd)
-            if errors:
-                raise errors[0]
-            return _Buffer(buf, sum(os.path.getsize(p) for p in paths))
-        return run
-    return prepare
-
-
-def _memcpy_bound(ctx: Context):
-    paths = ctx.files["data"]
-    pieces, alloc = _pieces(paths, 1)
-
-    def run():
-        maps = []
-        for p in paths:
-            with open(p, "rb") as f:
-                maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-        buf = mmap.mmap(-1, max(alloc, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        dst, srcs = memoryview(buf), [memoryview(m) for m in maps]
-        for index, offset, length, buf_offset in pieces:
-            dst[buf_offset:buf_offset + length] = srcs[index][offset:offset + length]
-        for view in [dst, *srcs]:
-            view.release()
-        for m in maps:
-            m.close()
-        return _Buffer(buf, alloc)
-    return run
-
-
-def _mmap_copy_bound(ctx: Context):
-    """mmap the file and copy it with torch's (multi-threaded) copy_: what safetensors' load_model does."""
-    paths = ctx.files["data"]
-
-    def run():
-        total = sum(os.path.getsize(p) for p in paths)
-        dst = torch.empty(total, dtype=torch.uint8)
-        at = 0
-        for p in paths:
-            with open(p, "rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # private: never written
-            src = torch.frombuffer(mapped, dtype=torch.uint8)
-            for offset in range(0, src.numel(), _IO_BYTES):
-                piece = src[offset:offset + _IO_BYTES]
-                dst[at + offset:at + offset + piece.numel()].copy_(piece)
-            at += src.numel()
-            del src, piece
-            mapped.close()
-        return _Buffer(dst, total)
-    return run
-
-
-@dataclass
-class _Buffer:
-    data: object   # keeps the destination alive until the child has measured it
-    nbytes: int
-
-
 LOADERS: dict[str, Loader] = {
     "gs_native": Loader("gemma_stream load_into (native)", "primary", _gs("native"), quantizes=True),
     "gs_python": Loader("gemma_stream load_into (python)", "primary", _gs("python"), quantizes=True),
@@ -388,13 +266,13 @@ LOADERS: dict[str, Loader] = {
                             doubles_memory=True, quantizes=True),
     "twostep_torchao": Loader("safetensors load_model + torchao quantize_", "safetensors", _twostep_torchao,
                               doubles_memory=True, quantizes=True),
-    "read_1t": Loader("bound: pread, 1 thread", "primary", _pread_bound(1), kind="bound"),
-    "memcpy_1t": Loader("bound: mmap + memcpy, 1 thread", "primary", _memcpy_bound, kind="bound"),
-    "pread_2t": Loader("bound: pread, 2 threads", "primary", _pread_bound(2), kind="bound"),
-    "pread_2t_thp": Loader("bound: pread, 2 threads, huge pages", "primary", _pread_bound(2, huge_pages=True),
+    "read_1t": Loader("bound: pread, 1 thread", "primary", pread_bound(1), kind="bound"),
+    "memcpy_1t": Loader("bound: mmap + memcpy, 1 thread", "primary", memcpy_bound, kind="bound"),
+    "pread_2t": Loader("bound: pread, 2 threads", "primary", pread_bound(2), kind="bound"),
+    "pread_2t_thp": Loader("bound: pread, 2 threads, huge pages", "primary", pread_bound(2, huge_pages=True),
                            kind="bound"),
-    "mmap_copy_2t": Loader("bound: mmap + torch copy_ (2 threads)", "primary", _mmap_copy_bound, kind="bound"),
-    "odirect_2t": Loader("bound: O_DIRECT pread, 2 threads", "primary", _pread_bound(2, direct=True), kind="bound"),
+    "mmap_copy_2t": Loader("bound: mmap + torch copy_ (2 threads)", "primary", mmap_copy_bound, kind="bound"),
+    "odirect_2t": Loader("bound: O_DIRECT pread, 2 threads", "primary", pread_bound(2, direct=True), kind="bound"),
 }
 
 
@@ -505,7 +383,7 @@ def child_main(spec_json: str) -> int:
         "rss_before": before["VmRSS"], "hwm_reset": reset,
         "anon_bytes": after["RssAnon"] - before["RssAnon"], "file_bytes": after["RssFile"] - before["RssFile"],
         "shmem_bytes": after["RssShmem"] - before["RssShmem"],
-        "model_bytes": obj.nbytes if isinstance(obj, _Buffer) else _unique_storage_bytes(_tensors(obj)),
+        "model_bytes": obj.nbytes if isinstance(obj, Buffer) else _unique_storage_bytes(_tensors(obj)),
     }
     result.update(spec.get("_info", {}))
     if not spec.get("quantize") or not loader.quantizes:

@@ -204,18 +204,23 @@ def write_plot(path: str, workload: Workload, rows: list[Row], *, title: str) ->
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(done) + 1.8), sharey=True)
     y = range(len(done))
     left.barh(y, [r.seconds for r in done], color=colors)
-    left.set_xlabel("seconds (median)")
+    left.set_xlabel("seconds to all weights in memory (median of quiet runs)")
     for i, r in enumerate(done):
         left.text(r.seconds, i, f" {r.seconds:.2f}", va="center", fontsize=8)
     right.barh(y, [r.peak_bytes / _GIB for r in done], color=colors)
     right.axvline(workload.model_bytes / _GIB, color="k", linestyle="--", linewidth=1)
     right.text(workload.model_bytes / _GIB, -0.8, " model size", fontsize=8)
-    right.set_xlabel("peak RSS over baseline (GiB)")
+    right.set_xlabel("peak RSS over the RSS before the load, GiB (mapped file pages count)")
     for i, r in enumerate(done):
-        right.text(r.peak_bytes / _GIB, i, f" {r.peak_bytes / r.model_bytes:.2f}x", va="center", fontsize=8)
+        kind = "" if r.resident == "anon" else f" ({r.resident})"
+        right.text(r.peak_bytes / _GIB, i, f" {r.peak_bytes / r.model_bytes:.2f}x{kind}", va="center", fontsize=8)
     left.set_yticks(list(y))
     left.set_yticklabels(labels, fontsize=8)
     left.invert_yaxis()
+    from matplotlib.patches import Patch
+    left.legend(handles=[Patch(color="#1f77b4", label="gemma_stream"), Patch(color="#ff7f0e", label="other loaders"),
+                          Patch(color="#7f7f7f", label="bounds: the same bytes, no parsing")],
+                 loc="lower right", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
