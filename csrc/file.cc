@@ -3,12 +3,15 @@
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 namespace gs {
 
 static std::string errno_text(int err) { return std::strerror(err); }
+
+static constexpr uint64_t kPage = 4096;
 
 File::File(const std::string& path) : path_(path) {
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -55,6 +58,15 @@ void File::drop_cache(uint64_t offset, std::size_t n) const noexcept {
 
 void File::advise_sequential() const noexcept {
   ::posix_fadvise(fd_, 0, 0, POSIX_FADV_SEQUENTIAL);
+}
+
+void populate_writable(void* addr, std::size_t n) noexcept {
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(addr) + kPage - 1) / kPage * kPage;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(addr) + n) / kPage * kPage;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
 }
 
 }  // namespace gs

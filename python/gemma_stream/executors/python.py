@@ -30,6 +30,8 @@ def _read_into(fd: int, path: str, view: memoryview, offset: int) -> None:
 
 
 _bounce = threading.local()
+_PAGE = 4096
+_FOLIO = 2 << 20  # the largest page-cache folio on x86-64
 
 
 def _read(fd: int, path: str, nbytes: int, offset: int) -> memoryview:
@@ -46,15 +48,19 @@ def _read(fd: int, path: str, nbytes: int, offset: int) -> memoryview:
     return view
 
 
-def _check_range(job: CopyJob, path: str, size: int) -> None:
-    item = job.src_dtype.itemsize
+def _source_end(job: CopyJob) -> int:
+    """One past the last source byte the job reads (its start when it reads nothing)."""
     if math.prod(job.shape) == 0:
-        return
+        return job.src_offset
     if job.src_strides is None:
         last = math.prod(job.shape) - 1
     else:
         last = sum((n - 1) * s for n, s in zip(job.shape, job.src_strides))
-    end = job.src_offset + (last + 1) * item
+    return job.src_offset + (last + 1) * job.src_dtype.itemsize
+
+
+def _check_range(job: CopyJob, path: str, size: int) -> None:
+    end = _source_end(job)
     if end > size:
         raise CheckpointError(f"{path}: tensor '{job.name}': bytes [{job.src_offset}, {end}) lie beyond the end "
                               f"of the file ({size} bytes)")
@@ -71,9 +77,30 @@ class _Run:
         for fd in self.fds:
             os.close(fd)
 
+    def drop_spans(self, jobs: list[CopyJob]) -> None:
+        """Drop each file's whole read span once more, page-aligned.
+
+        Per-chunk drops keep the pages that straddle chunk edges (DONTNEED only
+        drops whole pages) and what readahead fetched past the last chunk.
+        """
+        spans: dict[int, tuple[int, int]] = {}
+        for job in jobs:
+            lo, hi = spans.get(job.file_index, (job.src_offset, _source_end(job)))
+            spans[job.file_index] = (min(lo, job.src_offset), max(hi, _source_end(job)))
+        for index, (lo, hi) in spans.items():
+            lo -= lo % _PAGE
+            hi += -hi % _PAGE
+            if hi > lo:
+                os.posix_fadvise(self.fds[index], lo, hi - lo, os.POSIX_FADV_DONTNEED)
+
     def _done(self, fd: int, offset: int, nbytes: int) -> None:
         if self.drop_cache:
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+            # between 2 MiB boundaries, as the C++ engine does: DONTNEED keeps
+            # every large folio that the range only partly covers
+            lo = offset - offset % _FOLIO
+            hi = offset + nbytes - (offset + nbytes) % _FOLIO
+            if hi > lo:
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def tasks(self, job: CopyJob) -> list[Callable[[], int]]:
         """Split a job into chunk tasks; each returns the bytes it read."""
@@ -170,7 +197,7 @@ class PythonExecutor:
         try:
             ordered = sorted(jobs, key=lambda j: (j.file_index, j.src_offset))
             tasks = [t for job in ordered for t in run.tasks(job)]
-            done = 0
+            done, completed = 0, True
             # preadv and torch kernels release the GIL, so threads overlap I/O and conversion
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
                 futures = [pool.submit(_no_grad, t) for t in tasks]
@@ -178,13 +205,13 @@ class PythonExecutor:
                     for future in futures:
                         done += future.result()
                         if progress is not None and progress(done) is False:
-                            for f in futures:
-                                f.cancel()
-                            return done, False
-                except BaseException:
+                            completed = False
+                            break
+                finally:
                     for f in futures:
                         f.cancel()
-                    raise
-            return done, True
+            if drop_cache:
+                run.drop_spans(jobs)
+            return done, completed
         finally:
             run.close()
