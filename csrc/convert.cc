@@ -10,67 +10,90 @@ inline float bits_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
 
+// c ? a : b as a mask blend: the compiler keeps it a select, where a ternary
+// over float results may become a branch that blocks vectorization.
+inline uint32_t select(bool c, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(c);
+  return (a & mask) | (b & ~mask);
+}
+
+// The kernels below are branch-free (selects, not ifs) so the compiler
+// vectorizes the loops that call them; every result is the one the scalar
+// IEEE definition gives, bit for bit (tests run all 2^16 half inputs).
+//
 // NaN handling follows torch's vectorized CPU kernels (what Tensor.to runs for
 // real tensors): f32->bf16 writes 0xFFFF for every NaN; f16/bf16->f16 NaNs keep
 // sign and the top payload bits, quiet bit set; f16->f32 NaNs likewise.
 inline uint16_t f32_to_bf16(float f) {
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0xFFFFu;
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t u = f32_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFu : rounded);
 }
 
 inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1Fu;
-  uint32_t mant = h & 0x3FFu;
-  if (exp == 0x1Fu) {
-    if (mant == 0) return bits_f32(sign | 0x7F800000u);
-    return bits_f32(sign | 0x7FC00000u | (mant << 13));
-  }
-  if (exp == 0) {
-    if (mant == 0) return bits_f32(sign);
-    // subnormal: value = mant * 2^-24, exactly representable in f32
-    float v = static_cast<float>(mant) * bits_f32(0x33800000u);  // 2^-24
-    return sign ? -v : v;
-  }
-  return bits_f32(sign | ((exp + 112u) << 23) | (mant << 13));
+  const uint32_t em = static_cast<uint32_t>(h & 0x7FFFu) << 13;  // exponent and mantissa, f32 position
+  const uint32_t exp = em & 0x0F800000u;
+  const uint32_t normal = em + (112u << 23);  // rebias 15 -> 127
+  // inf keeps an all-ones exponent; NaN also gets the quiet bit
+  const uint32_t special = em | 0x7F800000u | select((em & 0x7FFFFFu) != 0, 0x400000u, 0u);
+  // subnormal or zero: 2^-14 * (1 + m / 2^10) - 2^-14 = m * 2^-24, exact
+  const uint32_t tiny = f32_bits(bits_f32(em + (113u << 23)) - bits_f32(113u << 23));
+  const uint32_t out = select(exp == 0x0F800000u, special, select(exp == 0, tiny, normal));
+  return bits_f32(sign | out);
 }
 
 inline uint16_t f32_to_f16(float f) {
   const uint32_t u = f32_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs = u & 0x7FFFFFFFu;
-  if (abs > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((abs & 0x7FFFFFu) >> 13));
-  if (abs >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to inf
-  if (abs < 0x38800000u) {
-    // result is f16-subnormal (or zero): round abs * 2^24 to an integer, ties to even.
-    const uint32_t exp = abs >> 23;
-    if (exp < 102u) return sign;  // below half the smallest subnormal
-    const uint32_t mant = (abs & 0x7FFFFFu) | 0x800000u;
-    const uint32_t shift = 126u - exp;  // 14..24
-    uint32_t q = mant >> shift;
-    const uint32_t rem = mant & ((1u << shift) - 1u);
-    const uint32_t half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (q & 1u))) ++q;
-    return static_cast<uint16_t>(sign | q);
-  }
-  // normal: rebias exponent, round mantissa from 23 to 10 bits (carry may bump exponent)
-  uint32_t v = abs - 0x38000000u;
-  v += 0xFFFu + ((v >> 13) & 1u);
-  return static_cast<uint16_t>(sign | (v >> 13));
+  // NaN keeps its top payload bits, quiet bit set; |f| >= 65520 rounds to inf
+  const uint32_t nan = 0x7E00u | ((abs & 0x7FFFFFu) >> 13);
+  const uint32_t huge = select(abs > 0x7F800000u, nan, 0x7C00u);
+  // normal: rebias the exponent, round the mantissa from 23 to 10 bits, ties to even
+  // (a carry out of the mantissa bumps the exponent, up to inf, as it should)
+  const uint32_t v = abs - (112u << 23);
+  const uint32_t normal = (v + 0xFFFu + ((v >> 13) & 1u)) >> 13;
+  // f16-subnormal or zero: adding 0.5 puts the 2^-24 units in the low mantissa
+  // bits, and the FPU's round-to-nearest-even rounds them
+  const uint32_t tiny = f32_bits(bits_f32(abs) + 0.5f) - f32_bits(0.5f);
+  const uint32_t out = select(abs >= 0x477FF000u, huge, select(abs < 0x38800000u, tiny, normal));
+  return static_cast<uint16_t>(sign | out);
 }
 
 inline uint16_t f16_to_bf16(uint16_t h) {
-  if ((h & 0x7C00u) == 0x7C00u && (h & 0x3FFu)) return 0x7FC0u;
-  return f32_to_bf16(f16_to_f32(h));
+  const bool nan = (h & 0x7C00u) == 0x7C00u && (h & 0x3FFu);
+  const uint16_t value = f32_to_bf16(f16_to_f32(h));
+  return static_cast<uint16_t>(select(nan, 0x7FC0u, value));
 }
 
-template <typename Fn>
-inline void map16(const void* src, void* dst, std::size_t n, Fn fn) {
-  const uint16_t* s = static_cast<const uint16_t*>(src);
-  uint16_t* d = static_cast<uint16_t*>(dst);
-  for (std::size_t i = 0; i < n; ++i) d[i] = fn(s[i]);
+inline uint16_t bf16_to_f16(uint16_t h) { return f32_to_f16(bf16_to_f32(h)); }
+
+// One vectorizable loop per conversion; an AVX2 clone is picked at load time
+// on x86-64 (IEEE results do not depend on the vector width).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GS_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define GS_VECTOR_CLONES
+#endif
+
+GS_VECTOR_CLONES void f32_to_bf16_n(const float* s, uint16_t* d, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(s[i]);
+}
+GS_VECTOR_CLONES void f32_to_f16_n(const float* s, uint16_t* d, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) d[i] = f32_to_f16(s[i]);
+}
+GS_VECTOR_CLONES void bf16_to_f32_n(const uint16_t* s, float* d, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) d[i] = bf16_to_f32(s[i]);
+}
+GS_VECTOR_CLONES void f16_to_f32_n(const uint16_t* s, float* d, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) d[i] = f16_to_f32(s[i]);
+}
+GS_VECTOR_CLONES void f16_to_bf16_n(const uint16_t* s, uint16_t* d, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) d[i] = f16_to_bf16(s[i]);
+}
+GS_VECTOR_CLONES void bf16_to_f16_n(const uint16_t* s, uint16_t* d, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) d[i] = bf16_to_f16(s[i]);
 }
 
 }  // namespace
@@ -104,16 +127,8 @@ bool can_convert(DType src, DType dst) {
 void to_float(const void* src, DType src_dtype, float* dst, std::size_t n) {
   switch (src_dtype) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
-    case DType::BF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (std::size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
-      return;
-    }
-    case DType::F16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (std::size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
-      return;
-    }
+    case DType::BF16: bf16_to_f32_n(static_cast<const uint16_t*>(src), dst, n); return;
+    case DType::F16: f16_to_f32_n(static_cast<const uint16_t*>(src), dst, n); return;
     default: return;
   }
 }
@@ -138,16 +153,17 @@ void store_float(float value, void* dst, DType dst_dtype, std::size_t i) {
 
 void convert(const void* src, DType s, void* dst, DType d, std::size_t n) {
   if (s == d) { std::memcpy(dst, src, n * itemsize(s)); return; }
+  const auto* s16 = static_cast<const uint16_t*>(src);
+  auto* d16 = static_cast<uint16_t*>(dst);
   if (s == DType::F32) {
     const float* f = static_cast<const float*>(src);
-    uint16_t* o = static_cast<uint16_t*>(dst);
-    if (d == DType::BF16) for (std::size_t i = 0; i < n; ++i) o[i] = f32_to_bf16(f[i]);
-    else for (std::size_t i = 0; i < n; ++i) o[i] = f32_to_f16(f[i]);
+    if (d == DType::BF16) f32_to_bf16_n(f, d16, n);
+    else f32_to_f16_n(f, d16, n);
     return;
   }
   if (d == DType::F32) { to_float(src, s, static_cast<float*>(dst), n); return; }
-  if (s == DType::F16) map16(src, dst, n, f16_to_bf16);  // f16 -> bf16
-  else map16(src, dst, n, [](uint16_t h) { return f32_to_f16(bf16_to_f32(h)); });  // bf16 -> f16
+  if (s == DType::F16) f16_to_bf16_n(s16, d16, n);
+  else bf16_to_f16_n(s16, d16, n);
 }
 
 }  // namespace gs
