@@ -17,8 +17,9 @@ import torch
 from .config import config
 from .errors import GemmaStreamError
 from .executors import get_executor, run_plan_jobs
+from .executors.mapped import FileViews
 from .formats import Checkpoint, open_checkpoint
-from .plan import Plan, QuantTarget, Rename, make_plan
+from .plan import Plan, QuantTarget, Rename, make_plan, zero_copy_jobs
 
 __all__ = ["LoadReport", "TensorInfo", "load_into", "load_state_dict", "inspect"]
 
@@ -38,6 +39,8 @@ class LoadReport:
     skipped_keys: list[str] = field(default_factory=list)
     #: tensors allocated from ``meta`` that the checkpoint did not fill (their memory is uninitialized)
     uninitialized: list[str] = field(default_factory=list)
+    #: ``mode="mmap"``: tensors that are now copy-on-write views of the file (the rest were copied)
+    mapped: list[str] = field(default_factory=list)
     bytes_read: int = 0
     seconds: float = 0.0
     backend: str = ""
@@ -121,18 +124,49 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> list[tuple[str
                 if old is None or not old.is_meta:
                     continue
                 if id(old) not in replaced:
-                    data = torch.empty(old.shape, dtype=old.dtype, device=device)
-                    if isinstance(old, torch.nn.Parameter):
-                        try:
-                            new = type(old)(data, requires_grad=old.requires_grad)
-                        except TypeError:
-                            new = torch.nn.Parameter(data, requires_grad=old.requires_grad)
-                    else:
-                        new = data
-                    replaced[id(old)] = (old, new)
+                    replaced[id(old)] = (old, _same_kind(old, torch.empty(old.shape, dtype=old.dtype, device=device)))
                 slot[attr] = replaced[id(old)][1]
                 names.append((f"{prefix}.{attr}" if prefix else attr, slot[attr]))
     return names
+
+
+def _same_kind(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """``data`` as the same kind of tensor as ``old``: its Parameter class and ``requires_grad``."""
+    if not isinstance(old, torch.nn.Parameter):
+        return data
+    try:
+        return type(old)(data, requires_grad=old.requires_grad)
+    except TypeError:
+        return torch.nn.Parameter(data, requires_grad=old.requires_grad)
+
+
+def _check_mode(mode: str, cache: str) -> None:
+    if mode not in ("copy", "mmap"):
+        raise ValueError(f"mode must be 'copy' or 'mmap', not {mode!r}")
+    if mode == "mmap" and cache == "drop":
+        raise ValueError("cache='drop' cannot be combined with mode='mmap': mapped weights live in the page cache")
+
+
+def _map_views(model: torch.nn.Module, ckpt: Checkpoint, *, rename: Rename, quant: dict[str, QuantTarget],
+               device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """``mode="mmap"``: swap in copy-on-write views of the file for every tensor that needs no
+    conversion (ties stay ties: one view per tensor object); returns (name, view) of those mapped."""
+    targets = model.state_dict(keep_vars=True)
+    plan = make_plan(ckpt, targets, rename=rename, quant=quant, strict=False)
+    views = FileViews(plan.files)
+    replaced: dict[int, torch.Tensor] = {}
+    mapped = []
+    for job in zero_copy_jobs(plan, targets, device):
+        old = targets[job.target]
+        view = views.view(job.file_index, job.src_offset, old.dtype, job.shape, job.src_strides)
+        replaced[id(old)] = _same_kind(old, view)
+        mapped.append((job.target, replaced[id(old)]))
+    for _, module in model.named_modules(remove_duplicate=False) if replaced else ():
+        for slot in (module._parameters, module._buffers):
+            for attr, old in list(slot.items()):
+                if old is not None and id(old) in replaced:
+                    slot[attr] = replaced[id(old)]
+    return mapped
 
 
 def _quant_targets(model: torch.nn.Module) -> dict[str, QuantTarget]:
@@ -151,28 +185,39 @@ def _quant_targets(model: torch.nn.Module) -> dict[str, QuantTarget]:
 def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, rename: Rename = None,
               device: str | torch.device | None = None, threads: int | None = None, backend: str = "auto",
               progress: Progress = None, key: str | None = None, quantize: str | None = None,
-              group_size: int = 128, cache: str = "keep") -> LoadReport:
+              group_size: int = 128, cache: str = "keep", mode: str = "copy") -> LoadReport:
     """Stream a checkpoint into ``model``'s parameters and buffers, in place.
 
     Each tensor keeps its own dtype and device; tensors on ``meta`` are first
     allocated on ``device`` (default cpu).  With ``quantize="int8"|"int4"``
     the model's Linear/Embedding layers are quantized first and the weights
-    quantized on read.
+    quantized on read.  ``cache="drop"`` evicts the file from the page cache
+    as it is read.  ``mode="mmap"`` replaces, instead of filling, every CPU
+    tensor stored in its own dtype by a copy-on-write view of the file (like
+    ``torch.load(mmap=True)`` + ``assign=True``: the fastest start, weights
+    backed by the file); the others are copied as usual.
 
     >>> with torch.device("meta"):
     ...     model = MyModel()
     >>> report = gs.load_into(model, "model.safetensors")
     """
+    _check_mode(mode, cache)
     ckpt = open_checkpoint(path, key=key)
     if quantize is not None:
         from .quant import quantize_
         quantize_(model, quantize, group_size=group_size)
-    if strict and any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
-        # check names and shapes on the meta model first: a mismatch must not allocate the model
+    if strict and (mode == "mmap" or any(t.is_meta for t in model.state_dict(keep_vars=True).values())):
+        # check names and shapes on the meta model first: a mismatch must not allocate (or remap) the model
         make_plan(ckpt, model.state_dict(keep_vars=True), rename=rename, quant=_quant_targets(model), strict=True)
-    allocated = _materialize(model, torch.device(device) if device is not None else torch.device("cpu"))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    mapped = _map_views(model, ckpt, rename=rename, quant=_quant_targets(model), device=device) \
+        if mode == "mmap" else []
+    allocated = _materialize(model, device)
     targets = model.state_dict(keep_vars=True)
     plan = make_plan(ckpt, targets, rename=rename, quant=_quant_targets(model), strict=strict)
+    if mapped:
+        mapped_ids = {id(t) for _, t in mapped}
+        plan.jobs = [j for j in plan.jobs if id(targets.get(j.target)) not in mapped_ids]
     read, seconds, backend_name = _execute(plan, threads=threads, backend=backend, progress=progress,
                                            cache=cache, desc="gemma_stream load")
     for module in model.modules():
@@ -187,7 +232,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
                        "memory is uninitialized: %s", len(uninitialized), ", ".join(uninitialized[:10]))
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
-                      uninitialized=uninitialized,
+                      uninitialized=uninitialized, mapped=[n for n, _ in mapped],
                       bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files))
 
 
@@ -205,16 +250,19 @@ def _select(ckpt: Checkpoint, keys) -> Checkpoint:
 def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", keys=None, rename: Rename = None,
                     threads: int | None = None, backend: str = "auto", progress: Progress = False,
-                    key: str | None = None, cache: str = "keep") -> dict[str, torch.Tensor]:
+                    key: str | None = None, cache: str = "keep", mode: str = "copy") -> dict[str, torch.Tensor]:
     """Read a checkpoint into a new dict of tensors.
 
     ``dtype`` converts floating-point tensors (f16/bf16/f32) and leaves the
-    others as stored; ``keys`` reads only those tensors.
+    others as stored; ``keys`` reads only those tensors.  ``mode="mmap"``
+    returns copy-on-write views of the file for CPU tensors that need no
+    conversion (see ``load_into``).
 
     >>> sd = gs.load_state_dict("model.safetensors", dtype=torch.bfloat16)
     """
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise GemmaStreamError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
+    _check_mode(mode, cache)
     ckpt = _select(open_checkpoint(path, key=key), keys)
     names = normalize_names(ckpt, rename)
     targets: dict[str, torch.Tensor] = {}
@@ -231,6 +279,14 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         tensor = torch.empty(record.shape, dtype=out_dtype, device=device)
         views[view_key] = targets[name] = tensor
     plan = make_plan(ckpt, targets, rename={r.name: names.get(r.name) for r in ckpt.records}, strict=True)
+    if mode == "mmap":
+        files = FileViews(plan.files)
+        mapped: dict[int, torch.Tensor] = {}
+        for job in zero_copy_jobs(plan, targets, torch.device(device)):
+            old = targets[job.target]
+            mapped[id(old)] = files.view(job.file_index, job.src_offset, old.dtype, job.shape, job.src_strides)
+        plan.jobs = [j for j in plan.jobs if id(targets[j.target]) not in mapped]
+        targets = {name: mapped.get(id(t), t) for name, t in targets.items()}
     _execute(plan, threads=threads, backend=backend, progress=progress, cache=cache, desc="gemma_stream read")
     return targets
 

@@ -17,7 +17,7 @@ from .dtypes import CONVERTIBLE, DType, from_torch
 from .errors import MismatchError
 from .formats.records import Checkpoint, TensorRecord
 
-__all__ = ["Route", "QuantTarget", "CopyJob", "Plan", "make_plan", "normalize_rename"]
+__all__ = ["Route", "QuantTarget", "CopyJob", "Plan", "make_plan", "normalize_rename", "zero_copy_jobs"]
 
 
 @dataclass(frozen=True)
@@ -317,6 +317,26 @@ def _check_split_covers(record: TensorRecord, routes: list[Route], plan: Plan) -
         plan.mismatched_keys.append(
             f"{record.name}: routes read rows {[list(s) for s in spans]} but the checkpoint tensor has "
             f"{record.shape[0]} rows; the rest would be dropped")
+
+
+def zero_copy_jobs(plan: Plan, targets: Mapping[str, torch.Tensor], device: torch.device) -> list[CopyJob]:
+    """The jobs ``mode="mmap"`` serves with a view of the file instead of a copy.
+
+    A job qualifies when it fills a whole target (not rows of a fused one) in
+    the checkpoint's own dtype, the target lives on the CPU (or is on meta and
+    will be allocated on ``device``, the CPU), and its bytes start at a multiple
+    of the item size. Conversion, quantization and row routes are copied.
+    """
+    out = []
+    for job in plan.jobs:
+        target = targets.get(job.target)
+        if job.op != "copy" or target is None or job.dst is not target:
+            continue
+        where = device if target.is_meta else target.device
+        if where.type == "cpu" and from_torch(target.dtype) == job.src_dtype and \
+                job.src_offset % job.src_dtype.itemsize == 0:
+            out.append(job)
+    return out
 
 
 def _describe(plan: Plan, checkpoint: Checkpoint) -> str:
