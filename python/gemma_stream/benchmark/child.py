@@ -284,9 +284,23 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
+def _plain(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The plain tensors that hold the data, looking inside wrapper subclasses (torchao's quantized weights)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    out = []
+    for t in tensors:
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            out += _plain([getattr(t, n) for n in names])
+        else:
+            out.append(t)
+    return out
+
+
 def _unique_storage_bytes(tensors: list[torch.Tensor]) -> int:
     seen, total = set(), 0
-    for t in tensors:
+    for t in _plain(tensors):
         storage = t.untyped_storage()
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
@@ -297,7 +311,7 @@ def _unique_storage_bytes(tensors: list[torch.Tensor]) -> int:
 def _touch(obj) -> None:
     """Read one byte per 4 KiB page of every weight (they may still be only mapped)."""
     seen = set()
-    for t in _tensors(obj):
+    for t in _plain(_tensors(obj)):
         if t.untyped_storage().data_ptr() in seen or t.numel() == 0:
             continue
         seen.add(t.untyped_storage().data_ptr())
@@ -351,6 +365,8 @@ def _dequantize(state: dict, scheme: str) -> torch.Tensor | None:
     q = state.get("weight")
     if q is None:
         return None
+    if type(q) is not torch.Tensor and hasattr(q, "dequantize"):   # torchao's tensor subclasses
+        return q.dequantize().float()
     if scheme == "int8" and "weight_scaler" in state:
         return q.float() * state["weight_scaler"].float()[:, None]
     if scheme == "int4" and "weight_scale" in state:
