@@ -8,6 +8,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -188,7 +189,13 @@ def machine_info() -> dict:
                                 cwd=os.path.dirname(os.path.abspath(gs.__file__))).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_total_gib": round(mem / _GIB, 1), "kernel": platform.release(),
+    native_built = None
+    try:
+        from gemma_stream import _native
+        native_built = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(os.path.getmtime(_native.__file__)))
+    except (ImportError, OSError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "native_built_utc": native_built, "mem_total_gib": round(mem / _GIB, 1), "kernel": platform.release(),
             "python": platform.python_version(), "torch": torch.__version__, "gemma_stream": gs.__version__,
             "native": gs.native_available(), "git": commit}
 
