@@ -109,7 +109,7 @@ def test_bench_tiny_table_and_json(tmp_path):
     """One real run: two loaders, each in its own process; every field the RESULTS tables quote is there."""
     loader = "gs_native" if gs.native_available() else "gs_python"
     report = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(gs.__file__)))  # the gemma_stream under test
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_load.py"), "--size", "tiny",
                            "--loaders", f"{loader},safetensors", "--workdir", str(tmp_path / "work"),
                            "--json", str(report)], capture_output=True, text=True, env=env, timeout=120)
