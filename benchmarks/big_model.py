@@ -33,6 +33,8 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
+from gemma_stream.benchmark.writers import evict  # noqa: E402  (after the path fallback)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -146,16 +148,6 @@ def write_checkpoint(folder: str, s: Shape) -> tuple[list[str], int]:
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     return files, total
-
-
-def evict(files: list[str]) -> None:
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------- one measured load (child process)
