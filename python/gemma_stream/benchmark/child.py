@@ -312,9 +312,10 @@ def _touch(obj) -> None:
     """Read one byte per 4 KiB page of every weight (they may still be only mapped)."""
     seen = set()
     for t in _plain(_tensors(obj)):
-        if t.untyped_storage().data_ptr() in seen or t.numel() == 0:
+        # by the tensor's own bytes, not its storage: mapped weights may all view one storage (the file)
+        if (t.data_ptr(), t.nbytes) in seen or t.numel() == 0:
             continue
-        seen.add(t.untyped_storage().data_ptr())
+        seen.add((t.data_ptr(), t.nbytes))
         flat = t.detach().reshape(-1).view(torch.uint8)
         int(flat[::4096].sum()) + int(flat[-1])
 
