@@ -62,7 +62,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--scaling-sizes", default="1b,2b,7b")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per load before it counts as failed")
     parser.add_argument("--render", metavar="FILE.json", default=None,
-                        help="print the table (and --plot) again from a --json file, without loading anything")
+                        help="print the table (and --plot) again from a --json file, without loading anything "
+                             "(--loaders: only those rows)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each load, wait up to SECONDS for the CPUs to be idle (shared machines)")
     return parser
@@ -137,8 +138,9 @@ def _render(args) -> int:
     w = doc["workload"]
     workload = Workload(title=w["title"], fmt=w["format"], model=w["model"], model_dtype=w["model_dtype"],
                         stored_dtype=None, data_bytes=w["data_bytes"], model_bytes=w["model_bytes"])
+    keep = set(_loader_list(args.loaders, w["format"], doc["quantize"])) if args.loaders else None
     rows = [Row(r["loader"], r["label"], r["kind"], r["status"], r["message"], r["runs"], r["reads"],
-                r.get("errors", [])) for r in doc["rows"]]
+                r.get("errors", [])) for r in doc["rows"] if keep is None or r["loader"] in keep]
     args.cold, args.quantize, args.group_size = doc["mode"] == "cold", doc["quantize"], doc["group_size"]
     args.json_path = None
     _report(args, workload, rows, doc.get("started", 0.0))
