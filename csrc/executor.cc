@@ -65,6 +65,7 @@ struct Batch {
   const Options& options;
   std::vector<File> files;
   std::vector<std::pair<uint64_t, uint64_t>> spans;  // per file: [first, end) byte read, for the final drop
+  std::vector<std::unique_ptr<Mapping>> maps;        // per file: which pages are in the page cache
   std::vector<StridedLayout> strided;  // per job; empty shape when contiguous
   std::vector<Item> items;
   std::size_t bounce_bytes = 0;
@@ -272,7 +273,10 @@ void run_copy(Batch& batch, Worker& worker, const CopyJob& job, const Item& item
   const uint64_t offset = job.src_offset + item.begin * si;
   char* dst = static_cast<char*>(job.dst) + item.begin * di;
   if (job.src_dtype == job.dst_dtype) {
-    populate_writable(dst, n * si);
+    // Prefault only when the bytes are cached (a CPU-bound copy): on a cold
+    // chunk the pages zeroed ahead go cold in the CPU caches during the device
+    // wait, and cold loads measured 20% slower with it.
+    if (batch.maps[static_cast<std::size_t>(job.file)]->cached(offset, n * si)) populate_writable(dst, n * si);
     read_source(batch, worker, job.file, offset, n * si, dst);  // straight into the parameter
   } else {
     const uint64_t per = std::max<uint64_t>(1, kStageBytes / si);  // L2-sized pieces
@@ -374,11 +378,12 @@ void plan_items(Batch& batch) {
 
 RunResult run_jobs(const std::vector<std::string>& paths, const std::vector<CopyJob>& jobs,
                    const Options& options, const std::function<bool(uint64_t)>& progress) {
-  Batch batch{jobs, options, {}, {}, {}, {}, 0, 0, {}};
+  Batch batch{jobs, options, {}, {}, {}, {}, {}, 0, 0, {}};
   batch.files.reserve(paths.size());
   for (const auto& p : paths) batch.files.emplace_back(p);
   batch.spans.assign(paths.size(), {UINT64_MAX, 0});
   for (const auto& job : jobs) validate(job, batch);
+  for (const File& f : batch.files) batch.maps.emplace_back(new Mapping(f));
   batch.strided.resize(jobs.size());
   plan_items(batch);
 

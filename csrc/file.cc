@@ -1,11 +1,14 @@
 #include "file.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <vector>
 
 namespace gs {
 
@@ -58,6 +61,30 @@ void File::drop_cache(uint64_t offset, std::size_t n) const noexcept {
 
 void File::advise_sequential() const noexcept {
   ::posix_fadvise(fd_, 0, 0, POSIX_FADV_SEQUENTIAL);
+}
+
+Mapping::Mapping(const File& file) {
+  if (file.size() == 0) return;
+  void* p = ::mmap(nullptr, file.size(), PROT_READ, MAP_SHARED, file.fd(), 0);
+  if (p == MAP_FAILED) return;
+  addr_ = p;
+  length_ = file.size();
+}
+
+Mapping::~Mapping() noexcept {
+  if (addr_) ::munmap(addr_, length_);
+}
+
+bool Mapping::cached(uint64_t offset, std::size_t n) const {
+  if (!addr_ || offset >= length_) return false;
+  const uint64_t first = offset / kPage * kPage;
+  const uint64_t end = std::min<uint64_t>(offset + n, length_);
+  std::vector<unsigned char> pages((end - first + kPage - 1) / kPage);
+  if (pages.empty()) return true;
+  if (::mincore(static_cast<char*>(addr_) + first, end - first, pages.data()) != 0) return false;
+  for (unsigned char p : pages)
+    if (!(p & 1)) return false;
+  return true;
 }
 
 void populate_writable(void* addr, std::size_t n) noexcept {

@@ -1,5 +1,6 @@
-// RAII owner of a read-only file descriptor: pread loops, size, page-cache
-// advice; and the madvise that prefaults a destination before a read.
+// RAII owners of a read-only file descriptor (pread loops, size, page-cache
+// advice) and of a never-touched mapping that tells which pages are cached;
+// and the madvise that prefaults a destination before a read.
 #pragma once
 
 #include <cstddef>
@@ -34,11 +35,30 @@ class File {
 
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  int fd() const { return fd_; }
 
  private:
   std::string path_;
   int fd_ = -1;
   uint64_t size_ = 0;
+};
+
+// A read-only shared mapping of a whole file that is never read through: it
+// only answers mincore() questions, which costs no I/O and no memory.
+class Mapping {
+ public:
+  explicit Mapping(const File& file);  // an empty or unmappable file maps nothing
+  ~Mapping() noexcept;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+
+  // True when every page of [offset, offset + n) is in the page cache; false
+  // when some page is not or the file could not be mapped.
+  bool cached(uint64_t offset, std::size_t n) const;
+
+ private:
+  void* addr_ = nullptr;
+  std::size_t length_ = 0;
 };
 
 // Faults in the whole pages inside [addr, addr + n) as writable before a

@@ -16,9 +16,15 @@ class Config:
 
     @property
     def default_threads(self) -> int:
+        """One worker per usable core, at most 8 (benchmarks/NOTES.md: on 2 cores, 2 threads reach
+        the warm bound and 3-4 gain nothing cold; a warm load is CPU-bound page faults and copies)."""
         if self.threads:
             return self.threads
-        return max(1, min(os.cpu_count() or 1, 8))
+        try:
+            cores = len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cpusets)
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 8))
 
 
 def _int_env(name: str) -> int | None:
@@ -36,6 +42,7 @@ def config() -> Config:
     backend = os.environ.get("GEMMA_STREAM_BACKEND", "").strip().lower() or None
     if backend not in (None, "auto", "native", "python"):
         raise ValueError(f"GEMMA_STREAM_BACKEND={backend!r}: expected native, python or auto")
+    # 16 MiB: 4 MiB reads were 25% slower cold, 64 MiB no faster (benchmarks/NOTES.md)
     chunk_mb = _int_env("GEMMA_STREAM_CHUNK_MB") or 16
     return Config(backend=None if backend == "auto" else backend, threads=_int_env("GEMMA_STREAM_THREADS"),
                   chunk_bytes=chunk_mb << 20)
