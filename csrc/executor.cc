@@ -289,9 +289,42 @@ void run_copy(Batch& batch, Worker& worker, const CopyJob& job, const Item& item
   batch.bytes_done += n * si;
 }
 
+// Quantizes rows [item.begin, item.end), reading them in L2-sized pieces of
+// whole rows (the bounce buffer is then still cached when the kernel reads it).
+void run_quant(Batch& batch, Worker& worker, const CopyJob& job, const Item& item) {
+  const std::size_t si = itemsize(job.src_dtype);
+  const int64_t K = job.shape[1];
+  const uint64_t row_bytes = static_cast<uint64_t>(K) * si;
+  const uint64_t per = std::max<uint64_t>(1, kStageBytes / row_bytes);
+  float* scratch = worker.scratch.data();
+  for (uint64_t first = item.begin; first < item.end; first += per) {
+    const uint64_t rows = std::min(per, item.end - first);
+    const char* src = read_source(batch, worker, job.file, job.src_offset + first * row_bytes, rows * row_bytes,
+                                  nullptr);
+    const int64_t r0 = static_cast<int64_t>(first);
+    int64_t bad;
+    if (job.op == Op::QuantInt8) {
+      bad = quantize_int8_rows(src, job.src_dtype, static_cast<int64_t>(rows), K,
+                               static_cast<int8_t*>(job.dst) + r0 * K,
+                               static_cast<char*>(job.scale) + r0 * static_cast<int64_t>(itemsize(job.scale_dtype)),
+                               job.scale_dtype, scratch);
+    } else {
+      const int64_t groups = K / job.group_size;
+      const int64_t scale_row = groups * static_cast<int64_t>(itemsize(job.scale_dtype));
+      bad = quantize_int4_rows(src, job.src_dtype, static_cast<int64_t>(rows), K, job.group_size,
+                               static_cast<uint8_t*>(job.dst) + r0 * (K / 2),
+                               static_cast<char*>(job.scale) + r0 * scale_row,
+                               static_cast<char*>(job.zero) + r0 * scale_row, job.scale_dtype, scratch);
+    }
+    if (bad >= 0)
+      throw JobError(batch.files[static_cast<std::size_t>(job.file)].path() + ": tensor '" + job.name + "': row " +
+                     std::to_string(r0 + bad) + " holds NaN or infinity; it cannot be quantized");
+    batch.bytes_done += rows * row_bytes;
+  }
+}
+
 void run_item(Batch& batch, Worker& worker, const Item& item) {
   const CopyJob& job = batch.jobs[item.job];
-  const std::size_t si = itemsize(job.src_dtype);
   if (!batch.strided[item.job].shape.empty()) {
     run_strided(batch, worker, job, batch.strided[item.job], item.begin);
     return;
@@ -300,31 +333,7 @@ void run_item(Batch& batch, Worker& worker, const Item& item) {
     run_copy(batch, worker, job, item);
     return;
   }
-  const int64_t K = job.shape[1];
-  const uint64_t rows = item.end - item.begin;
-  const uint64_t row_bytes = static_cast<uint64_t>(K) * si;
-  const uint64_t offset = job.src_offset + item.begin * row_bytes;
-  const char* src = read_source(batch, worker, job.file, offset, rows * row_bytes, nullptr);
-  const int64_t r0 = static_cast<int64_t>(item.begin);
-  float* scratch = worker.scratch.data();
-  int64_t bad;
-  if (job.op == Op::QuantInt8) {
-    bad = quantize_int8_rows(src, job.src_dtype, static_cast<int64_t>(rows), K,
-                             static_cast<int8_t*>(job.dst) + r0 * K,
-                             static_cast<char*>(job.scale) + r0 * static_cast<int64_t>(itemsize(job.scale_dtype)),
-                             job.scale_dtype, scratch);
-  } else {
-    const int64_t groups = K / job.group_size;
-    const int64_t scale_row = groups * static_cast<int64_t>(itemsize(job.scale_dtype));
-    bad = quantize_int4_rows(src, job.src_dtype, static_cast<int64_t>(rows), K, job.group_size,
-                             static_cast<uint8_t*>(job.dst) + r0 * (K / 2),
-                             static_cast<char*>(job.scale) + r0 * scale_row,
-                             static_cast<char*>(job.zero) + r0 * scale_row, job.scale_dtype, scratch);
-  }
-  if (bad >= 0)
-    throw JobError(batch.files[static_cast<std::size_t>(job.file)].path() + ": tensor '" + job.name + "': row " +
-                   std::to_string(r0 + bad) + " holds NaN or infinity; it cannot be quantized");
-  batch.bytes_done += rows * row_bytes;
+  run_quant(batch, worker, job, item);
 }
 
 void plan_items(Batch& batch) {
@@ -352,7 +361,8 @@ void plan_items(Batch& batch) {
         const uint64_t e = std::min<uint64_t>(static_cast<uint64_t>(rows), b + per);
         batch.items.push_back({j, b, e, (e - b) * row_bytes});
       }
-      batch.bounce_bytes = std::max<std::size_t>(batch.bounce_bytes, std::min<uint64_t>(per, rows) * row_bytes);
+      const uint64_t staged = std::max<uint64_t>(1, kStageBytes / row_bytes);  // run_quant's pieces
+      batch.bounce_bytes = std::max<std::size_t>(batch.bounce_bytes, std::min<uint64_t>(staged, rows) * row_bytes);
       batch.max_row = std::max(batch.max_row, K);
     } else {
       batch.strided[j] = make_strided(job, std::max<std::size_t>(1, chunk / si));
