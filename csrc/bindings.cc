@@ -87,5 +87,6 @@ PYBIND11_MODULE(_native, m) {
     py::gil_scoped_release release;
     return gs::int4_from_cpu_kernel_layout(reinterpret_cast<uint8_t*>(data), rows, K, block, halves);
   });
+  m.def("quant_kernels", &gs::quant_kernels, "Which quantizer loops run here: \"avx2\" or \"portable\".");
   m.def("hardware_threads", []() { return static_cast<int>(std::thread::hardware_concurrency()); });
 }

@@ -1,6 +1,8 @@
 #include "quant.h"
 
 #include <cfloat>
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -15,6 +17,15 @@
 #define GS_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define GS_VECTOR_CLONES
+#endif
+
+// The hot loops also have hand-written AVX2 versions (picked at run time), doing
+// the same IEEE operations in the same order: GCC's vectorization of the
+// portable loops spends most of its time on the clamps and the nibble pairing.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GS_AVX2_KERNELS 1
+#define GS_TARGET_AVX2 __attribute__((target("avx2")))
 #endif
 
 namespace gs {
@@ -34,6 +45,14 @@ inline float clamp(float v, float lo, float hi) {
   v = v < lo ? lo : v;
   v = v > hi ? hi : v;
   return v == v ? v : 0.0f;
+}
+
+// v > lo ? v : lo is x86's maxps(v, lo) and v < hi ? v : hi its minps(v, hi),
+// which GCC vectorizes well: a NaN v comes out as lo. Used where lo is the
+// answer NaN must give, or where no NaN can occur.
+inline float clamp_nan_lo(float v, float lo, float hi) {
+  v = v > lo ? v : lo;
+  return v < hi ? v : hi;
 }
 
 inline uint32_t bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
@@ -59,13 +78,99 @@ inline int32_t order_key(float f) {
   const int32_t i = static_cast<int32_t>(bits(f));
   return i ^ ((i >> 31) & 0x7FFFFFFF);
 }
+constexpr int32_t kMaxFiniteKey = 0x7F7FFFFF;                  // order_key(FLT_MAX)
+constexpr int32_t kMinFiniteKey = INT32_MIN + 0x00800000;     // order_key(-FLT_MAX)
 inline float from_key(int32_t k) { return from_bits(static_cast<uint32_t>(k ^ ((k >> 31) & 0x7FFFFFFF))); }
 
+// `value` rounded to the scale dtype (non-NaN values only), as store_float +
+// load_float would give; bf16 and f32 inline, they are computed once per group.
 inline float round_to(float value, DType dtype) {
+  if (dtype == DType::F32) return value;
+  if (dtype == DType::BF16) {
+    const uint32_t u = bits(value);
+    return from_bits(((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16);
+  }
   float stored;
-  store_float(value, &stored, dtype, 0);  // writes the first 2 or 4 bytes of `stored`
+  store_float(value, &stored, dtype, 0);  // writes the first 2 bytes of `stored`
   return load_float(&stored, dtype, 0);
 }
+
+inline void store_scale(float rounded, void* dst, DType dtype, std::size_t i) {
+  if (dtype == DType::F32) static_cast<float*>(dst)[i] = rounded;
+  else if (dtype == DType::BF16) static_cast<uint16_t*>(dst)[i] = static_cast<uint16_t>(bits(rounded) >> 16);
+  else store_float(rounded, dst, dtype, i);  // exact: `rounded` is an f16 value
+}
+
+#ifdef GS_AVX2_KERNELS
+// GEMMA_STREAM_NO_AVX2=1 forces the portable loops (the tests check that both agree).
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && !std::getenv("GEMMA_STREAM_NO_AVX2");
+
+// out[k] = int8(clamp(round_even(w[k] / s), -127, 127)) for k < n, n % 32 == 0.
+// s != 0, so no quotient is NaN.
+GS_TARGET_AVX2 void int8_quant_avx2(const float* w, int64_t n, float s, int8_t* out) {
+  const __m256 vs = _mm256_set1_ps(s), magic = _mm256_set1_ps(kRoundMagic);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t k = 0; k < n; k += 32) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) {
+      __m256 v = _mm256_div_ps(_mm256_loadu_ps(w + k + 8 * i), vs);
+      v = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+      v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+      q[i] = _mm256_cvttps_epi32(v);
+    }
+    // packs work per 128-bit lane; the permute puts the dwords back in order.
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_permutevar8x32_epi32(b, order));
+  }
+}
+
+// Smallest and largest order_key over n floats, n % 8 == 0.
+GS_TARGET_AVX2 void key_range_avx2(const float* w, int64_t n, int32_t* lo_out, int32_t* hi_out) {
+  const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i lo = _mm256_set1_epi32(INT32_MAX), hi = _mm256_set1_epi32(INT32_MIN);
+  for (int64_t k = 0; k < n; k += 8) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    const __m256i key = _mm256_xor_si256(x, _mm256_and_si256(_mm256_srai_epi32(x, 31), mag));
+    lo = _mm256_min_epi32(lo, key);
+    hi = _mm256_max_epi32(hi, key);
+  }
+  alignas(32) int32_t l[8], h[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(l), lo);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(h), hi);
+  int32_t a = l[0], b = h[0];
+  for (int i = 1; i < 8; ++i) {
+    a = l[i] < a ? l[i] : a;
+    b = h[i] > b ? h[i] : b;
+  }
+  *lo_out = a;
+  *hi_out = b;
+}
+
+// One group of n floats (n % 16 == 0) to n / 2 bytes: nibble
+// clamp(round_even((w - z) / s) + 8, 0, 15), NaN -> 0, even k in the low nibble.
+GS_TARGET_AVX2 void int4_quant_avx2(const float* w, int64_t n, float z, float s, uint8_t* out) {
+  const __m256 vz = _mm256_set1_ps(z), vs = _mm256_set1_ps(s), magic = _mm256_set1_ps(kRoundMagic);
+  const __m256 eight = _mm256_set1_ps(8.0f), zero = _mm256_setzero_ps(), fifteen = _mm256_set1_ps(15.0f);
+  const __m256i first_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                               0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  for (int64_t k = 0; k < n; k += 16) {
+    __m256i q[2];
+    for (int i = 0; i < 2; ++i) {
+      __m256 v = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(w + k + 8 * i), vz), vs);
+      v = _mm256_add_ps(_mm256_sub_ps(_mm256_add_ps(v, magic), magic), eight);
+      v = _mm256_min_ps(_mm256_max_ps(v, zero), fifteen);  // maxps(NaN, 0) is 0
+      q[i] = _mm256_cvttps_epi32(v);
+    }
+    // 16 values as u16 in order, then each dword (even | odd << 16) folds to
+    // one byte (even | odd << 4), and the low byte of each dword is kept.
+    __m256i c = _mm256_permute4x64_epi64(_mm256_packus_epi32(q[0], q[1]), 0xD8);
+    c = _mm256_shuffle_epi8(_mm256_or_si256(c, _mm256_srli_epi32(c, 12)), first_bytes);
+    const __m128i bytes = _mm_unpacklo_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k / 2), bytes);
+  }
+}
+#endif
 
 }  // namespace
 
@@ -79,9 +184,20 @@ int64_t quantize_int8_rows(const void* src, DType src_dtype, int64_t rows, int64
     if (amax_bits > kMaxFiniteBits) return r;
     const float amax = from_bits(amax_bits);
     const float s = amax == 0.0f ? 1.0f : round_to(amax / 127.0f, scale_dtype);
-    store_float(s, scale, scale_dtype, static_cast<std::size_t>(r));
+    store_scale(s, scale, scale_dtype, static_cast<std::size_t>(r));
     int8_t* out = q + r * K;
-    for (int64_t k = 0; k < K; ++k)
+    int64_t k = 0;
+    if (s != 0.0f) {  // no NaN quotient (an f16 scale that underflows to 0 gives 0 / 0)
+#ifdef GS_AVX2_KERNELS
+      if (kHaveAvx2) {
+        k = K - K % 32;
+        int8_quant_avx2(w, k, s, out);
+      }
+#endif
+      for (; k < K; ++k)
+        out[k] = static_cast<int8_t>(static_cast<int32_t>(clamp_nan_lo(round_even(w[k] / s), -127.0f, 127.0f)));
+    }
+    for (; k < K; ++k)
       out[k] = static_cast<int8_t>(static_cast<int32_t>(clamp(round_even(w[k] / s), -127.0f, 127.0f)));
   }
   return -1;
@@ -94,34 +210,71 @@ int64_t quantize_int4_rows(const void* src, DType src_dtype, int64_t rows, int64
   const int64_t groups = K / G;
   constexpr int64_t kBlock = 256;  // nibbles are computed into a small buffer, then paired
   uint8_t nibbles[kBlock];
+  constexpr int64_t kGroupBlock = 64;
+  int32_t lo[kGroupBlock], hi[kGroupBlock];
+  float s[kGroupBlock], z[kGroupBlock];
+#ifdef GS_AVX2_KERNELS
+  const bool avx2 = kHaveAvx2 && G % 16 == 0;
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     to_float(static_cast<const char*>(src) + r * row_bytes, src_dtype, w, static_cast<std::size_t>(K));
-    if (max_abs_bits(w, K) > kMaxFiniteBits) return r;
     uint8_t* out = q + r * (K / 2);
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* wg = w + g * G;
-      int32_t lo = order_key(wg[0]), hi = lo;
-      for (int64_t k = 1; k < G; ++k) {
-        const int32_t key = order_key(wg[k]);
-        lo = key < lo ? key : lo;
-        hi = key > hi ? key : hi;
+    for (int64_t g0 = 0; g0 < groups; g0 += kGroupBlock) {
+      const int64_t ng = groups - g0 < kGroupBlock ? groups - g0 : kGroupBlock;
+      // Key ranges of a block of groups first, then their scales, then the
+      // nibbles: the groups' short serial chains (reduce, divide, round)
+      // overlap instead of stalling each group's quantization loop.
+#ifdef GS_AVX2_KERNELS
+      if (avx2) {
+        for (int64_t i = 0; i < ng; ++i) key_range_avx2(w + (g0 + i) * G, G, &lo[i], &hi[i]);
+      } else
+#endif
+      {
+        for (int64_t i = 0; i < ng; ++i) {
+          const float* wg = w + (g0 + i) * G;
+          int32_t l = order_key(wg[0]), h = l;
+          for (int64_t k = 1; k < G; ++k) {
+            const int32_t key = order_key(wg[k]);
+            l = key < l ? key : l;
+            h = key > h ? key : h;
+          }
+          lo[i] = l;
+          hi[i] = h;
+        }
       }
-      const float mn = from_key(lo), mx = from_key(hi);
-      const float range_step = (mx - mn) / 15.0f;
-      const float s = round_to(range_step > FLT_EPSILON ? range_step : FLT_EPSILON, scale_dtype);
-      const float eight_s = 8.0f * s;  // a multiply, then an add: no FMA, as torch
-      const float z = round_to(mn + eight_s, scale_dtype);
-      const std::size_t at = static_cast<std::size_t>(r * groups + g);
-      store_float(s, scale, scale_dtype, at);
-      store_float(z, zero, scale_dtype, at);
-      for (int64_t k0 = 0; k0 < G; k0 += kBlock) {  // G is even (checked by the executor)
-        const int64_t n = G - k0 < kBlock ? G - k0 : kBlock;
-        for (int64_t k = 0; k < n; ++k)
-          nibbles[k] = static_cast<uint8_t>(
-              static_cast<int32_t>(clamp(round_even((wg[k0 + k] - z) / s) + 8.0f, 0.0f, 15.0f)));
-        uint8_t* og = out + (g * G + k0) / 2;
-        for (int64_t j = 0; j < n / 2; ++j)
-          og[j] = static_cast<uint8_t>(nibbles[2 * j] | (nibbles[2 * j + 1] << 4));
+      // Infinities and NaNs have keys beyond those of -FLT_MAX and FLT_MAX: the
+      // ranges double as the finiteness check, before anything of the block is written.
+      for (int64_t i = 0; i < ng; ++i)
+        if (lo[i] < kMinFiniteKey || hi[i] > kMaxFiniteKey) return r;
+      for (int64_t i = 0; i < ng; ++i) {
+        const float mn = from_key(lo[i]), mx = from_key(hi[i]);
+        const float range_step = (mx - mn) / 15.0f;
+        const float sc = round_to(range_step > FLT_EPSILON ? range_step : FLT_EPSILON, scale_dtype);
+        const float eight_s = 8.0f * sc;  // a multiply, then an add: no FMA, as torch
+        s[i] = sc;
+        z[i] = round_to(mn + eight_s, scale_dtype);
+        const std::size_t at = static_cast<std::size_t>(r * groups + g0 + i);
+        store_scale(s[i], scale, scale_dtype, at);
+        store_scale(z[i], zero, scale_dtype, at);
+      }
+      for (int64_t i = 0; i < ng; ++i) {
+        const int64_t g = g0 + i;
+        const float* wg = w + g * G;
+#ifdef GS_AVX2_KERNELS
+        if (avx2) {
+          int4_quant_avx2(wg, G, z[i], s[i], out + g * G / 2);
+          continue;
+        }
+#endif
+        for (int64_t k0 = 0; k0 < G; k0 += kBlock) {  // G is even (checked by the executor)
+          const int64_t n = G - k0 < kBlock ? G - k0 : kBlock;
+          for (int64_t k = 0; k < n; ++k)  // clamp_nan_lo: NaN -> 0, as torch's float -> int
+            nibbles[k] = static_cast<uint8_t>(
+                static_cast<int32_t>(clamp_nan_lo(round_even((wg[k0 + k] - z[i]) / s[i]) + 8.0f, 0.0f, 15.0f)));
+          uint8_t* og = out + (g * G + k0) / 2;
+          for (int64_t j = 0; j < n / 2; ++j)
+            og[j] = static_cast<uint8_t>(nibbles[2 * j] | (nibbles[2 * j + 1] << 4));
+        }
       }
     }
   }
@@ -180,6 +333,13 @@ bool for_each_block(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool 
 }
 
 }  // namespace
+
+const char* quant_kernels() {
+#ifdef GS_AVX2_KERNELS
+  if (kHaveAvx2) return "avx2";
+#endif
+  return "portable";
+}
 
 bool int4_to_cpu_kernel_layout(uint8_t* data, int64_t rows, int64_t K, int64_t block, bool halves) {
   return for_each_block(data, rows, K, block, halves, pack_block);

@@ -19,9 +19,14 @@ int64_t quantize_int8_rows(const void* src, DType src_dtype, int64_t rows, int64
 
 // Asymmetric int4 per row and group of G along K. Writes q uint8 [rows, K/2]
 // (even k in the low nibble), scale and zero [rows, K/G] in scale_dtype.
-// `scratch` holds K floats. Returns the first non-finite row, or -1.
+// `scratch` holds K floats. Returns the first non-finite row (which may be
+// partly written), or -1.
 int64_t quantize_int4_rows(const void* src, DType src_dtype, int64_t rows, int64_t K, int64_t G,
                            uint8_t* q, void* scale, void* zero, DType scale_dtype, float* scratch);
+
+// "avx2" when the hand-vectorized quantizer loops run (x86-64 with AVX2, unless
+// GEMMA_STREAM_NO_AVX2 is set), else "portable". Both give the same bytes.
+const char* quant_kernels();
 
 // Converts int4 weights in place between the layout above ([rows, K/2], even k
 // in the low nibble) and the one torch's _convert_weight_to_int4pack_for_cpu

@@ -7,6 +7,9 @@ quantizers applied to the original tensors, bit for bit.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,33 +112,58 @@ def test_int4_scale_dtypes(tmp_path, backend, scale_dtype):
     assert_matches_reference(model, sd, "int4", 64, scale_dtype)
 
 
-def test_executors_agree_on_random_rows(tmp_path):
-    """Many random rows of every magnitude: native and python write identical bytes."""
+@pytest.mark.parametrize("k, scale_dtype", [(256, None), (200, torch.float16), (2240, torch.float16),
+                                            (2240, torch.float32)])
+def test_executors_agree_on_random_rows(tmp_path, k, scale_dtype):
+    """Many random rows of every magnitude: native and python write identical bytes.
+
+    K = 200 leaves a tail after the native kernels' 32-wide int8 blocks; K = 2240 with
+    G = 32 gives 70 groups per row (more than the native int4 kernel's block of 64);
+    f16 scales underflow and overflow at the extremes."""
     gen = torch.Generator().manual_seed(7)
-    w = torch.randn(301, 256, generator=gen) * torch.logspace(-6, 4, 301)[:, None]
+    w = torch.randn(301, k, generator=gen) * torch.logspace(-6, 4, 301)[:, None]
+    w[::7] *= 10.0
     path = str(tmp_path / "w.safetensors")
     save_file({"layer.weight": w.bfloat16()}, path)
     for scheme in ("int8", "int4"):
+        if scheme == "int4" and k % 32:
+            continue
         states = []
         for backend in ("native", "python"):
             model = nn.Sequential()
-            model.add_module("layer", nn.Linear(256, 301, bias=False, device="meta"))
-            gs.load_into(model, path, quantize=scheme, group_size=32, backend=backend)
+            model.add_module("layer", nn.Linear(k, 301, bias=False, device="meta"))
+            gs.quantize_(model, scheme, group_size=32, scale_dtype=scale_dtype)
+            gs.load_into(model, path, backend=backend)
             states.append(model.state_dict())
-        want = reference(w.bfloat16(), scheme, 32, torch.float32 if scheme == "int8" else torch.bfloat16)
+        default = torch.float32 if scheme == "int8" else torch.bfloat16
+        want = reference(w.bfloat16(), scheme, 32, scale_dtype or default)
         for name, expected in zip(NAMES[scheme], want):
             assert torch.equal(states[0][f"layer.{name}"], expected) and torch.equal(states[1][f"layer.{name}"], expected)
 
 
+@pytest.mark.skipif(not gs.native_available(), reason="native extension not built")
+def test_portable_quant_kernels_agree(tmp_path):
+    """The native quantizers' portable loops (what non-AVX2 machines run) pass the same tests."""
+    env = dict(os.environ, GEMMA_STREAM_NO_AVX2="1")
+    probe = "from gemma_stream import _native; print(_native.quant_kernels())"
+    kernels = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert kernels.stdout.strip() == "portable"
+    test = f"{__file__}::test_executors_agree_on_random_rows"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, "--basetemp",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_source_is_a_checkpoint_error(tmp_path, backend, scheme, bad):
-    w = torch.randn(40, 64)
-    w[23, 5] = bad
+@pytest.mark.parametrize("k, col", [(64, 5), (2240, 2200)])  # 2200: past the first 64 groups of 32
+def test_non_finite_source_is_a_checkpoint_error(tmp_path, backend, scheme, bad, k, col):
+    w = torch.randn(40, k)
+    w[23, col] = bad
     path = str(tmp_path / "bad.safetensors")
     save_file({"proj.weight": w.bfloat16()}, path)
     model = nn.Sequential()
-    model.add_module("proj", nn.Linear(64, 40, bias=False, device="meta"))
+    model.add_module("proj", nn.Linear(k, 40, bias=False, device="meta"))
     with pytest.raises(gs.CheckpointError, match=r"proj\.weight.*row 23"):
         gs.load_into(model, path, quantize=scheme, group_size=32, backend=backend)
 
