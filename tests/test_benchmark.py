@@ -145,3 +145,24 @@ def test_unavailable_loader_is_reported_not_skipped(tmp_path):
     assert "cannot read a ckpt" in availability("transformers", workload, None)
     assert availability("twostep_torch", workload, None) == "needs --quantize"
     assert availability("gs_python", workload, None) is None
+
+
+def test_scaling_table_spread_and_a_size_too_big_to_run_warm():
+    """GB/s per size; a size whose file and model cannot both be in memory has no warm row."""
+    from gemma_stream.benchmark.cli import _scaling_table
+
+    def row(seconds, nbytes):
+        return {"status": "ok", "seconds": seconds, "min_seconds": seconds, "gb_per_s": nbytes / seconds / 1e9,
+                "loader": "gs_native", "label": "gemma_stream load_into (native)", "peak_over_model": 1.0,
+                "message": ""}
+
+    small, big = 2 * 10**9, 17 * 10**9
+    results = [{"size": "1b", "model_bytes": small, "data_bytes": small,
+                "warm": [row(0.5, small)], "cold": [row(2.0, small)]},
+               {"size": "7b", "model_bytes": big, "data_bytes": big, "warm_skipped": "file + model exceed",
+                "cold": [row(21.25, big)]}]
+    table = _scaling_table(results)
+    assert "7b     warm: not measured, file + model exceed" in table
+    assert "n/a" in table.splitlines()[2]
+    assert "[MISS] gemma_stream load_into (native), cold: 20%" in table, table   # 1.0 vs 0.8 GB/s
+    assert "native), warm:" not in table                                       # one size only: no spread

@@ -12,7 +12,7 @@ import time
 
 from .child import LOADERS
 from .report import evaluate_targets, format_table, machine_info, write_json, write_plot
-from .runner import Row, Workload, run_loaders, synthetic_workload, user_workload
+from .runner import Row, Workload, mem_available, run_loaders, synthetic_workload, user_workload
 from .shapes import SIZES, parse_size
 
 __all__ = ["add_bench_arguments", "run_bench", "add_demo_arguments", "run_demo", "default_loaders"]
@@ -187,7 +187,13 @@ def _run_scaling(args) -> int:
             workload = synthetic_workload(shape, args.dtype, "safetensors", workdir, model_dtype=args.model_dtype)
             _check_disk(workdir, workload.data_bytes)
             entry = {"size": size, "model_bytes": workload.model_bytes, "data_bytes": workload.data_bytes}
-            for cold in (False, True):
+            # Warm means the whole file cached *and* the model allocated: at 7b on a 24 GiB
+            # machine (17 GB + 17 GB) that cannot be, and a "warm" run would half read the disk.
+            fits = workload.data_bytes + workload.model_bytes + (1 << 30) <= mem_available()
+            if not fits:
+                entry["warm_skipped"] = (f"file + model ({(workload.data_bytes + workload.model_bytes) / _GIB:.1f}"
+                                         f" GiB) exceed MemAvailable ({mem_available() / _GIB:.1f} GiB)")
+            for cold in (False, True) if fits else (True,):
                 rows = run_loaders(workload, loaders, cold=cold, repeat=args.repeat, threads=args.threads,
                                    timeout=args.timeout, wait_idle=args.wait_idle)
                 failed |= any(r.status == "error" for r in rows)
@@ -213,20 +219,26 @@ def _scaling_table(results: list[dict]) -> str:
              "  peak/model"]
     speeds: dict[tuple[str, str], list[float]] = {}
     for entry in results:
-        for i, warm in enumerate(entry["warm"]):
-            cold = entry["cold"][i]
-            if warm["status"] != "ok" or not warm["seconds"] or cold["status"] != "ok" or not cold["seconds"]:
-                bad = warm if warm["status"] != "ok" else cold
+        for i, cold in enumerate(entry["cold"]):
+            warm = entry["warm"][i] if "warm" in entry else None
+            if (warm and (warm["status"] != "ok" or not warm["seconds"])) or cold["status"] != "ok" \
+                    or not cold["seconds"]:
+                bad = warm if warm and warm["status"] != "ok" else cold
                 lines.append(f"{entry['size']:<6} {bad['label']}: {bad['status']} {bad['message']}")
                 continue
-            cells = []
+            cells = [f"{'n/a':>7} {'':5} {'':10}"] if warm is None else []
             for mode, row in (("warm", warm), ("cold", cold)):
+                if row is None:
+                    continue
                 best = entry["data_bytes"] / row["min_seconds"] / 1e9
                 speeds.setdefault((row["loader"], mode), []).append(row["gb_per_s"])
                 speeds.setdefault((row["loader"], mode + ", fastest runs"), []).append(best)
                 cells.append(f"{row['seconds']:7.2f} {row['gb_per_s']:5.2f} {best:10.2f}")
-            lines.append(f"{entry['size']:<6}{entry['model_bytes'] / _GIB:5.2f}  {warm['label']:<35}{cells[0]}  "
-                         f"{cells[1]}  {max(warm['peak_over_model'], cold['peak_over_model']):9.2f}x")
+            peak = max(row["peak_over_model"] for row in (warm, cold) if row)
+            lines.append(f"{entry['size']:<6}{entry['model_bytes'] / _GIB:5.2f}  {cold['label']:<35}{cells[0]}  "
+                         f"{cells[1]}  {peak:9.2f}x")
+        if entry.get("warm_skipped"):
+            lines.append(f"{entry['size']:<6} warm: not measured, {entry['warm_skipped']}")
     lines.append("spread of GB/s across sizes ((max - min) / max; issue 7 target for gemma_stream: <= 10%):")
     for (loader, mode), values in speeds.items():
         if len(values) > 1:
