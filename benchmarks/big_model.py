@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     plans = [("7b", [None, "int8"])] + ([("27b", ["int4"])] if args.big else [])
     shapes = {key: Shape(**{**asdict(SHAPES[key]), **({"layers": args.layers} if args.layers else {})})
               for key, _ in plans}
-    need = sum(math.prod(t) * 2 for s in shapes.values() for t in checkpoint_shapes(s).values())
+    sizes = [sum(math.prod(t) * 2 for t in checkpoint_shapes(s).values()) for s in shapes.values()]
+    need = sum(sizes) if args.keep else max(sizes)   # without --keep, each is removed before the next
     root = args.dir or tempfile.mkdtemp(prefix="gemma_stream_big_")
     os.makedirs(root, exist_ok=True)
     free = shutil.disk_usage(root).free
