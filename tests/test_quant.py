@@ -331,6 +331,38 @@ def test_quant_embedding_gathers_rows(scheme, rows):
         model.embed(torch.tensor([rows]))
 
 
+def test_concurrent_repacks_of_a_shared_int4_weight_happen_once():
+    """Post-load hooks (run on worker threads by load_into) and first forwards of modules
+    sharing one int4 weight may reach it together: it must be repacked exactly once."""
+    import threading
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    for _ in range(5):
+        model = nn.Module()
+        model.a = nn.Linear(128, 256, bias=False, dtype=torch.bfloat16)
+        model.b = nn.Linear(128, 256, bias=False, dtype=torch.bfloat16)
+        model.b.weight = model.a.weight
+        gs.quantize_(model, "int4", group_size=64)
+        assert model.a.weight is model.b.weight
+        want = dequantize(model.a)
+        barrier = threading.Barrier(4)
+
+        def first_use(call):
+            barrier.wait()
+            call()
+
+        calls = [model.a.gs_post_load, model.b.gs_post_load, lambda: model.a(x), lambda: model.b(x)]
+        workers = [threading.Thread(target=first_use, args=(c,)) for c in calls]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert torch.equal(dequantize(model.a), want) and torch.equal(dequantize(model.b), want)
+        ref = x.float() @ want.t()
+        assert (model.a(x).float() - ref).norm() <= 1e-2 * ref.norm()
+
+
 def test_int4_repack_matches_torch_and_round_trips(monkeypatch):
     layout = cpu4.layout()
     if layout is None:

@@ -220,10 +220,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
         plan.jobs = [j for j in plan.jobs if id(targets.get(j.target)) not in mapped_ids]
     read, seconds, backend_name = _execute(plan, threads=threads, backend=backend, progress=progress,
                                            cache=cache, desc="gemma_stream load")
-    for module in model.modules():
-        hook = getattr(module, "gs_post_load", None)
-        if hook is not None:
-            hook()
+    _run_post_load_hooks(model, threads)
     filled = {id(targets[n]) for n in plan.loaded if n in targets}
     uninitialized = [n for n, tensor in allocated if id(tensor) not in filled]
     if uninitialized:
@@ -234,6 +231,23 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
                       uninitialized=uninitialized, mapped=[n for n, _ in mapped],
                       bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files))
+
+
+def _run_post_load_hooks(model: torch.nn.Module, threads: int | None) -> None:
+    """``gs_post_load()`` of every module that has one (the int4 repack for torch's CPU kernel),
+    on the loader's thread count: the native repack releases the GIL, and each hook touches
+    only its own module's tensors (QuantLinear locks a weight it shares)."""
+    hooks = [hook for module in model.modules() if (hook := getattr(module, "gs_post_load", None)) is not None]
+    workers = min(len(hooks), threads or config().default_threads)
+    if workers <= 1:
+        for hook in hooks:
+            hook()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gemma_stream_post") as pool:
+        for future in [pool.submit(hook) for hook in hooks]:
+            future.result()
 
 
 def _select(ckpt: Checkpoint, keys) -> Checkpoint:

@@ -12,6 +12,8 @@ which modules become these.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +55,18 @@ _CPU_LAYOUT = "_gs_int4_cpu_layout"
 
 def _is_cpu_layout(t: torch.Tensor) -> bool:
     return bool(getattr(t, _CPU_LAYOUT, False))
+
+
+# One lock per int4 weight storage: the repack rewrites the bytes in place, and two
+# modules sharing the weight (tied embedding and head), post-load hooks on worker
+# threads or two first forward calls may reach it at once; exactly one must repack.
+_LOCKS_GUARD = threading.Lock()
+_REPACK_LOCKS: dict[int, threading.Lock] = {}
+
+
+def _repack_lock(t: torch.Tensor) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _REPACK_LOCKS.setdefault(t.data_ptr(), threading.Lock())
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -133,8 +147,10 @@ class _QuantWeight(nn.Module):
         layout = cpu4.layout() if self.scheme == "int4" and w.device.type == "cpu" else None
         if layout is None or w.shape[0] % 16:
             return False
-        cpu4.repack_(w, layout, to_kernel=True)
-        setattr(w, _CPU_LAYOUT, True)
+        with _repack_lock(w):
+            if not _is_cpu_layout(w):
+                cpu4.repack_(w, layout, to_kernel=True)
+                setattr(w, _CPU_LAYOUT, True)
         return True
 
     def _int4_values(self, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -393,7 +393,10 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
             workload.ensure(row.reads)
     quant_bytes = _quantized_bytes(workload, quantize, group_size)
     for round_index in range(repeat):
-        for row in rows:
+        # Each round starts one loader further on, so that no loader always follows the same one
+        # (a load runs faster or slower depending on what the previous process left behind).
+        shift = round_index % len(rows)
+        for row in rows[shift:] + rows[:shift]:
             if row.status != "ok":
                 continue
             loader = LOADERS[row.loader]
