@@ -19,9 +19,9 @@ gs::DType to_dtype(int code) {
 }
 
 // (op, file, src_offset, src_dtype, shape, src_strides, dst_ptr, dst_dtype,
-//  scale_ptr, zero_ptr, scale_dtype, group_size, name)
+//  scale_ptr, zero_ptr, scale_dtype, group_size, name, first_row)
 using JobTuple = std::tuple<int, int, uint64_t, int, std::vector<int64_t>, std::vector<int64_t>, uintptr_t, int,
-                            uintptr_t, uintptr_t, int, int64_t, std::string>;
+                            uintptr_t, uintptr_t, int, int64_t, std::string, int64_t>;
 
 gs::CopyJob to_job(const JobTuple& t) {
   gs::CopyJob job;
@@ -40,6 +40,7 @@ gs::CopyJob to_job(const JobTuple& t) {
   job.scale_dtype = to_dtype(std::get<10>(t));
   job.group_size = std::get<11>(t);
   job.name = std::get<12>(t);
+  job.first_row = std::get<13>(t);
   return job;
 }
 

@@ -318,7 +318,7 @@ void run_quant(Batch& batch, Worker& worker, const CopyJob& job, const Item& ite
     }
     if (bad >= 0)
       throw JobError(batch.files[static_cast<std::size_t>(job.file)].path() + ": tensor '" + job.name + "': row " +
-                     std::to_string(r0 + bad) + " holds NaN or infinity; it cannot be quantized");
+                     std::to_string(job.first_row + r0 + bad) + " holds NaN or infinity; it cannot be quantized");
     batch.bytes_done += rows * row_bytes;
   }
 }

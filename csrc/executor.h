@@ -30,6 +30,7 @@ struct CopyJob {
   DType scale_dtype = DType::F32;
   int64_t group_size = 0;            // int4 only
   std::string name;                  // tensor name, for error messages
+  int64_t first_row = 0;             // the source view's first row in its tensor (error messages)
 };
 
 struct Options {

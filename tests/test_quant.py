@@ -168,6 +168,21 @@ def test_non_finite_source_is_a_checkpoint_error(tmp_path, backend, scheme, bad,
         gs.load_into(model, path, quantize=scheme, group_size=32, backend=backend)
 
 
+def test_non_finite_row_is_numbered_in_the_checkpoint_tensor(tmp_path, backend):
+    """A fused checkpoint tensor split into q/k/v (src_rows): the row named is the fused tensor's."""
+    w = torch.randn(80, 64)
+    w[70, 3] = float("nan")   # row 6 of the v part (rows 64-79)
+    path = str(tmp_path / "fused.safetensors")
+    save_file({"qkv.weight": w.bfloat16()}, path)
+    model = nn.Module()
+    for name, rows in (("q", 48), ("k", 16), ("v", 16)):
+        model.add_module(name, nn.Linear(64, rows, bias=False, device="meta"))
+    spans = {"q": (0, 48), "k": (48, 64), "v": (64, 80)}
+    with pytest.raises(gs.CheckpointError, match=r"qkv\.weight.*row 70 holds NaN"):
+        gs.load_into(model, path, quantize="int8", backend=backend,
+                     rename=lambda n: [gs.Route(f"{t}.weight", src_rows=spans[t]) for t in "qkv"])
+
+
 # ---------------------------------------------------------------- fused rows, pre-quantized, round trip
 
 class Fused(nn.Module):

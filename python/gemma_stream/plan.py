@@ -73,6 +73,7 @@ class CopyJob:
     zero: torch.Tensor | None = None
     group_size: int = 0
     staged: bool = False
+    first_row: int = 0           # the source view's first row in the checkpoint tensor (error messages)
 
     @property
     def nbytes(self) -> int:
@@ -255,7 +256,8 @@ class _Planner:
         p.jobs.append(CopyJob(name=record.name, target=route.target, file_index=self.file_index[record.file],
                               src_offset=offset, src_dtype=record.dtype, shape=tuple(src_shape), src_strides=None,
                               dst=qt.weight[rows], op=qt.scheme, scale=qt.scale[rows], zero=zero,
-                              group_size=qt.group_size, staged=not all(_is_plain_cpu(r) for r in regions)))
+                              group_size=qt.group_size, staged=not all(_is_plain_cpu(r) for r in regions),
+                              first_row=src_lo))
         p.loaded.append(route.target)
         p.loaded.extend(qt.covers)
 

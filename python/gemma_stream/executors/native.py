@@ -17,7 +17,8 @@ def _as_tuple(job: CopyJob) -> tuple:
     return (_OPS[job.op], job.file_index, job.src_offset, job.src_dtype.code, list(job.shape),
             list(job.src_strides) if job.src_strides is not None else [], job.dst.data_ptr(),
             from_torch(job.dst.dtype).code, job.scale.data_ptr() if job.scale is not None else 0,
-            job.zero.data_ptr() if job.zero is not None else 0, scale_code, job.group_size, job.name)
+            job.zero.data_ptr() if job.zero is not None else 0, scale_code, job.group_size, job.name,
+            job.first_row)
 
 
 class NativeExecutor:

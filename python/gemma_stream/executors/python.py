@@ -163,7 +163,7 @@ class _Run:
         w = torch.frombuffer(_read(fd, path, nbytes, offset), dtype=job.src_dtype.torch).reshape(rows, k)
         finite = torch.isfinite(w).all(dim=1)
         if not bool(finite.all()):
-            bad = begin + int((~finite).nonzero()[0, 0])
+            bad = job.first_row + begin + int((~finite).nonzero()[0, 0])
             raise CheckpointError(f"{path}: tensor '{job.name}': row {bad} holds NaN or infinity; "
                                   f"it cannot be quantized")
         if job.op == "int8":
