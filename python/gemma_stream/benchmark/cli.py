@@ -14,6 +14,7 @@ from .child import LOADERS
 from .report import evaluate_targets, format_table, machine_info, write_json, write_plot
 from .runner import Row, Workload, mem_available, run_loaders, synthetic_workload, user_workload
 from .shapes import SIZES, parse_size
+from .writers import evict
 
 __all__ = ["add_bench_arguments", "run_bench", "add_demo_arguments", "run_demo", "default_loaders"]
 
@@ -181,11 +182,15 @@ def _run_scaling(args) -> int:
     loaders = _loader_list(args.loaders, "safetensors", None) if args.loaders else ["gs_native", "pread_2t"]
     results = []
     failed = False
+    earlier: list[Workload] = []
     try:
         for size in [s.strip() for s in args.scaling_sizes.split(",") if s.strip()]:
             shape = parse_size(size)
             workload = synthetic_workload(shape, args.dtype, "safetensors", workdir, model_dtype=args.model_dtype)
             _check_disk(workdir, workload.data_bytes)
+            for other in earlier:   # each size starts with no other size's file in the page cache
+                evict([f for f in other.all_files() if os.path.exists(f)])
+            earlier.append(workload)
             entry = {"size": size, "model_bytes": workload.model_bytes, "data_bytes": workload.data_bytes}
             # Warm means the whole file cached *and* the model allocated: at 7b on a 24 GiB
             # machine (17 GB + 17 GB) that cannot be, and a "warm" run would half read the disk.

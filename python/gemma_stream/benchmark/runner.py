@@ -423,8 +423,12 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
                     "sqnr_names": [n for n in workload.check_names if "norm" not in n]}
             if cold:
                 writers.evict(workload.all_files())
-            elif writers.cached_fraction(files["data"]) < 0.99:
-                writers.warm_up(files["data"])
+            else:
+                # only the files this load reads stay cached: the other copies of the checkpoint
+                # (.ckpt, HF directory) would leave the load less free memory than a server has
+                writers.evict([f for f in workload.all_files() if f not in files["data"]])
+                if writers.cached_fraction(files["data"]) < 0.99:
+                    writers.warm_up(files["data"])
             cached = writers.cached_fraction(files["data"])
             busy = wait_for_idle(wait_idle) if wait_idle > 0 else cpu_busy(0.2)
             _log(f"[{'warm-up, discarded' if warm_up_round else f'{round_index + 1}/{repeat}'}] {row.loader} "
