@@ -36,6 +36,11 @@ import sys
 import threading
 import time
 
+# Page-cache control is the harness's. Appended, not prepended: an alt_<case> child must keep
+# importing the package that its PYTHONPATH names.
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+from gemma_stream.benchmark.writers import cached_fraction, evict, warm_up  # noqa: E402
+
 MiB = 1 << 20
 CALL_BYTES = 64 * MiB
 
@@ -104,56 +109,6 @@ def make_torch_zip(st_path: str, pt_path: str) -> None:
     fd = os.open(pt_path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-
-
-def evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def warm(path: str) -> None:
-    buf = bytearray(CALL_BYTES)
-    view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        off = 0
-        while True:
-            got = os.preadv(fd, [view], off)
-            if got <= 0:
-                break
-            off += got
-    finally:
-        os.close(fd)
-
-
-def cached_fraction(path: str) -> float:
-    """Fraction of the file's pages in the page cache (mincore on a fresh mapping)."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    size = os.path.getsize(path)
-    pages = (size + 4095) // 4096
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap")
-        vec = (ctypes.c_ubyte * pages)()
-        try:
-            if libc.mincore(addr, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return sum(v & 1 for v in bytes(vec)) / pages
 
 
 # ----------------------------------------------------------------- child side
@@ -241,7 +196,7 @@ def child(args) -> dict:
     if args.case.startswith("bound"):
         out["seconds"] = _bound(args.path, args.threads or 2, args.case == "bound_odirect")
         if args.cache == "drop":
-            evict(args.path)
+            evict([args.path])
     elif args.case.startswith("gs_"):
         import gemma_stream as gs
         kwargs = {}
@@ -311,9 +266,9 @@ def wait_quiet(limit_s: float = 120.0) -> float:
 
 def run_case(args, case: str, path: str, state: str) -> dict:
     if state == "cold":
-        evict(path)
+        evict([path])
     else:
-        warm(path)
+        warm_up([path])
     busy = wait_quiet()
     env = dict(os.environ)
     if case.startswith("alt_"):  # the same case against another build of the package (before/after)
@@ -349,7 +304,7 @@ def run_case(args, case: str, path: str, state: str) -> dict:
         raise SystemExit(f"{case} failed:\n{res.stderr}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
     out["busy_before"] = busy
-    out["cached_after"] = cached_fraction(path)
+    out["cached_after"] = cached_fraction([path])
     return out
 
 

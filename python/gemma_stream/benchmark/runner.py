@@ -395,6 +395,7 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
     # With repeats, round 0 is a discarded warm-up of the first loader: the first process to
     # allocate gigabytes after files were written (or after a cold series) pays extra for it in
     # a VM (measured: 4-7 s instead of 1 s for a warm 2b load), whichever loader it is.
+    first_ok = next((r for r in rows if r.status == "ok"), None)
     for round_index in range(0 if repeat <= 1 else -1, repeat):
         warm_up_round = round_index < 0
         # Each round starts one loader further on, so that no loader always follows the same one
@@ -403,7 +404,7 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
         for row in rows[shift:] + rows[:shift]:
             if row.status != "ok":
                 continue
-            if warm_up_round and row is not next(r for r in rows if r.status == "ok"):
+            if warm_up_round and row is not first_ok:
                 continue
             loader = LOADERS[row.loader]
             out_bytes = quant_bytes if (quantize and loader.quantizes) else workload.model_bytes
