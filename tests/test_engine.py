@@ -153,6 +153,52 @@ def test_cache_keep_leaves_the_file_cached(big_file, backend):
     assert cached_bytes(path) >= 0.9 * os.path.getsize(path)
 
 
+def test_cache_auto_keeps_a_file_that_fits_and_drops_one_that_does_not(big_file, backend, monkeypatch):
+    """The default policy: keep when file + model fit in MemAvailable, drop when they cannot (then the
+    file's pages go straight to the model instead of pushing out the model's first pages)."""
+    monkeypatch.setenv("GEMMA_STREAM_CHUNK_MB", "1")
+    path, sd = big_file
+    size = os.path.getsize(path)
+    model = nn.Module()
+    for name, tensor in sd.items():
+        model.register_buffer(name, torch.empty_like(tensor))
+    set_cached(path, True)
+    report = gs.load_into(model, path, backend=backend, threads=2)          # default: auto
+    assert report.cache == "keep" and cached_bytes(path) >= 0.9 * size
+    import gemma_stream.api as api
+    data = sum(t.nbytes for t in sd.values())
+    monkeypatch.setattr(api, "mem_available", lambda: 2 * data - 1)      # bytes read + bytes written do not fit
+    report = gs.load_into(model, path, backend=backend, threads=2, cache="auto")
+    assert report.cache == "drop" and cached_bytes(path) <= 1 * MiB
+    assert all(torch.equal(getattr(model, name), tensor) for name, tensor in sd.items())
+    monkeypatch.setattr(api, "mem_available", lambda: 2 * data)
+    set_cached(path, True)
+    assert gs.load_into(model, path, backend=backend, threads=2).cache == "keep"
+    monkeypatch.setattr(api, "mem_available", lambda: 1)
+    assert gs.load_into(model, path, backend=backend, threads=2, cache="keep").cache == "keep"  # explicit wins
+    assert cached_bytes(path) >= 0.9 * size
+    with pytest.raises(ValueError, match="cache"):
+        gs.load_into(model, path, backend=backend, cache="evict")
+
+
+def test_cache_auto_counts_what_is_written_not_what_is_read():
+    """A quantized or converted load writes fewer bytes than it reads: the decision uses both."""
+    from gemma_stream.plan import Plan, choose_cache
+
+    class Job:
+        def __init__(self, nbytes, dst, scale=None, zero=None):
+            self.nbytes, self.dst, self.scale, self.zero = nbytes, dst, scale, zero
+
+    plan = Plan(files=[], jobs=[Job(1000, torch.empty(250, dtype=torch.int8), torch.empty(10, dtype=torch.float32))])
+    assert plan.dst_nbytes == 290
+    assert choose_cache(plan, "auto", 1290) == "keep"
+    assert choose_cache(plan, "auto", 1289) == "drop"
+    assert choose_cache(plan, "auto", None) == "keep"          # no /proc/meminfo: the safe default
+    assert choose_cache(plan, "drop", 1 << 40) == "drop"
+    with pytest.raises(ValueError):
+        choose_cache(plan, "sometimes", 0)
+
+
 def test_cache_drop_releases_pages_as_the_load_goes(big_file, monkeypatch):
     """Mid-load, too: starting from a cached file, what is still cached never exceeds what is left to
     read by more than a few MiB (one chunk and the 2 MiB folio it may straddle). Sampled from the
@@ -251,3 +297,63 @@ def test_mmap_mode_refuses_drop_and_checks_before_remapping(tmp_path, backend):
     with pytest.raises(gs.MismatchError):
         gs.load_into(model, path, backend=backend, mode="mmap")  # the model wants "weight", not "w"
     assert model.weight is weight
+
+
+def test_mmap_mode_reads_the_mapped_ranges_ahead_in_the_background(big_file, backend, monkeypatch):
+    """Cold, mode="mmap" starts a read-ahead of the mapped bytes in file order (touching weights in
+    the model's order would read the file piecemeal): after ``report.prefetch.wait()`` the file comes
+    into the page cache without a single weight being touched. GEMMA_STREAM_PREFETCH=off turns it off."""
+    import time
+
+    path, sd = big_file
+    size = os.path.getsize(path)
+
+    def fresh_model():
+        with torch.device("meta"):
+            model = nn.Module()
+            for name, tensor in sd.items():
+                model.register_buffer(name, torch.empty_like(tensor))
+        return model
+
+    monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "off")
+    set_cached(path, False)
+    model = fresh_model()
+    report = gs.load_into(model, path, backend=backend, mode="mmap")
+    assert report.prefetch is None and report.cache == "keep"
+    assert cached_bytes(path) < 0.5 * size                   # nothing read ahead, nothing touched
+    assert all(torch.equal(getattr(model, name), tensor) for name, tensor in sd.items())
+
+    monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "auto")
+    set_cached(path, False)
+    model = fresh_model()
+    report = gs.load_into(model, path, backend=backend, mode="mmap")
+    assert sorted(report.mapped) == sorted(sd)
+    assert report.prefetch is not None and report.prefetch.wait(timeout=30)
+    assert report.prefetch.nbytes >= size - 4096              # every tensor's bytes, joined into ranges
+    deadline = time.monotonic() + 30
+    while cached_bytes(path) < 0.9 * size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cached_bytes(path) >= 0.9 * size
+    assert all(torch.equal(getattr(model, name), tensor) for name, tensor in sd.items())
+
+
+def test_mmap_prefetch_joins_ranges_in_file_order_and_respects_memory(tmp_path, monkeypatch):
+    from gemma_stream.executors import mapped
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(1024), "b": torch.zeros(2048), "c": torch.zeros(10)}, str(path))
+    views = mapped.FileViews([str(path)])
+    views.view(0, 4096 + 8192, torch.float32, (10,), None)       # made out of order
+    views.view(0, 4096, torch.float32, (1024,), None)
+    views.view(0, 4096 + 4096, torch.float32, (1024,), None)     # adjacent: joined
+    views.view(0, 4096, torch.float32, (4, 4), (1, 4))           # transposed, inside the first range
+    views.view(0, 100_000, torch.float32, (0,), None)            # empty: no range
+    assert views._merged() == [(str(path), 4096, 4096 + 8192 + 40)]
+    monkeypatch.setattr(mapped, "mem_available", lambda: 100)
+    assert views.prefetch("auto") is None                        # does not fit with a fifth to spare
+    assert views.prefetch("off") is None
+    started = views.prefetch("on")
+    assert started is not None and started.wait(10) and started.done
+    monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "sometimes")
+    with pytest.raises(ValueError, match="GEMMA_STREAM_PREFETCH"):
+        gs.load_state_dict(path, mode="mmap")

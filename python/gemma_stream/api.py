@@ -14,12 +14,12 @@ from typing import Callable, Union
 
 import torch
 
-from .config import config
+from .config import config, mem_available
 from .errors import GemmaStreamError
 from .executors import get_executor, run_plan_jobs
-from .executors.mapped import FileViews
+from .executors.mapped import FileViews, Prefetch
 from .formats import Checkpoint, open_checkpoint
-from .plan import Plan, QuantTarget, Rename, make_plan, zero_copy_jobs
+from .plan import CACHE_POLICIES, Plan, QuantTarget, Rename, choose_cache, make_plan, zero_copy_jobs
 
 __all__ = ["LoadReport", "TensorInfo", "load_into", "load_state_dict", "inspect"]
 
@@ -45,6 +45,10 @@ class LoadReport:
     seconds: float = 0.0
     backend: str = ""
     files: list[str] = field(default_factory=list)
+    #: the page-cache policy the copy ran with ("keep" or "drop"; ``cache="auto"`` resolved)
+    cache: str = ""
+    #: ``mode="mmap"``: the background read-ahead of the mapped ranges (``.wait()``, ``.done``), or None
+    prefetch: Prefetch | None = field(default=None, repr=False)
 
     @property
     def gb_per_s(self) -> float:
@@ -98,9 +102,9 @@ def _progress_callback(progress: Progress, total: int, desc: str):
 
 
 def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progress, cache: str,
-             desc: str) -> tuple[int, float, str]:
-    if cache not in ("keep", "drop"):
-        raise ValueError(f"cache must be 'keep' or 'drop', not {cache!r}")
+             desc: str) -> tuple[int, float, str, str]:
+    """Run the plan's jobs; returns (bytes read, seconds, executor name, cache policy used)."""
+    cache = choose_cache(plan, cache, mem_available() if cache == "auto" else None)
     cfg = config()
     executor = get_executor(backend)
     callback, close = _progress_callback(progress, plan.nbytes, desc)
@@ -111,7 +115,7 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
                                  chunk_bytes=cfg.chunk_bytes, drop_cache=cache == "drop", progress=callback)
     finally:
         close()
-    return read, time.perf_counter() - start, executor.name
+    return read, time.perf_counter() - start, executor.name, cache
 
 
 def _materialize(model: torch.nn.Module, device: torch.device) -> list[tuple[str, torch.Tensor]]:
@@ -140,17 +144,22 @@ def _same_kind(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
         return torch.nn.Parameter(data, requires_grad=old.requires_grad)
 
 
-def _check_mode(mode: str, cache: str) -> None:
+def _check_mode(mode: str, cache: str) -> str:
+    """Validate ``mode`` and ``cache``; returns the cache policy for the copying part."""
     if mode not in ("copy", "mmap"):
         raise ValueError(f"mode must be 'copy' or 'mmap', not {mode!r}")
+    if cache not in CACHE_POLICIES:
+        raise ValueError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if mode == "mmap" and cache == "drop":
         raise ValueError("cache='drop' cannot be combined with mode='mmap': mapped weights live in the page cache")
+    return "keep" if mode == "mmap" else cache   # dropping next to mapped weights would evict them
 
 
 def _map_views(model: torch.nn.Module, ckpt: Checkpoint, *, rename: Rename, quant: dict[str, QuantTarget],
-               device: torch.device) -> list[tuple[str, torch.Tensor]]:
+               device: torch.device) -> tuple[list[tuple[str, torch.Tensor]], Prefetch | None]:
     """``mode="mmap"``: swap in copy-on-write views of the file for every tensor that needs no
-    conversion (ties stay ties: one view per tensor object); returns (name, view) of those mapped."""
+    conversion (ties stay ties: one view per tensor object); returns (name, view) of those mapped,
+    and the read-ahead of their bytes in file order when it was started (``GEMMA_STREAM_PREFETCH``)."""
     targets = model.state_dict(keep_vars=True)
     plan = make_plan(ckpt, targets, rename=rename, quant=quant, strict=False)
     views = FileViews(plan.files)
@@ -166,7 +175,7 @@ def _map_views(model: torch.nn.Module, ckpt: Checkpoint, *, rename: Rename, quan
             for attr, old in list(slot.items()):
                 if old is not None and id(old) in replaced:
                     slot[attr] = replaced[id(old)]
-    return mapped
+    return mapped, views.prefetch(config().prefetch)
 
 
 def _quant_targets(model: torch.nn.Module) -> dict[str, QuantTarget]:
@@ -185,23 +194,27 @@ def _quant_targets(model: torch.nn.Module) -> dict[str, QuantTarget]:
 def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, rename: Rename = None,
               device: str | torch.device | None = None, threads: int | None = None, backend: str = "auto",
               progress: Progress = None, key: str | None = None, quantize: str | None = None,
-              group_size: int = 128, cache: str = "keep", mode: str = "copy") -> LoadReport:
+              group_size: int = 128, cache: str = "auto", mode: str = "copy") -> LoadReport:
     """Stream a checkpoint into ``model``'s parameters and buffers, in place.
 
     Each tensor keeps its own dtype and device; tensors on ``meta`` are first
     allocated on ``device`` (default cpu).  With ``quantize="int8"|"int4"``
     the model's Linear/Embedding layers are quantized first and the weights
     quantized on read.  ``cache="drop"`` evicts the file from the page cache
-    as it is read.  ``mode="mmap"`` replaces, instead of filling, every CPU
-    tensor stored in its own dtype by a copy-on-write view of the file (like
+    as it is read, ``"keep"`` leaves it cached, and ``"auto"`` (the default)
+    keeps it unless the file and the model cannot both stay in memory.
+    ``mode="mmap"`` replaces, instead of filling, every CPU tensor stored in
+    its own dtype by a copy-on-write view of the file (like
     ``torch.load(mmap=True)`` + ``assign=True``: the fastest start, weights
-    backed by the file); the others are copied as usual.
+    backed by the file; the file is read ahead in file order in the
+    background when it fits in memory, see ``LoadReport.prefetch``); the
+    others are copied as usual.
 
     >>> with torch.device("meta"):
     ...     model = MyModel()
     >>> report = gs.load_into(model, "model.safetensors")
     """
-    _check_mode(mode, cache)
+    cache = _check_mode(mode, cache)
     ckpt = open_checkpoint(path, key=key)
     if quantize is not None:
         from .quant import quantize_
@@ -210,16 +223,16 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
         # check names and shapes on the meta model first: a mismatch must not allocate (or remap) the model
         make_plan(ckpt, model.state_dict(keep_vars=True), rename=rename, quant=_quant_targets(model), strict=True)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    mapped = _map_views(model, ckpt, rename=rename, quant=_quant_targets(model), device=device) \
-        if mode == "mmap" else []
+    mapped, prefetch = _map_views(model, ckpt, rename=rename, quant=_quant_targets(model), device=device) \
+        if mode == "mmap" else ([], None)
     allocated = _materialize(model, device)
     targets = model.state_dict(keep_vars=True)
     plan = make_plan(ckpt, targets, rename=rename, quant=_quant_targets(model), strict=strict)
     if mapped:
         mapped_ids = {id(t) for _, t in mapped}
         plan.jobs = [j for j in plan.jobs if id(targets.get(j.target)) not in mapped_ids]
-    read, seconds, backend_name = _execute(plan, threads=threads, backend=backend, progress=progress,
-                                           cache=cache, desc="gemma_stream load")
+    read, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+                                                  cache=cache, desc="gemma_stream load")
     _run_post_load_hooks(model, threads)
     filled = {id(targets[n]) for n in plan.loaded if n in targets}
     uninitialized = [n for n, tensor in allocated if id(tensor) not in filled]
@@ -230,7 +243,8 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
                       uninitialized=uninitialized, mapped=[n for n, _ in mapped],
-                      bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files))
+                      bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files),
+                      cache=cache, prefetch=prefetch)
 
 
 def _run_post_load_hooks(model: torch.nn.Module, threads: int | None) -> None:
@@ -264,19 +278,19 @@ def _select(ckpt: Checkpoint, keys) -> Checkpoint:
 def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", keys=None, rename: Rename = None,
                     threads: int | None = None, backend: str = "auto", progress: Progress = False,
-                    key: str | None = None, cache: str = "keep", mode: str = "copy") -> dict[str, torch.Tensor]:
+                    key: str | None = None, cache: str = "auto", mode: str = "copy") -> dict[str, torch.Tensor]:
     """Read a checkpoint into a new dict of tensors.
 
     ``dtype`` converts floating-point tensors (f16/bf16/f32) and leaves the
     others as stored; ``keys`` reads only those tensors.  ``mode="mmap"``
     returns copy-on-write views of the file for CPU tensors that need no
-    conversion (see ``load_into``).
+    conversion; ``cache`` and ``mode`` as in ``load_into``.
 
     >>> sd = gs.load_state_dict("model.safetensors", dtype=torch.bfloat16)
     """
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise GemmaStreamError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
-    _check_mode(mode, cache)
+    cache = _check_mode(mode, cache)
     ckpt = _select(open_checkpoint(path, key=key), keys)
     names = normalize_names(ckpt, rename)
     targets: dict[str, torch.Tensor] = {}
@@ -301,6 +315,7 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
             mapped[id(old)] = files.view(job.file_index, job.src_offset, old.dtype, job.shape, job.src_strides)
         plan.jobs = [j for j in plan.jobs if id(targets[j.target]) not in mapped]
         targets = {name: mapped.get(id(t), t) for name, t in targets.items()}
+        files.prefetch(config().prefetch)
     _execute(plan, threads=threads, backend=backend, progress=progress, cache=cache, desc="gemma_stream read")
     return targets
 

@@ -1,11 +1,11 @@
-"""The one place that reads ``GEMMA_STREAM_*`` environment variables."""
+"""The one place that reads ``GEMMA_STREAM_*`` environment variables (and the machine's cores and free memory)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-__all__ = ["Config", "config"]
+__all__ = ["Config", "config", "mem_available"]
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,7 @@ class Config:
     backend: str | None      # GEMMA_STREAM_BACKEND: "native" | "python" (overrides backend="auto")
     threads: int | None      # GEMMA_STREAM_THREADS
     chunk_bytes: int         # GEMMA_STREAM_CHUNK_MB (MiB)
+    prefetch: str = "auto"   # GEMMA_STREAM_PREFETCH: "auto" | "on" | "off" (mode="mmap" read-ahead)
 
     @property
     def default_threads(self) -> int:
@@ -25,6 +26,18 @@ class Config:
         except (AttributeError, OSError):
             cores = os.cpu_count() or 1
         return max(1, min(cores, 8))
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _int_env(name: str) -> int | None:
@@ -44,5 +57,10 @@ def config() -> Config:
         raise ValueError(f"GEMMA_STREAM_BACKEND={backend!r}: expected native, python or auto")
     # 16 MiB: 4 MiB reads were 25% slower cold, 64 MiB no faster (benchmarks/NOTES.md)
     chunk_mb = _int_env("GEMMA_STREAM_CHUNK_MB") or 16
+    prefetch = os.environ.get("GEMMA_STREAM_PREFETCH", "").strip().lower() or "auto"
+    aliases = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
+    prefetch = aliases.get(prefetch, prefetch)
+    if prefetch not in ("auto", "on", "off"):
+        raise ValueError(f"GEMMA_STREAM_PREFETCH={prefetch!r}: expected auto, on or off")
     return Config(backend=None if backend == "auto" else backend, threads=_int_env("GEMMA_STREAM_THREADS"),
-                  chunk_bytes=chunk_mb << 20)
+                  chunk_bytes=chunk_mb << 20, prefetch=prefetch)

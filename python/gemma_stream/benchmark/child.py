@@ -107,7 +107,8 @@ def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str
             report = gs.load_into(model, ctx.files["primary"], **kwargs)
             # the executor's own seconds: the rest of the load is planning and allocation
             ctx.spec["_info"] = {"backend": report.backend, "bytes_read": report.bytes_read,
-                                 "executor_seconds": report.seconds}
+                                 "executor_seconds": report.seconds, "cache": report.cache,
+                                 "prefetch": report.prefetch is not None}
             return model
         return run
     return prepare
@@ -250,6 +251,8 @@ LOADERS: dict[str, Loader] = {
     "gs_native": Loader("gemma_stream load_into (native)", "primary", _gs("native"), quantizes=True),
     "gs_python": Loader("gemma_stream load_into (python)", "primary", _gs("python"), quantizes=True),
     "gs_native_drop": Loader("gemma_stream native, cache='drop'", "primary", _gs("native", cache="drop"),
+                             quantizes=True),
+    "gs_native_keep": Loader("gemma_stream native, cache='keep'", "primary", _gs("native", cache="keep"),
                              quantizes=True),
     "gs_mmap": Loader("gemma_stream mode='mmap' (+touch)", "primary", _gs("native", mode="mmap"), touch=True),
     "gs_plain": Loader("gemma_stream native, not quantized", "primary", _gs("native", quantize=False)),
