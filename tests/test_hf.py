@@ -97,6 +97,17 @@ def test_sharded_safetensors_logits_identical(sharded_f32, dtype, backend):
     assert_same_model(model, reference(path, dtype))
 
 
+@pytest.mark.parametrize("cache", ["drop", "keep"])
+def test_cache_policy_reaches_the_loader(sharded_f32, cache, backend):
+    _, path = sharded_f32
+    model, report = gs_hf.from_pretrained(path, dtype=torch.bfloat16, backend=backend, cache=cache,
+                                          return_report=True)
+    assert report.cache == cache
+    assert_same_model(model, reference(path, torch.bfloat16))
+    _, report = gs_hf.from_pretrained(path, backend=backend, return_report=True)
+    assert report.cache == "keep"   # the default, auto: a directory this small fits in memory
+
+
 @pytest.mark.parametrize("family", ["gemma", "gemma3"])
 def test_bf16_checkpoint_default_dtype_follows_config(tmp_path, family, backend):
     random_model(family).to(torch.bfloat16).save_pretrained(tmp_path)

@@ -125,7 +125,7 @@ class FileViews:
         pages, or the rest of the system's, before they are used); ``"on"``
         always, ``"off"`` never."""
         ranges = self._merged()
-        if policy == "off" or not ranges:
+        if policy == "off" or not ranges or not hasattr(os, "posix_fadvise"):   # (macOS has none)
             return None
         if policy == "auto":
             available = mem_available()
