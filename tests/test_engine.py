@@ -195,6 +195,8 @@ def test_cache_auto_counts_what_is_written_not_what_is_read():
     assert choose_cache(plan, "auto", 1289) == "drop"
     assert choose_cache(plan, "auto", None) == "keep"          # no /proc/meminfo: the safe default
     assert choose_cache(plan, "drop", 1 << 40) == "drop"
+    on_device = Plan(files=[], jobs=[Job(1000, torch.empty(500, dtype=torch.int16, device="meta"))])
+    assert on_device.dst_nbytes == 0 and choose_cache(on_device, "auto", 1000) == "keep"   # (stands in for cuda)
     with pytest.raises(ValueError):
         choose_cache(plan, "sometimes", 0)
 

@@ -101,9 +101,10 @@ class Plan:
 
     @property
     def dst_nbytes(self) -> int:
-        """Bytes the jobs write (weights, scales and zero points)."""
+        """Bytes the jobs write into host memory (weights, scales and zero points on the CPU;
+        an accelerator's memory does not compete with the page cache)."""
         return sum(t.numel() * t.element_size() for job in self.jobs for t in (job.dst, job.scale, job.zero)
-                   if t is not None)
+                   if t is not None and t.device.type == "cpu")
 
 
 CACHE_POLICIES = ("auto", "keep", "drop")
