@@ -108,6 +108,24 @@ def test_cache_policy_reaches_the_loader(sharded_f32, cache, backend):
     assert report.cache == "keep"   # the default, auto: a directory this small fits in memory
 
 
+def test_mmap_mode_maps_same_dtype_weights_and_keeps_ties(tmp_path, backend):
+    from test_engine import mapped_from
+
+    random_model("gemma").to(torch.bfloat16).save_pretrained(tmp_path)
+    model, report = gs_hf.from_pretrained(tmp_path, backend=backend, mode="mmap", return_report=True)
+    files = report.files
+    assert len(report.mapped) == len(report.loaded) > 0
+    embed = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embed
+    assert any(mapped_from(f, embed) for f in files)
+    assert_same_model(model, reference(tmp_path, None))
+    # converting to float32 needs copies: nothing is mapped, the logits still match
+    model, report = gs_hf.from_pretrained(tmp_path, dtype=torch.float32, backend=backend, mode="mmap",
+                                          return_report=True)
+    assert report.mapped == []
+    assert_same_model(model, reference(tmp_path, torch.float32))
+
+
 @pytest.mark.parametrize("family", ["gemma", "gemma3"])
 def test_bf16_checkpoint_default_dtype_follows_config(tmp_path, family, backend):
     random_model(family).to(torch.bfloat16).save_pretrained(tmp_path)

@@ -120,7 +120,7 @@ def _tie_weights(model: torch.nn.Module, config: Any, quantized: bool) -> None:
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, quantize: str | None = None,
                     group_size: int = 128, device: str | torch.device = "cpu", threads: int | None = None,
                     progress: Progress = None, backend: str = "auto", attn_implementation: str | None = None,
-                    cache: str = "auto",
+                    cache: str = "auto", mode: str = "copy",
                     return_report: bool = False) -> torch.nn.Module | tuple[torch.nn.Module, LoadReport]:
     """Load a transformers causal LM from a ``save_pretrained`` directory with gemma_stream.
 
@@ -128,8 +128,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     or initializing its weights, optionally quantizes its Linear/Embedding layers
     (``quantize="int8"|"int4"``), streams the checkpoint (sharded or single
     safetensors, ``pytorch_model*.bin``) into it and returns it in eval mode.
-    ``dtype=None`` follows transformers (the config's dtype); ``cache`` as in
-    ``load_into`` ("auto", "keep" or "drop").  Loading is strict:
+    ``dtype=None`` follows transformers (the config's dtype); ``cache`` and
+    ``mode`` as in ``load_into`` (``mode="mmap"``: same-dtype weights stay
+    copy-on-write views of the files, as transformers 5 leaves them, and are
+    read ahead in the background).  Loading is strict:
     any missing, unexpected or mis-shaped tensor raises ``MismatchError``.
 
     >>> model = gemma_stream.hf.from_pretrained("gemma-2b-hf", dtype=torch.bfloat16)
@@ -148,7 +150,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     model = build_empty(config, dtype, **model_kwargs)
     _check_tied_sources(model, path, tensors, backend)
     report = load_into(model, path, strict=True, device=device, threads=threads, backend=backend,
-                       progress=progress, quantize=quantize, group_size=group_size, cache=cache)
+                       progress=progress, quantize=quantize, group_size=group_size, cache=cache, mode=mode)
     if report.uninitialized:
         raise GemmaStreamError(f"{path}: tensors left uninitialized after loading: {', '.join(report.uninitialized)}")
     _tie_weights(model, config, quantize is not None)

@@ -122,14 +122,17 @@ def _import_transformers_gemma() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def _gs_hf(ctx: Context):
-    from gemma_stream import hf
+def _gs_hf(mode: str = "copy"):
+    def prepare(ctx: Context):
+        from gemma_stream import hf
 
-    _import_transformers_gemma()
-    kwargs: dict = {"dtype": ctx.model_dtype(), "progress": False, "threads": ctx.spec.get("threads")}
-    if ctx.spec.get("quantize"):
-        kwargs.update(quantize=ctx.spec["quantize"], group_size=ctx.spec.get("group_size", 128))
-    return lambda: hf.from_pretrained(ctx.files["hf"], **kwargs)
+        _import_transformers_gemma()
+        kwargs: dict = {"dtype": ctx.model_dtype(), "progress": False, "threads": ctx.spec.get("threads"),
+                        "mode": mode}
+        if ctx.spec.get("quantize"):
+            kwargs.update(quantize=ctx.spec["quantize"], group_size=ctx.spec.get("group_size", 128))
+        return lambda: hf.from_pretrained(ctx.files["hf"], **kwargs)
+    return prepare
 
 
 def _transformers(ctx: Context):
@@ -256,7 +259,8 @@ LOADERS: dict[str, Loader] = {
                              quantizes=True),
     "gs_mmap": Loader("gemma_stream mode='mmap' (+touch)", "primary", _gs("native", mode="mmap"), touch=True),
     "gs_plain": Loader("gemma_stream native, not quantized", "primary", _gs("native", quantize=False)),
-    "gs_hf": Loader("gemma_stream.hf.from_pretrained", "hf", _gs_hf, quantizes=True),
+    "gs_hf": Loader("gemma_stream.hf.from_pretrained", "hf", _gs_hf(), quantizes=True),
+    "gs_hf_mmap": Loader("gemma_stream.hf.from_pretrained(mode='mmap') (+touch)", "hf", _gs_hf("mmap"), touch=True),
     "torch_load": Loader("torch.load + load_state_dict", "ckpt", _torch_load(False, False), doubles_memory=True),
     "torch_load_mmap": Loader("torch.load(mmap) + load_state_dict", "ckpt", _torch_load(True, False),
                               doubles_memory=True),

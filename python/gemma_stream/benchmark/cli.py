@@ -29,7 +29,7 @@ def default_loaders(fmt: str, quantize: str | None) -> list[str]:
         return ["gs_native", "gs_python", "gs_mmap", "torch_load", "torch_load_mmap", "torch_load_mmap_assign",
                 *_BOUNDS]
     if fmt == "hf":
-        return ["gs_hf", "gs_native", "transformers", "safetensors", *_BOUNDS]
+        return ["gs_hf", "gs_hf_mmap", "gs_native", "transformers", "safetensors", *_BOUNDS]
     return ["gs_native", "gs_python", "gs_mmap", "torch_load", "torch_load_mmap", "torch_load_mmap_assign",
             "safetensors", "transformers", "gs_hf", *_BOUNDS]
 

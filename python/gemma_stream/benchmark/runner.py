@@ -355,12 +355,12 @@ def availability(loader_id: str, workload: Workload, quantize: str | None) -> st
         if loader.quantizes and loader_id.startswith("gs"):
             return "gemma_stream.quantize_ is not available in this checkout"
     needs = {"safetensors": "safetensors", "twostep_torch": "safetensors", "twostep_torchao": "torchao",
-             "transformers": "transformers", "gs_hf": "transformers"}.get(loader_id)
+             "transformers": "transformers", "gs_hf": "transformers", "gs_hf_mmap": "transformers"}.get(loader_id)
     if needs and importlib.util.find_spec(needs) is None:
         return f"{needs} is not installed"
     if loader_id == "twostep_torchao" and quantize == "int4" and importlib.util.find_spec("mslk") is None:
         return "torchao's int4 weight-only needs the mslk package (not installed)"
-    if loader_id == "gs_hf" and importlib.util.find_spec("gemma_stream.hf") is None:
+    if loader_id.startswith("gs_hf") and importlib.util.find_spec("gemma_stream.hf") is None:
         return "gemma_stream.hf is not available in this checkout"
     if loader_id == "gs_mmap" and "mode" not in inspect.signature(gs.load_into).parameters:
         return "load_into has no mode= in this checkout"
