@@ -301,14 +301,24 @@ def test_mmap_mode_refuses_drop_and_checks_before_remapping(tmp_path, backend):
     assert model.weight is weight
 
 
-def test_mmap_mode_reads_the_mapped_ranges_ahead_in_the_background(big_file, backend, monkeypatch):
+@pytest.mark.parametrize("method", ["fault", "willneed"])
+def test_mmap_mode_reads_the_mapped_ranges_ahead_in_the_background(big_file, backend, monkeypatch, method):
     """Cold, mode="mmap" starts a read-ahead of the mapped bytes in file order (touching weights in
     the model's order would read the file piecemeal): after ``report.prefetch.wait()`` the file comes
-    into the page cache without a single weight being touched. GEMMA_STREAM_PREFETCH=off turns it off."""
+    into the page cache without a single weight being touched. GEMMA_STREAM_PREFETCH=off turns it off.
+    "fault" touches one page per readahead window (the kernel reads the window around it); with a
+    small window, "willneed" asks for the ranges instead."""
     import time
+
+    from gemma_stream.executors import mapped
 
     path, sd = big_file
     size = os.path.getsize(path)
+    window = mapped.readahead_window(str(path))
+    if method == "fault" and (window is None or window < MiB):
+        pytest.skip(f"this device's readahead window is {window} bytes: faults would read too little")
+    if method == "willneed":
+        monkeypatch.setattr(mapped, "readahead_window", lambda path: 128 << 10)
 
     def fresh_model():
         with torch.device("meta"):
@@ -331,6 +341,7 @@ def test_mmap_mode_reads_the_mapped_ranges_ahead_in_the_background(big_file, bac
     report = gs.load_into(model, path, backend=backend, mode="mmap")
     assert sorted(report.mapped) == sorted(sd)
     assert report.prefetch is not None and report.prefetch.wait(timeout=30)
+    assert report.prefetch.method == method
     assert report.prefetch.nbytes >= size - 4096              # every tensor's bytes, joined into ranges
     deadline = time.monotonic() + 30
     while cached_bytes(path) < 0.9 * size and time.monotonic() < deadline:
@@ -350,7 +361,9 @@ def test_mmap_prefetch_joins_ranges_in_file_order_and_respects_memory(tmp_path, 
     views.view(0, 4096 + 4096, torch.float32, (1024,), None)     # adjacent: joined
     views.view(0, 4096, torch.float32, (4, 4), (1, 4))           # transposed, inside the first range
     views.view(0, 100_000, torch.float32, (0,), None)            # empty: no range
-    assert views._merged() == [(str(path), 4096, 4096 + 8192 + 40)]
+    (file, start, end, base), = views._merged()
+    assert (file, start, end) == (str(path), 4096, 4096 + 8192 + 40)
+    assert base == views._storages[0].data_ptr()                 # where the file is mapped
     monkeypatch.setattr(mapped, "mem_available", lambda: 100)
     assert views.prefetch("auto") is None                        # does not fit with a fifth to spare
     assert views.prefetch("off") is None

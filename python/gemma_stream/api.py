@@ -156,7 +156,7 @@ def _check_mode(mode: str, cache: str) -> str:
 
 
 def _map_views(model: torch.nn.Module, ckpt: Checkpoint, *, rename: Rename, quant: dict[str, QuantTarget],
-               device: torch.device) -> tuple[list[tuple[str, torch.Tensor]], Prefetch | None]:
+               device: torch.device, threads: int | None) -> tuple[list[tuple[str, torch.Tensor]], Prefetch | None]:
     """``mode="mmap"``: swap in copy-on-write views of the file for every tensor that needs no
     conversion (ties stay ties: one view per tensor object); returns (name, view) of those mapped,
     and the read-ahead of their bytes in file order when it was started (``GEMMA_STREAM_PREFETCH``)."""
@@ -175,7 +175,7 @@ def _map_views(model: torch.nn.Module, ckpt: Checkpoint, *, rename: Rename, quan
             for attr, old in list(slot.items()):
                 if old is not None and id(old) in replaced:
                     slot[attr] = replaced[id(old)]
-    return mapped, views.prefetch(config().prefetch)
+    return mapped, views.prefetch(config().prefetch, threads or config().default_threads)
 
 
 def _quant_targets(model: torch.nn.Module) -> dict[str, QuantTarget]:
@@ -223,8 +223,8 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
         # check names and shapes on the meta model first: a mismatch must not allocate (or remap) the model
         make_plan(ckpt, model.state_dict(keep_vars=True), rename=rename, quant=_quant_targets(model), strict=True)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    mapped, prefetch = _map_views(model, ckpt, rename=rename, quant=_quant_targets(model), device=device) \
-        if mode == "mmap" else ([], None)
+    mapped, prefetch = _map_views(model, ckpt, rename=rename, quant=_quant_targets(model), device=device,
+                                  threads=threads) if mode == "mmap" else ([], None)
     allocated = _materialize(model, device)
     targets = model.state_dict(keep_vars=True)
     plan = make_plan(ckpt, targets, rename=rename, quant=_quant_targets(model), strict=strict)
@@ -315,7 +315,7 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
             mapped[id(old)] = files.view(job.file_index, job.src_offset, old.dtype, job.shape, job.src_strides)
         plan.jobs = [j for j in plan.jobs if id(targets[j.target]) not in mapped]
         targets = {name: mapped.get(id(t), t) for name, t in targets.items()}
-        files.prefetch(config().prefetch)
+        files.prefetch(config().prefetch, threads or config().default_threads)
     _execute(plan, threads=threads, backend=backend, progress=progress, cache=cache, desc="gemma_stream read")
     return targets
 
