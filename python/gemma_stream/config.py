@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Config", "config", "mem_available"]
+__all__ = ["Config", "config", "mem_available", "meminfo"]
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,21 @@ class Config:
         return max(1, min(cores, 8))
 
 
-def mem_available() -> int | None:
-    """``MemAvailable`` of /proc/meminfo in bytes (None where there is none)."""
+def meminfo(field: str) -> int | None:
+    """One field of /proc/meminfo (``"MemAvailable"``, ``"MemFree"``, ...) in bytes; None where there is none."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` in bytes (None where there is none)."""
+    return meminfo("MemAvailable")
 
 
 def _int_env(name: str) -> int | None:

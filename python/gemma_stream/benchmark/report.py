@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import meminfo
 from .runner import CLEAN_OTHERS_CPU, Row, Workload
 
 __all__ = ["Target", "evaluate_targets", "format_table", "machine_info", "write_json", "write_plot"]
@@ -181,11 +182,7 @@ def machine_info() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    mem = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
+    mem = meminfo("MemTotal") or 0
     commit = ""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,

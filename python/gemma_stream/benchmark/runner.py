@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import meminfo
 from . import writers
 from .child import LOADERS, RESULT_PREFIX
 from .shapes import GemmaShape, tensor_specs
@@ -63,11 +64,7 @@ def wait_for_idle(limit_seconds: float, busy_max: float = 0.15) -> float:
 
 
 def _meminfo(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return meminfo(field) or 0
 
 
 def mem_available() -> int:
