@@ -347,13 +347,32 @@ def test_complex64_written_by_safetensors(tmp_path, backend):
     assert torch.equal(gs.load_state_dict(tmp_path / "c.safetensors", backend=backend)["freqs_cis"], x)
 
 
-def test_meta_tensors_left_unfilled_are_reported(tmp_path, backend):
+def test_meta_tensors_left_unfilled_are_an_error(tmp_path, backend):
     sd = reference_state()
     path = tmp_path / "m.safetensors"
     save_file(sd, str(path))
     with torch.device("meta"):
         model = Tiny()
         model.register_buffer("inv_freq", torch.ones(4), persistent=False)
-    report = gs.load_into(model, path, backend=backend)
+    with pytest.raises(gs.MismatchError, match=r"1 tensors of the model are on meta.*inv_freq.*gs.init_empty"):
+        gs.load_into(model, path, backend=backend)
+    assert model.inv_freq.is_meta and all(p.is_meta for p in model.parameters())  # refused before allocating
+    with pytest.warns(gs.UninitializedWarning, match="inv_freq"):
+        report = gs.load_into(model, path, backend=backend, strict=False)
     assert report.uninitialized == ["inv_freq"]
     assert not model.inv_freq.is_meta
+
+
+def test_init_empty_computes_buffers_and_leaves_parameters_on_meta(tmp_path, backend):
+    sd = reference_state()
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    with gs.init_empty():
+        model = Tiny()
+        model.register_buffer("inv_freq", torch.arange(4.0), persistent=False)
+    assert all(p.is_meta for p in model.parameters()) and torch.equal(model.inv_freq, torch.arange(4.0))
+    report = gs.load_into(model, path, backend=backend)
+    assert report.uninitialized == [] and torch.equal(model.inv_freq, torch.arange(4.0))
+    assert model.head.weight is model.embed.weight  # the tie made in __init__ is kept
+    for name, tensor in sd.items():
+        assert torch.equal(model.state_dict()[name], tensor), name

@@ -1,7 +1,7 @@
 """gemma_stream: stream checkpoints straight into preallocated parameters.
 
 >>> import gemma_stream as gs
->>> with torch.device("meta"):
+>>> with gs.init_empty():       # parameters on meta, buffers computed for real
 ...     model = MyModel()
 >>> gs.load_into(model, "model.safetensors")
 """
@@ -9,10 +9,11 @@
 import logging
 
 from . import hf, maps  # hf imports transformers only when called
-from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
+from .api import LoadReport, StateDict, TensorInfo, inspect, load_into, load_state_dict
 from .convert import convert
-from .errors import CheckpointError, GemmaStreamError, MismatchError
+from .errors import CheckpointError, GemmaStreamError, MismatchError, UninitializedWarning
 from .executors import BACKEND, native_available
+from .modules import init_empty
 from .plan import Route
 from .quant import QuantEmbedding, QuantLinear, quantize_
 
@@ -23,6 +24,6 @@ logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 
 __all__ = [
     "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
-    "Route", "TensorInfo",
-    "__version__", "convert", "hf", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
+    "Route", "StateDict", "TensorInfo", "UninitializedWarning",
+    "__version__", "convert", "hf", "init_empty", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
 ]

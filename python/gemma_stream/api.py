@@ -5,27 +5,24 @@ Each one is the same pipeline: format reader -> plan -> executor.
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 import torch
 
 from .config import config, mem_available
-from .errors import GemmaStreamError
+from .dtypes import CONVERTIBLE, FLOAT_DTYPES
+from .errors import GemmaStreamError, MismatchError, UninitializedWarning
 from .executors import get_executor, run_plan_jobs
 from .executors.mapped import FileViews, Prefetch
 from .formats import Checkpoint, open_checkpoint
-from .plan import CACHE_POLICIES, Plan, QuantTarget, Rename, choose_cache, make_plan, zero_copy_jobs
+from .modules import materialize, meta_tensors, quant_targets, run_post_load_hooks, same_kind, swap_tensors
+from .plan import CACHE_POLICIES, Plan, Rename, choose_cache, make_plan, zero_copy_jobs
+from .progress import Progress, progress_callback
 
-__all__ = ["LoadReport", "TensorInfo", "load_into", "load_state_dict", "inspect"]
-
-Progress = Union[None, bool, Callable[[int, int], Union[bool, None]]]
-_AUTO_PROGRESS_BYTES = 1 << 30
-logger = logging.getLogger("gemma_stream")
+__all__ = ["LoadReport", "StateDict", "TensorInfo", "load_into", "load_state_dict", "inspect"]
 
 
 @dataclass
@@ -69,36 +66,22 @@ class TensorInfo:
     storage: str | None = None
 
 
-def inspect(path: str | os.PathLike, *, key: str | None = None) -> list[TensorInfo]:
+def inspect(path: str | os.PathLike | Checkpoint, *, key: str | None = None) -> list[TensorInfo]:
     """List the tensors of a checkpoint without reading their data.
 
     >>> for t in gs.inspect("model.safetensors"):
     ...     print(t.name, t.dtype, t.shape)
     """
-    ckpt = open_checkpoint(path, key=key)
+    ckpt = _open(path, key)
     return [TensorInfo(r.name, r.dtype.torch, r.shape, r.nbytes, r.file, r.byte_offset,
                        None if r.is_contiguous else r.strides, r.storage) for r in ckpt.records]
 
 
 # ---------------------------------------------------------------- helpers
 
-def _progress_callback(progress: Progress, total: int, desc: str):
-    """Return (callback(bytes_done) -> bool, close()) for the executor."""
-    if progress is None:
-        progress = sys.stderr.isatty() and total > _AUTO_PROGRESS_BYTES
-    if progress is False:
-        return None, lambda: None
-    if progress is True:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
-
-        def update(done: int) -> bool:
-            bar.update(done - bar.n)
-            return True
-        return update, bar.close
-    if not callable(progress):
-        raise TypeError("progress must be None, a bool or a callable(bytes_done, bytes_total)")
-    return (lambda done: progress(done, total) is not False), lambda: None
+def _open(path: str | os.PathLike | Checkpoint, key: str | None) -> Checkpoint:
+    """A checkpoint opened and validated once per load (callers that already hold one pass it down)."""
+    return path if isinstance(path, Checkpoint) else open_checkpoint(path, key=key)
 
 
 def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progress, cache: str,
@@ -107,7 +90,7 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     cache = choose_cache(plan, cache, mem_available() if cache == "auto" else None)
     cfg = config()
     executor = get_executor(backend)
-    callback, close = _progress_callback(progress, plan.nbytes, desc)
+    callback, close = progress_callback(progress, plan.nbytes, desc)
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -118,75 +101,53 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     return read, time.perf_counter() - start, executor.name, cache
 
 
-def _materialize(model: torch.nn.Module, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-    """Allocate every meta parameter and buffer on ``device``, keeping ties and Parameter classes."""
-    replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(old) -> (old, new)
-    names = []
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for slot in (module._parameters, module._buffers):
-            for attr, old in list(slot.items()):
-                if old is None or not old.is_meta:
-                    continue
-                if id(old) not in replaced:
-                    replaced[id(old)] = (old, _same_kind(old, torch.empty(old.shape, dtype=old.dtype, device=device)))
-                slot[attr] = replaced[id(old)][1]
-                names.append((f"{prefix}.{attr}" if prefix else attr, slot[attr]))
-    return names
-
-
-def _same_kind(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    """``data`` as the same kind of tensor as ``old``: its Parameter class and ``requires_grad``."""
-    if not isinstance(old, torch.nn.Parameter):
-        return data
-    try:
-        return type(old)(data, requires_grad=old.requires_grad)
-    except TypeError:
-        return torch.nn.Parameter(data, requires_grad=old.requires_grad)
-
-
 def _check_mode(mode: str, cache: str) -> str:
     """Validate ``mode`` and ``cache``; returns the cache policy for the copying part."""
     if mode not in ("copy", "mmap"):
-        raise ValueError(f"mode must be 'copy' or 'mmap', not {mode!r}")
+        raise GemmaStreamError(f"mode must be 'copy' or 'mmap', not {mode!r}")
     if cache not in CACHE_POLICIES:
-        raise ValueError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
+        raise GemmaStreamError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if mode == "mmap" and cache == "drop":
-        raise ValueError("cache='drop' cannot be combined with mode='mmap': mapped weights live in the page cache")
+        raise GemmaStreamError("cache='drop' cannot be combined with mode='mmap': mapped weights live in the "
+                               "page cache")
     return "keep" if mode == "mmap" else cache   # dropping next to mapped weights would evict them
 
 
-def _map_views(model: torch.nn.Module, ckpt: Checkpoint, *, rename: Rename, quant: dict[str, QuantTarget],
-               device: torch.device, threads: int | None) -> tuple[list[tuple[str, torch.Tensor]], Prefetch | None]:
-    """``mode="mmap"``: swap in copy-on-write views of the file for every tensor that needs no
-    conversion (ties stay ties: one view per tensor object); returns (name, view) of those mapped,
-    and the read-ahead of their bytes in file order when it was started (``GEMMA_STREAM_PREFETCH``)."""
-    targets = model.state_dict(keep_vars=True)
-    plan = make_plan(ckpt, targets, rename=rename, quant=quant, strict=False)
+def _map_zero_copy(plan: Plan, targets: dict[str, torch.Tensor], device: torch.device,
+                   threads: int | None) -> tuple[dict[int, tuple[str, torch.Tensor]], Prefetch | None]:
+    """``mode="mmap"``: a copy-on-write view of the file for every job that needs no conversion
+    (one view per tensor object, so ties stay ties); those jobs leave the plan.  Returns
+    ``id(old) -> (name, view)`` and the read-ahead of the mapped bytes in file order, if started
+    (``GEMMA_STREAM_PREFETCH``)."""
     views = FileViews(plan.files)
-    replaced: dict[int, torch.Tensor] = {}
-    mapped = []
+    mapped: dict[int, tuple[str, torch.Tensor]] = {}
     for job in zero_copy_jobs(plan, targets, device):
         old = targets[job.target]
         view = views.view(job.file_index, job.src_offset, old.dtype, job.shape, job.src_strides)
-        replaced[id(old)] = _same_kind(old, view)
-        mapped.append((job.target, replaced[id(old)]))
-    for _, module in model.named_modules(remove_duplicate=False) if replaced else ():
-        for slot in (module._parameters, module._buffers):
-            for attr, old in list(slot.items()):
-                if old is not None and id(old) in replaced:
-                    slot[attr] = replaced[id(old)]
+        mapped[id(old)] = (job.target, same_kind(old, view))
+    plan.jobs = [j for j in plan.jobs if id(targets.get(j.target)) not in mapped]
     return mapped, views.prefetch(config().prefetch, threads or config().default_threads)
 
 
-def _quant_targets(model: torch.nn.Module) -> dict[str, QuantTarget]:
-    """Quantized modules describe their destination through ``gs_quant_target()``."""
-    targets = {}
-    for prefix, module in model.named_modules():
-        describe = getattr(module, "gs_quant_target", None)
-        if describe is not None:
-            target = describe(prefix)
-            targets[f"{prefix}.weight" if prefix else "weight"] = target
-    return targets
+def _unfilled_meta(model: torch.nn.Module, plan: Plan, targets: dict[str, torch.Tensor], where: str,
+                   strict: bool) -> list[str]:
+    """Tensors on ``meta`` that the load would allocate but no job fills (their memory would be
+    garbage): a ``MismatchError`` under ``strict``, a warning otherwise.  Non-persistent buffers
+    (rotary ``inv_freq``) are in no state dict and no checkpoint, and a map's "computed" names
+    (gemma_pytorch's ``freqs_cis``) are computed only by a model built for real."""
+    filled = plan.filled(targets)
+    names = [name for key, (name, _) in meta_tensors(model).items() if key not in filled]
+    if not names:
+        return []
+    shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+    what = (f"{where}: {len(names)} tensors of the model are on meta and the checkpoint does not fill them, "
+            f"so their memory would be uninitialized: {shown}")
+    if strict:
+        raise MismatchError(f"{what}. Build the model inside gs.init_empty() (parameters on meta, buffers "
+                            f"such as rotary tables computed for real), or pass strict=False to load anyway")
+    warnings.warn(f"gemma_stream: {what} (strict=False: loaded anyway; build the model inside gs.init_empty() "
+                  f"to compute its buffers)", UninitializedWarning, stacklevel=3)
+    return names
 
 
 # ---------------------------------------------------------------- public API
@@ -198,11 +159,17 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     """Stream a checkpoint into ``model``'s parameters and buffers, in place.
 
     Each tensor keeps its own dtype and device; tensors on ``meta`` are first
-    allocated on ``device`` (default cpu).  With ``quantize="int8"|"int4"``
-    the model's Linear/Embedding layers are quantized first and the weights
-    quantized on read.  ``cache="drop"`` evicts the file from the page cache
-    as it is read, ``"keep"`` leaves it cached, and ``"auto"`` (the default)
-    keeps it unless the file and the model cannot both stay in memory.
+    allocated on ``device`` (default cpu).  Build the model inside
+    ``gs.init_empty()``: its parameters stay on ``meta`` (no memory, no random
+    init) while buffers the checkpoint does not hold (rotary tables) are
+    computed for real.  A ``meta`` tensor the checkpoint does not fill is a
+    ``MismatchError`` (``strict=False``: a warning and uninitialized memory).
+    With ``quantize="int8"|"int4"`` the model's Linear/Embedding layers are
+    quantized first and the weights quantized on read; gemma_pytorch's own
+    int8 layers (``quant=True``) are filled the same way from a float
+    checkpoint.  ``cache="drop"`` evicts the file from the page cache as it is
+    read, ``"keep"`` leaves it cached, and ``"auto"`` (the default) keeps it
+    unless the file and the model cannot both stay in memory.
     ``mode="mmap"`` replaces, instead of filling, every CPU tensor stored in
     its own dtype by a copy-on-write view of the file (like
     ``torch.load(mmap=True)`` + ``assign=True``: the fastest start, weights
@@ -210,58 +177,32 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     background when it fits in memory, see ``LoadReport.prefetch``); the
     others are copied as usual.
 
-    >>> with torch.device("meta"):
+    >>> with gs.init_empty():
     ...     model = MyModel()
     >>> report = gs.load_into(model, "model.safetensors")
     """
     cache = _check_mode(mode, cache)
-    ckpt = open_checkpoint(path, key=key)
+    ckpt = _open(path, key)
     if quantize is not None:
         from .quant import quantize_
         quantize_(model, quantize, group_size=group_size)
-    if strict and (mode == "mmap" or any(t.is_meta for t in model.state_dict(keep_vars=True).values())):
-        # check names and shapes on the meta model first: a mismatch must not allocate (or remap) the model
-        make_plan(ckpt, model.state_dict(keep_vars=True), rename=rename, quant=_quant_targets(model), strict=True)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    mapped, prefetch = _map_views(model, ckpt, rename=rename, quant=_quant_targets(model), device=device,
-                                  threads=threads) if mode == "mmap" else ([], None)
-    allocated = _materialize(model, device)
+    # one plan, on the model as built: a mismatch is raised before anything is allocated or mapped
     targets = model.state_dict(keep_vars=True)
-    plan = make_plan(ckpt, targets, rename=rename, quant=_quant_targets(model), strict=strict)
-    if mapped:
-        mapped_ids = {id(t) for _, t in mapped}
-        plan.jobs = [j for j in plan.jobs if id(targets.get(j.target)) not in mapped_ids]
+    plan = make_plan(ckpt, targets, rename=rename, quant=quant_targets(model), strict=strict)
+    where = ckpt.files[0] if len(ckpt.files) == 1 else f"{len(ckpt.files)} shards"
+    uninitialized = _unfilled_meta(model, plan, targets, where, strict)
+    mapped, prefetch = _map_zero_copy(plan, targets, device, threads) if mode == "mmap" else ({}, None)
+    swap_tensors(model, {key: view for key, (_, view) in mapped.items()})
+    plan.rebind(materialize(model, device))
     read, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                                   cache=cache, desc="gemma_stream load")
-    _run_post_load_hooks(model, threads)
-    filled = {id(targets[n]) for n in plan.loaded if n in targets}
-    uninitialized = [n for n, tensor in allocated if id(tensor) not in filled]
-    if uninitialized:
-        # e.g. non-persistent buffers (rotary inv_freq) that a meta-built model never computed
-        logger.warning("gemma_stream: %d tensors were allocated from meta but not in the checkpoint; their "
-                       "memory is uninitialized: %s", len(uninitialized), ", ".join(uninitialized[:10]))
+    run_post_load_hooks(model, threads or config().default_threads)
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
-                      uninitialized=uninitialized, mapped=[n for n, _ in mapped],
+                      uninitialized=uninitialized, mapped=[name for name, _ in mapped.values()],
                       bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files),
                       cache=cache, prefetch=prefetch)
-
-
-def _run_post_load_hooks(model: torch.nn.Module, threads: int | None) -> None:
-    """``gs_post_load()`` of every module that has one (the int4 repack for torch's CPU kernel),
-    on the loader's thread count: the native repack releases the GIL, and each hook touches
-    only its own module's tensors (QuantLinear locks a weight it shares)."""
-    hooks = [hook for module in model.modules() if (hook := getattr(module, "gs_post_load", None)) is not None]
-    workers = min(len(hooks), threads or config().default_threads)
-    if workers <= 1:
-        for hook in hooks:
-            hook()
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gemma_stream_post") as pool:
-        for future in [pool.submit(hook) for hook in hooks]:
-            future.result()
 
 
 def _select(ckpt: Checkpoint, keys) -> Checkpoint:
@@ -275,23 +216,33 @@ def _select(ckpt: Checkpoint, keys) -> Checkpoint:
                       ckpt.extras)
 
 
+class StateDict(dict):
+    """The dict ``load_state_dict`` returns: name -> tensor, plus ``report`` (a :class:`LoadReport`:
+    bytes read, seconds, backend, cache policy, and for ``mode="mmap"`` the mapped names and the
+    read-ahead handle, ``sd.report.prefetch.wait()``)."""
+
+    report: LoadReport
+
+
 def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", keys=None, rename: Rename = None,
                     threads: int | None = None, backend: str = "auto", progress: Progress = False,
-                    key: str | None = None, cache: str = "auto", mode: str = "copy") -> dict[str, torch.Tensor]:
+                    key: str | None = None, cache: str = "auto", mode: str = "copy") -> StateDict:
     """Read a checkpoint into a new dict of tensors.
 
     ``dtype`` converts floating-point tensors (f16/bf16/f32) and leaves the
-    others as stored; ``keys`` reads only those tensors.  ``mode="mmap"``
-    returns copy-on-write views of the file for CPU tensors that need no
-    conversion; ``cache`` and ``mode`` as in ``load_into``.
+    others as stored; ``keys`` reads only those tensors (``key`` is another
+    thing: which state dict inside a torch zip).  ``mode="mmap"`` returns
+    copy-on-write views of the file for CPU tensors that need no conversion;
+    ``cache`` and ``mode`` as in ``load_into``.  The dict's ``report`` says what
+    the read did.
 
     >>> sd = gs.load_state_dict("model.safetensors", dtype=torch.bfloat16)
     """
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype is not None and dtype not in FLOAT_DTYPES:
         raise GemmaStreamError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
     cache = _check_mode(mode, cache)
-    ckpt = _select(open_checkpoint(path, key=key), keys)
+    ckpt = _select(_open(path, key), keys)
     names = normalize_names(ckpt, rename)
     targets: dict[str, torch.Tensor] = {}
     views: dict[tuple, torch.Tensor] = {}  # identical views of one storage stay one tensor
@@ -299,7 +250,7 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         name = names.get(record.name)
         if name is None:
             continue
-        out_dtype = dtype if dtype is not None and record.dtype.name in ("f16", "bf16", "f32") else record.dtype.torch
+        out_dtype = dtype if dtype is not None and record.dtype.name in CONVERTIBLE else record.dtype.torch
         view_key = (record.storage, record.file, record.byte_offset, record.shape, record.strides, out_dtype)
         if record.storage is not None and view_key in views:
             targets[name] = views[view_key]
@@ -307,17 +258,15 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         tensor = torch.empty(record.shape, dtype=out_dtype, device=device)
         views[view_key] = targets[name] = tensor
     plan = make_plan(ckpt, targets, rename={r.name: names.get(r.name) for r in ckpt.records}, strict=True)
-    if mode == "mmap":
-        files = FileViews(plan.files)
-        mapped: dict[int, torch.Tensor] = {}
-        for job in zero_copy_jobs(plan, targets, torch.device(device)):
-            old = targets[job.target]
-            mapped[id(old)] = files.view(job.file_index, job.src_offset, old.dtype, job.shape, job.src_strides)
-        plan.jobs = [j for j in plan.jobs if id(targets[j.target]) not in mapped]
-        targets = {name: mapped.get(id(t), t) for name, t in targets.items()}
-        files.prefetch(config().prefetch, threads or config().default_threads)
-    _execute(plan, threads=threads, backend=backend, progress=progress, cache=cache, desc="gemma_stream read")
-    return targets
+    mapped, prefetch = _map_zero_copy(plan, targets, torch.device(device), threads) if mode == "mmap" else \
+        ({}, None)
+    read, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+                                                  cache=cache, desc="gemma_stream read")
+    out = StateDict({name: mapped[id(t)][1] if id(t) in mapped else t for name, t in targets.items()})
+    out.report = LoadReport(loaded=plan.loaded, skipped_keys=plan.skipped_keys,
+                            mapped=[name for name, _ in mapped.values()], bytes_read=read, seconds=seconds,
+                            backend=backend_name, files=list(ckpt.files), cache=cache, prefetch=prefetch)
+    return out
 
 
 def normalize_names(ckpt: Checkpoint, rename: Rename) -> dict[str, str | None]:

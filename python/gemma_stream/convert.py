@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .api import Progress, _progress_callback
+from .progress import Progress, progress_callback
 from .block_writer import BlockWriter, OutputTensor, SourceUnit
 from .dtypes import CONVERTIBLE, DType, from_torch
 from .errors import GemmaStreamError
@@ -269,7 +269,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
     if report.skipped:
         warnings.warn(f"gemma_stream.convert: not written: {'; '.join(report.skipped)}", UserWarning, stacklevel=2)
     layout = _layout(units, os.fspath(dst), max_bytes, _metadata(ckpt, quantize, group_size))
-    callback, close = _progress_callback(progress, sum(u.record.nbytes for u in units), "gemma_stream convert")
+    callback, close = progress_callback(progress, sum(u.record.nbytes for u in units), "gemma_stream convert")
     writer = BlockWriter(ckpt, [len(h) for h in layout.heads[:layout.shards]], backend, threads, callback)
     created = _make_dirs(os.path.dirname(layout.paths[0]))
     try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DType", "DTYPES", "from_torch", "from_safetensors", "by_name", "CONVERTIBLE"]
+__all__ = ["DType", "DTYPES", "from_torch", "from_safetensors", "by_name", "CONVERTIBLE", "FLOAT_DTYPES"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ _BY_TORCH = {d.torch: d for d in DTYPES.values() if d.torch is not None}
 
 #: dtypes between which both executors convert on read, bit-identical to ``Tensor.to``.
 CONVERTIBLE = frozenset({"f16", "bf16", "f32"})
+#: the same set as torch dtypes (``dtype=`` arguments, model dtypes)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def by_name(name: str) -> DType:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GemmaStreamError", "CheckpointError", "MismatchError"]
+__all__ = ["GemmaStreamError", "CheckpointError", "MismatchError", "UninitializedWarning"]
 
 
 class GemmaStreamError(ValueError):
@@ -22,3 +22,7 @@ class CheckpointError(GemmaStreamError):
 
 class MismatchError(GemmaStreamError):
     """The model and the checkpoint disagree: names, shapes or dtypes."""
+
+
+class UninitializedWarning(UserWarning):
+    """``strict=False`` loaded a model with ``meta`` tensors the checkpoint did not fill."""

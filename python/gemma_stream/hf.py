@@ -9,59 +9,32 @@ is imported inside the functions, so ``import gemma_stream`` never imports it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from .api import LoadReport, Progress, TensorInfo, inspect, load_into, load_state_dict
+from .api import LoadReport, load_into, load_state_dict
+from .dtypes import FLOAT_DTYPES
 from .errors import GemmaStreamError, MismatchError
+from .formats import Checkpoint, open_checkpoint
+from .modules import init_empty
+from .progress import Progress
 
 __all__ = ["from_pretrained", "build_empty"]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None, config: Any, path: str, tensors: list[TensorInfo]) -> torch.dtype:
+def _resolve_dtype(dtype: torch.dtype | str | None, config: Any, path: str, ckpt: Checkpoint) -> torch.dtype:
     """``dtype=None`` means transformers' ``"auto"``: the config's dtype, else the checkpoint's."""
     if dtype is None or dtype == "auto":
         dtype = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
     if dtype is None:  # like transformers: the first floating-point tensor of the checkpoint
-        dtype = next((t.dtype for t in tensors if t.dtype.is_floating_point), torch.float32)
+        dtype = next((r.dtype.torch for r in ckpt.records if r.dtype.torch is not None and
+                      r.dtype.torch.is_floating_point), torch.float32)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise GemmaStreamError(f"{path}: dtype must be one of float32, bfloat16, float16 (or None), not {dtype!r}")
     return dtype
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on ``meta`` while buffers are computed for real.
-
-    Non-persistent buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) are in
-    no checkpoint: their values come from the module's ``__init__``, so they must
-    be computed there on the CPU.  Parameters are moved to ``meta`` as they are
-    registered; the ``torch.empty`` behind them is never written (its pages are
-    never touched) and the module's random init then runs on ``meta``, a no-op.
-    This is ``accelerate.init_empty_weights(include_buffers=False)``; like it,
-    it patches ``nn.Module.register_parameter`` for the duration (not thread safe).
-    """
-    register = torch.nn.Module.register_parameter
-
-    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            attrs = dict(vars(param))
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-            vars(param).update(attrs)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
 
 
 def _dtype_keyword() -> str:
@@ -71,18 +44,19 @@ def _dtype_keyword() -> str:
 
 
 def build_empty(config: Any, dtype: torch.dtype, **model_kwargs: Any) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_config`` with parameters on ``meta`` and real buffers.
+    """``AutoModelForCausalLM.from_config`` inside :func:`gemma_stream.init_empty`: parameters on
+    ``meta``, buffers computed for real.
 
     >>> model = build_empty(AutoConfig.from_pretrained("gemma-2b-hf"), torch.bfloat16)
     >>> model.model.embed_tokens.weight.is_meta
     True
     """
     from transformers import AutoModelForCausalLM
-    with _parameters_on_meta():
+    with init_empty():
         return AutoModelForCausalLM.from_config(config, **{_dtype_keyword(): dtype}, **model_kwargs)
 
 
-def _check_tied_sources(model: torch.nn.Module, path: str, tensors: list[TensorInfo], backend: str) -> None:
+def _check_tied_sources(model: torch.nn.Module, ckpt: Checkpoint, backend: str) -> None:
     """Names of one tied tensor found twice in the checkpoint must hold the same values.
 
     The planner loads a tied tensor once and skips its other names; a checkpoint
@@ -90,18 +64,18 @@ def _check_tied_sources(model: torch.nn.Module, path: str, tensors: list[TensorI
     them) would otherwise lose one of them without a word.  transformers unties
     them in that case; we refuse, because the model was built tied.
     """
-    by_name = {t.name: t for t in tensors}
+    by_name = {r.name: r for r in ckpt.records}
     groups: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(tensor), []).append(name)
     for names in groups.values():
         present = [n for n in names if n in by_name]
-        if len({(by_name[n].file, by_name[n].offset, by_name[n].storage) for n in present}) < 2:
+        if len({(by_name[n].file, by_name[n].byte_offset, by_name[n].storage) for n in present}) < 2:
             continue  # absent, once, or views of one storage (torch.save of a tied model)
-        values = load_state_dict(path, keys=present, backend=backend)
+        values = load_state_dict(ckpt, keys=present, backend=backend)
         if not all(torch.equal(values[present[0]], values[n]) for n in present[1:]):
             raise MismatchError(
-                f"{path}: {' and '.join(present)} are tied in the model (tie_word_embeddings) but hold different "
+                f"{ckpt.files[0]}: {' and '.join(present)} are tied in the model (tie_word_embeddings) but hold different "
                 f"values in the checkpoint; set tie_word_embeddings to false in config.json to load both")
 
 
@@ -144,15 +118,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
         raise GemmaStreamError(f"{path}: no config.json; from_pretrained takes a local directory written by "
                                f"save_pretrained (it never downloads)")
     config = AutoConfig.from_pretrained(path)
-    tensors = inspect(path)
-    dtype = _resolve_dtype(dtype, config, path, tensors)
+    ckpt = open_checkpoint(path)   # opened and validated once: the tie check and the load share it
+    dtype = _resolve_dtype(dtype, config, path, ckpt)
     model_kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = build_empty(config, dtype, **model_kwargs)
-    _check_tied_sources(model, path, tensors, backend)
-    report = load_into(model, path, strict=True, device=device, threads=threads, backend=backend,
+    _check_tied_sources(model, ckpt, backend)
+    report = load_into(model, ckpt, strict=True, device=device, threads=threads, backend=backend,
                        progress=progress, quantize=quantize, group_size=group_size, cache=cache, mode=mode)
-    if report.uninitialized:
-        raise GemmaStreamError(f"{path}: tensors left uninitialized after loading: {', '.join(report.uninitialized)}")
     _tie_weights(model, config, quantize is not None)
     model.to(device)  # the buffers were computed on the CPU; loaded tensors are already on ``device``
     _load_generation_config(model, path)

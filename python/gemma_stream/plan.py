@@ -94,6 +94,7 @@ class Plan:
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_keys: list[str] = field(default_factory=list)   # "name: why"
     skipped_keys: list[str] = field(default_factory=list)      # renamed to None / tied duplicates
+    computed_keys: list[str] = field(default_factory=list)     # not filled, the map says the model computes them
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +106,32 @@ class Plan:
         an accelerator's memory does not compete with the page cache)."""
         return sum(t.numel() * t.element_size() for job in self.jobs for t in (job.dst, job.scale, job.zero)
                    if t is not None and t.device.type == "cpu")
+
+    def filled(self, targets: Mapping[str, torch.Tensor]) -> set[int]:
+        """``id`` of every target tensor the jobs write whole (partly written ones are missing keys)."""
+        missing = set(self.missing_keys) | set(self.computed_keys)
+        return {id(targets[n]) for n in self.loaded if n in targets and n not in missing}
+
+    def rebind(self, replacement: Mapping[int, torch.Tensor]) -> None:
+        """Point jobs planned on ``meta`` tensors at the tensors that replaced them.
+
+        A load plans once, on the model as built (so a mismatch is found before
+        anything is allocated), then allocates; each job's destination is the
+        same view (size, strides, offset) of the replacing tensor.
+        """
+        def moved(region: torch.Tensor | None) -> torch.Tensor | None:
+            if region is None or not region.is_meta:
+                return region
+            base = region._base if region._base is not None else region
+            new = replacement.get(id(base))
+            if new is None:
+                raise RuntimeError(f"gemma_stream bug: a job writes a meta tensor that was not allocated "
+                                   f"({list(region.shape)})")
+            return new.as_strided(region.size(), region.stride(), region.storage_offset())
+
+        for job in self.jobs:
+            job.dst, job.scale, job.zero = moved(job.dst), moved(job.scale), moved(job.zero)
+            job.staged = not all(_is_plain_cpu(r) for r in (job.dst, job.scale, job.zero) if r is not None)
 
 
 CACHE_POLICIES = ("auto", "keep", "drop")
@@ -330,6 +357,7 @@ def make_plan(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, re
     # a map may name tensors the model computes itself (gemma_pytorch's freqs_cis): not missing
     computed = set(getattr(rename, "computed", ()) or ())
     if computed:
+        plan.computed_keys = [n for n in plan.missing_keys if n in computed]
         plan.missing_keys = [n for n in plan.missing_keys if n not in computed]
     if strict and (plan.missing_keys or plan.unexpected_keys or plan.mismatched_keys):
         raise MismatchError(_describe(plan, checkpoint))

@@ -1,0 +1,148 @@
+"""What a load does to a ``torch.nn.Module``: build it empty, find its destinations, swap tensors.
+
+``load_into`` (api.py) plans on the model as built (often on ``meta``), then
+asks this module to allocate what is still on ``meta`` and to swap tensors by
+identity (copy-on-write views for ``mode="mmap"``), so ties stay ties and the
+plan's jobs can be pointed at the new storage (``Plan.rebind``).
+
+>>> with gs.init_empty():          # parameters on meta, buffers computed for real
+...     model = MyModel()
+>>> gs.load_into(model, "model.safetensors")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import torch
+
+from .plan import QuantTarget
+
+__all__ = ["init_empty", "quant_targets", "meta_tensors", "materialize", "swap_tensors", "same_kind",
+           "run_post_load_hooks", "int8_rows_target"]
+
+_PATCH_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def init_empty() -> Iterator[None]:
+    """Build a model with its parameters on ``meta`` and its buffers computed for real.
+
+    Parameters (the weights a checkpoint holds) are moved to ``meta`` as each
+    module registers them, so they cost no memory and their random init runs
+    on ``meta`` (a no-op); buffers (rotary ``inv_freq``, Gemma's
+    ``embed_scale``, gemma_pytorch's ``freqs_cis``) are created and computed
+    by the module's own ``__init__`` on the real device, because no
+    checkpoint holds the non-persistent ones.  A model built inside needs only
+    ``gs.load_into``.  Ties made after registration (``tie_weights``) are kept:
+    a parameter already on ``meta`` is registered as it is.  Dtypes follow the
+    model's own choices, ``torch.set_default_dtype`` included.
+
+    Like accelerate's ``init_empty_weights(include_buffers=False)`` it patches
+    ``nn.Module.register_parameter`` for the duration: models built on other
+    threads meanwhile are affected too.
+
+    >>> with gs.init_empty():
+    ...     model = transformers.AutoModelForCausalLM.from_config(config)
+    >>> gs.load_into(model, "gemma-2b-hf/")
+    """
+    with _PATCH_LOCK:
+        register = torch.nn.Module.register_parameter
+
+        def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+            if param is not None and not param.is_meta:
+                attrs = dict(vars(param))
+                param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+                vars(param).update(attrs)
+            register(module, name, param)
+
+        torch.nn.Module.register_parameter = register_on_meta
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = register
+
+
+def int8_rows_target(module: torch.nn.Module, prefix: str) -> QuantTarget | None:
+    """gemma_pytorch's quantized ``Linear``/``Embedding`` (``quant=True``): an int8 ``weight`` [N, K]
+    beside a floating ``weight_scaler`` [N].  That is our int8 contract layout, so a float
+    checkpoint is quantized on read straight into it (the scale in the scaler's own dtype)."""
+    weight = module._parameters.get("weight")
+    scaler = module._parameters.get("weight_scaler", module._buffers.get("weight_scaler"))
+    if weight is None or scaler is None or weight.dtype != torch.int8 or weight.dim() != 2:
+        return None
+    if not scaler.is_floating_point() or tuple(scaler.shape) != (weight.shape[0],):
+        return None
+    p = f"{prefix}." if prefix else ""
+    return QuantTarget("int8", (weight.shape[0], weight.shape[1]), weight, scaler, None, 0, (f"{p}weight_scaler",))
+
+
+def quant_targets(model: torch.nn.Module) -> dict[str, QuantTarget]:
+    """Quantized destinations by weight name: modules that describe theirs (``gs_quant_target()``,
+    gemma_stream's QuantLinear/QuantEmbedding) and gemma_pytorch's int8 layers."""
+    targets = {}
+    for prefix, module in model.named_modules():
+        describe = getattr(module, "gs_quant_target", None)
+        target = describe(prefix) if describe is not None else int8_rows_target(module, prefix)
+        if target is not None:
+            targets[f"{prefix}.weight" if prefix else "weight"] = target
+    return targets
+
+
+def meta_tensors(model: torch.nn.Module) -> dict[int, tuple[str, torch.Tensor]]:
+    """Every parameter and buffer (persistent or not) still on ``meta``: id -> (first name, tensor)."""
+    out: dict[int, tuple[str, torch.Tensor]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for slot in (module._parameters, module._buffers):
+            for attr, tensor in slot.items():
+                if tensor is not None and tensor.is_meta and id(tensor) not in out:
+                    out[id(tensor)] = (f"{prefix}.{attr}" if prefix else attr, tensor)
+    return out
+
+
+def same_kind(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """``data`` as the same kind of tensor as ``old``: its Parameter class and ``requires_grad``."""
+    if not isinstance(old, torch.nn.Parameter):
+        return data
+    try:
+        return type(old)(data, requires_grad=old.requires_grad)
+    except TypeError:
+        return torch.nn.Parameter(data, requires_grad=old.requires_grad)
+
+
+def swap_tensors(model: torch.nn.Module, replacement: dict[int, torch.Tensor]) -> None:
+    """Put ``replacement[id(old)]`` wherever ``old`` sits (every module, parameter and buffer slot)."""
+    if not replacement:
+        return
+    for _, module in model.named_modules(remove_duplicate=False):
+        for slot in (module._parameters, module._buffers):
+            for attr, old in list(slot.items()):
+                if old is not None and id(old) in replacement:
+                    slot[attr] = replacement[id(old)]
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> dict[int, torch.Tensor]:
+    """Allocate (uninitialized) every tensor still on ``meta`` on ``device``, keeping ties and
+    Parameter classes; returns ``id(meta tensor) -> its replacement`` for ``Plan.rebind``."""
+    replacement = {key: same_kind(old, torch.empty(old.shape, dtype=old.dtype, device=device))
+                   for key, (_, old) in meta_tensors(model).items()}
+    swap_tensors(model, replacement)
+    return replacement
+
+
+def run_post_load_hooks(model: torch.nn.Module, threads: int) -> None:
+    """``gs_post_load()`` of every module that has one (the int4 repack for torch's CPU kernel),
+    on the loader's thread count: the native repack releases the GIL, and each hook touches
+    only its own module's tensors (QuantLinear locks a weight it shares)."""
+    hooks = [hook for module in model.modules() if (hook := getattr(module, "gs_post_load", None)) is not None]
+    workers = min(len(hooks), threads)
+    if workers <= 1:
+        for hook in hooks:
+            hook()
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gemma_stream_post") as pool:
+        for future in [pool.submit(hook) for hook in hooks]:
+            future.result()
