@@ -261,3 +261,30 @@ def test_importing_gemma_stream_does_not_import_transformers():
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_init_empty_and_load_into_give_from_pretrained_logits(tmp_path, family, backend):
+    """The README's recipe with transformers' own classes: build inside gs.init_empty, then load_into."""
+    random_model(family).save_pretrained(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    with gs.init_empty():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    assert model.model.embed_tokens.weight.is_meta
+    report = gs.load_into(model, tmp_path, backend=backend)
+    assert report.uninitialized == []
+    assert_same_model(model.eval(), reference(tmp_path, torch.float32))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_plain_meta_model_is_refused_naming_the_rotary_buffers(tmp_path, family, backend):
+    random_model(family).save_pretrained(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(gs.MismatchError, match=r"on meta.*inv_freq.*gs\.init_empty\(\)"):
+        gs.load_into(model, tmp_path, backend=backend)
+    assert model.model.embed_tokens.weight.is_meta   # nothing was allocated
+    with pytest.warns(gs.UninitializedWarning, match="inv_freq"):
+        report = gs.load_into(model, tmp_path, backend=backend, strict=False)
+    assert any("inv_freq" in name for name in report.uninitialized)

@@ -25,6 +25,7 @@ from torch import nn
 from ._int4_cpu import dequant_int4 as _dequant_int4
 from ._int4_cpu import split_nibbles as _split_nibbles
 from .errors import GemmaStreamError
+from .modules import int8_rows_target
 # the modules live in quant_modules; quant stays their public home (gs.quant.QuantLinear, ...)
 from .quant_modules import GROUP_SIZES, QuantEmbedding, QuantLinear, QuantScaledEmbedding, _QuantWeight
 from .quant_modules import _check_scheme, _default_scale_dtype, _dequant_int8, _is_cpu_layout  # noqa: F401 - tests
@@ -184,6 +185,40 @@ def _replacement(module: nn.Module, scheme: str, group_size: int, scale_dtype: t
     return QuantEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype=w.dtype, **kwargs)
 
 
+def _check_foreign_layers(model: nn.Module, scheme: str) -> list[str]:
+    """Layers ``quantize_`` cannot swap must not stay float without a word.
+
+    gemma_pytorch's own ``Linear``/``Embedding`` are not ``torch.nn`` classes: with
+    ``quant=False`` they hold a float weight their forward uses directly, so an error
+    says how to get an int8 model (build it with ``quant=True``; ``load_into`` then
+    quantizes a float checkpoint on read into its int8 ``weight`` + ``weight_scaler``).
+    Already-int8 layers of that kind are returned: with ``scheme="int8"`` they are
+    the quantized destinations.
+    """
+    foreign, int8_layers = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, _QuantWeight)):
+            continue
+        if int8_rows_target(module, name) is not None:
+            int8_layers.append(name)
+            continue
+        weight = module._parameters.get("weight")
+        if weight is not None and weight.dim() == 2 and weight.is_floating_point() and \
+                (hasattr(module, "quant") or type(module).__name__ in ("Linear", "Embedding")):
+            foreign.append(f"{name} ({type(module).__module__}.{type(module).__name__})")
+    if foreign:
+        raise GemmaStreamError(
+            f"quantize_({scheme!r}): {len(foreign)} layers are not torch.nn.Linear/Embedding and cannot be replaced "
+            f"(their forward would keep using a float weight): {', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}. For gemma_pytorch, build the model with quant=True in its "
+            f"config (int8 weight + weight_scaler) and call gs.load_into without quantize=: a float checkpoint is "
+            f"quantized on read into those layers")
+    if int8_layers and scheme != "int8":
+        raise GemmaStreamError(f"quantize_({scheme!r}): {len(int8_layers)} layers already hold gemma_pytorch's int8 "
+                               f"layout (e.g. {int8_layers[0]}); only int8 can be loaded into them")
+    return int8_layers
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
@@ -202,7 +237,11 @@ def quantize_(model: nn.Module, scheme: str, *, group_size: int = 128, scale_dty
     one subclass taken is transformers' Gemma ``*ScaledWordEmbedding``, which
     becomes a :class:`QuantScaledEmbedding` keeping its ``embed_scale``.  A weight
     tied between modules (embedding and LM head) becomes one quantized storage
-    shared by both.
+    shared by both.  gemma_pytorch's own ``Linear``/``Embedding`` cannot be
+    swapped: with ``quant=False`` that is an error saying to build the model with
+    ``quant=True`` (whose int8 layers ``load_into`` fills on read), with
+    ``quant=True`` they count as int8 layers.  A model with nothing to quantize
+    is an error.
 
     >>> with torch.device("meta"):
     ...     model = MyModel()
@@ -218,6 +257,7 @@ def quantize_(model: nn.Module, scheme: str, *, group_size: int = 128, scale_dty
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             groups.setdefault(id(module.weight), []).append((name, module))
+    int8_layers = _check_foreign_layers(model, scheme)
     uses: dict[int, list[str]] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
         uses.setdefault(id(param), []).append(pname)
@@ -244,7 +284,13 @@ def quantize_(model: nn.Module, scheme: str, *, group_size: int = 128, scale_dty
         if len(members) > 1:
             report.tied.append(tuple(name for name, _ in members))
 
+    report.quantized.extend(int8_layers)
     model.gs_quantize_report = report
+    if not report.quantized:
+        why = "; ".join(f"{n}: {w}" for n, w in list(report.skipped.items())[:10])
+        raise GemmaStreamError(f"quantize_({scheme!r}): {type(model).__name__} has no layer to quantize (no "
+                               f"torch.nn.Linear or torch.nn.Embedding that can be replaced" +
+                               (f"; {why})" if why else ")"))
     if report.skipped:
         log.info("quantize_(%s): %d modules stay float: %s", scheme, len(report.skipped),
                  ", ".join(f"{n} ({why})" for n, why in report.skipped.items()))
