@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import gemma_stream as gs
-from gemma_stream import _int4_cpu as cpu4
+from gemma_stream.quant import int4_cpu as cpu4
 from gemma_stream import quant
 from gemma_stream.quant import dequantize, quantize_int4, quantize_int8
+from gemma_stream.quant.modules import QuantWeight, default_scale_dtype, is_cpu_layout
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32]
 NAMES = {"int8": ("weight", "weight_scaler"), "int4": ("weight", "weight_scale", "weight_zero")}
@@ -204,7 +205,7 @@ def test_fused_qkv_rows_from_separate_tensors(tmp_path, backend, scheme):
     assert not report.missing_keys
     state = model.state_dict()
     for name, (lo, hi) in spans.items():
-        want = reference(parts[name].bfloat16(), scheme, 32, quant._default_scale_dtype(scheme))
+        want = reference(parts[name].bfloat16(), scheme, 32, default_scale_dtype(scheme))
         for tensor_name, expected in zip(NAMES[scheme], want):
             assert torch.equal(state[f"qkv.{tensor_name}"][lo:hi], expected), (name, tensor_name)
 
@@ -222,7 +223,7 @@ def test_missing_fused_part_is_reported(tmp_path, backend):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_prequantized_checkpoint_is_copied(tmp_path, backend, scheme):
     w = edge_weight(40, 128, 64, torch.float32)
-    tensors = reference(w, scheme, 64, quant._default_scale_dtype(scheme))
+    tensors = reference(w, scheme, 64, default_scale_dtype(scheme))
     sd = {f"proj.{name}": t for name, t in zip(NAMES[scheme], tensors)}
     sd["proj.bias"] = torch.randn(40)
     path = str(tmp_path / "pre.safetensors")
@@ -257,7 +258,7 @@ def test_state_dict_round_trip(tmp_path, backend, scheme):
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     before = model.wide(x)  # int4: repacked for the CPU kernel by now
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    assert_matches_reference(model, sd, scheme, 64, quant._default_scale_dtype(scheme))
+    assert_matches_reference(model, sd, scheme, 64, default_scale_dtype(scheme))
     saved = str(tmp_path / "quantized.safetensors")
     save_file(state, saved)
     with torch.device("meta"):
@@ -277,11 +278,11 @@ def test_reload_into_repacked_model_and_keep_vars(tmp_path, backend):
     with torch.device("meta"):
         model = Layers(128, 64)
     gs.load_into(model, path, quantize="int4", group_size=64, backend=backend)
-    assert quant._is_cpu_layout(model.wide.weight) == (cpu4.layout() is not None)
+    assert is_cpu_layout(model.wide.weight) == (cpu4.layout() is not None)
     gs.load_into(model, path, backend=backend)  # second load writes the live tensors again
     assert_matches_reference(model, sd, "int4", 64, torch.bfloat16)
     live = model.state_dict(keep_vars=True)["wide.weight"]
-    assert live is model.wide.weight and not quant._is_cpu_layout(live)
+    assert live is model.wide.weight and not is_cpu_layout(live)
     assert torch.equal(live, quantize_int4(sd["wide.weight"], 64)[0])
 
 
@@ -301,7 +302,7 @@ def test_quant_linear_forward_matches_dequantized(scheme, rows, x_dtype):
     assert got.dtype == x_dtype and got.shape == (2, 5, rows)
     assert (got.float() - want).norm() <= 1e-2 * want.norm()
     if scheme == "int4":
-        assert quant._is_cpu_layout(layer.weight) == (rows % 16 == 0 and cpu4.layout() is not None)
+        assert is_cpu_layout(layer.weight) == (rows % 16 == 0 and cpu4.layout() is not None)
 
 
 @pytest.mark.parametrize("k", [8, 33, 4097, 48])
@@ -520,9 +521,9 @@ def test_tie_with_a_float_module_keeps_both_float():
     model.embed = nn.Embedding(50, 64, device="meta")
     model.head = nn.Linear(64, 50, bias=False, device="meta")
     model.head.weight = model.embed.weight
-    gs.quantize_(model, "int8", skip=["head"])
+    with pytest.raises(gs.GemmaStreamError, match="no layer to quantize.*embed: tied to head, which stays float"):
+        gs.quantize_(model, "int8", skip=["head"])   # nothing left to quantize: never a silent no-op
     assert type(model.embed) is nn.Embedding and model.head.weight is model.embed.weight
-    assert model.gs_quantize_report.skipped["embed"] == "tied to head, which stays float"
 
 
 def test_bad_arguments():
@@ -593,7 +594,7 @@ def test_tiny_hf_model_keeps_ties_and_runs(tmp_path, backend, scheme):
     # the reference: the float model with every quantized weight replaced by its dequantized value
     deq = TinyCausalLM().bfloat16()
     deq.load_state_dict({**sd, **{f"{name}.weight": dequantize(module).bfloat16()
-                                  for name, module in model.named_modules() if isinstance(module, quant._QuantWeight)}},
+                                  for name, module in model.named_modules() if isinstance(module, QuantWeight)}},
                         strict=False)
     ids = torch.randint(0, 272, (2, 7))
     with torch.no_grad():

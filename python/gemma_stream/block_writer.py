@@ -35,7 +35,7 @@ from .executors import get_executor, run_plan_jobs
 from .formats import Checkpoint, TensorRecord
 from .formats.safetensors_writer import pwrite_all
 from .plan import QuantTarget, Route, make_plan
-from .quant import quantize_int4, quantize_int8
+from .quant.reference import quantize_int4, quantize_int8
 
 __all__ = ["BLOCK_BYTES", "OutputTensor", "SourceUnit", "BlockWriter"]
 

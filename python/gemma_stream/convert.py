@@ -40,7 +40,7 @@ from .dtypes import CONVERTIBLE, DType, from_torch
 from .errors import GemmaStreamError
 from .formats import Checkpoint, TensorRecord, open_checkpoint
 from .formats.safetensors_writer import INDEX_FILE, SINGLE_FILE, AtomicFiles, header_bytes, index_bytes, shard_names
-from .quant import GROUP_SIZES
+from .quant.reference import GROUP_SIZES
 
 __all__ = ["convert", "ConvertReport", "parse_size"]
 

@@ -46,6 +46,11 @@ def native_available() -> bool:
     return _native is not None
 
 
+def native_module():
+    """``gemma_stream._native`` when it imported (the one place that imports it), else None."""
+    return _native
+
+
 def get_executor(backend: str = "auto") -> Executor:
     global _warned
     if backend not in ("auto", "native", "python"):

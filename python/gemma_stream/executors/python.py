@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..plan import CopyJob
-from ..quant import quantize_int4, quantize_int8
+from ..quant.reference import quantize_int4, quantize_int8
 
 
 def _read_into(fd: int, path: str, view: memoryview, offset: int) -> None:

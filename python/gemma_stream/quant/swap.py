@@ -1,15 +1,9 @@
-"""Quantized layouts (../shared/FORMATS.md): reference quantizers, ``dequantize``, ``quantize_``.
+"""``quantize_``: which ``nn.Linear``/``nn.Embedding`` become quantized modules, and why the others stay float.
 
-The reference quantizers are the contract both executors are held to, bit for
-bit.  ``quantize_`` swaps ``nn.Linear``/``nn.Embedding`` for
-:class:`QuantLinear`/:class:`QuantEmbedding` (quant_modules.py, re-exported
-here), whose ``state_dict()`` is always the contract layout, so
-``gs.load_into(..., quantize=...)`` writes the quantized bytes straight from
-the checkpoint stream.
-
->>> with torch.device("meta"):
+>>> with gs.init_empty():
 ...     model = MyModel()
->>> gs.load_into(model, "model.safetensors", quantize="int4", group_size=128)
+>>> gs.quantize_(model, "int4", group_size=128, skip=["lm_head"])
+>>> gs.load_into(model, "model.safetensors")     # quantized on read
 """
 
 from __future__ import annotations
@@ -22,87 +16,16 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import nn
 
-from ._int4_cpu import dequant_int4 as _dequant_int4
-from ._int4_cpu import split_nibbles as _split_nibbles
-from .errors import GemmaStreamError
-from .modules import int8_rows_target
-# the modules live in quant_modules; quant stays their public home (gs.quant.QuantLinear, ...)
-from .quant_modules import GROUP_SIZES, QuantEmbedding, QuantLinear, QuantScaledEmbedding, _QuantWeight
-from .quant_modules import _check_scheme, _default_scale_dtype, _dequant_int8, _is_cpu_layout  # noqa: F401 - tests
+from ..errors import GemmaStreamError
+from ..modules import int8_rows_target
+from .modules import QuantEmbedding, QuantLinear, QuantScaledEmbedding, QuantWeight, check_scheme, default_scale_dtype
+from .reference import quantize_int4, quantize_int8
 
-__all__ = ["quantize_int8", "quantize_int4", "dequantize", "quantize_", "QuantLinear", "QuantEmbedding",
-           "QuantScaledEmbedding", "QuantizeReport", "FLT_EPSILON", "GROUP_SIZES"]
+__all__ = ["quantize_", "QuantizeReport"]
 
 log = logging.getLogger("gemma_stream")
 
-FLT_EPSILON = 2.0 ** -23
 _CHUNK_BYTES = 8 << 20   # rows quantized at a time by quantize_ on a materialized model
-
-
-# ---------------------------------------------------------------- reference quantizers (the contract)
-
-def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: returns (q int8 [N, K], scale [N] in ``scale_dtype``).
-
-    >>> q, s = quantize_int8(torch.randn(4, 64, dtype=torch.bfloat16))
-    >>> (q.float() * s[:, None].float()).shape
-    torch.Size([4, 64])
-    """
-    w = w.float()
-    amax = w.abs().amax(dim=1)
-    s = (amax / 127).to(scale_dtype)
-    s = torch.where(amax == 0, torch.ones_like(s), s)
-    q = torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, s
-
-
-def quantize_int4(w: torch.Tensor, group_size: int = 128,
-                  scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per row and group: returns (q uint8 [N, K/2], scale, zero [N, K/G]).
-
-    ``q[n, 2j]`` is the low nibble of byte ``j``, ``q[n, 2j+1]`` the high one.
-
-    >>> q, s, z = quantize_int4(torch.randn(4, 64), group_size=32)
-    >>> q.shape, s.shape
-    (torch.Size([4, 32]), torch.Size([4, 2]))
-    """
-    n, k = w.shape
-    g = w.float().reshape(n, k // group_size, group_size)
-    mn = g.amin(dim=2)
-    mx = g.amax(dim=2)
-    s = torch.clamp((mx - mn) / 15, min=FLT_EPSILON).to(scale_dtype)
-    z = (mn + 8 * s.float()).to(scale_dtype)
-    q = torch.round((g - z.float()[..., None]) / s.float()[..., None]) + 8
-    q = q.clamp(0, 15).to(torch.uint8).reshape(n, k)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed, s, z
-
-
-# ---------------------------------------------------------------- dequantize
-
-Tensors = Union[_QuantWeight, dict, tuple, list]
-
-
-def dequantize(module_or_tensors: Tensors, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reference dequantizer: the float [N, K] matrix of a quantized module or of contract tensors.
-
-    Takes a :class:`QuantLinear`/:class:`QuantEmbedding`, a dict with the
-    contract names (``weight`` + ``weight_scaler``, or ``weight`` +
-    ``weight_scale`` + ``weight_zero``), or a tuple ``(q, s)`` / ``(q, s, z)``.
-
-    >>> w = gs.quant.dequantize(gs.quant.quantize_int4(torch.randn(8, 256), 128))
-    """
-    if isinstance(module_or_tensors, _QuantWeight):
-        return module_or_tensors.dequantized(dtype)
-    t = module_or_tensors
-    if isinstance(t, dict):
-        t = (t["weight"], t["weight_scaler"]) if "weight_scaler" in t else \
-            (t["weight"], t["weight_scale"], t["weight_zero"])
-    if len(t) == 2:
-        return _dequant_int8(t[0], t[1]).to(dtype)
-    if len(t) == 3:
-        return _dequant_int4(_split_nibbles(t[0]), t[1], t[2]).to(dtype)
-    raise TypeError("dequantize takes a quantized module, a dict of contract tensors, (q, s) or (q, s, z)")
 
 
 # ---------------------------------------------------------------- quantize_
@@ -173,7 +96,7 @@ def _quantize_weight(name: str, w: torch.Tensor, scheme: str, group_size: int,
 
 
 def _replacement(module: nn.Module, scheme: str, group_size: int, scale_dtype: torch.dtype,
-                 tensors: dict[str, torch.Tensor] | None) -> _QuantWeight:
+                 tensors: dict[str, torch.Tensor] | None) -> QuantWeight:
     w = module.weight
     kwargs = dict(scheme=scheme, group_size=group_size, scale_dtype=scale_dtype, device=w.device, _tensors=tensors)
     if isinstance(module, nn.Linear):
@@ -197,7 +120,7 @@ def _check_foreign_layers(model: nn.Module, scheme: str) -> list[str]:
     """
     foreign, int8_layers = [], []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding, _QuantWeight)):
+        if isinstance(module, (nn.Linear, nn.Embedding, QuantWeight)):
             continue
         if int8_rows_target(module, name) is not None:
             int8_layers.append(name)
@@ -248,8 +171,8 @@ def quantize_(model: nn.Module, scheme: str, *, group_size: int = 128, scale_dty
     >>> gs.quantize_(model, "int4", group_size=128, skip=["lm_head"])
     >>> model.gs_quantize_report.skipped
     """
-    _check_scheme(scheme, group_size, scale_dtype)
-    scale_dtype = scale_dtype or _default_scale_dtype(scheme)
+    check_scheme(scheme, group_size, scale_dtype)
+    scale_dtype = scale_dtype or default_scale_dtype(scheme)
     report = QuantizeReport(scheme, group_size if scheme == "int4" else 0, scale_dtype)
     skip_fn = _skip_predicate(skip)
     # every place a Linear/Embedding sits, grouped by the weight Parameter they share
@@ -273,7 +196,7 @@ def quantize_(model: nn.Module, scheme: str, *, group_size: int = 128, scale_dty
             continue
         first_name, first = members[0]
         tensors = _quantize_weight(first_name, first.weight, scheme, group_size, scale_dtype)
-        done: dict[int, _QuantWeight] = {}
+        done: dict[int, QuantWeight] = {}
         for name, module in members:
             if id(module) not in done:
                 new = _replacement(module, scheme, group_size, scale_dtype, tensors)
@@ -286,7 +209,7 @@ def quantize_(model: nn.Module, scheme: str, *, group_size: int = 128, scale_dty
 
     report.quantized.extend(int8_layers)
     model.gs_quantize_report = report
-    if not report.quantized:
+    if not report.quantized and not any(isinstance(m, QuantWeight) for m in model.modules()):
         why = "; ".join(f"{n}: {w}" for n, w in list(report.skipped.items())[:10])
         raise GemmaStreamError(f"quantize_({scheme!r}): {type(model).__name__} has no layer to quantize (no "
                                f"torch.nn.Linear or torch.nn.Embedding that can be replaced" +

@@ -1,10 +1,10 @@
-"""Quantized modules: QuantLinear, QuantEmbedding, QuantScaledEmbedding (layouts in ../shared/FORMATS.md).
+"""Quantized modules: QuantLinear, QuantEmbedding, QuantScaledEmbedding (layouts in docs/FORMATS.md).
 
 Their ``state_dict()`` is always the contract layout, whatever they keep
 internally (int4 weights are repacked in place for torch's CPU kernel), so
 ``gs.load_into(..., quantize=...)`` writes the quantized bytes straight from the
 checkpoint stream and saving round-trips.  ``gs.quantize_`` (quant.py) decides
-which modules become these.
+which modules become these (swap.py).
 
 >>> layer = QuantLinear(4096, 1024, scheme="int4", group_size=128)
 >>> gs.load_into(layer, "layer.safetensors")
@@ -18,33 +18,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _int4_cpu as cpu4
-from ._int4_cpu import dequant_int4 as _dequant_int4
-from ._int4_cpu import split_nibbles as _split_nibbles
-from .errors import GemmaStreamError
-from .plan import QuantTarget
+from ..dtypes import FLOAT_DTYPES
+from ..errors import GemmaStreamError
+from ..plan import QuantTarget
+from . import int4_cpu as cpu4
+from .reference import GROUP_SIZES, dequant_int4, dequant_int8, split_nibbles
 
-__all__ = ["QuantLinear", "QuantEmbedding", "QuantScaledEmbedding", "GROUP_SIZES"]
-
-GROUP_SIZES = (32, 64, 128, 256)
-_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["QuantLinear", "QuantEmbedding", "QuantScaledEmbedding", "QuantWeight", "check_scheme",
+           "default_scale_dtype", "is_cpu_layout"]
 
 
-def _default_scale_dtype(scheme: str) -> torch.dtype:
+def default_scale_dtype(scheme: str) -> torch.dtype:
+    """FORMATS.md: float32 scales for int8, bfloat16 scales and zero points for int4."""
     return torch.float32 if scheme == "int8" else torch.bfloat16
 
 
-def _check_scheme(scheme: str, group_size: int, scale_dtype: torch.dtype | None) -> None:
+def check_scheme(scheme: str, group_size: int, scale_dtype: torch.dtype | None) -> None:
     if scheme not in ("int8", "int4"):
         raise GemmaStreamError(f"quantize must be 'int8' or 'int4', not {scheme!r}")
     if scheme == "int4" and group_size not in GROUP_SIZES:
         raise GemmaStreamError(f"int4 group_size must be one of {GROUP_SIZES}, not {group_size}")
-    if scale_dtype is not None and scale_dtype not in _SCALE_DTYPES:
+    if scale_dtype is not None and scale_dtype not in FLOAT_DTYPES:
         raise GemmaStreamError(f"scale_dtype must be float32, float16 or bfloat16, not {scale_dtype}")
-
-
-def _dequant_int8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return q.float() * s.float()[..., None]
 
 
 # Set on an int4 weight tensor whose bytes hold torch's CPU kernel layout.  It lives
@@ -53,7 +48,7 @@ def _dequant_int8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 _CPU_LAYOUT = "_gs_int4_cpu_layout"
 
 
-def _is_cpu_layout(t: torch.Tensor) -> bool:
+def is_cpu_layout(t: torch.Tensor) -> bool:
     return bool(getattr(t, _CPU_LAYOUT, False))
 
 
@@ -73,7 +68,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-class _QuantWeight(nn.Module):
+class QuantWeight(nn.Module):
     """One quantized [N, K] matrix; the shared base of QuantLinear and QuantEmbedding.
 
     The tensors are frozen Parameters with the contract names (gemma_pytorch
@@ -92,14 +87,14 @@ class _QuantWeight(nn.Module):
 
     def _init_quant(self, scheme: str, shape: tuple[int, int], group_size: int, scale_dtype: torch.dtype | None,
                     tensors: dict[str, torch.Tensor] | None, device=None) -> None:
-        _check_scheme(scheme, group_size, scale_dtype)
+        check_scheme(scheme, group_size, scale_dtype)
         self.scheme = scheme
         self.group_size = group_size if scheme == "int4" else 0
         n, k = shape
         if scheme == "int4" and k % group_size:
             raise GemmaStreamError(f"int4 needs K ({k}) to be a multiple of the group size ({group_size})")
         if tensors is None:
-            dtype = scale_dtype or _default_scale_dtype(scheme)
+            dtype = scale_dtype or default_scale_dtype(scheme)
             if scheme == "int8":
                 tensors = {"weight": torch.empty(n, k, dtype=torch.int8, device=device),
                            "weight_scaler": torch.empty(n, dtype=dtype, device=device)}
@@ -134,7 +129,7 @@ class _QuantWeight(nn.Module):
     def _to_contract_layout_(self) -> None:
         """Undo the CPU kernel repack in place (block by block)."""
         w = self.weight
-        if not _is_cpu_layout(w):
+        if not is_cpu_layout(w):
             return
         cpu4.repack_(w, cpu4.layout(), to_kernel=False)
         setattr(w, _CPU_LAYOUT, False)
@@ -142,13 +137,13 @@ class _QuantWeight(nn.Module):
     def _to_cpu_layout_(self) -> bool:
         """Repack the int4 weight in place for ``_weight_int4pack_mm_for_cpu``; False when it cannot."""
         w = self.weight
-        if _is_cpu_layout(w):
+        if is_cpu_layout(w):
             return True
         layout = cpu4.layout() if self.scheme == "int4" and w.device.type == "cpu" else None
         if layout is None or w.shape[0] % 16:
             return False
         with _repack_lock(w):
-            if not _is_cpu_layout(w):
+            if not is_cpu_layout(w):
                 cpu4.repack_(w, layout, to_kernel=True)
                 setattr(w, _CPU_LAYOUT, True)
         return True
@@ -156,17 +151,17 @@ class _QuantWeight(nn.Module):
     def _int4_values(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """4-bit values [N or T, K] (all rows, or ``rows``), whatever the storage layout."""
         w = self.weight
-        if not _is_cpu_layout(w):
-            return _split_nibbles(w if rows is None else w[rows])
+        if not is_cpu_layout(w):
+            return split_nibbles(w if rows is None else w[rows])
         if rows is None:
-            return _split_nibbles(cpu4.unpack(w, cpu4.layout()))
+            return split_nibbles(cpu4.unpack(w, cpu4.layout()))
         return cpu4.gather_rows(w, cpu4.layout(), rows)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float [N, K] matrix the quantized tensors stand for."""
         if self.scheme == "int8":
-            return _dequant_int8(self.weight, self.weight_scaler).to(dtype)
-        return _dequant_int4(self._int4_values(), self.weight_scale, self.weight_zero).to(dtype)
+            return dequant_int8(self.weight, self.weight_scaler).to(dtype)
+        return dequant_int4(self._int4_values(), self.weight_scale, self.weight_zero).to(dtype)
 
     # ---- state dict: always the contract layout
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -176,7 +171,7 @@ class _QuantWeight(nn.Module):
         if self.scheme == "int4" and not keep_vars:
             # a copy: the live bytes may hold (or later be repacked to) the kernel layout
             w = self.weight
-            destination[prefix + "weight"] = cpu4.unpack(w.detach(), cpu4.layout()) if _is_cpu_layout(w) else \
+            destination[prefix + "weight"] = cpu4.unpack(w.detach(), cpu4.layout()) if is_cpu_layout(w) else \
                 w.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -192,7 +187,7 @@ class _QuantWeight(nn.Module):
         return f"{self.scheme}, shape=({n}, {k}){group}, scale_dtype={scale}"
 
 
-class QuantLinear(_QuantWeight):
+class QuantLinear(QuantWeight):
     """``nn.Linear`` with an int8 or int4 weight (FORMATS.md layout); ``bias`` stays float.
 
     >>> layer = QuantLinear(4096, 1024, scheme="int4", group_size=128)
@@ -249,7 +244,7 @@ class QuantLinear(_QuantWeight):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, sz)
 
 
-class QuantEmbedding(_QuantWeight):
+class QuantEmbedding(QuantWeight):
     """``nn.Embedding`` with int8 or int4 rows: gathers the rows, then dequantizes only those.
 
     ``dtype`` is the output dtype (the float embedding's).
@@ -268,9 +263,9 @@ class QuantEmbedding(_QuantWeight):
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_embeddings):
             raise IndexError(f"index out of range in QuantEmbedding({self.num_embeddings} rows)")
         if self.scheme == "int8":
-            values = _dequant_int8(self.weight[rows], self.weight_scaler[rows])
+            values = dequant_int8(self.weight[rows], self.weight_scaler[rows])
         else:
-            values = _dequant_int4(self._int4_values(rows), self.weight_scale[rows], self.weight_zero[rows])
+            values = dequant_int4(self._int4_values(rows), self.weight_scale[rows], self.weight_zero[rows])
         return values.to(self.dtype).reshape(*input.shape, self.embedding_dim)
 
     def _apply(self, fn, recurse=True):

@@ -17,24 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .reference import dequant_int4, join_nibbles, split_nibbles  # noqa: F401 - re-exported: layout code and tests
+
 _CHUNK_BYTES = 8 << 20   # the torch fallback repacks this many bytes of rows at a time
-
-
-def split_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., K/2] -> the 4-bit values [..., K] (even k from the low nibble)."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
-
-
-def join_nibbles(q: torch.Tensor) -> torch.Tensor:
-    return q[..., 0::2] | (q[..., 1::2] << 4)
-
-
-def dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """q: 4-bit values [..., K]; s, z: [..., K/G] -> float32 ``(q - 8) * s + z``."""
-    groups = s.shape[-1]
-    g = q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).float()
-    return ((g - 8) * s.float()[..., None] + z.float()[..., None]).flatten(-2)
-
 
 
 @dataclass(frozen=True)
@@ -144,9 +129,9 @@ def layout() -> CpuLayout | None:
 
 
 def native_repack(to_kernel: bool):
-    try:
-        from . import _native
-    except ImportError:
+    from ..executors import native_module
+    _native = native_module()
+    if _native is None:
         return None
     return getattr(_native, "int4_to_cpu_kernel_layout" if to_kernel else "int4_from_cpu_kernel_layout", None)
 
