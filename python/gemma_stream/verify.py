@@ -437,9 +437,10 @@ def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, *,
             comparable.append((name, oa, ob))
     for batch in _batches(comparable, batch_bytes):
         log.debug("comparing %d tensors starting at %r", len(batch), batch[0][0])
-        loaded = [load_state_dict(path, keys=sorted({r.name for pair in batch for r in pair[side].records}),
-                                  key=key, backend=backend, progress=_progress(on_bytes))
-                  for side, path in ((1, path_a), (2, path_b))]
+        # the checkpoints opened above are read from, never parsed again per batch
+        loaded = [load_state_dict(ckpt, keys=sorted({r.name for pair in batch for r in pair[side].records}),
+                                  backend=backend, progress=_progress(on_bytes))
+                  for side, ckpt in ((1, ckpt_a), (2, ckpt_b))]
         judged.extend(_judge(name, oa, ob, loaded[0], loaded[1], min_sqnr_db) for name, oa, ob in batch)
         del loaded
     result.tensors = sorted(judged, key=lambda t: position[t.name])
