@@ -19,7 +19,7 @@ from .executors import get_executor, run_plan_jobs
 from .executors.mapped import FileViews, Prefetch
 from .formats import Checkpoint, open_checkpoint
 from .modules import materialize, meta_tensors, quant_targets, run_post_load_hooks, same_kind, swap_tensors
-from .plan import CACHE_POLICIES, Plan, Rename, choose_cache, make_plan, zero_copy_jobs
+from .plan import CACHE_POLICIES, Plan, Rename, Route, choose_cache, make_plan, normalize_rename, zero_copy_jobs
 from .progress import Progress, progress_callback
 
 __all__ = ["LoadReport", "StateDict", "TensorInfo", "load_into", "load_state_dict", "inspect"]
@@ -270,13 +270,13 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
 
 def normalize_names(ckpt: Checkpoint, rename: Rename) -> dict[str, str | None]:
-    """Checkpoint name -> output name (or None to skip) for ``load_state_dict``."""
-    if rename is None:
-        return {r.name: r.name for r in ckpt.records}
-    out = {}
+    """Checkpoint name -> output name (or None to skip) for ``load_state_dict``: the planner's own
+    rename normalization, limited to plain names (a new dict has no rows to route into)."""
+    routes_of = normalize_rename(rename)
+    out: dict[str, str | None] = {}
     for r in ckpt.records:
-        new = rename.get(r.name, r.name) if isinstance(rename, dict) else rename(r.name)
-        if new is not None and not isinstance(new, str):
-            raise GemmaStreamError(f"load_state_dict: rename({r.name!r}) must give a name or None, not {new!r}")
-        out[r.name] = new
+        routes = routes_of(r.name)
+        if routes is not None and (len(routes) != 1 or routes[0] != Route(routes[0].target)):
+            raise GemmaStreamError(f"load_state_dict: rename({r.name!r}) must give a name or None, not {routes!r}")
+        out[r.name] = None if routes is None else routes[0].target
     return out
