@@ -18,6 +18,7 @@ from .config import config, mem_available
 from .errors import GemmaStreamError
 from .executors import get_executor, run_plan_jobs
 from .executors.mapped import FileViews, Prefetch
+from .fileio import platform_cache_policy
 from .formats import Checkpoint, open_checkpoint
 from .plan import CACHE_POLICIES, Plan, QuantTarget, Rename, choose_cache, make_plan, zero_copy_jobs
 
@@ -104,7 +105,8 @@ def _progress_callback(progress: Progress, total: int, desc: str):
 def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progress, cache: str,
              desc: str) -> tuple[int, float, str, str]:
     """Run the plan's jobs; returns (bytes read, seconds, executor name, cache policy used)."""
-    cache = choose_cache(plan, cache, mem_available() if cache == "auto" else None)
+    cache = platform_cache_policy(choose_cache(plan, cache, mem_available() if cache == "auto" else None),
+                                  explicit=cache == "drop")
     cfg = config()
     executor = get_executor(backend)
     callback, close = _progress_callback(progress, plan.nbytes, desc)
