@@ -16,7 +16,7 @@ from .executors import BACKEND, native_available
 from .plan import Route
 from .quant import QuantEmbedding, QuantLinear, quantize_
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # silent unless the application configures logging (the CLI's -v does)
 logging.getLogger("gemma_stream").addHandler(logging.NullHandler())

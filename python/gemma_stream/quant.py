@@ -1,4 +1,4 @@
-"""Quantized layouts (../shared/FORMATS.md): reference quantizers, ``dequantize``, ``quantize_``.
+"""Quantized layouts (docs/FORMATS.md): reference quantizers, ``dequantize``, ``quantize_``.
 
 The reference quantizers are the contract both executors are held to, bit for
 bit.  ``quantize_`` swaps ``nn.Linear``/``nn.Embedding`` for

@@ -1,4 +1,4 @@
-"""Quantized modules: QuantLinear, QuantEmbedding, QuantScaledEmbedding (layouts in ../shared/FORMATS.md).
+"""Quantized modules: QuantLinear, QuantEmbedding, QuantScaledEmbedding (layouts in docs/FORMATS.md).
 
 Their ``state_dict()`` is always the contract layout, whatever they keep
 internally (int4 weights are repacked in place for torch's CPU kernel), so
