@@ -42,7 +42,7 @@ def backend(request, monkeypatch: pytest.MonkeyPatch) -> str:
         pytest.fail("gemma_stream._native is not importable: the native backend cannot be tested")
     if request.param == "python-portable":
         if request.node.get_closest_marker("page_cache"):
-            pytest.skip("Linux page-cache behaviour: needs the posix_fadvise the portable run removes")
+            pytest.skip("needs posix_fadvise, which the portable run removes")
         remove_posix_only_os(monkeypatch)
         return "python"
     return request.param
