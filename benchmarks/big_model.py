@@ -49,7 +49,7 @@ class Shape:
     sandwich_norms: bool  # Gemma 2 adds pre/post feed-forward norms
 
 
-# ../shared/FORMATS.md "Gemma checkpoints"
+# docs/FORMATS.md "Gemma checkpoints"
 SHAPES = {
     "7b": Shape("gemma-7b", 256000, 3072, 24576, 28, 16, 16, 256, False),
     "27b": Shape("gemma-2-27b", 256000, 4608, 36864, 46, 32, 16, 128, True),

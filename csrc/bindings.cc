@@ -89,5 +89,7 @@ PYBIND11_MODULE(_native, m) {
     return gs::int4_from_cpu_kernel_layout(reinterpret_cast<uint8_t*>(data), rows, K, block, halves);
   });
   m.def("quant_kernels", &gs::quant_kernels, "Which quantizer loops run here: \"avx2\" or \"portable\".");
+  m.def("cache_drop", []() { return gs::cache_drop_name(gs::cache_drop_support()); },
+        "How this OS drops pages from the page cache: \"fadvise_dontneed\", \"f_nocache\" or \"none\".");
   m.def("hardware_threads", []() { return static_cast<int>(std::thread::hardware_concurrency()); });
 }

@@ -2,6 +2,25 @@
 
 #include <cstring>
 
+#include "file.h"  // cpu_has_avx2
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define GS_X86_64 1
+#if defined(__GNUC__) || defined(__clang__)
+#define GS_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define GS_TARGET_AVX2  // MSVC needs no target attribute
+#endif
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define GS_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define GS_ALWAYS_INLINE __forceinline
+#else
+#define GS_ALWAYS_INLINE inline
+#endif
+
 namespace gs {
 namespace {
 
@@ -69,31 +88,41 @@ inline uint16_t f16_to_bf16(uint16_t h) {
 
 inline uint16_t bf16_to_f16(uint16_t h) { return f32_to_f16(bf16_to_f32(h)); }
 
-// One vectorizable loop per conversion; an AVX2 clone is picked at load time
-// on x86-64 (IEEE results do not depend on the vector width).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GS_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define GS_VECTOR_CLONES
+// One vectorizable loop per conversion, compiled twice on x86-64 (AVX2 and
+// the baseline ISA) and picked at load time from CPUID; IEEE results do not
+// depend on the vector width. Written out by hand rather than with GCC's
+// target_clones, which MSVC, Apple clang and mingw (no ifunc) lack.
+template <typename S, typename D, D (*Fn)(S)>
+GS_ALWAYS_INLINE void convert_loop(const S* s, D* d, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) d[i] = Fn(s[i]);
+}
+
+#ifdef GS_X86_64
+const bool kAvx2 = cpu_has_avx2();
+
+template <typename S, typename D, D (*Fn)(S)>
+GS_TARGET_AVX2 void convert_loop_avx2(const S* s, D* d, std::size_t n) {
+  convert_loop<S, D, Fn>(s, d, n);
+}
 #endif
 
-GS_VECTOR_CLONES void f32_to_bf16_n(const float* s, uint16_t* d, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(s[i]);
+template <typename S, typename D, D (*Fn)(S)>
+void convert_n(const S* s, D* d, std::size_t n) {
+#ifdef GS_X86_64
+  if (kAvx2) return convert_loop_avx2<S, D, Fn>(s, d, n);
+#endif
+  convert_loop<S, D, Fn>(s, d, n);
 }
-GS_VECTOR_CLONES void f32_to_f16_n(const float* s, uint16_t* d, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) d[i] = f32_to_f16(s[i]);
+
+void f32_to_bf16_n(const float* s, uint16_t* d, std::size_t n) { convert_n<float, uint16_t, f32_to_bf16>(s, d, n); }
+void f32_to_f16_n(const float* s, uint16_t* d, std::size_t n) { convert_n<float, uint16_t, f32_to_f16>(s, d, n); }
+void bf16_to_f32_n(const uint16_t* s, float* d, std::size_t n) { convert_n<uint16_t, float, bf16_to_f32>(s, d, n); }
+void f16_to_f32_n(const uint16_t* s, float* d, std::size_t n) { convert_n<uint16_t, float, f16_to_f32>(s, d, n); }
+void f16_to_bf16_n(const uint16_t* s, uint16_t* d, std::size_t n) {
+  convert_n<uint16_t, uint16_t, f16_to_bf16>(s, d, n);
 }
-GS_VECTOR_CLONES void bf16_to_f32_n(const uint16_t* s, float* d, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) d[i] = bf16_to_f32(s[i]);
-}
-GS_VECTOR_CLONES void f16_to_f32_n(const uint16_t* s, float* d, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) d[i] = f16_to_f32(s[i]);
-}
-GS_VECTOR_CLONES void f16_to_bf16_n(const uint16_t* s, uint16_t* d, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) d[i] = f16_to_bf16(s[i]);
-}
-GS_VECTOR_CLONES void bf16_to_f16_n(const uint16_t* s, uint16_t* d, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) d[i] = bf16_to_f16(s[i]);
+void bf16_to_f16_n(const uint16_t* s, uint16_t* d, std::size_t n) {
+  convert_n<uint16_t, uint16_t, bf16_to_f16>(s, d, n);
 }
 
 }  // namespace

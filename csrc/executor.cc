@@ -14,25 +14,24 @@
 namespace gs {
 namespace {
 
-struct FreeDeleter { void operator()(void* p) const noexcept { std::free(p); } };
-using Buffer = std::unique_ptr<char, FreeDeleter>;
+struct AlignedDeleter { void operator()(void* p) const noexcept { free_aligned(p); } };
+using Buffer = std::unique_ptr<char, AlignedDeleter>;
 
 Buffer allocate(std::size_t bytes) {
-  const std::size_t rounded = (bytes + 4095) & ~static_cast<std::size_t>(4095);
-  void* p = std::aligned_alloc(4096, rounded > 0 ? rounded : 4096);
+  void* p = allocate_aligned(4096, bytes);
   if (!p) throw std::bad_alloc();
   return Buffer(static_cast<char*>(p));
 }
 
 uint64_t checked_mul(uint64_t a, uint64_t b, const CopyJob& job) {
   uint64_t out;
-  if (__builtin_mul_overflow(a, b, &out)) throw JobError("tensor '" + job.name + "': size overflows 64 bits");
+  if (!checked_mul_u64(a, b, &out)) throw JobError("tensor '" + job.name + "': size overflows 64 bits");
   return out;
 }
 
 uint64_t checked_add(uint64_t a, uint64_t b, const CopyJob& job) {
   uint64_t out;
-  if (__builtin_add_overflow(a, b, &out)) throw JobError("tensor '" + job.name + "': offset overflows 64 bits");
+  if (!checked_add_u64(a, b, &out)) throw JobError("tensor '" + job.name + "': offset overflows 64 bits");
   return out;
 }
 
@@ -208,6 +207,7 @@ const File& buffered_file(Batch& batch, Worker& worker, int index) {
       throw IoError(shared.path() + ": file changed size during the load (" + std::to_string(shared.size()) +
                     " -> " + std::to_string(slot->size()) + " bytes)");
     slot->advise_sequential();
+    if (batch.options.drop_cache) slot->bypass_cache();  // macOS: F_NOCACHE (drop_cache is a no-op there)
   }
   return *slot;
 }

@@ -36,7 +36,7 @@ struct CopyJob {
 struct Options {
   int threads = 2;
   std::size_t chunk_bytes = 16u << 20;
-  bool drop_cache = false;  // posix_fadvise(DONTNEED) each chunk once copied
+  bool drop_cache = false;  // keep the file out of the page cache (file.h: CacheDrop says how, per OS)
 };
 
 // A job the executor refuses (bad range, dtype pair, shape); names the tensor.

@@ -1,20 +1,171 @@
+// One section per platform: the POSIX one (Linux, macOS, BSD) and the Windows
+// one. Each defines File, Mapping and populate_writable; the helpers at the
+// end are shared. A function that needs to know more about an open file (its
+// identity, say) goes next to the constructor of each section, which is where
+// fstat / GetFileInformationByHandle already run.
 #include "file.h"
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <vector>
+
+#ifdef _WIN32
+#ifndef NOMINMAX
+#define NOMINMAX
+#endif
+#ifndef WIN32_LEAN_AND_MEAN
+#define WIN32_LEAN_AND_MEAN
+#endif
+#include <malloc.h>
+#include <windows.h>
+#else
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#endif
 
-#include <vector>
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+#define GS_X86 1
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#else
+#include <cpuid.h>
+#endif
+#endif
 
 namespace gs {
 
-static std::string errno_text(int err) { return std::strerror(err); }
-
 static constexpr uint64_t kPage = 4096;
+
+const char* cache_drop_name(CacheDrop how) noexcept {
+  switch (how) {
+    case CacheDrop::AfterRead: return "fadvise_dontneed";
+    case CacheDrop::Bypass: return "f_nocache";
+    case CacheDrop::None: break;
+  }
+  return "none";
+}
+
+#ifdef _WIN32
+// ------------------------------------------------------------------- Windows
+
+namespace {
+
+std::string last_error_text(DWORD err) {
+  char* text = nullptr;
+  const DWORD n = FormatMessageA(FORMAT_MESSAGE_ALLOCATE_BUFFER | FORMAT_MESSAGE_FROM_SYSTEM |
+                                     FORMAT_MESSAGE_IGNORE_INSERTS,
+                                 nullptr, err, 0, reinterpret_cast<char*>(&text), 0, nullptr);
+  std::string out = n && text ? std::string(text, n) : "Windows error " + std::to_string(err);
+  if (text) LocalFree(text);
+  while (!out.empty() && (out.back() == '\n' || out.back() == '\r' || out.back() == '.')) out.pop_back();
+  return out;
+}
+
+// Paths arrive as UTF-8 (pybind11 encodes str that way); Windows wants UTF-16.
+std::wstring widen(const std::string& path) {
+  if (path.empty()) return std::wstring();
+  const int n = MultiByteToWideChar(CP_UTF8, 0, path.data(), static_cast<int>(path.size()), nullptr, 0);
+  if (n <= 0) throw IoError(path + ": cannot open: the path is not valid UTF-8");
+  std::wstring wide(static_cast<std::size_t>(n), L'\0');
+  MultiByteToWideChar(CP_UTF8, 0, path.data(), static_cast<int>(path.size()), &wide[0], n);
+  return wide;
+}
+
+}  // namespace
+
+CacheDrop cache_drop_support() noexcept { return CacheDrop::None; }
+
+File::File(const std::string& path) : path_(path) {
+  // Every reader here reads in file order: the sequential hint is an open flag
+  // on Windows. Sharing delete/write like POSIX, where an open file may be
+  // renamed or replaced under the reader.
+  HANDLE h = CreateFileW(widen(path).c_str(), GENERIC_READ, FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE,
+                         nullptr, OPEN_EXISTING, FILE_ATTRIBUTE_NORMAL | FILE_FLAG_SEQUENTIAL_SCAN, nullptr);
+  if (h == INVALID_HANDLE_VALUE) throw IoError(path + ": cannot open: " + last_error_text(GetLastError()));
+  BY_HANDLE_FILE_INFORMATION info;
+  if (!GetFileInformationByHandle(h, &info)) {
+    const DWORD err = GetLastError();
+    CloseHandle(h);
+    throw IoError(path + ": cannot stat: " + last_error_text(err));
+  }
+  handle_ = h;
+  size_ = (static_cast<uint64_t>(info.nFileSizeHigh) << 32) | info.nFileSizeLow;
+}
+
+File::File(File&& other) noexcept : path_(std::move(other.path_)), handle_(other.handle_), size_(other.size_) {
+  other.handle_ = nullptr;
+}
+
+File::~File() noexcept {
+  if (handle_) CloseHandle(static_cast<HANDLE>(handle_));
+}
+
+void File::read_exact(void* dst, std::size_t n, uint64_t offset) const {
+  char* out = static_cast<char*>(dst);
+  std::size_t done = 0;
+  while (done < n) {
+    // ReadFile counts in DWORDs; the OVERLAPPED offset makes it positional
+    // (a synchronous handle still waits for the read).
+    const DWORD want = static_cast<DWORD>(std::min<std::size_t>(n - done, std::size_t(1) << 30));
+    const uint64_t at = offset + done;
+    OVERLAPPED where = {};
+    where.Offset = static_cast<DWORD>(at & 0xFFFFFFFFu);
+    where.OffsetHigh = static_cast<DWORD>(at >> 32);
+    DWORD got = 0;
+    if (!ReadFile(static_cast<HANDLE>(handle_), out + done, want, &got, &where)) {
+      const DWORD err = GetLastError();
+      if (err != ERROR_HANDLE_EOF)
+        throw IoError(path_ + ": read of " + std::to_string(n - done) + " bytes at offset " + std::to_string(at) +
+                      " failed: " + last_error_text(err));
+      got = 0;
+    }
+    if (got == 0) {
+      throw IoError(path_ + ": unexpected end of file at offset " + std::to_string(at) +
+                    " (file shrank to fewer than " + std::to_string(offset + n) + " bytes?)");
+    }
+    done += got;
+  }
+}
+
+void File::drop_cache(uint64_t, std::size_t) const noexcept {}
+void File::bypass_cache() const noexcept {}
+void File::advise_sequential() const noexcept {}
+
+Mapping::Mapping(const File&) {}
+Mapping::~Mapping() noexcept {}
+bool Mapping::cached(uint64_t, std::size_t) const { return false; }
+
+void populate_writable(void*, std::size_t) noexcept {}
+
+void* allocate_aligned(std::size_t alignment, std::size_t bytes) noexcept {
+  const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + alignment - 1) & ~(alignment - 1);
+  return _aligned_malloc(rounded, alignment);
+}
+
+void free_aligned(void* p) noexcept { _aligned_free(p); }
+
+#else
+// --------------------------------------------------------------------- POSIX
+
+namespace {
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+}  // namespace
+
+CacheDrop cache_drop_support() noexcept {
+#if defined(POSIX_FADV_DONTNEED) && !defined(__APPLE__)
+  return CacheDrop::AfterRead;
+#elif defined(F_NOCACHE)
+  return CacheDrop::Bypass;
+#else
+  return CacheDrop::None;
+#endif
+}
 
 File::File(const std::string& path) : path_(path) {
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -56,16 +207,31 @@ void File::read_exact(void* dst, std::size_t n, uint64_t offset) const {
 }
 
 void File::drop_cache(uint64_t offset, std::size_t n) const noexcept {
+#if defined(POSIX_FADV_DONTNEED) && !defined(__APPLE__)
   ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n), POSIX_FADV_DONTNEED);
+#else
+  (void)offset;
+  (void)n;
+#endif
+}
+
+void File::bypass_cache() const noexcept {
+#if defined(F_NOCACHE) && !(defined(POSIX_FADV_DONTNEED) && !defined(__APPLE__))
+  ::fcntl(fd_, F_NOCACHE, 1);
+#endif
 }
 
 void File::advise_sequential() const noexcept {
+#if defined(POSIX_FADV_SEQUENTIAL) && !defined(__APPLE__)
   ::posix_fadvise(fd_, 0, 0, POSIX_FADV_SEQUENTIAL);
+#elif defined(F_RDAHEAD)
+  ::fcntl(fd_, F_RDAHEAD, 1);
+#endif
 }
 
 Mapping::Mapping(const File& file) {
   if (file.size() == 0) return;
-  void* p = ::mmap(nullptr, file.size(), PROT_READ, MAP_SHARED, file.fd(), 0);
+  void* p = ::mmap(nullptr, file.size(), PROT_READ, MAP_SHARED, file.fd_, 0);
   if (p == MAP_FAILED) return;
   addr_ = p;
   length_ = file.size();
@@ -79,21 +245,86 @@ bool Mapping::cached(uint64_t offset, std::size_t n) const {
   if (!addr_ || offset >= length_) return false;
   const uint64_t first = offset / kPage * kPage;
   const uint64_t end = std::min<uint64_t>(offset + n, length_);
-  std::vector<unsigned char> pages((end - first + kPage - 1) / kPage);
+#ifdef __APPLE__
+  using PageState = char;  // Apple's mincore takes char *, Linux's unsigned char *
+#else
+  using PageState = unsigned char;
+#endif
+  std::vector<PageState> pages((end - first + kPage - 1) / kPage);
   if (pages.empty()) return true;
   if (::mincore(static_cast<char*>(addr_) + first, end - first, pages.data()) != 0) return false;
-  for (unsigned char p : pages)
+  for (PageState p : pages)
     if (!(p & 1)) return false;
   return true;
 }
 
 void populate_writable(void* addr, std::size_t n) noexcept {
+#ifdef __linux__
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(addr) + kPage - 1) / kPage * kPage;
   const uintptr_t end = (reinterpret_cast<uintptr_t>(addr) + n) / kPage * kPage;
   if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+#else
+  (void)addr;
+  (void)n;
+#endif
+}
+
+void* allocate_aligned(std::size_t alignment, std::size_t bytes) noexcept {
+  // posix_memalign rather than std::aligned_alloc: the latter is missing from
+  // macOS before 10.15 and from MSVC.
+  const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + alignment - 1) & ~(alignment - 1);
+  void* p = nullptr;
+  return ::posix_memalign(&p, alignment, rounded) == 0 ? p : nullptr;
+}
+
+void free_aligned(void* p) noexcept { std::free(p); }
+
+#endif
+// ------------------------------------------------------------------- shared
+
+#ifdef GS_X86
+namespace {
+
+void cpuid(unsigned leaf, unsigned sub, unsigned regs[4]) {
+#if defined(_MSC_VER) && !defined(__clang__)
+  int r[4];
+  __cpuidex(r, static_cast<int>(leaf), static_cast<int>(sub));
+  for (int i = 0; i < 4; ++i) regs[i] = static_cast<unsigned>(r[i]);
+#else
+  __cpuid_count(leaf, sub, regs[0], regs[1], regs[2], regs[3]);
+#endif
+}
+
+uint64_t enabled_register_state() {  // XCR0
+#if defined(_MSC_VER) && !defined(__clang__)
+  return _xgetbv(0);
+#else
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+#endif
+}
+
+}  // namespace
+#endif
+
+bool cpu_has_avx2() noexcept {
+#ifdef GS_X86
+  unsigned r[4];
+  cpuid(0, 0, r);
+  if (r[0] < 7) return false;
+  cpuid(1, 0, r);
+  const bool osxsave = r[2] & (1u << 27), avx = r[2] & (1u << 28);
+  if (!osxsave || !avx) return false;
+  if ((enabled_register_state() & 6) != 6) return false;  // XMM and YMM state saved by the OS
+  cpuid(7, 0, r);
+  return (r[1] & (1u << 5)) != 0;
+#else
+  return false;
+#endif
 }
 
 }  // namespace gs

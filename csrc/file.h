@@ -1,6 +1,12 @@
-// RAII owners of a read-only file descriptor (pread loops, size, page-cache
-// advice) and of a never-touched mapping that tells which pages are cached;
-// and the madvise that prefaults a destination before a read.
+// The platform layer: everything that differs between Linux, macOS and Windows
+// lives here (and in file.cc), never in the engine's loops.
+//  - File: a read-only handle with positional reads (pread / ReadFile with an
+//    OVERLAPPED offset), its size, and page-cache advice where the OS has it.
+//  - Mapping: a never-touched mapping that tells which pages are cached
+//    (mincore; nothing on Windows).
+//  - populate_writable: prefaults a destination before a read (Linux).
+//  - Portable helpers the engine needs: aligned allocation, overflow-checked
+//    arithmetic, and which CPU features the quantizer may use.
 #pragma once
 
 #include <cstddef>
@@ -16,6 +22,15 @@ class IoError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// How this platform takes a file's pages out of the page cache.
+enum class CacheDrop {
+  None,       // no way (Windows): cache="drop" keeps the pages, and says so
+  AfterRead,  // posix_fadvise(POSIX_FADV_DONTNEED) on ranges already read (Linux, BSD)
+  Bypass,     // fcntl(F_NOCACHE) before reading: pages are not kept (macOS)
+};
+CacheDrop cache_drop_support() noexcept;
+const char* cache_drop_name(CacheDrop how) noexcept;  // "fadvise_dontneed", "f_nocache", "none"
+
 class File {
  public:
   explicit File(const std::string& path);
@@ -26,25 +41,36 @@ class File {
   File& operator=(File&&) = delete;
 
   // Reads exactly n bytes at offset into dst, retrying short reads and EINTR.
+  // Safe to call from several threads at once (no shared file position).
   void read_exact(void* dst, std::size_t n, uint64_t offset) const;
   // Tells the kernel the range is no longer needed in the page cache. Only
-  // whole pages inside the range are dropped; pass page-aligned ranges.
+  // whole pages inside the range are dropped; pass page-aligned ranges. A
+  // no-op unless cache_drop_support() is AfterRead.
   void drop_cache(uint64_t offset, std::size_t n) const noexcept;
-  // Tells the kernel the whole file will be read sequentially.
+  // Asks the OS not to keep what this handle reads from now on (macOS
+  // F_NOCACHE). A no-op unless cache_drop_support() is Bypass.
+  void bypass_cache() const noexcept;
+  // Tells the kernel the whole file will be read sequentially (POSIX_FADV_SEQUENTIAL,
+  // macOS F_RDAHEAD; Windows gets FILE_FLAG_SEQUENTIAL_SCAN at open instead).
   void advise_sequential() const noexcept;
 
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
-  int fd() const { return fd_; }
 
  private:
+  friend class Mapping;
   std::string path_;
+#ifdef _WIN32
+  void* handle_ = nullptr;  // HANDLE; nullptr when moved from
+#else
   int fd_ = -1;
+#endif
   uint64_t size_ = 0;
 };
 
 // A read-only shared mapping of a whole file that is never read through: it
-// only answers mincore() questions, which costs no I/O and no memory.
+// only answers mincore() questions, which costs no I/O and no memory. On
+// Windows nothing is mapped and every range reads as not cached.
 class Mapping {
  public:
   explicit Mapping(const File& file);  // an empty or unmappable file maps nothing
@@ -69,5 +95,26 @@ class Mapping {
 // page). Pages only partly inside the range are left alone: they may belong
 // to someone else.
 void populate_writable(void* addr, std::size_t n) noexcept;
+
+// `bytes` rounded up to a multiple of `alignment` (a power of two), aligned to
+// it; nullptr when out of memory. Release with free_aligned.
+void* allocate_aligned(std::size_t alignment, std::size_t bytes) noexcept;
+void free_aligned(void* p) noexcept;
+
+// a * b and a + b; false (and *out untouched) when the result overflows 64 bits.
+inline bool checked_mul_u64(uint64_t a, uint64_t b, uint64_t* out) {
+  if (b != 0 && a > UINT64_MAX / b) return false;
+  *out = a * b;
+  return true;
+}
+inline bool checked_add_u64(uint64_t a, uint64_t b, uint64_t* out) {
+  if (a > UINT64_MAX - b) return false;
+  *out = a + b;
+  return true;
+}
+
+// True when the CPU and the OS both support AVX2 (x86-64: CPUID leaf 7 and the
+// YMM state enabled in XCR0); false on every other architecture.
+bool cpu_has_avx2() noexcept;
 
 }  // namespace gs

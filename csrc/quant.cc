@@ -7,26 +7,39 @@
 #include <vector>
 
 // The loops below are written so that the compiler vectorizes them without any
-// licence to change results (no -ffast-math, -ffp-contract=off): integer
-// reductions instead of float min/max, round-half-to-even through the FPU's
-// default rounding instead of a libm call, and clamps as plain selects.  Every
-// float operation is the one FORMATS.md names, in its order, so the output
-// stays bit-identical to the torch reference.  An AVX2 clone is picked at load
-// time on x86-64 (IEEE results do not depend on the vector width).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GS_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define GS_VECTOR_CLONES
-#endif
-
-// The hot loops also have hand-written AVX2 versions (picked at run time), doing
-// the same IEEE operations in the same order: GCC's vectorization of the
-// portable loops spends most of its time on the clamps and the nibble pairing.
-#if defined(__x86_64__) && defined(__GNUC__)
+// licence to change results (no -ffast-math, no FMA contraction: CMake sets
+// each compiler's flag for it): integer reductions instead of float min/max,
+// round-half-to-even through the FPU's default rounding instead of a libm
+// call, and clamps as plain selects.  Every float operation is the one
+// FORMATS.md names, in its order, so the output stays bit-identical to the
+// torch reference.
+//
+// On x86-64 each row quantizer is compiled twice, once for AVX2 and once for
+// the baseline ISA, and picked at load time from CPUID (IEEE results do not
+// depend on the vector width). This is done by hand rather than with GCC's
+// target_clones, which MSVC, Apple clang and mingw (no ifunc) lack. The hot
+// loops also have hand-written AVX2 versions doing the same IEEE operations in
+// the same order: vectorized portable loops spend most of their time on the
+// clamps and the nibble pairing.
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define GS_AVX2_KERNELS 1
+#if defined(__GNUC__) || defined(__clang__)
 #define GS_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define GS_TARGET_AVX2  // MSVC compiles AVX2 intrinsics in any function
 #endif
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define GS_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define GS_ALWAYS_INLINE __forceinline
+#else
+#define GS_ALWAYS_INLINE inline
+#endif
+
+#include "file.h"
 
 namespace gs {
 namespace {
@@ -103,7 +116,7 @@ inline void store_scale(float rounded, void* dst, DType dtype, std::size_t i) {
 
 #ifdef GS_AVX2_KERNELS
 // GEMMA_STREAM_NO_AVX2=1 forces the portable loops (the tests check that both agree).
-const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && !std::getenv("GEMMA_STREAM_NO_AVX2");
+const bool kHaveAvx2 = cpu_has_avx2() && !std::getenv("GEMMA_STREAM_NO_AVX2");
 
 // out[k] = int8(clamp(round_even(w[k] / s), -127, 127)) for k < n, n % 32 == 0.
 // s != 0, so no quotient is NaN.
@@ -174,9 +187,13 @@ GS_TARGET_AVX2 void int4_quant_avx2(const float* w, int64_t n, float z, float s,
 
 }  // namespace
 
-GS_VECTOR_CLONES
-int64_t quantize_int8_rows(const void* src, DType src_dtype, int64_t rows, int64_t K,
-                           int8_t* q, void* scale, DType scale_dtype, float* w) {
+namespace {
+
+// The row quantizers' bodies; kAvx2 says whether the caller was compiled for
+// AVX2 (then the hand-written kernels run too).
+template <bool kAvx2>
+GS_ALWAYS_INLINE int64_t int8_rows(const void* src, DType src_dtype, int64_t rows, int64_t K,
+                                   int8_t* q, void* scale, DType scale_dtype, float* w) {
   const std::size_t row_bytes = static_cast<std::size_t>(K) * itemsize(src_dtype);
   for (int64_t r = 0; r < rows; ++r) {
     to_float(static_cast<const char*>(src) + r * row_bytes, src_dtype, w, static_cast<std::size_t>(K));
@@ -189,7 +206,7 @@ int64_t quantize_int8_rows(const void* src, DType src_dtype, int64_t rows, int64
     int64_t k = 0;
     if (s != 0.0f) {  // no NaN quotient (an f16 scale that underflows to 0 gives 0 / 0)
 #ifdef GS_AVX2_KERNELS
-      if (kHaveAvx2) {
+      if constexpr (kAvx2) {
         k = K - K % 32;
         int8_quant_avx2(w, k, s, out);
       }
@@ -203,9 +220,9 @@ int64_t quantize_int8_rows(const void* src, DType src_dtype, int64_t rows, int64
   return -1;
 }
 
-GS_VECTOR_CLONES
-int64_t quantize_int4_rows(const void* src, DType src_dtype, int64_t rows, int64_t K, int64_t G,
-                           uint8_t* q, void* scale, void* zero, DType scale_dtype, float* w) {
+template <bool kAvx2>
+GS_ALWAYS_INLINE int64_t int4_rows(const void* src, DType src_dtype, int64_t rows, int64_t K, int64_t G,
+                                   uint8_t* q, void* scale, void* zero, DType scale_dtype, float* w) {
   const std::size_t row_bytes = static_cast<std::size_t>(K) * itemsize(src_dtype);
   const int64_t groups = K / G;
   constexpr int64_t kBlock = 256;  // nibbles are computed into a small buffer, then paired
@@ -214,7 +231,7 @@ int64_t quantize_int4_rows(const void* src, DType src_dtype, int64_t rows, int64
   int32_t lo[kGroupBlock], hi[kGroupBlock];
   float s[kGroupBlock], z[kGroupBlock];
 #ifdef GS_AVX2_KERNELS
-  const bool avx2 = kHaveAvx2 && G % 16 == 0;
+  const bool avx2 = kAvx2 && G % 16 == 0;
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     to_float(static_cast<const char*>(src) + r * row_bytes, src_dtype, w, static_cast<std::size_t>(K));
@@ -279,6 +296,36 @@ int64_t quantize_int4_rows(const void* src, DType src_dtype, int64_t rows, int64
     }
   }
   return -1;
+}
+
+#ifdef GS_AVX2_KERNELS
+GS_TARGET_AVX2 int64_t int8_rows_avx2(const void* src, DType src_dtype, int64_t rows, int64_t K, int8_t* q,
+                                      void* scale, DType scale_dtype, float* w) {
+  return int8_rows<true>(src, src_dtype, rows, K, q, scale, scale_dtype, w);
+}
+
+GS_TARGET_AVX2 int64_t int4_rows_avx2(const void* src, DType src_dtype, int64_t rows, int64_t K, int64_t G,
+                                      uint8_t* q, void* scale, void* zero, DType scale_dtype, float* w) {
+  return int4_rows<true>(src, src_dtype, rows, K, G, q, scale, zero, scale_dtype, w);
+}
+#endif
+
+}  // namespace
+
+int64_t quantize_int8_rows(const void* src, DType src_dtype, int64_t rows, int64_t K,
+                           int8_t* q, void* scale, DType scale_dtype, float* w) {
+#ifdef GS_AVX2_KERNELS
+  if (kHaveAvx2) return int8_rows_avx2(src, src_dtype, rows, K, q, scale, scale_dtype, w);
+#endif
+  return int8_rows<false>(src, src_dtype, rows, K, q, scale, scale_dtype, w);
+}
+
+int64_t quantize_int4_rows(const void* src, DType src_dtype, int64_t rows, int64_t K, int64_t G,
+                           uint8_t* q, void* scale, void* zero, DType scale_dtype, float* w) {
+#ifdef GS_AVX2_KERNELS
+  if (kHaveAvx2) return int4_rows_avx2(src, src_dtype, rows, K, G, q, scale, zero, scale_dtype, w);
+#endif
+  return int4_rows<false>(src, src_dtype, rows, K, G, q, scale, zero, scale_dtype, w);
 }
 
 namespace {

@@ -1,4 +1,4 @@
-// Quantize-on-read kernels following ../shared/FORMATS.md ("gemma_stream
+// Quantize-on-read kernels following docs/FORMATS.md ("gemma_stream
 // quantized layouts"). All arithmetic is float32 on exactly upcast inputs, with
 // the operations in the documented order, so the Python executor (torch ops)
 // produces the same bytes.

@@ -134,6 +134,7 @@ def big_file(tmp_path_factory):
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
 @pytest.mark.parametrize("convert", [False, True], ids=["same-dtype", "to-bf16"])
+@pytest.mark.page_cache
 def test_cache_drop_leaves_at_most_one_chunk_in_the_page_cache(big_file, backend, monkeypatch, warm, convert):
     monkeypatch.setenv("GEMMA_STREAM_CHUNK_MB", "1")
     path, sd = big_file
@@ -145,6 +146,7 @@ def test_cache_drop_leaves_at_most_one_chunk_in_the_page_cache(big_file, backend
     assert left <= 1 * MiB, f"{left} bytes of {os.path.getsize(path)} still cached"
 
 
+@pytest.mark.page_cache
 def test_cache_keep_leaves_the_file_cached(big_file, backend):
     """The control for the drop test: the same measurement sees a kept file."""
     path, _ = big_file
@@ -153,6 +155,7 @@ def test_cache_keep_leaves_the_file_cached(big_file, backend):
     assert cached_bytes(path) >= 0.9 * os.path.getsize(path)
 
 
+@pytest.mark.page_cache
 def test_cache_auto_keeps_a_file_that_fits_and_drops_one_that_does_not(big_file, backend, monkeypatch):
     """The default policy: keep when file + model fit in MemAvailable, drop when they cannot (then the
     file's pages go straight to the model instead of pushing out the model's first pages)."""
@@ -303,6 +306,7 @@ def test_mmap_mode_refuses_drop_and_checks_before_remapping(tmp_path, backend):
     assert model.weight is weight
 
 
+@pytest.mark.page_cache
 @pytest.mark.parametrize("method", ["fault", "willneed"])
 def test_mmap_mode_reads_the_mapped_ranges_ahead_in_the_background(big_file, backend, monkeypatch, method):
     """Cold, mode="mmap" starts a read-ahead of the mapped bytes in file order (touching weights in

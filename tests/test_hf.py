@@ -97,6 +97,7 @@ def test_sharded_safetensors_logits_identical(sharded_f32, dtype, backend):
     assert_same_model(model, reference(path, dtype))
 
 
+@pytest.mark.page_cache
 @pytest.mark.parametrize("cache", ["drop", "keep"])
 def test_cache_policy_reaches_the_loader(sharded_f32, cache, backend):
     _, path = sharded_f32

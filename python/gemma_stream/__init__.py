@@ -17,7 +17,7 @@ from .modules import init_empty
 from .plan import Route
 from .quant import QuantEmbedding, QuantLinear, quantize_
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # silent unless the application configures logging (the CLI's -v does)
 logging.getLogger("gemma_stream").addHandler(logging.NullHandler())

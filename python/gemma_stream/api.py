@@ -17,6 +17,7 @@ from .dtypes import CONVERTIBLE, FLOAT_DTYPES
 from .errors import GemmaStreamError, MismatchError, UninitializedWarning
 from .executors import get_executor, run_plan_jobs
 from .executors.mapped import FileViews, Prefetch
+from .fileio import platform_cache_policy
 from .formats import Checkpoint, open_checkpoint
 from .modules import materialize, meta_tensors, quant_targets, run_post_load_hooks, same_kind, swap_tensors
 from .plan import CACHE_POLICIES, Plan, Rename, Route, choose_cache, make_plan, normalize_rename, zero_copy_jobs
@@ -87,7 +88,8 @@ def _open(path: str | os.PathLike | Checkpoint, key: str | None) -> Checkpoint:
 def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progress, cache: str,
              desc: str) -> tuple[int, float, str, str]:
     """Run the plan's jobs; returns (bytes read, seconds, executor name, cache policy used)."""
-    cache = choose_cache(plan, cache, mem_available() if cache == "auto" else None)
+    cache = platform_cache_policy(choose_cache(plan, cache, mem_available() if cache == "auto" else None),
+                                  explicit=cache == "drop")
     cfg = config()
     executor = get_executor(backend)
     callback, close = progress_callback(progress, plan.nbytes, desc)

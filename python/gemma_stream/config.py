@@ -28,16 +28,34 @@ class Config:
         return max(1, min(cores, 8))
 
 
+#: /proc/meminfo fields and the psutil.virtual_memory() attribute that stands for each where
+#: there is no /proc (macOS, Windows)
+_PSUTIL_MEMINFO = {"MemAvailable": "available", "MemTotal": "total", "MemFree": "free", "Cached": "cached",
+                   "Buffers": "buffers", "Active": "active", "Inactive": "inactive"}
+
+
 def meminfo(field: str) -> int | None:
-    """One field of /proc/meminfo (``"MemAvailable"``, ``"MemFree"``, ...) in bytes; None where there is none."""
+    """One field of /proc/meminfo (``"MemAvailable"``, ``"MemFree"``, ...) in bytes; None where there is none.
+
+    Without /proc, the same figure from psutil when it is installed (``MemAvailable`` is
+    psutil's ``available``); None otherwise.
+    """
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        return None
+    except FileNotFoundError:
         pass
-    return None
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        import psutil
+        value = getattr(psutil.virtual_memory(), _PSUTIL_MEMINFO.get(field, ""), None)
+    except (ImportError, OSError, AttributeError):
+        return None
+    return int(value) if value is not None else None
 
 
 def mem_available() -> int | None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -196,10 +197,9 @@ def _make_dirs(directory: str) -> list[str]:
 def _check_space(directory: str, need: int) -> None:
     while not os.path.isdir(directory):
         directory = os.path.dirname(directory)
-    stat = os.statvfs(directory)
-    if need > stat.f_bavail * stat.f_frsize:
-        raise GemmaStreamError(f"{directory}: the output needs {need} bytes and only "
-                               f"{stat.f_bavail * stat.f_frsize} are free")
+    free = shutil.disk_usage(directory).free  # statvfs's f_bavail * f_frsize; Windows has no statvfs
+    if need > free:
+        raise GemmaStreamError(f"{directory}: the output needs {need} bytes and only {free} are free")
 
 
 def _metadata(ckpt: Checkpoint, quantize: str | None, group_size: int) -> dict[str, str]:

@@ -30,12 +30,27 @@ RESULT_PREFIX = "GSBENCH_RESULT "
 
 def _status() -> dict[str, int]:
     out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(rest.split()[0]) * 1024
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except FileNotFoundError:
+        return _status_without_proc()
     return out
+
+
+def _status_without_proc() -> dict[str, int]:
+    """macOS and Windows: RSS and its peak from psutil / getrusage; no anonymous/file split
+    (all of RSS counts as anonymous) and no peak reset."""
+    import psutil
+    info = psutil.Process().memory_info()
+    peak = getattr(info, "peak_wset", None)  # Windows
+    if peak is None:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    return {"VmRSS": info.rss, "VmHWM": max(peak, info.rss), "RssAnon": info.rss, "RssFile": 0, "RssShmem": 0}
 
 
 def _reset_peak() -> bool:

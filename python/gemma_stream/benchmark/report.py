@@ -181,7 +181,7 @@ def machine_info() -> dict:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
-        pass
+        cpu = platform.processor()  # no /proc (macOS, Windows)
     mem = meminfo("MemTotal") or 0
     commit = ""
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,17 +39,18 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
+
 def cpu_busy(seconds: float = 0.5) -> float:
-    """Fraction of all CPUs busy over ``seconds`` (from /proc/stat): other work skews timings."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + (values[4] if len(values) > 4 else 0)
-        return sum(values), idle
-    total0, idle0 = sample()
+    """Fraction of all CPUs busy over ``seconds`` (/proc/stat, else psutil): other work skews timings."""
+    busy0, total0 = _cpu_jiffies()
     time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+    busy1, total1 = _cpu_jiffies()
+    return (busy1 - busy0) / max(total1 - total0, 1e-9)
 
 
 def wait_for_idle(limit_seconds: float, busy_max: float = 0.15) -> float:
@@ -306,26 +306,40 @@ def _child_env() -> dict:
     return env
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
+def _cpu_jiffies() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all CPUs since boot: /proc/stat, else psutil (macOS, Windows)."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except FileNotFoundError:
+        import psutil
+        times = psutil.cpu_times()
+        total = sum(times)
+        return total - times.idle - getattr(times, "iowait", 0.0), total
+    ticks = os.sysconf("SC_CLK_TCK")
     idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
+    return (sum(values) - idle) / ticks, sum(values) / ticks
+
+
+def _children_cpu_seconds() -> float:
+    """CPU seconds used by finished children; 0 where there is no getrusage (Windows: the
+    others_cpu figure then includes the child's own time)."""
+    if resource is None:
+        return 0.0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _run_child(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "gemma_stream.benchmark", "--child", json.dumps(spec)]
-    usage0, (busy0, total0) = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_jiffies()
+    ours0, (busy0, total0) = _children_cpu_seconds(), _cpu_jiffies()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
-    usage1, (busy1, total1) = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_jiffies()
+    ours1, (busy1, total1) = _children_cpu_seconds(), _cpu_jiffies()
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX):])
             # CPU time the rest of the machine used while the child ran (ours excluded): interference
-            ticks = os.sysconf("SC_CLK_TCK")
-            ours = (usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime) * ticks
-            result["others_cpu"] = max(0.0, (busy1 - busy0 - ours) / max(total1 - total0, 1))
+            result["others_cpu"] = max(0.0, (busy1 - busy0 - (ours1 - ours0)) / max(total1 - total0, 1e-9))
             return result
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     reason = lines[-1] if lines else f"exit status {proc.returncode}, no output"

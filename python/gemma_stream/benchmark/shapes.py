@@ -1,6 +1,6 @@
 """Gemma-shaped synthetic models: sizes, tensor lists in both naming schemes, a module buildable on meta.
 
-The shapes are the real Gemma text-model configurations (../shared/FORMATS.md); the weights are
+The shapes are the real Gemma text-model configurations (docs/FORMATS.md); the weights are
 synthetic.  Two namings: "hf" (transformers' GemmaForCausalLM, LM head tied to the embedding so it is
 not stored) and "gemma_pytorch" (``embedder.weight``, fused ``qkv_proj``).
 """

@@ -24,6 +24,7 @@ import zlib
 
 import torch
 
+from .. import fileio
 from .shapes import GemmaShape, hf_parts, tensor_specs
 
 __all__ = ["DTYPES", "write_safetensors", "write_sharded", "write_ckpt", "write_config", "evict", "cached_fraction",
@@ -163,7 +164,7 @@ def write_ckpt(path: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "
         prefix = pkl[: -len("data.pkl")]
         located = _StorageKeys(archive.open(pkl)).load()["model_state_dict"]
     source = _Source(dtype, seed)
-    fd = os.open(path, os.O_WRONLY)
+    fd = os.open(path, fileio.open_flags(os.O_WRONLY))   # binary mode on Windows
     try:
         for name, tensor_shape in specs:
             key, storage_offset = located[name]
@@ -171,7 +172,7 @@ def write_ckpt(path: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "
                 raise RuntimeError(f"{path}: tensor {name!r} unexpectedly at storage offset {storage_offset}")
             pos = offsets[prefix + "data/" + key]
             for piece in source.pieces(hf_parts(shape, name, tensor_shape)):
-                pos += os.pwrite(fd, piece, pos)
+                pos += fileio.write_at(fd, piece, pos)
         if durable:
             os.fsync(fd)
     finally:
@@ -217,7 +218,7 @@ def evict(paths) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            fileio.drop_cache(fd, 0, 0)   # a no-op where the OS cannot drop pages (Windows)
         finally:
             os.close(fd)
 

@@ -22,8 +22,9 @@ try:
     from .. import _native  # noqa: F401
     _NATIVE_ERROR: ImportError | None = None
 except ImportError as e:  # the fallback is only for a missing extension
+    from ..native_status import native_import_problem
     _native = None
-    _NATIVE_ERROR = e
+    _NATIVE_ERROR = ImportError(native_import_problem(e))
 
 #: the backend ``backend="auto"`` resolves to in this process
 BACKEND = "native" if _native is not None else "python"

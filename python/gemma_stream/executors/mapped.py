@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from .. import fileio
 from ..config import mem_available
 from ..formats.records import contiguous_strides
 
@@ -38,7 +39,7 @@ def _libc_madvise():
     """libc's ``madvise`` through ctypes (a ctypes call releases the GIL), or None."""
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # Windows: no CDLL(None), no madvise
         return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
@@ -50,6 +51,8 @@ def readahead_window(path: str) -> int | None:
     try:
         dev = os.stat(path).st_dev
     except OSError:
+        return None
+    if not hasattr(os, "major"):  # Windows: no block device numbers, no sysfs
         return None
     node = f"{os.major(dev)}:{os.minor(dev)}"
     for candidate in (f"/sys/dev/block/{node}/queue/read_ahead_kb",
@@ -156,7 +159,8 @@ class Prefetch:
                 pos = start
                 while pos < end and not self._cancel.is_set():
                     step = min(self.STEP, end - pos)
-                    os.posix_fadvise(fd, pos, step, os.POSIX_FADV_WILLNEED)
+                    if not fileio.advise_willneed(fd, pos, step):
+                        break  # no such advice here (Windows)
                     pos += step
             except OSError:
                 pass

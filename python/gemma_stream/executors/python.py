@@ -1,6 +1,7 @@
 """The pure-Python executor: same jobs, same bytes, no compiled code.
 
-Reads with ``os.preadv`` straight into the destination when dtypes agree,
+Reads with positional reads (:mod:`gemma_stream.fileio`, on every OS) straight
+into the destination when dtypes agree,
 converts with ``Tensor.to`` otherwise, and quantizes with the torch reference
 quantizers; chunks are bounded by ``chunk_bytes`` like the C++ engine's.
 """
@@ -15,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .. import fileio
 from ..errors import CheckpointError
 from ..plan import CopyJob
 from ..quant.reference import quantize_int4, quantize_int8
@@ -23,7 +25,7 @@ from ..quant.reference import quantize_int4, quantize_int8
 def _read_into(fd: int, path: str, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        got = fileio.read_into(fd, view[done:], offset + done)
         if got == 0:
             raise CheckpointError(f"{path}: unexpected end of file at offset {offset + done}")
         done += got
@@ -69,13 +71,16 @@ def _check_range(job: CopyJob, path: str, size: int) -> None:
 class _Run:
     def __init__(self, files: list[str], chunk_bytes: int, drop_cache: bool):
         self.files = files
-        self.fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+        self.fds = [fileio.open_read(f) for f in files]
+        if drop_cache:
+            for fd in self.fds:
+                fileio.bypass_cache(fd)  # macOS: F_NOCACHE; the drops below are no-ops there
         self.chunk_bytes = max(chunk_bytes, 4096)
         self.drop_cache = drop_cache
 
     def close(self) -> None:
         for fd in self.fds:
-            os.close(fd)
+            fileio.close(fd)
 
     def drop_spans(self, jobs: list[CopyJob]) -> None:
         """Drop each file's whole read span once more, page-aligned.
@@ -91,7 +96,7 @@ class _Run:
             lo -= lo % _PAGE
             hi += -hi % _PAGE
             if hi > lo:
-                os.posix_fadvise(self.fds[index], lo, hi - lo, os.POSIX_FADV_DONTNEED)
+                fileio.drop_cache(self.fds[index], lo, hi - lo)
 
     def _done(self, fd: int, offset: int, nbytes: int) -> None:
         if self.drop_cache:
@@ -100,7 +105,7 @@ class _Run:
             lo = offset - offset % _FOLIO
             hi = offset + nbytes - (offset + nbytes) % _FOLIO
             if hi > lo:
-                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+                fileio.drop_cache(fd, lo, hi - lo)
 
     def tasks(self, job: CopyJob) -> list[Callable[[], int]]:
         """Split a job into chunk tasks; each returns the bytes it read."""
@@ -198,7 +203,7 @@ class PythonExecutor:
             ordered = sorted(jobs, key=lambda j: (j.file_index, j.src_offset))
             tasks = [t for job in ordered for t in run.tasks(job)]
             done, completed = 0, True
-            # preadv and torch kernels release the GIL, so threads overlap I/O and conversion
+            # positional reads and torch kernels release the GIL, so threads overlap I/O and conversion
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
                 futures = [pool.submit(_no_grad, t) for t in tasks]
                 try:

@@ -10,7 +10,7 @@ Example::
     head, offsets = header_bytes([("w", DTYPES["bf16"], (4, 8))], {"format": "pt"})
     with AtomicFiles(["/out/model.safetensors"]) as files:
         fd = files.create(0, head, len(head) + 64)
-        os.pwrite(fd, data, len(head) + offsets[0])
+        pwrite_all(fd, memoryview(data), len(head) + offsets[0])
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import secrets
 import struct
 
 from ..dtypes import DType
+from ..fileio import open_flags, write_at
 
 __all__ = ["header_bytes", "shard_names", "index_bytes", "AtomicFiles", "pwrite_all", "SINGLE_FILE", "INDEX_FILE"]
 
@@ -71,7 +72,7 @@ class AtomicFiles:
 
     def create(self, i: int, head: bytes, size: int) -> int:
         """Create file ``i`` with ``size`` bytes (sparse) starting with ``head``; returns its fd."""
-        fd = os.open(self.temps[i], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        fd = os.open(self.temps[i], open_flags(os.O_RDWR | os.O_CREAT | os.O_EXCL), 0o666)
         self.fds.append(fd)
         os.ftruncate(fd, size)
         pwrite_all(fd, memoryview(head), 0)
@@ -95,5 +96,5 @@ class AtomicFiles:
 
 def pwrite_all(fd: int, data: memoryview, position: int) -> None:
     while data:
-        written = os.pwrite(fd, data, position)
+        written = write_at(fd, data, position)
         data, position = data[written:], position + written

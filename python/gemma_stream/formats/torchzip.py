@@ -1,6 +1,6 @@
 """torch zip checkpoints (``torch.save`` since 1.6): ZIP directory + safe pickle walk.
 
-The archive is read with ``struct`` and ``os.pread`` only: the central directory
+The archive is read with ``struct`` and ``fileio.pread`` only: the central directory
 once, then one local header per entry we use, because the payload offset depends
 on the *local* extra field (torch pads it so each ``data/<key>`` starts on a
 64-byte boundary).  Nothing is decompressed and nothing in ``data.pkl`` is
@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from .. import fileio
 from ..errors import CheckpointError
 from .pickle_walker import TensorView, describe, walk_pickle
 from .records import Checkpoint, TensorRecord, contiguous_strides
@@ -57,7 +58,7 @@ class ZipEntry:
 
 
 def _pread(fd: int, path: str, n: int, offset: int, what: str) -> bytes:
-    data = os.pread(fd, n, offset)
+    data = fileio.pread(fd, n, offset)
     if len(data) != n:
         raise CheckpointError(f"{path}: truncated: {what} needs {n} bytes at offset {offset}, got {len(data)}")
     return data
@@ -74,7 +75,7 @@ def _find_eocd(fd: int, path: str, file_size: int) -> tuple[int, tuple]:
             if pos + _EOCD.size + fields[7] == tail_size:  # the comment must end the file
                 return file_size - tail_size + pos, fields
         pos = tail.rfind(b"PK\x05\x06", 0, pos)
-    head = os.pread(fd, 4, 0)
+    head = fileio.pread(fd, 4, 0)
     if head == b"PK\x03\x04":
         raise CheckpointError(f"{path}: truncated or damaged zip archive: no end of central directory record")
     raise CheckpointError(f"{path}: not a zip archive (starts with {head!r}); {_LEGACY_HINT}")
@@ -303,7 +304,7 @@ def read_torchzip(path: str, key: str | None = None) -> Checkpoint:
     """
     path = os.path.abspath(os.fspath(path))
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = fileio.open_read(path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from e
     try:
@@ -326,7 +327,7 @@ def read_torchzip(path: str, key: str | None = None) -> Checkpoint:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
     finally:
-        os.close(fd)
+        fileio.close(fd)
     if top_key is not None:  # siblings such as "epoch"; a clash with a state-dict entry is renamed
         for k, value in tree.items():
             if k != top_key:

@@ -1,0 +1,205 @@
+"""Positional file I/O for the pure-Python paths, on Linux, macOS and Windows.
+
+The fallback executor reads one file from several threads at once, so every
+read names its offset: ``os.preadv`` (Linux, BSD, macOS 11+ with Python 3.7+),
+else ``os.pread`` (other POSIX systems), else a handle of the calling thread's
+own, positioned with ``seek`` (Windows has neither call). Descriptors come from
+:func:`open_read`, which remembers each file's path for those per-thread
+handles, and go back through :func:`close`. Page-cache advice is given where
+the OS has it and is a no-op elsewhere.
+
+Example::
+
+    fd = open_read("model.safetensors")
+    try:
+        (header_len,) = struct.unpack("<Q", pread(fd, 8, 0))
+    finally:
+        close(fd)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+__all__ = ["open_read", "close", "read_into", "pread", "write_at", "open_flags", "drop_cache",
+           "advise_sequential", "advise_willneed", "bypass_cache", "cache_drop_support", "platform_cache_policy"]
+
+# The os functions are looked up at call time (getattr), not at import: tests
+# remove them to run the fallback as it runs on Windows and macOS.
+
+
+def open_flags(flags: int) -> int:
+    """``flags`` plus binary mode (Windows opens text mode otherwise) and close-on-exec where they exist."""
+    return flags | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0)
+
+
+class _OpenFile:
+    """A descriptor's path, and the handles threads opened on it for seek + readinto."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.local = threading.local()
+        self.handles: list = []
+        self.lock = threading.Lock()
+
+    def thread_handle(self):
+        handle = getattr(self.local, "handle", None)
+        if handle is None:
+            handle = open(self.path, "rb", buffering=0)
+            with self.lock:
+                self.handles.append(handle)
+            self.local.handle = handle
+        return handle
+
+    def close(self) -> None:
+        with self.lock:
+            handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.close()
+
+
+_open: dict[int, _OpenFile] = {}
+_open_lock = threading.Lock()
+_write_lock = threading.Lock()
+
+
+def open_read(path: str | os.PathLike) -> int:
+    """Open ``path`` read-only for :func:`read_into` / :func:`pread`; release it with :func:`close`."""
+    path = os.fspath(path)
+    fd = os.open(path, open_flags(os.O_RDONLY))
+    with _open_lock:
+        _open[fd] = _OpenFile(path)
+    return fd
+
+
+def close(fd: int) -> None:
+    """Close a descriptor from :func:`open_read`, and the per-thread handles opened on it."""
+    with _open_lock:
+        entry = _open.pop(fd, None)
+    try:
+        if entry is not None:
+            entry.close()
+    finally:
+        os.close(fd)
+
+
+def _entry(fd: int) -> _OpenFile:
+    entry = _open.get(fd)
+    if entry is None:
+        raise ValueError(f"descriptor {fd} was not opened by gemma_stream.fileio.open_read")
+    return entry
+
+
+def read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read up to ``len(view)`` bytes at ``offset`` into ``view``; returns the count (0 at end of file).
+
+    Safe from several threads at once: no read moves a position another one uses.
+    """
+    preadv = getattr(os, "preadv", None)
+    if preadv is not None:
+        return preadv(fd, [view], offset)
+    pread_ = getattr(os, "pread", None)
+    if pread_ is not None:
+        data = pread_(fd, len(view), offset)
+        view[:len(data)] = data
+        return len(data)
+    handle = _entry(fd).thread_handle()
+    handle.seek(offset)
+    return handle.readinto(view) or 0
+
+
+def pread(fd: int, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes at ``offset`` (fewer at end of file), like ``os.pread``, on every OS."""
+    pread_ = getattr(os, "pread", None)
+    if pread_ is not None:
+        return pread_(fd, n, offset)
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    done = 0
+    while done < n:
+        got = read_into(fd, view[done:], offset + done)
+        if got == 0:
+            break
+        done += got
+    del view
+    return bytes(buffer[:done])
+
+
+def write_at(fd: int, data: memoryview | bytes, offset: int) -> int:
+    """Write ``data`` at ``offset`` (``os.pwrite``; seek + write under a lock where it is missing)."""
+    pwrite = getattr(os, "pwrite", None)
+    if pwrite is not None:
+        return pwrite(fd, data, offset)
+    with _write_lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+def cache_drop_support() -> str:
+    """How this OS drops a file from the page cache, named as ``_native.cache_drop()`` names it.
+
+    ``"fadvise_dontneed"`` (Linux, BSD: after reading), ``"f_nocache"`` (macOS:
+    reads bypass the cache) or ``"none"`` (Windows: ``cache="drop"`` keeps pages).
+    """
+    if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED"):
+        return "fadvise_dontneed"
+    if sys.platform == "darwin":
+        return "f_nocache"
+    return "none"
+
+
+def drop_cache(fd: int, offset: int, nbytes: int) -> bool:
+    """Drop the whole pages of a range already read from the page cache; False where the OS cannot."""
+    fadvise = getattr(os, "posix_fadvise", None)
+    if fadvise is None or not hasattr(os, "POSIX_FADV_DONTNEED"):
+        return False
+    fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    return True
+
+
+def bypass_cache(fd: int) -> bool:
+    """macOS: ask the OS not to keep what ``fd`` reads from now on (``F_NOCACHE``); False elsewhere."""
+    if cache_drop_support() != "f_nocache":
+        return False
+    import fcntl
+    fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+    return True
+
+
+def advise_sequential(fd: int) -> None:
+    """Tell the OS ``fd`` will be read front to back (a no-op where there is no such advice)."""
+    fadvise = getattr(os, "posix_fadvise", None)
+    if fadvise is not None and hasattr(os, "POSIX_FADV_SEQUENTIAL"):
+        fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def advise_willneed(fd: int, offset: int, nbytes: int) -> bool:
+    """Start reading a range into the page cache in the background; False where the OS has no such advice."""
+    fadvise = getattr(os, "posix_fadvise", None)
+    if fadvise is None or not hasattr(os, "POSIX_FADV_WILLNEED"):
+        return False
+    fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+    return True
+
+
+_warned_no_drop = False
+
+
+def platform_cache_policy(cache: str, *, explicit: bool) -> str:
+    """``cache`` ("keep"/"drop") as this OS can honour it: "keep" where nothing drops pages (Windows).
+
+    An explicit ``cache="drop"`` that cannot be honoured warns once per process;
+    ``cache="auto"`` falls back to "keep" silently. The load report then says "keep".
+    """
+    global _warned_no_drop
+    if cache != "drop" or cache_drop_support() != "none":
+        return cache
+    if explicit and not _warned_no_drop:
+        _warned_no_drop = True
+        import warnings
+        warnings.warn("gemma_stream: cache='drop' is not supported on this platform (no posix_fadvise or "
+                      "F_NOCACHE); the checkpoint stays in the page cache (LoadReport.cache says 'keep')",
+                      RuntimeWarning, stacklevel=4)
+    return "keep"
