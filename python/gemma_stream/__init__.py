@@ -13,7 +13,7 @@ from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
 from .convert import convert
 from .errors import CheckpointError, GemmaStreamError, MismatchError
 from .executors import BACKEND, native_available
-from .plan import Route
+from .plan import PartialRoutes, Route
 from .quant import QuantEmbedding, QuantLinear, quantize_
 
 __version__ = "0.1.0"
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 
 __all__ = [
-    "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
+    "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "PartialRoutes", "QuantEmbedding", "QuantLinear",
     "Route", "TensorInfo",
     "__version__", "convert", "hf", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
 ]
