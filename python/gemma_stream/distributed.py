@@ -1,0 +1,511 @@
+"""torch.distributed destinations: each rank fills its own DTensor shards.
+
+A model whose parameters are DTensors (``parallelize_module`` with
+Colwise/Rowwise plans, ``distribute_tensor``, FSDP2 ``fully_shard``) is loaded
+rank by rank: each rank turns its shard of every DTensor into a block of rows
+and columns of the global tensor (torch's own uneven-chunk rule,
+``compute_local_shape_and_global_offset``), intersects the checkpoint's routes
+with that block, and runs the usual plan into ``param.to_local()``.  Only the
+planner's routes change; reading, conversion and the executors are the
+single-process ones.
+
+``read="own"`` (the default) has every rank read its own bytes from the file
+(replicated tensors are read by every rank).  ``read="once"`` splits the
+checkpoint's bytes into one contiguous run of the files per rank; each rank
+reads its run and broadcasts every tensor over the process group, and every
+rank copies its own block out of what it received (benchmarks/NOTES.md,
+section 14, measures when that wins).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from .errors import GemmaStreamError
+from .formats.records import Checkpoint, TensorRecord
+from .plan import CopyJob, PartialRoutes, Plan, Rename, Route, make_plan, normalize_rename
+
+__all__ = ["DistributedLoadReport", "ReadRange", "has_dtensors", "load_sharded", "rank_reads"]
+
+READ_MODES = ("own", "once")
+#: read="once": bytes each rank holds in broadcast buffers at a time
+ONCE_BATCH_BYTES = 64 << 20
+
+
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def has_dtensors(model: torch.nn.Module) -> bool:
+    """True when any parameter or buffer of ``model`` is a DTensor."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist; spare every load the import
+        return False
+    DTensor = _dtensor_class()
+    return DTensor is not None and any(isinstance(t, DTensor) for t in model.state_dict(keep_vars=True).values())
+
+
+@dataclass
+class _Block:
+    """Where a rank's local tensor sits in the global one: rows [row0, row0 + rows) x cols [col0, col0 + cols)."""
+
+    local_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+
+    @property
+    def empty(self) -> bool:
+        return math.prod(self.local_shape) == 0
+
+
+def _placements_supported(name: str, dt) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    for p in dt.placements:
+        if type(p) is Replicate:
+            continue
+        if type(p) is Shard and p.dim in (0, 1):
+            continue
+        raise GemmaStreamError(
+            f"model tensor {name!r}: placement {p} is not supported (Shard(0), Shard(1) and Replicate() are; "
+            f"a rank's shard must be one block of rows and columns of the checkpoint tensor)")
+
+
+def _block(name: str, dt, coordinate=None) -> _Block:
+    """The rank's block of ``dt`` (``coordinate``: another rank's mesh coordinate, for ``rank_reads``)."""
+    from torch.distributed.tensor._utils import (_compute_local_shape_and_global_offset,
+                                                 compute_local_shape_and_global_offset)
+    _placements_supported(name, dt)
+    if coordinate is None:
+        shape, offset = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
+    else:
+        shape, offset = _compute_local_shape_and_global_offset(dt.shape, dt.device_mesh.shape, list(coordinate),
+                                                               dt.placements)
+    return _Block(tuple(shape), tuple(offset))
+
+
+def _intersect(span: tuple[int, int], lo: int, n: int) -> tuple[int, int] | None:
+    a, b = max(span[0], lo), min(span[1], lo + n)
+    return (a, b) if a < b else None
+
+
+def _local_route(record: TensorRecord, route: Route, global_shape: tuple[int, ...], block: _Block) -> Route | None:
+    """``route`` (in global coordinates) cut to ``block`` and moved to the local tensor's; None if disjoint."""
+    if not global_shape:
+        return route
+    dst_rows = route.dst_rows or (0, global_shape[0])
+    src_rows = route.src_rows or (0, record.shape[0] if record.shape else 1)
+    rows = _intersect(dst_rows, block.offset[0], block.local_shape[0])
+    if rows is None:
+        return None
+    out = dict(target=route.target,
+               src_rows=(src_rows[0] + rows[0] - dst_rows[0], src_rows[0] + rows[1] - dst_rows[0]),
+               dst_rows=(rows[0] - block.offset[0], rows[1] - block.offset[0]))
+    if len(global_shape) >= 2:
+        dst_cols = route.dst_cols or (0, global_shape[1])
+        src_cols = route.src_cols or (0, record.shape[1] if len(record.shape) >= 2 else 1)
+        cols = _intersect(dst_cols, block.offset[1], block.local_shape[1])
+        if cols is None:
+            return None
+        out.update(src_cols=(src_cols[0] + cols[0] - dst_cols[0], src_cols[0] + cols[1] - dst_cols[0]),
+                   dst_cols=(cols[0] - block.offset[1], cols[1] - block.offset[1]))
+    return Route(**out)
+
+
+@dataclass
+class _Sharded:
+    """The model seen by one rank: local destination tensors and how to route into them."""
+
+    local: dict[str, torch.Tensor]           # name -> local tensor (DTensor.to_local() or the plain tensor)
+    global_shape: dict[str, tuple[int, ...]]
+    blocks: dict[str, _Block]                # DTensor names only
+    shard_bytes: int = 0                     # bytes of this rank's local tensors (ties counted once)
+
+    def routes(self, ckpt: Checkpoint, rename: Rename) -> dict[str, list[Route] | None]:
+        routes_of = normalize_rename(rename)
+        out: dict[str, list[Route] | None] = {}
+        for record in ckpt.records:
+            routes = routes_of(record.name)
+            if routes is None:
+                out[record.name] = None
+                continue
+            local = []
+            for route in routes:
+                block = self.blocks.get(route.target)
+                if block is None:
+                    local.append(route)
+                elif not block.empty and (cut := _local_route(record, route, self.global_shape[route.target],
+                                                              block)) is not None:
+                    local.append(cut)
+            out[record.name] = local
+        return out
+
+
+def _sharded_view(model: torch.nn.Module, coordinate=None) -> _Sharded:
+    DTensor = _dtensor_class()
+    local, shapes, blocks = {}, {}, {}
+    seen: dict[int, torch.Tensor] = {}
+    shard_bytes = 0
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            shapes[name] = tuple(t.shape)
+            if isinstance(t, DTensor):
+                blocks[name] = _block(name, t, coordinate)
+                if blocks[name].empty:
+                    continue
+            if id(t) not in seen:  # ties: one local tensor per DTensor, so the planner sees the tie
+                seen[id(t)] = t.to_local() if isinstance(t, DTensor) else t
+                shard_bytes += seen[id(t)].numel() * seen[id(t)].element_size()
+            local[name] = seen[id(t)]
+    return _Sharded(local, shapes, blocks, shard_bytes)
+
+
+def _materialize(model: torch.nn.Module, device: torch.device | None) -> list[str]:
+    """Allocate every meta parameter and buffer: DTensors get an empty local shard on their mesh's device."""
+    from .api import _same_kind
+    DTensor = _dtensor_class()
+    replaced: dict[int, torch.Tensor] = {}
+    names = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for slot in (module._parameters, module._buffers):
+            for attr, old in list(slot.items()):
+                if old is None or not old.is_meta:
+                    continue
+                if id(old) not in replaced:
+                    if isinstance(old, DTensor):
+                        where = device or _mesh_device(old.device_mesh)
+                        local = torch.empty(old.to_local().shape, dtype=old.dtype, device=where)
+                        data = DTensor.from_local(local, old.device_mesh, old.placements, run_check=False,
+                                                  shape=old.shape, stride=old.stride())
+                    else:
+                        data = torch.empty(old.shape, dtype=old.dtype, device=device or "cpu")
+                    replaced[id(old)] = _same_kind(old, data)
+                slot[attr] = replaced[id(old)]
+                names.append(f"{prefix}.{attr}" if prefix else attr)
+    return names
+
+
+def _model_group(model: torch.nn.Module):
+    """The process group of the model's device mesh (one mesh; a 1-D mesh's group, else the world's)."""
+    import torch.distributed as dist
+    DTensor = _dtensor_class()
+    meshes = {id(t.device_mesh): t.device_mesh for t in model.state_dict(keep_vars=True).values()
+              if isinstance(t, DTensor)}
+    if len(meshes) == 1:
+        mesh = next(iter(meshes.values()))
+        if mesh.ndim == 1:
+            return mesh.get_group()
+        if mesh.size() != dist.get_world_size():
+            raise GemmaStreamError(f"read='once': the model's {mesh.ndim}-D mesh covers {mesh.size()} of "
+                                   f"{dist.get_world_size()} ranks; pass a 1-D mesh or use read='own'")
+    return None
+
+
+def _mesh_device(mesh) -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    module = getattr(torch, mesh.device_type)
+    return torch.device(mesh.device_type, module.current_device())
+
+
+@dataclass
+class DistributedLoadReport:
+    """What ``load_into`` did on this rank of a sharded model.
+
+    ``bytes_read``: bytes this rank asked of the files (a coalesced column
+    block counts the gaps it reads); ``bytes_received``: bytes that came from
+    other ranks (``read="once"``); ``shard_bytes``: this rank's local tensors.
+    """
+
+    rank: int
+    world_size: int
+    read: str
+    loaded: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[str] = field(default_factory=list)
+    skipped_keys: list[str] = field(default_factory=list)
+    uninitialized: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_received: int = 0
+    shard_bytes: int = 0
+    seconds: float = 0.0
+    backend: str = ""
+    files: list[str] = field(default_factory=list)
+    cache: str = ""
+    mapped: list[str] = field(default_factory=list)
+    prefetch: None = None
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def file_bytes(job: CopyJob) -> int:
+    """Bytes a job asks of its file: a strided job reads whole spans of rows, gaps included."""
+    if job.src_strides is None or not job.shape:
+        return job.nbytes
+    last = sum((n - 1) * s for n, s in zip(job.shape, job.src_strides))
+    return (last + 1) * job.src_dtype.itemsize if math.prod(job.shape) else 0
+
+
+def _check_args(read: str, quantize: str | None, mode: str) -> None:
+    if read not in READ_MODES:
+        raise ValueError(f"read must be 'own' or 'once', not {read!r}")
+    if quantize is not None:
+        raise GemmaStreamError(
+            "quantize= with DTensor parameters is not supported: quantize a rank's plain local layers "
+            "(gs.QuantLinear) and route rows (or int4 column blocks) into them with gs.PartialRoutes")
+    if mode != "copy":
+        raise GemmaStreamError("mode='mmap' with DTensor parameters is not supported; use mode='copy'")
+
+
+def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = True, rename: Rename = None,
+                 device=None, threads: int | None = None, backend: str = "auto", progress=None,
+                 cache: str = "auto", read: str = "own", group=None, quantize: str | None = None,
+                 mode: str = "copy") -> DistributedLoadReport:
+    """``gs.load_into`` for a model with DTensor parameters (it calls this); one call per rank.
+
+    >>> model = parallelize_module(model, mesh, {"proj": ColwiseParallel()})
+    >>> report = gs.load_into(model, "model.safetensors")          # on every rank
+    >>> report.bytes_read, report.shard_bytes
+    """
+    import torch.distributed as dist
+
+    from .api import _execute, _run_post_load_hooks
+    _check_args(read, quantize, mode)
+    # names, shapes and dtypes against the global (meta) shapes first: a mismatch allocates nothing
+    DTensor = _dtensor_class()
+    meta: dict[int, torch.Tensor] = {}
+    global_targets = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in meta:
+            meta[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        global_targets[name] = meta[id(t)]
+    checked = make_plan(ckpt, global_targets, rename=rename, strict=strict)
+    device = torch.device(device) if device is not None else None
+    allocated = _materialize(model, device)
+    view = _sharded_view(model)
+    routes = view.routes(ckpt, rename)
+    plan = make_plan(ckpt, view.local, rename=PartialRoutes(routes), strict=False, check_splits=False)
+    if plan.mismatched_keys or plan.missing_keys:  # the global check passed: a gap here is a bug of ours
+        raise RuntimeError(f"gemma_stream: the local plan disagrees with the global one: "
+                           f"{(plan.mismatched_keys + plan.missing_keys)[:5]}")
+    if group is None and dist.is_initialized():
+        group = _model_group(model)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    start = time.perf_counter()
+    received = 0
+    if read == "once" and world > 1:
+        read_bytes, received, backend_name, cache = _read_once(ckpt, checked, view, routes, group=group,
+                                                               threads=threads, backend=backend, cache=cache)
+    else:
+        _, _, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+                                             cache=cache, desc=f"gemma_stream load (rank {rank})")
+        read_bytes = sum(file_bytes(j) for j in plan.jobs)
+    seconds = time.perf_counter() - start
+    _run_post_load_hooks(model, threads)
+    filled = set(checked.loaded)
+    return DistributedLoadReport(
+        rank=rank, world_size=world, read=read, loaded=checked.loaded, missing_keys=checked.missing_keys,
+        unexpected_keys=checked.unexpected_keys, mismatched_keys=checked.mismatched_keys,
+        skipped_keys=checked.skipped_keys, uninitialized=[n for n in allocated if n not in filled],
+        bytes_read=read_bytes, bytes_received=received, shard_bytes=view.shard_bytes, seconds=seconds,
+        backend=backend_name, files=list(ckpt.files), cache=cache)
+
+
+# ---------------------------------------------------------------- read="once"
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows [lo, hi) of a checkpoint tensor: the unit read by one rank and broadcast."""
+
+    record: TensorRecord
+    lo: int
+    hi: int
+
+    @property
+    def nbytes(self) -> int:
+        rows = self.record.shape[0] if self.record.shape else 1
+        return self.record.nbytes * (self.hi - self.lo) // max(rows, 1)
+
+    @property
+    def key(self) -> str:
+        return f"{self.record.name}[{self.lo}:{self.hi}]"
+
+
+def _pieces(records: list[TensorRecord], piece_bytes: int) -> list[_Piece]:
+    """Records cut into row blocks of at most ``piece_bytes`` (one row at least), in the given order."""
+    out = []
+    for r in records:
+        rows = r.shape[0] if r.shape else 1
+        if not r.shape or r.nbytes <= piece_bytes:
+            out.append(_Piece(r, 0, rows))
+            continue
+        per = max(1, piece_bytes // max(r.nbytes // rows, 1))
+        out.extend(_Piece(r, lo, min(rows, lo + per)) for lo in range(0, rows, per))
+    return out
+
+
+def _owners(pieces: list[_Piece], world: int) -> list[int]:
+    """Split the pieces, in file order, into ``world`` contiguous runs of about equal bytes."""
+    total = sum(p.nbytes for p in pieces)
+    owners, acc = [], 0
+    for p in pieces:
+        owners.append(min(world - 1, acc * world // max(total, 1)))
+        acc += p.nbytes
+    return owners
+
+
+def _read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[str, list[Route] | None], *,
+               group, threads, backend, cache) -> tuple[int, int, str, str]:
+    """Each rank reads its run of the checkpoint and broadcasts it; every rank keeps its own blocks."""
+    import torch.distributed as dist
+
+    from .api import _execute
+    needed = {j.name for j in checked.jobs}
+    order = {f: i for i, f in enumerate(ckpt.files)}
+    records = sorted((r for r in ckpt.records if r.name in needed), key=lambda r: (order[r.file], r.byte_offset))
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    pieces = _pieces(records, ONCE_BATCH_BYTES)
+    owners = _owners(pieces, world)
+    comm = torch.device("cpu") if dist.get_backend(group) == "gloo" else _comm_device()
+    read_bytes = received = 0
+    backend_name, used_cache = backend, cache
+    batch: list[tuple[_Piece, int]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal read_bytes, received, backend_name, used_cache, batch, size
+        mine = [p for p, owner in batch if owner == me]
+        buffers = {p.key: torch.empty((p.hi - p.lo, *p.record.shape[1:]), dtype=p.record.dtype.torch)
+                   for p in mine}
+        if mine:
+            piece_routes: dict[str, list[Route]] = {}
+            for p in mine:
+                piece_routes.setdefault(p.record.name, []).append(
+                    Route(p.key, src_rows=(p.lo, p.hi)) if p.record.shape else Route(p.key))
+            own_plan = make_plan(Checkpoint(ckpt.format, ckpt.files, [r for r in records if r.name in piece_routes]),
+                                 buffers, rename=PartialRoutes(piece_routes), strict=False, check_splits=False)
+            _, _, backend_name, used_cache = _execute(own_plan, threads=threads, backend=backend, progress=False,
+                                                      cache=cache, desc="gemma_stream read once")
+            read_bytes += sum(file_bytes(j) for j in own_plan.jobs)
+        for p, owner in batch:
+            if p.nbytes == 0:
+                continue
+            buffer = buffers.get(p.key)
+            flat = buffer.reshape(-1).view(torch.uint8) if buffer is not None else \
+                torch.empty(p.nbytes, dtype=torch.uint8)
+            flat = flat.to(comm)
+            dist.broadcast(flat, src=owner if group is None else dist.get_global_rank(group, owner), group=group)
+            if buffer is None:
+                received += p.nbytes
+            source = flat.cpu().view(p.record.dtype.torch).reshape((p.hi - p.lo, *p.record.shape[1:]))
+            _copy_blocks(p, source, routes.get(p.record.name) or [], view)
+        batch, size = [], 0
+
+    for piece, owner in zip(pieces, owners):
+        if batch and size + piece.nbytes > ONCE_BATCH_BYTES:
+            flush()
+        batch.append((piece, owner))
+        size += piece.nbytes
+    if batch:
+        flush()
+    return read_bytes, received, backend_name, used_cache
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _copy_blocks(piece: _Piece, source: torch.Tensor, routes: list[Route], view: _Sharded) -> None:
+    """Copy what each local route wants from rows [piece.lo, piece.hi) of its checkpoint tensor."""
+    with torch.no_grad():
+        for route in routes:
+            target = view.local.get(route.target)
+            if target is None:
+                continue
+            if not piece.record.shape:
+                target.copy_(source.reshape(target.shape))
+                continue
+            src_rows = route.src_rows or (0, piece.record.shape[0])
+            dst_rows = route.dst_rows or (0, target.shape[0] if target.dim() else 1)
+            lo, hi = max(src_rows[0], piece.lo), min(src_rows[1], piece.hi)
+            if lo >= hi:
+                continue
+            src = source[lo - piece.lo:hi - piece.lo]
+            d0 = dst_rows[0] + lo - src_rows[0]
+            dst = target[d0:d0 + hi - lo] if target.dim() else target
+            if route.src_cols:
+                src = src[:, route.src_cols[0]:route.src_cols[1]]
+            if route.dst_cols:
+                dst = dst[:, route.dst_cols[0]:route.dst_cols[1]]
+            dst.copy_(src.reshape(dst.shape))
+
+
+# ---------------------------------------------------------------- which bytes each rank reads
+
+@dataclass(frozen=True)
+class ReadRange:
+    """One file range a rank reads: ``nbytes`` from ``offset`` (a strided block spans its gaps)."""
+
+    rank: int
+    tensor: str
+    file: str
+    offset: int
+    nbytes: int
+
+
+def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, key: str | None = None,
+               ranks: list[int] | None = None) -> list[ReadRange]:
+    """The file ranges each rank of a sharded (meta or real) model would read with ``read="own"``.
+
+    No bytes are read and nothing is allocated; call it on any rank once the
+    process group is up (the mesh of every DTensor names all ranks).
+
+    >>> for r in gs.distributed.rank_reads(model, "model.safetensors"):
+    ...     print(r.rank, r.tensor, r.offset, r.nbytes)
+    """
+    from .formats import open_checkpoint
+    ckpt = open_checkpoint(path, key=key)
+    DTensor = _dtensor_class()
+    meshes = {id(t.device_mesh): t.device_mesh for t in model.state_dict(keep_vars=True).values()
+              if isinstance(t, DTensor)}
+    if len(meshes) != 1:
+        raise GemmaStreamError(f"rank_reads needs the model's DTensors on one device mesh, found {len(meshes)}")
+    mesh = next(iter(meshes.values()))
+    grid = mesh.mesh
+    out = []
+    for rank in ranks if ranks is not None else grid.flatten().tolist():
+        coordinate = [int(c) for c in (grid == rank).nonzero()[0]]
+        sharded = _sharded_view_meta(model, coordinate)
+        plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(sharded.routes(ckpt, rename)), strict=False,
+                         check_splits=False)
+        out.extend(ReadRange(rank, j.name, plan.files[j.file_index], j.src_offset, file_bytes(j)) for j in plan.jobs)
+    return out
+
+
+def _sharded_view_meta(model: torch.nn.Module, coordinate) -> _Sharded:
+    """Like ``_sharded_view`` for another rank: meta tensors of that rank's local shapes."""
+    DTensor = _dtensor_class()
+    local, shapes, blocks, seen = {}, {}, {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        shapes[name] = tuple(t.shape)
+        shape = tuple(t.shape)
+        if isinstance(t, DTensor):
+            blocks[name] = _block(name, t, coordinate)
+            if blocks[name].empty:
+                continue
+            shape = blocks[name].local_shape
+        if id(t) not in seen:
+            seen[id(t)] = torch.empty(shape, dtype=t.dtype, device="meta")
+        local[name] = seen[id(t)]
+    return _Sharded(local, shapes, blocks)
