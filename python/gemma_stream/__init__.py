@@ -8,7 +8,7 @@
 
 import logging
 
-from . import hf, maps  # hf imports transformers only when called
+from . import distributed, hf, maps  # hf imports transformers only when called; distributed torch.distributed
 from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
 from .convert import convert
 from .errors import CheckpointError, GemmaStreamError, MismatchError
@@ -24,5 +24,5 @@ logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 __all__ = [
     "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "PartialRoutes", "QuantEmbedding", "QuantLinear",
     "Route", "TensorInfo",
-    "__version__", "convert", "hf", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
+    "__version__", "convert", "distributed", "hf", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
 ]
