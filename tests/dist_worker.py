@@ -245,12 +245,12 @@ def run_read_once(rank: int, world: int, workdir: str, opts: dict) -> None:
     """read='once': same shards as per-rank reads, and the ranks together read each byte once."""
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,))
-    import gemma_stream.distributed as gsd
-    saved, gsd.ONCE_BATCH_BYTES = gsd.ONCE_BATCH_BYTES, 8 << 10   # several batches and row pieces at this size
+    import gemma_stream.distributed_once as gso
+    saved, gso.ONCE_BATCH_BYTES = gso.ONCE_BATCH_BYTES, 8 << 10   # several batches and row pieces at this size
     try:
         _read_once_matrix(rank, world, workdir, opts, mesh)
     finally:
-        gsd.ONCE_BATCH_BYTES = saved
+        gso.ONCE_BATCH_BYTES = saved
 
 
 def _read_once_matrix(rank: int, world: int, workdir: str, opts: dict, mesh) -> None:
@@ -337,3 +337,37 @@ def run_errors(rank: int, world: int, workdir: str, opts: dict) -> None:
         else:
             raise AssertionError(f"{kwargs} accepted")
 
+
+
+def run_fused(rank: int, world: int, workdir: str, opts: dict) -> None:
+    """A fused qkv and gate_up DTensor (Shard(0) and Shard(1)): each rank's block comes from three (two)
+    checkpoint tensors through row routes; bf16 and f32->bf16."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    ref = reference_state(torch.float32)
+    paths = write_checkpoints(os.path.join(workdir, f"r{rank}"), torch.float32)
+    p = "model.layers.0"
+    parts = {"qkv": [f"{p}.self_attn.{n}_proj.weight" for n in "qkv"],
+             "gate_up": [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"]}
+    rows, where = {}, {}
+    for fused, names in parts.items():
+        lo = 0
+        for n in names:
+            where[n] = (fused, (lo, lo + ref[n].shape[0]))
+            lo += ref[n].shape[0]
+        rows[fused] = lo
+    for placement in (Shard(0), Shard(1)):
+        for backend in ("native", "python"):
+            with torch.device("meta"):
+                model = nn.Module()
+                for fused, n_rows in rows.items():
+                    model.register_parameter(fused, nn.Parameter(distribute_tensor(
+                        torch.empty(n_rows, HIDDEN, dtype=torch.bfloat16), mesh, [placement])))
+            report = gs.load_into(model, paths["single"], backend=backend,
+                                  rename=lambda n: gs.Route(where[n][0], dst_rows=where[n][1]) if n in where else None)
+            for fused, names in parts.items():
+                want = torch.cat([ref[n] for n in names]).to(torch.bfloat16)
+                local = getattr(model, fused).to_local()
+                assert torch.equal(local, torch.chunk(want, world, placement.dim)[rank]), (fused, placement)
+            assert report.bytes_read >= sum(getattr(model, f).to_local().numel() * 4 for f in rows)

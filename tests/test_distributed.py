@@ -23,8 +23,8 @@ import dist_worker  # noqa: E402
 
 SCENARIOS = {
     2: [("run_tp", {}), ("run_fsdp", {}), ("run_forward", {}), ("run_read_once", {"backend": "native"}),
-        ("run_errors", {})],
-    4: [("run_tp", {}), ("run_fsdp", {}), ("run_read_once", {"backend": "python"}), ("run_2d", {})],
+        ("run_errors", {}), ("run_fused", {})],
+    4: [("run_tp", {}), ("run_fsdp", {}), ("run_read_once", {"backend": "python"}), ("run_2d", {}), ("run_fused", {})],
 }
 
 
@@ -79,6 +79,11 @@ def test_tensor_parallel_forward_equals_single_process(groups):
 @pytest.mark.parametrize("world", [2, 4])
 def test_read_once_reads_each_byte_once(groups, world):
     _check(groups, world, "run_read_once")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_projections_shard_from_their_checkpoint_tensors(groups, world):
+    _check(groups, world, "run_fused")
 
 
 def test_two_dimensional_mesh_and_rank_reads(groups):

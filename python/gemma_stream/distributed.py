@@ -12,9 +12,9 @@ single-process ones.
 ``read="own"`` (the default) has every rank read its own bytes from the file
 (replicated tensors are read by every rank).  ``read="once"`` splits the
 checkpoint's bytes into one contiguous run of the files per rank; each rank
-reads its run and broadcasts every tensor over the process group, and every
-rank copies its own block out of what it received (benchmarks/NOTES.md,
-"Sharded loads", measures when that wins).
+reads its run and broadcasts every piece over the process group, and every
+rank copies its own block out of what it received (distributed_once.py;
+benchmarks/NOTES.md section 16 measures when that wins).
 """
 
 from __future__ import annotations
@@ -23,19 +23,16 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 
 from .errors import GemmaStreamError
 from .formats.records import Checkpoint, TensorRecord
-from .plan import CopyJob, PartialRoutes, Plan, Rename, Route, make_plan, normalize_rename
+from .plan import CopyJob, PartialRoutes, Rename, Route, make_plan, normalize_rename
 
 __all__ = ["DistributedLoadReport", "ReadRange", "has_dtensors", "load_sharded", "rank_reads"]
 
 READ_MODES = ("own", "once")
-#: read="once": bytes each rank holds in broadcast buffers at a time
-ONCE_BATCH_BYTES = 64 << 20
 
 
 def _dtensor_class():
@@ -261,10 +258,11 @@ def _check_args(read: str, quantize: str | None, mode: str) -> None:
         raise ValueError(f"read must be 'own' or 'once', not {read!r}")
     if quantize is not None:
         raise GemmaStreamError(
-            "quantize= with DTensor parameters is not supported: quantize a rank's plain local layers "
+            "quantize= with DTensor parameters or read='once' is not supported: quantize a rank's plain local layers "
             "(gs.QuantLinear) and route rows (or int4 column blocks) into them with gs.PartialRoutes")
     if mode != "copy":
-        raise GemmaStreamError("mode='mmap' with DTensor parameters is not supported; use mode='copy'")
+        raise GemmaStreamError("mode='mmap' with DTensor parameters or read='once' is not supported; "
+                               "use mode='copy'")
 
 
 def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = True, rename: Rename = None,
@@ -282,7 +280,6 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
     from .api import _execute, _run_post_load_hooks
     _check_args(read, quantize, mode)
     # names, shapes and dtypes against the global (meta) shapes first: a mismatch allocates nothing
-    DTensor = _dtensor_class()
     meta: dict[int, torch.Tensor] = {}
     global_targets = {}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -307,8 +304,9 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
     start = time.perf_counter()
     received = 0
     if read == "once" and world > 1:
-        read_bytes, received, backend_name, cache = _read_once(ckpt, checked, view, routes, group=group,
-                                                               threads=threads, backend=backend, cache=cache)
+        from .distributed_once import read_once
+        read_bytes, received, backend_name, cache = read_once(ckpt, checked, view, routes, group=group,
+                                                              threads=threads, backend=backend, cache=cache)
     else:
         _, _, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                              cache=cache, desc=f"gemma_stream load (rank {rank})")
@@ -322,135 +320,6 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
         skipped_keys=checked.skipped_keys, uninitialized=[n for n in allocated if n not in filled],
         bytes_read=read_bytes, bytes_received=received, shard_bytes=view.shard_bytes, seconds=seconds,
         backend=backend_name, files=list(ckpt.files), cache=cache)
-
-
-# ---------------------------------------------------------------- read="once"
-
-@dataclass(frozen=True)
-class _Piece:
-    """Rows [lo, hi) of a checkpoint tensor: the unit read by one rank and broadcast."""
-
-    record: TensorRecord
-    lo: int
-    hi: int
-
-    @property
-    def nbytes(self) -> int:
-        rows = self.record.shape[0] if self.record.shape else 1
-        return self.record.nbytes * (self.hi - self.lo) // max(rows, 1)
-
-    @property
-    def key(self) -> str:
-        return f"{self.record.name}[{self.lo}:{self.hi}]"
-
-
-def _pieces(records: list[TensorRecord], piece_bytes: int) -> list[_Piece]:
-    """Records cut into row blocks of at most ``piece_bytes`` (one row at least), in the given order."""
-    out = []
-    for r in records:
-        rows = r.shape[0] if r.shape else 1
-        if not r.shape or r.nbytes <= piece_bytes:
-            out.append(_Piece(r, 0, rows))
-            continue
-        per = max(1, piece_bytes // max(r.nbytes // rows, 1))
-        out.extend(_Piece(r, lo, min(rows, lo + per)) for lo in range(0, rows, per))
-    return out
-
-
-def _owners(pieces: list[_Piece], world: int) -> list[int]:
-    """Split the pieces, in file order, into ``world`` contiguous runs of about equal bytes."""
-    total = sum(p.nbytes for p in pieces)
-    owners, acc = [], 0
-    for p in pieces:
-        owners.append(min(world - 1, acc * world // max(total, 1)))
-        acc += p.nbytes
-    return owners
-
-
-def _read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[str, list[Route] | None], *,
-               group, threads, backend, cache) -> tuple[int, int, str, str]:
-    """Each rank reads its run of the checkpoint and broadcasts it; every rank keeps its own blocks."""
-    import torch.distributed as dist
-
-    from .api import _execute
-    needed = {j.name for j in checked.jobs}
-    order = {f: i for i, f in enumerate(ckpt.files)}
-    records = sorted((r for r in ckpt.records if r.name in needed), key=lambda r: (order[r.file], r.byte_offset))
-    world, me = dist.get_world_size(group), dist.get_rank(group)
-    pieces = _pieces(records, max(1, ONCE_BATCH_BYTES // 4))  # finer than a batch: the runs come out even
-    owners = _owners(pieces, world)
-    comm = torch.device("cpu") if dist.get_backend(group) == "gloo" else _comm_device()
-    read_bytes = received = 0
-    backend_name, used_cache = backend, cache
-    batch: list[tuple[_Piece, int]] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal read_bytes, received, backend_name, used_cache, batch, size
-        mine = [p for p, owner in batch if owner == me]
-        buffers = {p.key: torch.empty((p.hi - p.lo, *p.record.shape[1:]), dtype=p.record.dtype.torch)
-                   for p in mine}
-        if mine:
-            piece_routes: dict[str, list[Route]] = {}
-            for p in mine:
-                piece_routes.setdefault(p.record.name, []).append(
-                    Route(p.key, src_rows=(p.lo, p.hi)) if p.record.shape else Route(p.key))
-            own_plan = make_plan(Checkpoint(ckpt.format, ckpt.files, [r for r in records if r.name in piece_routes]),
-                                 buffers, rename=PartialRoutes(piece_routes), strict=False, check_splits=False)
-            _, _, backend_name, used_cache = _execute(own_plan, threads=threads, backend=backend, progress=False,
-                                                      cache=cache, desc="gemma_stream read once")
-            read_bytes += sum(file_bytes(j) for j in own_plan.jobs)
-        for p, owner in batch:
-            if p.nbytes == 0:
-                continue
-            buffer = buffers.get(p.key)
-            flat = buffer.reshape(-1).view(torch.uint8) if buffer is not None else \
-                torch.empty(p.nbytes, dtype=torch.uint8)
-            flat = flat.to(comm)
-            dist.broadcast(flat, src=owner if group is None else dist.get_global_rank(group, owner), group=group)
-            if buffer is None:
-                received += p.nbytes
-            source = flat.cpu().view(p.record.dtype.torch).reshape((p.hi - p.lo, *p.record.shape[1:]))
-            _copy_blocks(p, source, routes.get(p.record.name) or [], view)
-        batch, size = [], 0
-
-    for piece, owner in zip(pieces, owners):
-        if batch and size + piece.nbytes > ONCE_BATCH_BYTES:
-            flush()
-        batch.append((piece, owner))
-        size += piece.nbytes
-    if batch:
-        flush()
-    return read_bytes, received, backend_name, used_cache
-
-
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def _copy_blocks(piece: _Piece, source: torch.Tensor, routes: list[Route], view: _Sharded) -> None:
-    """Copy what each local route wants from rows [piece.lo, piece.hi) of its checkpoint tensor."""
-    with torch.no_grad():
-        for route in routes:
-            target = view.local.get(route.target)
-            if target is None:
-                continue
-            if not piece.record.shape:
-                target.copy_(source.reshape(target.shape))
-                continue
-            src_rows = route.src_rows or (0, piece.record.shape[0])
-            dst_rows = route.dst_rows or (0, target.shape[0] if target.dim() else 1)
-            lo, hi = max(src_rows[0], piece.lo), min(src_rows[1], piece.hi)
-            if lo >= hi:
-                continue
-            src = source[lo - piece.lo:hi - piece.lo]
-            d0 = dst_rows[0] + lo - src_rows[0]
-            dst = target[d0:d0 + hi - lo] if target.dim() else target
-            if route.src_cols:
-                src = src[:, route.src_cols[0]:route.src_cols[1]]
-            if route.dst_cols:
-                dst = dst[:, route.dst_cols[0]:route.dst_cols[1]]
-            dst.copy_(src.reshape(dst.shape))
 
 
 # ---------------------------------------------------------------- which bytes each rank reads

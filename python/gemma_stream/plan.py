@@ -210,7 +210,7 @@ def _cols(span: tuple[int, int] | None, shape: tuple[int, ...], what: str) -> tu
 #: between two rows' segments is under this many bytes, one strided job reads
 #: blocks of rows gaps included (the kernel reads those pages anyway, and one
 #: read per row costs a job each); from this gap up, each row's segment is its
-#: own job, so a rank reads only its bytes (benchmarks/NOTES.md, "Sharded loads").
+#: own job, so a rank reads only its bytes (benchmarks/NOTES.md, section 16).
 COALESCE_GAP_BYTES = 4096
 
 
