@@ -117,6 +117,8 @@ def dcp_load(model, directory: str) -> None:
 def rank_main(rank: int, world: int, port: int, args: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if os.path.exists("/sys/class/net/lo"):  # gloo's own sockets on loopback too, not the host's address
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))

@@ -109,6 +109,8 @@ def run_all(rank: int, world: int, port: int, workdir: str, scenarios: list[tupl
     import datetime
     import traceback
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    if os.path.exists("/sys/class/net/lo"):  # gloo's own sockets on loopback too, not the host's address
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     results = os.path.join(workdir, "results")
