@@ -191,6 +191,7 @@ def run_tp(rank: int, world: int, workdir: str, opts: dict) -> None:
                 report = gs.load_into(model, path, backend=backend)
                 check_shards(model, ref, torch.bfloat16, what)
                 assert report.backend == backend and report.rank == rank and report.bytes_received == 0, what
+                assert report.uninitialized == [] and report.missing_keys == [], (what, report.uninitialized)
                 ideal = ideal_bytes(model, ckpt_dtype)
                 # coalesced column blocks read their rows' gaps: at most the column-sharded tensors in full
                 gaps = sum(ref[f"model.layers.{i}.{p}.weight"].numel() * ref[f"model.layers.{i}.{p}.weight"].element_size()
@@ -324,6 +325,7 @@ def run_errors(rank: int, world: int, workdir: str, opts: dict) -> None:
     # strict=False loads what matches and reports the rest, on every rank
     report = gs.load_into(model, paths["single"], strict=False, rename=lambda n: None if "down_proj" in n else n)
     assert sorted(report.missing_keys) == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(LAYERS)]
+    assert sorted(report.uninitialized) == sorted(report.missing_keys), report.uninitialized
     ref = reference_state(torch.float32)
     for name, t in model.state_dict().items():
         if "down_proj" not in name:

@@ -313,11 +313,12 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
         read_bytes = sum(file_bytes(j) for j in plan.jobs)
     seconds = time.perf_counter() - start
     _run_post_load_hooks(model, threads)
-    filled = set(checked.loaded)
+    after = model.state_dict(keep_vars=True)
+    filled = {id(after[n]) for n in checked.loaded if n in after}   # ties: one tensor, any of its names
     return DistributedLoadReport(
         rank=rank, world_size=world, read=read, loaded=checked.loaded, missing_keys=checked.missing_keys,
         unexpected_keys=checked.unexpected_keys, mismatched_keys=checked.mismatched_keys,
-        skipped_keys=checked.skipped_keys, uninitialized=[n for n in allocated if n not in filled],
+        skipped_keys=checked.skipped_keys, uninitialized=[n for n in allocated if n in after and id(after[n]) not in filled],
         bytes_read=read_bytes, bytes_received=received, shard_bytes=view.shard_bytes, seconds=seconds,
         backend=backend_name, files=list(ckpt.files), cache=cache)
 
