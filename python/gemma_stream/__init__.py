@@ -8,13 +8,13 @@
 
 import logging
 
-from . import hf, maps  # hf imports transformers only when called
+from . import distributed, hf, maps  # hf imports transformers only when called; distributed torch.distributed
 from .api import LoadReport, StateDict, TensorInfo, inspect, load_into, load_state_dict
 from .convert import convert
 from .errors import CheckpointError, GemmaStreamError, MismatchError, UninitializedWarning
 from .executors import BACKEND, native_available
 from .modules import init_empty
-from .plan import Route
+from .plan import PartialRoutes, Route
 from .quant import QuantEmbedding, QuantLinear, quantize_
 
 from ._version import __version__
@@ -23,7 +23,8 @@ from ._version import __version__
 logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 
 __all__ = [
-    "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
-    "Route", "StateDict", "TensorInfo", "UninitializedWarning",
-    "__version__", "convert", "hf", "init_empty", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
+    "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "PartialRoutes", "QuantEmbedding",
+    "QuantLinear", "Route", "StateDict", "TensorInfo", "UninitializedWarning",
+    "__version__", "convert", "distributed", "hf", "init_empty", "inspect", "maps", "load_into", "load_state_dict",
+    "native_available", "quantize_",
 ]

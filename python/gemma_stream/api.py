@@ -157,7 +157,7 @@ def _unfilled_meta(model: torch.nn.Module, plan: Plan, targets: dict[str, torch.
 def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, rename: Rename = None,
               device: str | torch.device | None = None, threads: int | None = None, backend: str = "auto",
               progress: Progress = None, key: str | None = None, quantize: str | None = None,
-              group_size: int = 128, cache: str = "auto", mode: str = "copy") -> LoadReport:
+              group_size: int = 128, cache: str = "auto", mode: str = "copy", read: str = "own") -> LoadReport:
     """Stream a checkpoint into ``model``'s parameters and buffers, in place.
 
     Each tensor keeps its own dtype and device; tensors on ``meta`` are first
@@ -177,7 +177,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     ``torch.load(mmap=True)`` + ``assign=True``: the fastest start, weights
     backed by the file; the file is read ahead in file order in the
     background when it fits in memory, see ``LoadReport.prefetch``); the
-    others are copied as usual.
+    others are copied as usual.  DTensor parameters (tensor parallel, FSDP2)
+    are filled rank by rank, each from its own bytes (``read="once"``: each
+    byte read by one rank and broadcast); see ``gemma_stream.distributed``.
 
     >>> with gs.init_empty():
     ...     model = MyModel()
@@ -185,6 +187,10 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     """
     cache = _check_mode(mode, cache)
     ckpt = _open(path, key)
+    from .distributed import has_dtensors, load_sharded
+    if read != "own" or has_dtensors(model):
+        return load_sharded(model, ckpt, strict=strict, rename=rename, device=device, threads=threads, backend=backend,
+                            progress=progress, cache=cache, read=read, quantize=quantize, mode=mode)
     if quantize is not None:
         from .quant import quantize_
         quantize_(model, quantize, group_size=group_size)

@@ -14,29 +14,59 @@ from typing import Callable, Iterable, Mapping, Union
 import torch
 
 from .dtypes import CONVERTIBLE, DType, from_torch
-from .errors import MismatchError
-from .formats.records import Checkpoint, TensorRecord
+from .errors import GemmaStreamError, MismatchError
+from .formats.records import Checkpoint, TensorRecord, contiguous_strides
 
-__all__ = ["Route", "QuantTarget", "CopyJob", "Plan", "choose_cache", "make_plan", "normalize_rename",
+__all__ = ["Route", "PartialRoutes", "QuantTarget", "CopyJob", "Plan", "choose_cache", "make_plan", "normalize_rename",
            "zero_copy_jobs"]
 
 
 @dataclass(frozen=True)
 class Route:
-    """Where a checkpoint tensor, or a range of its rows (dim 0), goes.
+    """Where a checkpoint tensor, or a block of its rows (dim 0) and columns (dim 1), goes.
 
     ``src_rows`` selects rows of the checkpoint tensor, ``dst_rows`` the rows of
     the target they fill; ``None`` means all rows.  A fused projection (q, k, v
     into one ``qkv_proj``) is three routes into consecutive ``dst_rows``.
+    ``src_cols``/``dst_cols`` do the same along dim 1 (tensors of 2 or more
+    dims): a tensor-parallel rank's slice of a row-parallel weight is
+    ``Route(name, src_cols=(a, b))`` into its local ``[N, b - a]`` tensor.
+
+    >>> gs.Route("layers.0.mlp.down_proj.weight", src_cols=(0, 4096))
     """
 
     target: str
     src_rows: tuple[int, int] | None = None
     dst_rows: tuple[int, int] | None = None
+    src_cols: tuple[int, int] | None = None
+    dst_cols: tuple[int, int] | None = None
 
 
 RenameResult = Union[None, str, Route, Iterable[Route]]
 Rename = Union[None, Mapping[str, RenameResult], Callable[[str], RenameResult]]
+
+
+class PartialRoutes:
+    """A rename whose routes may read only part of a checkpoint tensor: one rank's shard.
+
+    Without it, routes that leave rows or columns of a checkpoint tensor unread
+    are a mismatch (the rest would be silently dropped).
+
+    >>> rank_cols = (rank * 1024, (rank + 1) * 1024)
+    >>> gs.load_into(model, "model.safetensors",
+    ...              rename=gs.PartialRoutes(lambda n: gs.Route(n, src_cols=rank_cols)))
+    """
+
+    def __init__(self, rename: Rename):
+        self.rename = rename
+        self.computed = tuple(getattr(rename, "computed", ()) or ())
+
+    def __call__(self, name: str) -> RenameResult:
+        if self.rename is None:
+            return name
+        if isinstance(self.rename, Mapping):
+            return self.rename.get(name, name)
+        return self.rename(name)
 
 
 @dataclass
@@ -184,14 +214,41 @@ def normalize_rename(rename: Rename) -> Callable[[str], list[Route] | None]:
     return routes
 
 
-def _rows(span: tuple[int, int] | None, total: int, what: str) -> tuple[int, int]:
+def _rows(span: tuple[int, int] | None, total: int, what: str, unit: str = "rows") -> tuple[int, int]:
     if span is None:
         return (0, total)
     lo, hi = span
     if not 0 <= lo < hi <= total:
         # a range past the end would read another tensor's bytes or write past the destination
-        raise MismatchError(f"{what}: rows [{lo}, {hi}) are not a non-empty range inside its {total} rows")
+        raise MismatchError(f"{what}: {unit} [{lo}, {hi}) are not a non-empty range inside its {total} {unit}")
     return lo, hi
+
+
+def _cols(span: tuple[int, int] | None, shape: tuple[int, ...], what: str) -> tuple[int, int]:
+    """Column range [lo, hi) of dim 1; (0, 1) for tensors of fewer than two dims (no columns)."""
+    if len(shape) < 2:
+        if span is not None:
+            raise MismatchError(f"{what}: a column range needs a tensor of 2 or more dims, not shape {list(shape)}")
+        return (0, 1)
+    return _rows(span, shape[1], what, "columns")
+
+
+#: A column slice of a row-major tensor is one segment per row.  When the gap
+#: between two rows' segments is under this many bytes, one strided job reads
+#: blocks of rows gaps included (the kernel reads those pages anyway, and one
+#: read per row costs a job each); from this gap up, each row's segment is its
+#: own job, so a rank reads only its bytes (benchmarks/NOTES.md, section 16).
+COALESCE_GAP_BYTES = 4096
+
+
+def _block_shape(shape: tuple[int, ...], rows: tuple[int, int] | None,
+                 cols: tuple[int, int] | None) -> tuple[int, ...]:
+    out = list(shape)
+    if rows is not None:
+        out[0] = rows[1] - rows[0]
+    if cols is not None:
+        out[1] = cols[1] - cols[0]
+    return tuple(out)
 
 
 def _is_plain_cpu(t: torch.Tensor) -> bool:
@@ -211,33 +268,33 @@ class _Planner:
         for name, tensor in targets.items():
             self.group_of[name] = id(tensor)
             first_name.setdefault(id(tensor), name)
-        self.covered: dict[int, list[tuple[int, int, str]]] = {}
+        # per group: written blocks (row_lo, row_hi, col_lo, col_hi, source)
+        self.covered: dict[int, list[tuple[int, int, int, int, str]]] = {}
         self.plan = Plan(files=list(checkpoint.files), jobs=[])
 
     # ---- coverage -------------------------------------------------------
-    def _claim(self, target: str, rows: tuple[int, int], source: str) -> bool:
-        """Record that ``rows`` of ``target`` are written; False if already written (tied duplicate)."""
+    def _claim(self, target: str, rows: tuple[int, int], source: str,
+               cols: tuple[int, int] = (0, 1)) -> bool:
+        """Record that block ``rows`` x ``cols`` of ``target`` is written; False if already written
+        (tied duplicate)."""
         spans = self.covered.setdefault(self.group_of[target], [])
-        for lo, hi, other in spans:
-            if lo == rows[0] and hi == rows[1]:
+        for lo, hi, clo, chi, other in spans:
+            if (lo, hi, clo, chi) == (*rows, *cols):
                 return False
-            if lo < rows[1] and rows[0] < hi:
-                raise MismatchError(
-                    f"tensor {source!r} writes rows [{rows[0]}, {rows[1]}) of {target!r}, which overlap "
-                    f"rows [{lo}, {hi}) written by {other!r}")
-        spans.append((rows[0], rows[1], source))
+            if lo < rows[1] and rows[0] < hi and clo < cols[1] and cols[0] < chi:
+                where = f"rows [{rows[0]}, {rows[1]})" + ("" if cols == (clo, chi) == (0, 1) else
+                                                         f" x columns [{cols[0]}, {cols[1]})")
+                theirs = f"rows [{lo}, {hi})" + ("" if (clo, chi) == (0, 1) else f" x columns [{clo}, {chi})")
+                raise MismatchError(f"tensor {source!r} writes {where} of {target!r}, which overlap "
+                                    f"{theirs} written by {other!r}")
+        spans.append((rows[0], rows[1], cols[0], cols[1], source))
         return True
 
-    def _fully_covered(self, name: str, total_rows: int) -> bool:
-        spans = sorted(self.covered.get(self.group_of[name], []))
-        if not spans:
-            return False
-        cursor = 0
-        for lo, hi, _ in spans:
-            if lo > cursor:
-                return False
-            cursor = max(cursor, hi)
-        return cursor >= total_rows
+    def _fully_covered(self, name: str, total_rows: int, total_cols: int) -> bool:
+        # claimed blocks never overlap (_claim refuses), so their areas add up to the union's
+        spans = self.covered.get(self.group_of[name], [])
+        area = sum((hi - lo) * (chi - clo) for lo, hi, clo, chi, _ in spans)
+        return bool(spans) and area >= total_rows * total_cols
 
     # ---- jobs -----------------------------------------------------------
     def route(self, record: TensorRecord, route: Route) -> None:
@@ -253,8 +310,12 @@ class _Planner:
                                f"checkpoint tensor {record.name!r}")
         dst_lo, dst_hi = _rows(route.dst_rows, tshape[0] if tshape else 1,
                                f"{record.name!r} -> model tensor {route.target!r}")
-        src_shape = (src_hi - src_lo, *record.shape[1:]) if route.src_rows else record.shape
-        dst_shape = (dst_hi - dst_lo, *tshape[1:]) if route.dst_rows else tshape
+        src_c = _cols(route.src_cols, record.shape, f"checkpoint tensor {record.name!r}")
+        dst_c = _cols(route.dst_cols, tshape, f"{record.name!r} -> model tensor {route.target!r}")
+        src_shape = _block_shape(record.shape, (src_lo, src_hi) if route.src_rows else None,
+                                 src_c if route.src_cols else None)
+        dst_shape = _block_shape(tshape, (dst_lo, dst_hi) if route.dst_rows else None,
+                                 dst_c if route.dst_cols else None)
         if src_shape != dst_shape:
             p.mismatched_keys.append(
                 f"{record.name}: checkpoint shape {list(src_shape)} vs model {route.target!r} shape {list(dst_shape)}")
@@ -265,15 +326,42 @@ class _Planner:
                 f"{record.name}: checkpoint dtype {record.dtype.torch} cannot be loaded into "
                 f"{route.target!r} of dtype {target.dtype}")
             return
-        if not self._claim(route.target, (dst_lo, dst_hi) if tshape else (0, 1), record.name):
+        if not self._claim(route.target, (dst_lo, dst_hi) if tshape else (0, 1), record.name, dst_c):
             p.skipped_keys.append(record.name)
             return
-        offset, strides = self._source(record, src_lo if route.src_rows else 0)
         region = target[dst_lo:dst_hi] if route.dst_rows else target
-        p.jobs.append(CopyJob(name=record.name, target=route.target, file_index=self.file_index[record.file],
-                              src_offset=offset, src_dtype=record.dtype, shape=tuple(src_shape),
-                              src_strides=strides, dst=region, staged=not _is_plain_cpu(region)))
+        if route.dst_cols:
+            region = region[:, dst_c[0]:dst_c[1]]
+        if route.src_cols and src_c != (0, record.shape[1]):
+            self._column_jobs(record, route, (src_lo, src_hi), src_c, region)
+        else:
+            offset, strides = self._source(record, src_lo if route.src_rows else 0)
+            p.jobs.append(CopyJob(name=record.name, target=route.target, file_index=self.file_index[record.file],
+                                  src_offset=offset, src_dtype=record.dtype, shape=tuple(src_shape),
+                                  src_strides=strides, dst=region, staged=not _is_plain_cpu(region)))
         p.loaded.append(route.target)
+
+    def _column_jobs(self, record: TensorRecord, route: Route, rows: tuple[int, int], cols: tuple[int, int],
+                     region: torch.Tensor) -> None:
+        """Columns ``cols`` of rows ``rows``: one strided job, or one job per row (COALESCE_GAP_BYTES)."""
+        strides = record.strides or contiguous_strides(record.shape)
+        item = record.dtype.itemsize
+        offset = record.byte_offset + (rows[0] * strides[0] + cols[0] * strides[1]) * item
+        shape = (rows[1] - rows[0], cols[1] - cols[0], *record.shape[2:])
+        segment = math.prod(shape[1:])
+        inner_contiguous = strides[1:] == contiguous_strides(record.shape)[1:]
+        gap_bytes = (strides[0] - segment) * item
+        base = dict(name=record.name, target=route.target, file_index=self.file_index[record.file],
+                    src_dtype=record.dtype)
+        if not inner_contiguous or gap_bytes < COALESCE_GAP_BYTES or shape[0] == 1:
+            self.plan.jobs.append(CopyJob(**base, src_offset=offset, shape=shape, src_strides=tuple(strides),
+                                          dst=region, staged=not _is_plain_cpu(region), first_row=rows[0]))
+            return
+        for i in range(shape[0]):
+            row = region[i]
+            self.plan.jobs.append(CopyJob(**base, src_offset=offset + i * strides[0] * item, shape=shape[1:],
+                                          src_strides=None, dst=row, staged=not _is_plain_cpu(row),
+                                          first_row=rows[0] + i))
 
     def _source(self, record: TensorRecord, first_row: int) -> tuple[int, tuple[int, ...] | None]:
         if record.is_contiguous:
@@ -287,11 +375,14 @@ class _Planner:
         src_lo, src_hi = _rows(route.src_rows, record.shape[0] if record.shape else 1,
                                f"checkpoint tensor {record.name!r}")
         dst_lo, dst_hi = _rows(route.dst_rows, n, f"{record.name!r} -> quantized model tensor {route.target!r}")
-        src_shape = (src_hi - src_lo, *record.shape[1:])
-        if src_shape != (dst_hi - dst_lo, k):
+        src_c = _cols(route.src_cols, record.shape, f"checkpoint tensor {record.name!r}")
+        dst_c = _cols(route.dst_cols, qt.shape, f"{record.name!r} -> quantized model tensor {route.target!r}")
+        src_shape = _block_shape(record.shape, (src_lo, src_hi), src_c if route.src_cols else None)
+        dst_shape = (dst_hi - dst_lo, dst_c[1] - dst_c[0] if route.dst_cols else k)
+        if src_shape != dst_shape:
             p.mismatched_keys.append(
                 f"{record.name}: checkpoint shape {list(src_shape)} vs quantized model {route.target!r} "
-                f"shape {[dst_hi - dst_lo, k]}")
+                f"shape {list(dst_shape)}")
             return
         if record.dtype.name not in CONVERTIBLE:
             p.mismatched_keys.append(f"{record.name}: cannot quantize dtype {record.dtype.torch}")
@@ -301,21 +392,42 @@ class _Planner:
                 f"{record.name}: a strided (non-contiguous) view cannot be quantized on read; "
                 f"re-save the checkpoint with contiguous tensors")
             return
-        if not self._claim(route.target, (dst_lo, dst_hi), record.name):
+        sliced = (route.src_cols and src_c != (0, record.shape[1])) or (route.dst_cols and dst_c != (0, k))
+        if sliced:
+            _check_quant_columns(record, route.target, qt, src_c, dst_c)
+        def own_cols(t: torch.Tensor) -> tuple[int, int]:
+            # the same block in a stored tensor's own columns: q [N, K] or [N, K/2], scales [N] or [N, K/G]
+            return (dst_c[0] * t.shape[1] // k, dst_c[1] * t.shape[1] // k) if t.dim() >= 2 else (0, 1)
+
+        if not self._claim(route.target, (dst_lo, dst_hi), record.name, own_cols(qt.weight)):
             p.skipped_keys.append(record.name)
             return
         for covered in qt.covers:  # the scales (and zeros) are written by the same job
             if covered in self.group_of:
-                self._claim(covered, (dst_lo, dst_hi), record.name)
-        offset, _ = self._source(record, src_lo)
-        rows = slice(dst_lo, dst_hi)
-        zero = qt.zero[rows] if qt.zero is not None else None
-        regions = [qt.weight[rows], qt.scale[rows]] + ([zero] if zero is not None else [])
-        p.jobs.append(CopyJob(name=record.name, target=route.target, file_index=self.file_index[record.file],
-                              src_offset=offset, src_dtype=record.dtype, shape=tuple(src_shape), src_strides=None,
-                              dst=qt.weight[rows], op=qt.scheme, scale=qt.scale[rows], zero=zero,
-                              group_size=qt.group_size, staged=not all(_is_plain_cpu(r) for r in regions),
-                              first_row=src_lo))
+                self._claim(covered, (dst_lo, dst_hi), record.name, own_cols(self.targets[covered]))
+        base = dict(name=record.name, target=route.target, file_index=self.file_index[record.file],
+                    src_dtype=record.dtype, src_strides=None, op=qt.scheme, group_size=qt.group_size)
+        if not sliced:
+            offset, _ = self._source(record, src_lo)
+            rows = slice(dst_lo, dst_hi)
+            zero = qt.zero[rows] if qt.zero is not None else None
+            regions = [qt.weight[rows], qt.scale[rows]] + ([zero] if zero is not None else [])
+            p.jobs.append(CopyJob(**base, src_offset=offset, shape=tuple(src_shape), dst=qt.weight[rows],
+                                  scale=qt.scale[rows], zero=zero, staged=not all(_is_plain_cpu(r) for r in regions),
+                                  first_row=src_lo))
+        else:
+            # int4 groups lie along a row: an aligned column block quantizes on its own, one row per job
+            width, item = src_c[1] - src_c[0], record.dtype.itemsize
+            g = qt.group_size
+            wcols = slice(dst_c[0] // 2, dst_c[1] // 2)
+            gcols = slice(dst_c[0] // g, dst_c[1] // g)
+            for i in range(src_hi - src_lo):
+                r = dst_lo + i
+                regions = [qt.weight[r:r + 1, wcols], qt.scale[r:r + 1, gcols], qt.zero[r:r + 1, gcols]]
+                offset = record.byte_offset + ((src_lo + i) * record.shape[1] + src_c[0]) * item
+                p.jobs.append(CopyJob(**base, src_offset=offset, shape=(1, width), dst=regions[0],
+                                      scale=regions[1], zero=regions[2],
+                                      staged=not all(_is_plain_cpu(t) for t in regions), first_row=src_lo + i))
         p.loaded.append(route.target)
         p.loaded.extend(qt.covers)
 
@@ -328,8 +440,10 @@ class _Planner:
                 continue
             seen_groups.add(group)
             qt = self.quant.get(name)
-            total = qt.shape[0] if qt else (tensor.shape[0] if tensor.dim() else 1)
-            if not self._fully_covered(name, total):
+            shape = tuple(tensor.shape)
+            total_rows = qt.shape[0] if qt else (shape[0] if shape else 1)
+            total_cols = shape[1] if len(shape) >= 2 else 1
+            if not self._fully_covered(name, total_rows, total_cols):
                 # report every name of the tied group, so the user sees each spelling
                 p.missing_keys.extend(n for n, g in self.group_of.items() if g == group and n in self.targets)
         p.loaded = list(dict.fromkeys(p.loaded))
@@ -337,11 +451,13 @@ class _Planner:
 
 
 def make_plan(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, rename: Rename = None,
-              quant: Mapping[str, QuantTarget] | None = None, strict: bool = True) -> Plan:
+              quant: Mapping[str, QuantTarget] | None = None, strict: bool = True,
+              check_splits: bool = True) -> Plan:
     """Match ``checkpoint`` records with ``targets`` (name -> tensor) and build the jobs.
 
     With ``strict`` any missing, unexpected or mismatched key raises
-    :class:`MismatchError` before a byte is copied.
+    :class:`MismatchError` before a byte is copied.  ``check_splits=False``
+    allows routes that read only part of a checkpoint tensor (a rank's shard).
     """
     routes_of = normalize_rename(rename)
     planner = _Planner(checkpoint, targets, quant or {})
@@ -350,7 +466,8 @@ def make_plan(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, re
         if routes is None:
             planner.plan.skipped_keys.append(record.name)
             continue
-        _check_split_covers(record, routes, planner.plan)
+        if check_splits and not isinstance(rename, PartialRoutes):
+            _check_split_covers(record, routes, planner.plan)
         for route in routes:
             planner.route(record, route)
     plan = planner.finish()
@@ -364,20 +481,51 @@ def make_plan(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, re
     return plan
 
 
+def _check_quant_columns(record: TensorRecord, target: str, qt: QuantTarget, src_c: tuple[int, int],
+                         dst_c: tuple[int, int]) -> None:
+    """Which column blocks can be quantized on read without the rest of their rows."""
+    if qt.scheme != "int4":
+        # an int8 row's scale is the absmax of the whole row: a block of columns does not know it
+        raise GemmaStreamError(
+            f"{record.name!r} -> {target!r}: int8 quantization needs whole rows (its scale is the row's absmax); "
+            f"columns [{src_c[0]}, {src_c[1]}) of {record.shape[1]} cannot be quantized on their own. "
+            f"Use quantize='int4' with column blocks aligned to the group size, or shard rows (Shard(0))")
+    g = qt.group_size
+    if any(c % g for c in (*src_c, *dst_c)):
+        raise GemmaStreamError(
+            f"{record.name!r} -> {target!r}: int4 column block [{src_c[0]}, {src_c[1]}) into "
+            f"[{dst_c[0]}, {dst_c[1]}) is not aligned to the group size {g}")
+
+
 def _check_split_covers(record: TensorRecord, routes: list[Route], plan: Plan) -> None:
-    """Rows of a split checkpoint tensor that no route reads would be silently lost."""
-    spans = sorted(r.src_rows for r in routes if r.src_rows is not None)
-    if not spans or len(spans) != len(routes) or not record.shape:
+    """Rows (or columns) of a split checkpoint tensor that no route reads would be silently lost."""
+    if not record.shape or not routes or any(r.src_rows is None and r.src_cols is None for r in routes):
         return
-    cursor = 0
-    for lo, hi in spans:
-        if lo > cursor:
-            break
-        cursor = max(cursor, hi)
-    if cursor < record.shape[0] or spans[0][0] > 0:
-        plan.mismatched_keys.append(
-            f"{record.name}: routes read rows {[list(s) for s in spans]} but the checkpoint tensor has "
-            f"{record.shape[0]} rows; the rest would be dropped")
+    rows = [r.src_rows or (0, record.shape[0]) for r in routes]
+    if all(r.src_cols is None for r in routes):
+        spans = sorted(rows)
+        cursor = 0
+        for lo, hi in spans:
+            if lo > cursor:
+                break
+            cursor = max(cursor, hi)
+        if cursor < record.shape[0] or spans[0][0] > 0:
+            plan.mismatched_keys.append(
+                f"{record.name}: routes read rows {[list(s) for s in spans]} but the checkpoint tensor has "
+                f"{record.shape[0]} rows; the rest would be dropped")
+        return
+    if len(record.shape) < 2:
+        return  # route() reports the column range on a 1-D tensor
+    blocks = [(*rw, *(r.src_cols or (0, record.shape[1]))) for rw, r in zip(rows, routes)]
+    row_cuts = sorted({0, record.shape[0], *(b[0] for b in blocks), *(b[1] for b in blocks)})
+    col_cuts = sorted({0, record.shape[1], *(b[2] for b in blocks), *(b[3] for b in blocks)})
+    for r0, r1 in zip(row_cuts, row_cuts[1:]):
+        for c0, c1 in zip(col_cuts, col_cuts[1:]):
+            if not any(b[0] <= r0 and r1 <= b[1] and b[2] <= c0 and c1 <= b[3] for b in blocks):
+                plan.mismatched_keys.append(
+                    f"{record.name}: no route reads rows [{r0}, {r1}) x columns [{c0}, {c1}) of the checkpoint "
+                    f"tensor {list(record.shape)}; they would be dropped")
+                return
 
 
 def zero_copy_jobs(plan: Plan, targets: Mapping[str, torch.Tensor], device: torch.device) -> list[CopyJob]:

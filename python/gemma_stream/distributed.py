@@ -1,0 +1,385 @@
+"""torch.distributed destinations: each rank fills its own DTensor shards.
+
+A model whose parameters are DTensors (``parallelize_module`` with
+Colwise/Rowwise plans, ``distribute_tensor``, FSDP2 ``fully_shard``) is loaded
+rank by rank: each rank turns its shard of every DTensor into a block of rows
+and columns of the global tensor (torch's own uneven-chunk rule,
+``compute_local_shape_and_global_offset``), intersects the checkpoint's routes
+with that block, and runs the usual plan into ``param.to_local()``.  Only the
+planner's routes change; reading, conversion and the executors are the
+single-process ones.
+
+``read="own"`` (the default) has every rank read its own bytes from the file
+(replicated tensors are read by every rank).  ``read="once"`` splits the
+checkpoint's bytes into one contiguous run of the files per rank; each rank
+reads its run and broadcasts every piece over the process group, and every
+rank copies its own block out of what it received (distributed_once.py;
+benchmarks/NOTES.md section 16 measures when that wins).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import GemmaStreamError
+from .formats.records import Checkpoint, TensorRecord
+from .plan import CopyJob, PartialRoutes, Rename, Route, make_plan, normalize_rename
+
+__all__ = ["DistributedLoadReport", "ReadRange", "has_dtensors", "load_sharded", "rank_reads"]
+
+READ_MODES = ("own", "once")
+
+
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def has_dtensors(model: torch.nn.Module) -> bool:
+    """True when any parameter or buffer of ``model`` is a DTensor."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist; spare every load the import
+        return False
+    DTensor = _dtensor_class()
+    return DTensor is not None and any(isinstance(t, DTensor) for t in model.state_dict(keep_vars=True).values())
+
+
+@dataclass
+class _Block:
+    """Where a rank's local tensor sits in the global one: rows [row0, row0 + rows) x cols [col0, col0 + cols)."""
+
+    local_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+
+    @property
+    def empty(self) -> bool:
+        return math.prod(self.local_shape) == 0
+
+
+def _placements_supported(name: str, dt) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    for p in dt.placements:
+        if type(p) is Replicate:
+            continue
+        if type(p) is Shard and p.dim in (0, 1):
+            continue
+        raise GemmaStreamError(
+            f"model tensor {name!r}: placement {p} is not supported (Shard(0), Shard(1) and Replicate() are; "
+            f"a rank's shard must be one block of rows and columns of the checkpoint tensor)")
+
+
+def _block(name: str, dt, coordinate=None) -> _Block:
+    """The rank's block of ``dt`` (``coordinate``: another rank's mesh coordinate, for ``rank_reads``)."""
+    from torch.distributed.tensor._utils import (_compute_local_shape_and_global_offset,
+                                                 compute_local_shape_and_global_offset)
+    _placements_supported(name, dt)
+    if coordinate is None:
+        shape, offset = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
+    else:
+        shape, offset = _compute_local_shape_and_global_offset(dt.shape, dt.device_mesh.shape, list(coordinate),
+                                                               dt.placements)
+    return _Block(tuple(shape), tuple(offset))
+
+
+def _intersect(span: tuple[int, int], lo: int, n: int) -> tuple[int, int] | None:
+    a, b = max(span[0], lo), min(span[1], lo + n)
+    return (a, b) if a < b else None
+
+
+def _local_route(record: TensorRecord, route: Route, global_shape: tuple[int, ...], block: _Block) -> Route | None:
+    """``route`` (in global coordinates) cut to ``block`` and moved to the local tensor's; None if disjoint."""
+    if not global_shape:
+        return route
+    dst_rows = route.dst_rows or (0, global_shape[0])
+    src_rows = route.src_rows or (0, record.shape[0] if record.shape else 1)
+    rows = _intersect(dst_rows, block.offset[0], block.local_shape[0])
+    if rows is None:
+        return None
+    out = dict(target=route.target,
+               src_rows=(src_rows[0] + rows[0] - dst_rows[0], src_rows[0] + rows[1] - dst_rows[0]),
+               dst_rows=(rows[0] - block.offset[0], rows[1] - block.offset[0]))
+    if len(global_shape) >= 2:
+        dst_cols = route.dst_cols or (0, global_shape[1])
+        src_cols = route.src_cols or (0, record.shape[1] if len(record.shape) >= 2 else 1)
+        cols = _intersect(dst_cols, block.offset[1], block.local_shape[1])
+        if cols is None:
+            return None
+        out.update(src_cols=(src_cols[0] + cols[0] - dst_cols[0], src_cols[0] + cols[1] - dst_cols[0]),
+                   dst_cols=(cols[0] - block.offset[1], cols[1] - block.offset[1]))
+    return Route(**out)
+
+
+@dataclass
+class _Sharded:
+    """The model seen by one rank: local destination tensors and how to route into them."""
+
+    local: dict[str, torch.Tensor]           # name -> local tensor (DTensor.to_local() or the plain tensor)
+    global_shape: dict[str, tuple[int, ...]]
+    blocks: dict[str, _Block]                # DTensor names only
+    shard_bytes: int = 0                     # bytes of this rank's local tensors (ties counted once)
+
+    def routes(self, ckpt: Checkpoint, rename: Rename) -> dict[str, list[Route] | None]:
+        routes_of = normalize_rename(rename)
+        out: dict[str, list[Route] | None] = {}
+        for record in ckpt.records:
+            routes = routes_of(record.name)
+            if routes is None:
+                out[record.name] = None
+                continue
+            local = []
+            for route in routes:
+                block = self.blocks.get(route.target)
+                if block is None:
+                    local.append(route)
+                elif not block.empty and (cut := _local_route(record, route, self.global_shape[route.target],
+                                                              block)) is not None:
+                    local.append(cut)
+            out[record.name] = local
+        return out
+
+
+def _sharded_view(model: torch.nn.Module, coordinate=None) -> _Sharded:
+    DTensor = _dtensor_class()
+    local, shapes, blocks = {}, {}, {}
+    seen: dict[int, torch.Tensor] = {}
+    shard_bytes = 0
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            shapes[name] = tuple(t.shape)
+            if isinstance(t, DTensor):
+                blocks[name] = _block(name, t, coordinate)
+                if blocks[name].empty:
+                    continue
+            if id(t) not in seen:  # ties: one local tensor per DTensor, so the planner sees the tie
+                seen[id(t)] = t.to_local() if isinstance(t, DTensor) else t
+                shard_bytes += seen[id(t)].numel() * seen[id(t)].element_size()
+            local[name] = seen[id(t)]
+    return _Sharded(local, shapes, blocks, shard_bytes)
+
+
+def _materialize(model: torch.nn.Module, device: torch.device | None) -> list[str]:
+    """Allocate every meta parameter and buffer: DTensors get an empty local shard on their mesh's device."""
+    from .modules import same_kind
+    DTensor = _dtensor_class()
+    replaced: dict[int, torch.Tensor] = {}
+    names = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for slot in (module._parameters, module._buffers):
+            for attr, old in list(slot.items()):
+                if old is None or not old.is_meta:
+                    continue
+                if id(old) not in replaced:
+                    if isinstance(old, DTensor):
+                        where = device or _mesh_device(old.device_mesh)
+                        local = torch.empty(old.to_local().shape, dtype=old.dtype, device=where)
+                        data = DTensor.from_local(local, old.device_mesh, old.placements, run_check=False,
+                                                  shape=old.shape, stride=old.stride())
+                    else:
+                        data = torch.empty(old.shape, dtype=old.dtype, device=device or "cpu")
+                    replaced[id(old)] = same_kind(old, data)
+                slot[attr] = replaced[id(old)]
+                names.append(f"{prefix}.{attr}" if prefix else attr)
+    return names
+
+
+def _model_group(model: torch.nn.Module):
+    """The process group of the model's device mesh (one mesh; a 1-D mesh's group, else the world's)."""
+    import torch.distributed as dist
+    DTensor = _dtensor_class()
+    meshes = {id(t.device_mesh): t.device_mesh for t in model.state_dict(keep_vars=True).values()
+              if isinstance(t, DTensor)}
+    if len(meshes) == 1:
+        mesh = next(iter(meshes.values()))
+        if mesh.ndim == 1:
+            return mesh.get_group()
+        if mesh.size() != dist.get_world_size():
+            raise GemmaStreamError(f"read='once': the model's {mesh.ndim}-D mesh covers {mesh.size()} of "
+                                   f"{dist.get_world_size()} ranks; pass a 1-D mesh or use read='own'")
+    return None
+
+
+def _mesh_device(mesh) -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    module = getattr(torch, mesh.device_type)
+    return torch.device(mesh.device_type, module.current_device())
+
+
+@dataclass
+class DistributedLoadReport:
+    """What ``load_into`` did on this rank of a sharded model.
+
+    ``bytes_read``: bytes this rank asked of the files (a coalesced column
+    block counts the gaps it reads); ``bytes_received``: bytes that came from
+    other ranks (``read="once"``); ``shard_bytes``: this rank's local tensors.
+    """
+
+    rank: int
+    world_size: int
+    read: str
+    loaded: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[str] = field(default_factory=list)
+    skipped_keys: list[str] = field(default_factory=list)
+    uninitialized: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_received: int = 0
+    shard_bytes: int = 0
+    seconds: float = 0.0
+    backend: str = ""
+    files: list[str] = field(default_factory=list)
+    cache: str = ""
+    mapped: list[str] = field(default_factory=list)
+    prefetch: None = None
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def file_bytes(job: CopyJob) -> int:
+    """Bytes a job asks of its file: a strided job reads whole spans of rows, gaps included."""
+    if job.src_strides is None or not job.shape:
+        return job.nbytes
+    last = sum((n - 1) * s for n, s in zip(job.shape, job.src_strides))
+    return (last + 1) * job.src_dtype.itemsize if math.prod(job.shape) else 0
+
+
+def _check_args(read: str, quantize: str | None, mode: str) -> None:
+    if read not in READ_MODES:
+        raise ValueError(f"read must be 'own' or 'once', not {read!r}")
+    if quantize is not None:
+        raise GemmaStreamError(
+            "quantize= with DTensor parameters or read='once' is not supported: quantize a rank's plain local layers "
+            "(gs.QuantLinear) and route rows (or int4 column blocks) into them with gs.PartialRoutes")
+    if mode != "copy":
+        raise GemmaStreamError("mode='mmap' with DTensor parameters or read='once' is not supported; "
+                               "use mode='copy'")
+
+
+def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = True, rename: Rename = None,
+                 device=None, threads: int | None = None, backend: str = "auto", progress=None,
+                 cache: str = "auto", read: str = "own", group=None, quantize: str | None = None,
+                 mode: str = "copy") -> DistributedLoadReport:
+    """``gs.load_into`` for a model with DTensor parameters (it calls this); one call per rank.
+
+    >>> model = parallelize_module(model, mesh, {"proj": ColwiseParallel()})
+    >>> report = gs.load_into(model, "model.safetensors")          # on every rank
+    >>> report.bytes_read, report.shard_bytes
+    """
+    import torch.distributed as dist
+
+    from .api import _execute, _unfilled_meta
+    from .config import config
+    from .modules import run_post_load_hooks
+    _check_args(read, quantize, mode)
+    # names, shapes and dtypes against the global (meta) shapes first: a mismatch allocates nothing
+    meta: dict[int, torch.Tensor] = {}
+    global_targets = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in meta:
+            meta[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        global_targets[name] = meta[id(t)]
+    checked = make_plan(ckpt, global_targets, rename=rename, strict=strict)
+    where = ckpt.files[0] if len(ckpt.files) == 1 else f"{len(ckpt.files)} shards"
+    uninitialized = _unfilled_meta(model, checked, model.state_dict(keep_vars=True), where, strict)
+    device = torch.device(device) if device is not None else None
+    _materialize(model, device)
+    view = _sharded_view(model)
+    routes = view.routes(ckpt, rename)
+    plan = make_plan(ckpt, view.local, rename=PartialRoutes(routes), strict=False, check_splits=False)
+    known = {m.split(":")[0] for m in checked.mismatched_keys}
+    gaps = [m for m in plan.mismatched_keys if m.split(":")[0] not in known] + \
+        [n for n in plan.missing_keys if n not in checked.missing_keys]
+    if gaps:  # the global plan covered these: a gap in a rank's plan is a bug of ours, not the user's
+        raise RuntimeError(f"gemma_stream: rank plan disagrees with the global plan: {gaps[:5]}")
+    if group is None and dist.is_initialized():
+        group = _model_group(model)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    start = time.perf_counter()
+    received = 0
+    if read == "once" and world > 1:
+        from .distributed_once import read_once
+        read_bytes, received, backend_name, cache = read_once(ckpt, checked, view, routes, group=group,
+                                                              threads=threads, backend=backend, cache=cache)
+    else:
+        _, _, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+                                             cache=cache, desc=f"gemma_stream load (rank {rank})")
+        read_bytes = sum(file_bytes(j) for j in plan.jobs)
+    seconds = time.perf_counter() - start
+    run_post_load_hooks(model, threads or config().default_threads)
+    return DistributedLoadReport(
+        rank=rank, world_size=world, read=read, loaded=checked.loaded, missing_keys=checked.missing_keys,
+        unexpected_keys=checked.unexpected_keys, mismatched_keys=checked.mismatched_keys,
+        skipped_keys=checked.skipped_keys, uninitialized=uninitialized,
+        bytes_read=read_bytes, bytes_received=received, shard_bytes=view.shard_bytes, seconds=seconds,
+        backend=backend_name, files=list(ckpt.files), cache=cache)
+
+
+# ---------------------------------------------------------------- which bytes each rank reads
+
+@dataclass(frozen=True)
+class ReadRange:
+    """One file range a rank reads: ``nbytes`` from ``offset`` (a strided block spans its gaps)."""
+
+    rank: int
+    tensor: str
+    file: str
+    offset: int
+    nbytes: int
+
+
+def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, key: str | None = None,
+               ranks: list[int] | None = None) -> list[ReadRange]:
+    """The file ranges each rank of a sharded (meta or real) model would read with ``read="own"``.
+
+    No bytes are read and nothing is allocated; call it on any rank once the
+    process group is up (the mesh of every DTensor names all ranks).
+
+    >>> for r in gs.distributed.rank_reads(model, "model.safetensors"):
+    ...     print(r.rank, r.tensor, r.offset, r.nbytes)
+    """
+    from .formats import open_checkpoint
+    ckpt = open_checkpoint(path, key=key)
+    DTensor = _dtensor_class()
+    meshes = {id(t.device_mesh): t.device_mesh for t in model.state_dict(keep_vars=True).values()
+              if isinstance(t, DTensor)}
+    if len(meshes) != 1:
+        raise GemmaStreamError(f"rank_reads needs the model's DTensors on one device mesh, found {len(meshes)}")
+    mesh = next(iter(meshes.values()))
+    grid = mesh.mesh
+    out = []
+    for rank in ranks if ranks is not None else grid.flatten().tolist():
+        coordinate = [int(c) for c in (grid == rank).nonzero()[0]]
+        sharded = _sharded_view_meta(model, coordinate)
+        plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(sharded.routes(ckpt, rename)), strict=False,
+                         check_splits=False)
+        out.extend(ReadRange(rank, j.name, plan.files[j.file_index], j.src_offset, file_bytes(j)) for j in plan.jobs)
+    return out
+
+
+def _sharded_view_meta(model: torch.nn.Module, coordinate) -> _Sharded:
+    """Like ``_sharded_view`` for another rank: meta tensors of that rank's local shapes."""
+    DTensor = _dtensor_class()
+    local, shapes, blocks, seen = {}, {}, {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        shapes[name] = tuple(t.shape)
+        shape = tuple(t.shape)
+        if isinstance(t, DTensor):
+            blocks[name] = _block(name, t, coordinate)
+            if blocks[name].empty:
+                continue
+            shape = blocks[name].local_shape
+        if id(t) not in seen:
+            seen[id(t)] = torch.empty(shape, dtype=t.dtype, device="meta")
+        local[name] = seen[id(t)]
+    return _Sharded(local, shapes, blocks)

@@ -1,0 +1,155 @@
+"""Column ranges on gs.Route: a rank's slice of a row-parallel weight, fused and plain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import gemma_stream as gs
+from gemma_stream import plan as plan_mod
+from gemma_stream.formats import open_checkpoint
+from gemma_stream.quant import quantize_int4
+
+
+def _module(**buffers: torch.Tensor) -> nn.Module:
+    m = nn.Module()
+    for name, t in buffers.items():
+        m.register_buffer(name, t)
+    return m
+
+
+@pytest.mark.parametrize("gap_bytes", [1 << 30, 0], ids=["coalesced", "per-row"])
+@pytest.mark.parametrize("dst_dtype", [torch.float32, torch.bfloat16])
+def test_column_block_is_the_slice(tmp_path, backend, monkeypatch, gap_bytes, dst_dtype):
+    monkeypatch.setattr(plan_mod, "COALESCE_GAP_BYTES", gap_bytes)
+    w = torch.randn(37, 64)
+    path = tmp_path / "w.safetensors"
+    save_file({"w": w}, str(path))
+    for lo, hi in ((0, 16), (16, 48), (48, 64)):
+        m = _module(w=torch.zeros(37, hi - lo, dtype=dst_dtype))
+        report = gs.load_into(m, path, rename=gs.PartialRoutes(lambda n: gs.Route("w", src_cols=(lo, hi))),
+                              backend=backend)
+        assert torch.equal(m.w, w[:, lo:hi].to(dst_dtype))
+        assert report.bytes_read == 37 * (hi - lo) * 4
+
+
+def test_rows_and_columns_together_and_into_a_block_of_the_target(tmp_path, backend):
+    w = torch.randn(10, 12)
+    path = tmp_path / "w.safetensors"
+    save_file({"w": w}, str(path))
+    m = _module(t=torch.zeros(8, 9))
+    route = gs.Route("t", src_rows=(2, 6), src_cols=(3, 8), dst_rows=(4, 8), dst_cols=(1, 6))
+    report = gs.load_into(m, path, backend=backend, strict=False, rename=lambda n: route)
+    assert any("would be dropped" in k for k in report.mismatched_keys)
+    report = gs.load_into(m, path, backend=backend, strict=False, rename=gs.PartialRoutes(lambda n: route))
+    assert report.mismatched_keys == [] and report.missing_keys == ["t"]
+    want = torch.zeros(8, 9)
+    want[4:8, 1:6] = w[2:6, 3:8]
+    assert torch.equal(m.t, want)
+
+
+def test_fused_column_shards_from_three_checkpoint_tensors(tmp_path, backend):
+    # a rank's columns of q, k and v side by side in one local tensor, and its rows of a fused qkv
+    q, k, v = torch.randn(6, 8), torch.randn(6, 8), torch.randn(6, 8)
+    path = tmp_path / "qkv.safetensors"
+    save_file({"q": q, "k": k, "v": v}, str(path))
+    m = _module(qkv=torch.zeros(6, 12))
+    slots = {"q": (0, 4), "k": (4, 8), "v": (8, 12)}
+    gs.load_into(m, path, backend=backend,
+                 rename=gs.PartialRoutes(lambda n: gs.Route("qkv", src_cols=(4, 8), dst_cols=slots[n])))
+    assert torch.equal(m.qkv, torch.cat([q[:, 4:], k[:, 4:], v[:, 4:]], dim=1))
+    rows = _module(qkv=torch.zeros(9, 8))
+    spans = {"q": (0, 3), "k": (3, 6), "v": (6, 9)}
+    gs.load_into(rows, path, backend=backend,
+                 rename=gs.PartialRoutes(lambda n: gs.Route("qkv", src_rows=(3, 6), dst_rows=spans[n])))
+    assert torch.equal(rows.qkv, torch.cat([q[3:], k[3:], v[3:]]))
+
+
+def test_column_blocks_must_cover_the_target_and_not_overlap(tmp_path, backend):
+    save_file({"a": torch.randn(4, 6), "b": torch.randn(4, 6)}, str(tmp_path / "w.safetensors"))
+    path = tmp_path / "w.safetensors"
+    m = _module(t=torch.zeros(4, 12))
+    with pytest.raises(gs.MismatchError, match="overlap"):
+        gs.load_into(m, path, backend=backend, rename=lambda n: gs.Route("t", dst_cols=(0, 6) if n == "a" else (5, 11)))
+    with pytest.raises(gs.MismatchError, match="missing in checkpoint.*t"):
+        gs.load_into(m, path, backend=backend, rename=lambda n: gs.Route("t", dst_cols=(0, 6)) if n == "a" else None)
+    gs.load_into(m, path, backend=backend, rename=lambda n: gs.Route("t", dst_cols=(0, 6) if n == "a" else (6, 12)))
+
+
+def test_split_by_columns_must_read_every_column(tmp_path, backend):
+    w = torch.randn(4, 6)
+    path = tmp_path / "w.safetensors"
+    save_file({"w": w}, str(path))
+    m = _module(x=torch.zeros(4, 2), y=torch.zeros(4, 3))
+    with pytest.raises(gs.MismatchError, match=r"columns \[5, 6\)"):
+        gs.load_into(m, path, backend=backend,
+                     rename=lambda n: [gs.Route("x", src_cols=(0, 2)), gs.Route("y", src_cols=(2, 5))])
+    m = _module(x=torch.zeros(4, 2), y=torch.zeros(4, 4))
+    gs.load_into(m, path, backend=backend,
+                 rename=lambda n: [gs.Route("x", src_cols=(0, 2)), gs.Route("y", src_cols=(2, 6))])
+    assert torch.equal(torch.cat([m.x, m.y], 1), w)
+
+
+def test_column_range_errors_name_the_tensor(tmp_path, backend):
+    save_file({"b": torch.randn(6), "w": torch.randn(4, 6)}, str(tmp_path / "w.safetensors"))
+    m = _module(b=torch.zeros(3), w=torch.zeros(4, 3))
+    with pytest.raises(gs.MismatchError, match="'b'.*2 or more dims"):
+        gs.load_into(m, tmp_path / "w.safetensors", backend=backend,
+                     rename=lambda n: gs.Route(n, src_cols=(0, 3)))
+    with pytest.raises(gs.MismatchError, match=r"'w'.*columns \[4, 8\)"):
+        gs.load_into(m, tmp_path / "w.safetensors", backend=backend, strict=False,
+                     rename=gs.PartialRoutes(lambda n: gs.Route(n, src_cols=(4, 8)) if n == "w" else None))
+
+
+def test_strided_source_column_block(tmp_path, backend):
+    base = torch.randn(12, 10)
+    path = tmp_path / "t.pt"
+    torch.save({"wt": base.t()}, str(path))  # a transposed view: strides (1, 10)
+    m = _module(w=torch.zeros(10, 5))
+    gs.load_into(m, path, backend=backend, rename=gs.PartialRoutes(lambda n: gs.Route("w", src_cols=(3, 8))))
+    assert torch.equal(m.w, base.t()[:, 3:8])
+
+
+def test_int4_column_blocks_aligned_to_groups_quantize_locally(tmp_path, backend):
+    torch.manual_seed(0)
+    w = torch.randn(8, 128, dtype=torch.bfloat16)
+    path = tmp_path / "w.safetensors"
+    save_file({"proj.weight": w}, str(path))
+    q, s, z = quantize_int4(w, 32, torch.bfloat16)
+    for lo, hi in ((0, 64), (64, 128)):
+        model = nn.Module()
+        model.proj = gs.QuantLinear(hi - lo, 8, bias=False, scheme="int4", group_size=32, scale_dtype=torch.bfloat16)
+        gs.load_into(model, path, backend=backend, rename=gs.PartialRoutes(lambda n: gs.Route(n, src_cols=(lo, hi))))
+        sd = model.proj.state_dict()
+        assert torch.equal(sd["weight"], q[:, lo // 2:hi // 2])
+        assert torch.equal(sd["weight_scale"], s[:, lo // 32:hi // 32])
+        assert torch.equal(sd["weight_zero"], z[:, lo // 32:hi // 32])
+
+
+def test_int4_unaligned_and_int8_column_blocks_are_clear_errors(tmp_path, backend):
+    save_file({"proj.weight": torch.randn(8, 128)}, str(tmp_path / "w.safetensors"))
+    model = nn.Module()
+    model.proj = gs.QuantLinear(64, 8, bias=False, scheme="int4", group_size=32)
+    with pytest.raises(gs.GemmaStreamError, match="not aligned to the group size 32"):
+        gs.load_into(model, tmp_path / "w.safetensors", backend=backend,
+                     rename=gs.PartialRoutes(lambda n: gs.Route(n, src_cols=(16, 80))))
+    model.proj = gs.QuantLinear(64, 8, bias=False, scheme="int8")
+    with pytest.raises(gs.GemmaStreamError, match="int8 quantization needs whole rows"):
+        gs.load_into(model, tmp_path / "w.safetensors", backend=backend,
+                     rename=gs.PartialRoutes(lambda n: gs.Route(n, src_cols=(0, 64))))
+
+
+def test_per_row_jobs_read_only_the_block(tmp_path):
+    w = torch.randn(16, 4096)
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    ckpt = open_checkpoint(tmp_path / "w.safetensors")
+    dst = torch.zeros(16, 1024)
+    plan = plan_mod.make_plan(ckpt, {"w": dst}, rename=lambda n: gs.Route("w", src_cols=(1024, 2048)),
+                              check_splits=False)
+    # a 12 KiB gap between rows: one job per row, each reading only its 4 KiB
+    assert len(plan.jobs) == 16 and all(j.src_strides is None and j.nbytes == 4096 for j in plan.jobs)
+    small = plan_mod.make_plan(ckpt, {"w": torch.zeros(16, 3584)}, rename=lambda n: gs.Route("w", src_cols=(0, 3584)),
+                               check_splits=False)
+    assert len(small.jobs) == 1 and small.jobs[0].src_strides == (4096, 1)
