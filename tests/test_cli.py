@@ -231,11 +231,33 @@ def test_debug_shows_the_traceback_and_verbose_logs(files, capsys):
     assert json.loads(proc.stdout)["totals"]["tensors"] == 4
 
 
-def test_version(capsys):
-    with pytest.raises(SystemExit) as exit_info:  # argparse's version action exits
+def test_version_names_the_backend_and_why(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's exit
         cli.main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"gemma-stream {gemma_stream.__version__}"
+    version, backend = capsys.readouterr().out.splitlines()
+    assert version == f"gemma-stream {gemma_stream.__version__}"
+    if gemma_stream.native_available():
+        assert backend == "backend: native (C++ extension gemma_stream._native)"
+    else:
+        assert backend.startswith("backend: python, the slower fallback (gemma_stream._native did not import: ")
+    monkeypatch.setenv("GEMMA_STREAM_BACKEND", "python")
+    assert cli.backend_line() == "backend: python (GEMMA_STREAM_BACKEND=python)"
+
+
+def test_version_without_the_extension_says_why(tmp_path):
+    """A copy of the package without _native*.so: the fallback is named, with the reason."""
+    import shutil
+    copy = tmp_path / "gemma_stream"
+    shutil.copytree(Path(gemma_stream.__file__).parent, copy,
+                    ignore=shutil.ignore_patterns("_native*", "__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env.pop("GEMMA_STREAM_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "gemma_stream", "--version"], env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1] == (f"backend: python, the slower fallback (gemma_stream._native did not import:"
+                                           f" no _native extension module in {copy}: not built)")
 
 
 # ---------------------------------------------------------------- verify
@@ -433,7 +455,10 @@ def test_demo_tiny(tmp_path, capsys):
     _harness_or_skip()
     proc = call_cli(capsys, "demo", "--size", "tiny", "--workdir", tmp_path)  # its loaders run in subprocesses
     assert proc.returncode == 0, proc.stderr
-    assert "torch.load + load_state_dict" in proc.stdout and "faster" in proc.stdout
+    assert "torch.load + load_state_dict" in proc.stdout
+    verdict = next(line for line in proc.stdout.splitlines() if line.startswith("gemma_stream: "))
+    assert " than torch.load + load_state_dict (median of 3 loads each)" in verdict
+    assert "memory not compared" in verdict and "0.00" not in proc.stdout
     assert list(tmp_path.iterdir()) == []  # the checkpoint is removed
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cli_text import human_bytes, human_count
 from ..config import meminfo
 from . import writers
 from .child import LOADERS, RESULT_PREFIX
@@ -189,7 +190,7 @@ def synthetic_workload(shape: GemmaShape, dtype: str, fmt: str, workdir: str, mo
         makers["sharded"] = makers["primary"]
     itemsize = _itemsize(dtype)
     out_itemsize = _itemsize(model_dtype) if model_dtype else itemsize
-    title = (f"Gemma-{shape.name} shape ({shape.params() / 1e9:.2f}B params), {dtype} {fmt}"
+    title = (f"Gemma-{shape.name} shape ({human_count(shape.params())} params), {dtype} {fmt}"
              + (f" -> {model_dtype} model" if model_dtype and model_dtype != dtype else ""))
     return Workload(
         title=title, fmt=fmt,
@@ -445,7 +446,7 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
             result["mem_free_before"] = _meminfo("MemFree")
             result["expected_model_bytes"] = out_bytes
             row.runs.append(result)
-            _log(f"    {result['seconds']:.2f} s, peak {result['peak_bytes'] / 2**30:.2f} GiB, "
+            _log(f"    {result['seconds']:.2f} s, peak {human_bytes(result['peak_bytes'])}, "
                  f"other work {result['others_cpu']:.0%} of the CPUs meanwhile")
     for row in rows:
         if row.status == "ok" and row.errors:
