@@ -12,6 +12,8 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -21,14 +23,16 @@ import torch
 
 from .bounds import Buffer, memcpy_bound, mmap_copy_bound, pread_bound
 
-__all__ = ["LOADERS", "Loader", "child_main", "RESULT_PREFIX"]
+__all__ = ["LOADERS", "Loader", "child_main", "cpu_seconds", "proc_status", "reset_peak", "RESULT_PREFIX"]
 
 RESULT_PREFIX = "GSBENCH_RESULT "
 
 
-# ---------------------------------------------------------------- /proc/self/status
+# ---------------------------------------------------------------- /proc/self/status and rusage
+# The only places the child reads /proc (and resource): a port to another OS replaces these three.
 
-def _status() -> dict[str, int]:
+def proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM (peak), RssAnon, RssFile, RssShmem of this process, in bytes."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -38,7 +42,7 @@ def _status() -> dict[str, int]:
     return out
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset VmHWM to the current RSS (clear_refs "5"); False where the kernel refuses."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -46,6 +50,13 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
 
 
 # ---------------------------------------------------------------- what a child is told
@@ -66,6 +77,11 @@ class Context:
         """The model every user-built loader fills, constructed on meta (no memory)."""
         model = self.spec["model"]
         with torch.device("meta"):
+            if model["kind"] == "mix":
+                from .mixes import mix_specs
+                from .shapes import module_from_specs
+                dtype = self.model_dtype() or torch.bfloat16
+                return module_from_specs([(n, s, dtype) for n, s in mix_specs(model["mix"], model["nbytes"])])
             if model["kind"] == "gemma":
                 from .shapes import GemmaShape, GemmaShaped
                 return GemmaShaped(GemmaShape(**model["shape"]), self.model_dtype(), model["naming"])
@@ -89,8 +105,11 @@ class Loader:
 
 # ---------------------------------------------------------------- loaders
 
-def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str | None = None):
+def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str | None = None,
+        prefetch: str | None = None):
     def prepare(ctx: Context):
+        if prefetch:   # mode="mmap" read-ahead: config() reads it at load time
+            os.environ["GEMMA_STREAM_PREFETCH"] = prefetch
         import gemma_stream as gs
         model = ctx.meta_model()
         kwargs: dict = {"backend": backend, "threads": ctx.spec.get("threads"), "progress": False}
@@ -258,6 +277,10 @@ LOADERS: dict[str, Loader] = {
     "gs_native_keep": Loader("gemma_stream native, cache='keep'", "primary", _gs("native", cache="keep"),
                              quantizes=True),
     "gs_mmap": Loader("gemma_stream mode='mmap' (+touch)", "primary", _gs("native", mode="mmap"), touch=True),
+    "gs_mmap_ra_on": Loader("gemma_stream mode='mmap', read-ahead on (+touch)", "primary",
+                            _gs("native", mode="mmap", prefetch="on"), touch=True),
+    "gs_mmap_ra_off": Loader("gemma_stream mode='mmap', read-ahead off (+touch)", "primary",
+                             _gs("native", mode="mmap", prefetch="off"), touch=True),
     "gs_plain": Loader("gemma_stream native, not quantized", "primary", _gs("native", quantize=False)),
     "gs_hf": Loader("gemma_stream.hf.from_pretrained", "hf", _gs_hf(), quantizes=True),
     "gs_hf_mmap": Loader("gemma_stream.hf.from_pretrained(mode='mmap') (+touch)", "hf", _gs_hf("mmap"), touch=True),
@@ -278,6 +301,8 @@ LOADERS: dict[str, Loader] = {
     "pread_2t": Loader("bound: pread, 2 threads", "primary", pread_bound(2), kind="bound"),
     "pread_2t_thp": Loader("bound: pread, 2 threads, huge pages", "primary", pread_bound(2, huge_pages=True),
                            kind="bound"),
+    "pread_2t_4k": Loader("bound: pread, 2 threads, 4 KiB pages", "primary", pread_bound(2, huge_pages=False),
+                          kind="bound"),
     "mmap_copy_2t": Loader("bound: mmap + torch copy_ (2 threads)", "primary", mmap_copy_bound, kind="bound"),
     "odirect_2t": Loader("bound: O_DIRECT pread, 2 threads", "primary", pread_bound(2, direct=True), kind="bound"),
 }
@@ -392,18 +417,20 @@ def child_main(spec_json: str) -> int:
     loader = LOADERS[spec["loader"]]
     run = loader.prepare(ctx)
     gc.collect()
-    before = _status()
-    reset = _reset_peak()
+    before = proc_status()
+    reset = reset_peak()
+    cpu0 = cpu_seconds()
     start = time.perf_counter()
     obj = run()
     if loader.touch:
         _touch(obj)
     seconds = time.perf_counter() - start
-    peak_hwm = _status()["VmHWM"]
+    cpu = cpu_seconds() - cpu0
+    peak_hwm = proc_status()["VmHWM"]
     gc.collect()
-    after = _status()
+    after = proc_status()
     result = {
-        "loader": spec["loader"], "seconds": seconds, "peak_bytes": peak_hwm - before["VmRSS"],
+        "loader": spec["loader"], "seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak_hwm - before["VmRSS"],
         "rss_before": before["VmRSS"], "hwm_reset": reset,
         "anon_bytes": after["RssAnon"] - before["RssAnon"], "file_bytes": after["RssFile"] - before["RssFile"],
         "shmem_bytes": after["RssShmem"] - before["RssShmem"],

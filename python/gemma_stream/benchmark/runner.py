@@ -25,7 +25,8 @@ from . import writers
 from .child import LOADERS, RESULT_PREFIX
 from .shapes import GemmaShape, tensor_specs
 
-__all__ = ["Workload", "Row", "run_loaders", "synthetic_workload", "user_workload", "mem_available"]
+__all__ = ["Workload", "Row", "cpu_busy", "cpu_jiffies", "mem_available", "run_child", "run_loaders",
+           "synthetic_workload", "user_workload", "wait_for_idle"]
 
 _FORMATS = ("safetensors", "sharded", "ckpt", "hf")
 # a shared machine: a run during which the rest of the machine used this much CPU does not count when
@@ -41,17 +42,29 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------- the machine: /proc/stat and rusage
+# The parent's only readers of /proc/stat and resource (the child has its own for /proc/self).
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values) - idle, sum(values)
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_busy(seconds: float = 0.5) -> float:
-    """Fraction of all CPUs busy over ``seconds`` (from /proc/stat): other work skews timings."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + (values[4] if len(values) > 4 else 0)
-        return sum(values), idle
-    total0, idle0 = sample()
+    """Fraction of all CPUs busy over ``seconds``: other work skews timings."""
+    busy0, total0 = cpu_jiffies()
     time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+    busy1, total1 = cpu_jiffies()
+    return (busy1 - busy0) / max(total1 - total0, 1)
 
 
 def wait_for_idle(limit_seconds: float, busy_max: float = 0.15) -> float:
@@ -307,25 +320,23 @@ def _child_env() -> dict:
     return env
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
+def run_child(spec: dict, timeout: float, pythonpath: str | None = None) -> dict:
+    """One load in a fresh interpreter (``spec`` as ``child`` reads it); its result, plus ``others_cpu``.
 
-
-def _run_child(spec: dict, timeout: float) -> dict:
+    ``pythonpath``: import gemma_stream from there instead (another build: before/after).
+    """
     cmd = [sys.executable, "-m", "gemma_stream.benchmark", "--child", json.dumps(spec)]
-    usage0, (busy0, total0) = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_jiffies()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
-    usage1, (busy1, total1) = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_jiffies()
+    env = _child_env()
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    ours0, (busy0, total0) = children_cpu_seconds(), cpu_jiffies()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    ours1, (busy1, total1) = children_cpu_seconds(), cpu_jiffies()
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX):])
             # CPU time the rest of the machine used while the child ran (ours excluded): interference
-            ticks = os.sysconf("SC_CLK_TCK")
-            ours = (usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime) * ticks
+            ours = (ours1 - ours0) * os.sysconf("SC_CLK_TCK")
             result["others_cpu"] = max(0.0, (busy1 - busy0 - ours) / max(total1 - total0, 1))
             return result
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -360,7 +371,7 @@ def availability(loader_id: str, workload: Workload, quantize: str | None) -> st
         return "torchao's int4 weight-only needs the mslk package (not installed)"
     if loader_id.startswith("gs_hf") and importlib.util.find_spec("gemma_stream.hf") is None:
         return "gemma_stream.hf is not available in this checkout"
-    if loader_id == "gs_mmap" and "mode" not in inspect.signature(gs.load_into).parameters:
+    if loader_id.startswith("gs_mmap") and "mode" not in inspect.signature(gs.load_into).parameters:
         return "load_into has no mode= in this checkout"
     if loader_id == "gs_native" and not gs.native_available():
         return "gemma_stream._native is not built"
@@ -433,7 +444,7 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
             _log(f"[{'warm-up, discarded' if warm_up_round else f'{round_index + 1}/{repeat}'}] {row.loader} "
                  f"({'cold' if cold else 'warm'}, {cached:.0%} cached, cpu {busy:.0%} busy before) ...")
             try:
-                result = _run_child(spec, timeout)
+                result = run_child(spec, timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 row.errors.append(str(exc)[-300:])
                 _log(f"    error: {row.errors[-1]}")

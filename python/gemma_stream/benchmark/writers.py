@@ -67,9 +67,14 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _write_tensors(f, source: _Source, shape: GemmaShape, specs) -> None:
+def _parts(shape: GemmaShape | None, name: str, tensor_shape: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Where a tensor's bytes come from: a Gemma shape's Hugging Face parts, or the tensor itself (mixes)."""
+    return hf_parts(shape, name, tensor_shape) if shape is not None else [(name, math.prod(tensor_shape))]
+
+
+def _write_tensors(f, source: _Source, shape: GemmaShape | None, specs) -> None:
     for name, tensor_shape in specs:
-        for piece in source.pieces(hf_parts(shape, name, tensor_shape)):
+        for piece in source.pieces(_parts(shape, name, tensor_shape)):
             f.write(piece)
 
 
@@ -91,9 +96,12 @@ def _finish(f, durable: bool) -> None:
         os.fsync(f.fileno())   # dirty pages cannot be evicted: cold runs need them on disk
 
 
-def write_safetensors(path: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "hf",
+def write_safetensors(path: str, shape: GemmaShape | None, dtype: torch.dtype, naming: str = "hf",
                       specs=None, seed: int = 0, durable: bool = True) -> int:
-    """Write one safetensors file; returns its size in bytes (``durable``: fsync it)."""
+    """Write one safetensors file; returns its size in bytes (``durable``: fsync it).
+
+    ``specs``: ``[(name, shape)]`` to write instead of ``shape``'s tensors (``shape=None``: a mix).
+    """
     specs = tensor_specs(shape, naming) if specs is None else specs
     source = _Source(dtype, seed)
     with open(path, "wb") as f:
@@ -103,10 +111,10 @@ def write_safetensors(path: str, shape: GemmaShape, dtype: torch.dtype, naming: 
     return os.path.getsize(path)
 
 
-def write_sharded(directory: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "hf",
-                  max_shard_bytes: int = 2 * 10**9, seed: int = 0, durable: bool = True) -> list[str]:
+def write_sharded(directory: str, shape: GemmaShape | None, dtype: torch.dtype, naming: str = "hf",
+                  max_shard_bytes: int = 2 * 10**9, seed: int = 0, durable: bool = True, specs=None) -> list[str]:
     """Write ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``."""
-    specs = tensor_specs(shape, naming)
+    specs = tensor_specs(shape, naming) if specs is None else specs
     itemsize = _itemsize(dtype)
     shards: list[list] = [[]]
     size = 0
@@ -142,26 +150,27 @@ class _StorageKeys(pickle.Unpickler):
         return pid[2]   # ('storage', storage_type, key, location, numel)
 
 
-def write_ckpt(path: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "gemma_pytorch", seed: int = 0,
-               durable: bool = True) -> int:
-    """Write a torch.save zip of ``{"model_state_dict": {...}}`` tensor by tensor.
+def write_ckpt(path: str, shape: GemmaShape | None, dtype: torch.dtype, naming: str = "gemma_pytorch", seed: int = 0,
+               durable: bool = True, specs=None, key: str | None = "model_state_dict") -> int:
+    """Write a torch.save zip of ``{key: {...}}`` (``key=None``: the state dict itself) tensor by tensor.
 
     ``torch.serialization.skip_data`` lays out the archive (pickle, aligned records) from fake
     tensors without their bytes; the bytes are then written into each record's place.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    specs = tensor_specs(shape, naming)
+    specs = tensor_specs(shape, naming) if specs is None else specs
     with FakeTensorMode():
         state = {name: torch.empty(tensor_shape, dtype=dtype) for name, tensor_shape in specs}
     with torch.serialization.skip_data(materialize_fake_tensors=True):
-        torch.save({"model_state_dict": state}, path)
+        torch.save({key: state} if key else state, path)
     del state
     offsets = _record_offsets(path)
     with zipfile.ZipFile(path) as archive:
         pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
         prefix = pkl[: -len("data.pkl")]
-        located = _StorageKeys(archive.open(pkl)).load()["model_state_dict"]
+        located = _StorageKeys(archive.open(pkl)).load()
+        located = located[key] if key else located
     source = _Source(dtype, seed)
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -170,7 +179,7 @@ def write_ckpt(path: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "
             if storage_offset != 0:
                 raise RuntimeError(f"{path}: tensor {name!r} unexpectedly at storage offset {storage_offset}")
             pos = offsets[prefix + "data/" + key]
-            for piece in source.pieces(hf_parts(shape, name, tensor_shape)):
+            for piece in source.pieces(_parts(shape, name, tensor_shape)):
                 pos += os.pwrite(fd, piece, pos)
         if durable:
             os.fsync(fd)
