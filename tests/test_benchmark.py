@@ -348,3 +348,49 @@ def test_mix_matrix_runs_warm_and_cold_at_tiny_size(tmp_path):
             assert all(r["n"] == 2 and r["median"] > 0 for r in cell["ratios"].values())
     assert "| few_large | tiny | 11 |" in proc.stdout and "wrote " in proc.stdout
     assert not (tmp_path / "work" / "few_large-tiny").exists()   # each cell's files removed after it
+
+
+# ---------------------------------------------------------------- the scripts in benchmarks/ are front ends
+
+def _script(name: str, *args, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(gs.__file__)))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=tmp_path)
+
+
+def test_big_model_script_runs_on_tiny_shapes(tmp_path):
+    backend = "native" if gs.native_available() else "python"
+    proc = _script("big_model.py", "--tiny", "--backend", backend, "--json", str(tmp_path / "big.json"),
+                   "--dir", str(tmp_path / "work"), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "big.json").read_text())["rows"]
+    assert [(r["case"], r["quantize"], r["status"]) for r in rows] == [("gemma-tiny-as-7b", "none", "ok"),
+                                                                       ("gemma-tiny-as-7b", "int8", "ok")]
+    assert rows[0]["model_bytes"] == TINY.nbytes(2) and rows[1]["model_bytes"] < TINY.nbytes(2)
+    assert min(rows[1]["sqnr_db"].values()) > 35   # int8 on Gaussian weights: about 40 dB
+    assert all(r["runs"][0]["cached_before"] < 0.05 for r in rows)   # cold by default
+
+
+def test_engine_probe_script_maps_its_cases_onto_the_harness(tmp_path):
+    proc = _script("engine_probe.py", "--dir", str(tmp_path / "probe"), "--size", "tiny", "--cases",
+                   "bound,gs_python@sd@drop@c4", "--states", "cold", "--repeat", "1", "--wait-idle", "0",
+                   "--json", str(tmp_path / "probe.json"), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["case"]: r for r in json.loads((tmp_path / "probe.json").read_text())["rows"]}
+    assert set(rows) == {"bound", "gs_python@sd@drop@c4"}
+    assert rows["gs_python@sd@drop@c4"]["cached_after"] < 0.05   # cache="drop" reached the load
+    assert "# gs_python@sd@drop@c4 cold: " in proc.stdout and "x of bound" in proc.stdout
+    from gemma_stream.benchmark.child import LOADERS
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import engine_probe
+    finally:
+        sys.path.pop(0)
+    args = type("Args", (), {"mode": "copy", "cache": "auto", "api": "into", "threads": 0, "alt_path": "/alt",
+                             "size": "tiny", "model_dtype": "bfloat16", "dir": str(tmp_path)})()
+    spec, pythonpath = engine_probe.case_spec(args, "alt_gs_native@mmap@t3@c8@touch", "x.safetensors")
+    assert pythonpath == "/alt" and spec["loader"] in LOADERS and spec["touch"] and spec["threads"] == 3
+    assert spec["options"] == {"backend": "native", "mode": "mmap", "cache": "auto", "api": "load_into"}
+    assert spec["env"] == {"GEMMA_STREAM_CHUNK_MB": "8"}
+    with pytest.raises(SystemExit, match="unknown suffix"):
+        engine_probe.case_spec(args, "gs_native@fast", "x.safetensors")

@@ -133,6 +133,30 @@ def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str
     return prepare
 
 
+def _gs_options(ctx: Context):
+    """gemma_stream with the options the spec names (``engine_probe``'s cases): ``spec["options"]`` holds
+    backend, mode, cache and api ("load_into" or "load_state_dict")."""
+    import gemma_stream as gs
+
+    options = ctx.spec.get("options") or {}
+    kwargs: dict = {"backend": options.get("backend", "native"), "threads": ctx.spec.get("threads"),
+                    "progress": False}
+    kwargs.update({k: options[k] for k in ("mode", "cache") if options.get(k)})
+    if ctx.spec.get("key"):
+        kwargs["key"] = ctx.spec["key"]
+    if options.get("api") == "load_state_dict":
+        dtype = ctx.model_dtype()
+        return lambda: gs.load_state_dict(ctx.files["primary"], dtype=dtype, **kwargs)
+    model = ctx.meta_model()
+
+    def run():
+        report = gs.load_into(model, ctx.files["primary"], **kwargs)
+        ctx.spec["_info"] = {"backend": report.backend, "bytes_read": report.bytes_read,
+                             "executor_seconds": report.seconds, "cache": report.cache}
+        return model
+    return run
+
+
 def _import_transformers_gemma() -> None:
     """transformers imports its model classes lazily: do it before the baseline, for both HF loaders."""
     import transformers
@@ -281,6 +305,7 @@ LOADERS: dict[str, Loader] = {
                             _gs("native", mode="mmap", prefetch="on"), touch=True),
     "gs_mmap_ra_off": Loader("gemma_stream mode='mmap', read-ahead off (+touch)", "primary",
                              _gs("native", mode="mmap", prefetch="off"), touch=True),
+    "gs_options": Loader("gemma_stream with the spec's options", "primary", _gs_options),
     "gs_plain": Loader("gemma_stream native, not quantized", "primary", _gs("native", quantize=False)),
     "gs_hf": Loader("gemma_stream.hf.from_pretrained", "hf", _gs_hf(), quantizes=True),
     "gs_hf_mmap": Loader("gemma_stream.hf.from_pretrained(mode='mmap') (+touch)", "hf", _gs_hf("mmap"), touch=True),
@@ -313,6 +338,8 @@ LOADERS: dict[str, Loader] = {
 def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         return [t for t in (*obj.parameters(), *obj.buffers()) if not t.is_meta]
+    if isinstance(obj, dict):   # a state dict (load_state_dict)
+        return [t for t in obj.values() if isinstance(t, torch.Tensor)]
     return []
 
 
@@ -354,10 +381,15 @@ def _touch(obj) -> None:
 
 def _check(obj, names: list[str]) -> float | None:
     """A cheap fingerprint of a few tensors, so loaders that disagree about the values are caught."""
-    if not isinstance(obj, torch.nn.Module) or not names:
+    if not names:
         return None
-    state = dict(obj.named_parameters())
-    state.update(obj.named_buffers())
+    if isinstance(obj, dict):
+        state = obj
+    elif isinstance(obj, torch.nn.Module):
+        state = dict(obj.named_parameters())
+        state.update(obj.named_buffers())
+    else:
+        return None
     total = 0.0
     for name in names:
         t = state.get(name)
@@ -413,6 +445,7 @@ def _dequantize(state: dict, scheme: str) -> torch.Tensor | None:
 
 def child_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
+    os.environ.update(spec.get("env") or {})   # e.g. GEMMA_STREAM_CHUNK_MB: config() reads it at load time
     ctx = Context(spec)
     loader = LOADERS[spec["loader"]]
     run = loader.prepare(ctx)
@@ -422,7 +455,7 @@ def child_main(spec_json: str) -> int:
     cpu0 = cpu_seconds()
     start = time.perf_counter()
     obj = run()
-    if loader.touch:
+    if spec.get("touch", loader.touch):
         _touch(obj)
     seconds = time.perf_counter() - start
     cpu = cpu_seconds() - cpu0

@@ -18,7 +18,8 @@ from .runner import CLEAN_OTHERS_CPU, Row, Workload, mem_available, run_loaders,
 from .shapes import SIZES, parse_size
 from .writers import evict
 
-__all__ = ["add_bench_arguments", "run_bench", "add_demo_arguments", "run_demo", "default_loaders", "demo_verdict"]
+__all__ = ["add_bench_arguments", "run_bench", "add_demo_arguments", "run_demo", "check_disk", "default_loaders",
+           "demo_verdict"]
 
 _BOUNDS = ["read_1t", "memcpy_1t", "mmap_copy_2t", "pread_2t", "pread_2t_thp", "odirect_2t"]
 _GIB = 2**30
@@ -82,7 +83,7 @@ def _workdir(args) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix="gemma_stream_bench_", dir="/tmp" if os.path.isdir("/tmp") else None), True
 
 
-def _check_disk(folder: str, nbytes: int) -> None:
+def check_disk(folder: str, nbytes: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < nbytes * 1.05:
         raise SystemExit(f"bench: {folder} has {free / _GIB:.1f} GiB free, the checkpoints need about "
@@ -123,7 +124,7 @@ def run_bench(args: argparse.Namespace) -> int:
         sets = {workload.reads(x) for x in loaders if workload.reads(x)} | {"primary"}
         _say_size(workload, loaders, args.repeat, None if args.path else (workdir, len(sets)))
         if not args.path:
-            _check_disk(workdir, workload.data_bytes * len(sets))
+            check_disk(workdir, workload.data_bytes * len(sets))
         started = time.time()
         rows = run_loaders(workload, loaders, cold=args.cold, repeat=args.repeat, quantize=args.quantize,
                            group_size=args.group_size, threads=args.threads, timeout=args.timeout,
@@ -223,7 +224,7 @@ def _run_scaling(args) -> int:
         for size in [s.strip() for s in args.scaling_sizes.split(",") if s.strip()]:
             shape = parse_size(size)
             workload = synthetic_workload(shape, args.dtype, "safetensors", workdir, model_dtype=args.model_dtype)
-            _check_disk(workdir, workload.data_bytes)
+            check_disk(workdir, workload.data_bytes)
             for other in earlier:   # each size starts with no other size's file in the page cache
                 evict([f for f in other.all_files() if os.path.exists(f)])
             earlier.append(workload)
@@ -350,7 +351,7 @@ def run_demo(args: argparse.Namespace) -> int:
     shape = parse_size(args.size, itemsize)
     folder = tempfile.mkdtemp(prefix="gemma_stream_demo_", dir=args.workdir)
     try:
-        _check_disk(folder, shape.nbytes(itemsize))
+        check_disk(folder, shape.nbytes(itemsize))
         workload = synthetic_workload(shape, args.dtype, "ckpt", folder, durable=False)
         layers = f"{shape.layers} layer" + ("s" if shape.layers != 1 else "")
         print(f"Gemma-shaped checkpoint: hidden size {shape.hidden}, {layers}, vocabulary {shape.vocab}, "

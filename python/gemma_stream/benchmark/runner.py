@@ -193,7 +193,7 @@ def synthetic_workload(shape: GemmaShape, dtype: str, fmt: str, workdir: str, mo
                 data = writers.write_sharded(path, shape, torch_dtype, naming, durable=durable)
                 if naming == "hf":
                     writers.write_config(path, shape, torch_dtype)
-            _log(f"  {sum(os.path.getsize(p) for p in data) / 2**30:.2f} GiB in {time.perf_counter() - started:.0f} s")
+            _log(f"  {human_bytes(sum(os.path.getsize(p) for p in data))} in {time.perf_counter() - started:.0f} s")
             return record(kind, {"path": path, "data": data, "ready": True})
         return write
 
