@@ -258,6 +258,11 @@ def test_mixes_have_the_sizes_and_tensor_mixes_they_promise():
             assert abs(total - parse_mix_size(size)) < 0.03 * parse_mix_size(size), (mix, size)
         tiny = mix_specs(mix, parse_mix_size("tiny"))
         assert 1 * mib < sum(nbytes(tiny)) < 8 * mib and len({n for n, _ in tiny}) == len(tiny)
+    from gemma_stream.benchmark.matrix import shard_limit
+    for mix in MIXES:   # the HF directory of every cell has 3+ files, whatever its largest tensor
+        for size in ("tiny", "1", "2", "5"):
+            specs = mix_specs(mix, parse_mix_size(size))
+            assert 3 <= len(writers.plan_shards(specs, 2, shard_limit(specs))) <= 8, (mix, size)
     biggest_7b = max(nbytes(mix_specs("gemma7b", 5 * gib)))
     assert biggest_7b == 256000 * 3072 * 2   # the real 7B embedding from 2 GiB up
     with pytest.raises(ValueError, match="expected one of"):

@@ -108,6 +108,13 @@ def _log(message: str) -> None:
 
 # ---------------------------------------------------------------- files
 
+def shard_limit(specs: list) -> int:
+    """Shard size for the HF directory: a quarter of the bytes, and at most half of what is left beside
+    the largest tensor (a tensor is never split: one 1.5 GiB embedding in 2 GiB would leave 2 files)."""
+    sizes = [math.prod(s) * ITEMSIZE for _, s in specs]
+    return max(1, min(sum(sizes) // (_MIN_SHARDS + 1), (sum(sizes) - max(sizes)) // (_MIN_SHARDS - 1)))
+
+
 def write_cell_files(folder: str, mix: str, nbytes: int) -> dict[str, dict]:
     """The mix in every format under ``folder`` (reused when a previous run finished writing it).
 
@@ -132,9 +139,7 @@ def write_cell_files(folder: str, mix: str, nbytes: int) -> dict[str, dict]:
     sharded = os.path.join(folder, "hf")
     os.makedirs(sharded, exist_ok=True)
     data_bytes = sum(math.prod(s) for _, s in specs) * ITEMSIZE
-    largest = max(math.prod(s) for _, s in specs) * ITEMSIZE
-    shards = writers.write_sharded(sharded, None, dtype, specs=specs,
-                                   max_shard_bytes=max(largest, data_bytes // (_MIN_SHARDS + 1)))
+    shards = writers.write_sharded(sharded, None, dtype, specs=specs, max_shard_bytes=shard_limit(specs))
     zipped = os.path.join(folder, "model.pt")
     writers.write_ckpt(zipped, None, dtype, specs=specs, key=None)
     formats = {"safetensors": {"path": single, "data": [single]},

@@ -26,7 +26,7 @@ import torch
 
 from .shapes import GemmaShape, hf_parts, tensor_specs
 
-__all__ = ["DTYPES", "write_safetensors", "write_sharded", "write_ckpt", "write_config", "evict", "cached_fraction",
+__all__ = ["DTYPES", "plan_shards", "write_safetensors", "write_sharded", "write_ckpt", "write_config", "evict", "cached_fraction",
            "warm_up"]
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
@@ -111,11 +111,8 @@ def write_safetensors(path: str, shape: GemmaShape | None, dtype: torch.dtype, n
     return os.path.getsize(path)
 
 
-def write_sharded(directory: str, shape: GemmaShape | None, dtype: torch.dtype, naming: str = "hf",
-                  max_shard_bytes: int = 2 * 10**9, seed: int = 0, durable: bool = True, specs=None) -> list[str]:
-    """Write ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``."""
-    specs = tensor_specs(shape, naming) if specs is None else specs
-    itemsize = _itemsize(dtype)
+def plan_shards(specs, itemsize: int, max_shard_bytes: int) -> list[list]:
+    """Tensors in file order into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
     shards: list[list] = [[]]
     size = 0
     for spec in specs:
@@ -125,6 +122,15 @@ def write_sharded(directory: str, shape: GemmaShape | None, dtype: torch.dtype, 
             size = 0
         shards[-1].append(spec)
         size += nbytes
+    return shards
+
+
+def write_sharded(directory: str, shape: GemmaShape | None, dtype: torch.dtype, naming: str = "hf",
+                  max_shard_bytes: int = 2 * 10**9, seed: int = 0, durable: bool = True, specs=None) -> list[str]:
+    """Write ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``."""
+    specs = tensor_specs(shape, naming) if specs is None else specs
+    itemsize = _itemsize(dtype)
+    shards = plan_shards(specs, itemsize, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
         write_safetensors(os.path.join(directory, name), shape, dtype, naming, specs=shard, seed=seed,
