@@ -297,7 +297,8 @@ def _cell(runs_a, runs_b, state="cold"):
 
 
 def test_mix_ratios_are_taken_within_each_round():
-    from gemma_stream.benchmark.matrix import format_cells, render_markdown, summarize
+    from gemma_stream.benchmark.matrix import summarize
+    from gemma_stream.benchmark.matrix_report import format_cells, render_markdown
 
     # round 2 is slow for both (a busy machine): per round the ratio holds at 0.9; a ratio of the
     # medians would say 1.5 / 2.0 = 0.75, and a failed round drops out of the ratios only

@@ -11,7 +11,7 @@ The pieces, along the pipeline: ``shapes`` (Gemma shapes and a model class build
 page-cache control), ``child`` (one load in a subprocess; its /proc/self and rusage readers),
 ``bounds`` (the same bytes with no parsing), ``runner`` (checkpoints on disk, subprocesses, repeats;
 the /proc/stat reader and idle waiting), ``report`` (table, targets, JSON, chart), ``cli`` (the
-``bench`` and ``demo`` entry points), ``matrix`` (the mix matrix of issue 15). The scripts in
+``bench`` and ``demo`` entry points), ``matrix`` and ``matrix_report`` (the mix matrix of issue 15). The scripts in
 ``benchmarks/`` (bench_load, bench_mixes, big_model, engine_probe) are front ends of these.
 """
 
