@@ -2,6 +2,7 @@
 // gemma_stream: the experiments behind benchmarks/NOTES.md.
 //
 //   g++ -O2 -std=c++17 -pthread benchmarks/engine_micro.cc -o /tmp/engine_micro
+//   (or: cmake -S . -B build -DGEMMA_STREAM_BENCH_MICRO=ON && cmake --build build --target engine_micro)
 //   /tmp/engine_micro FILE METHOD THREADS CHUNK_MIB [--huge] [--cold] [--offset N] [--shared-fd] [--interleave]
 //
 // METHOD: pread | populate_pread (MADV_POPULATE_WRITE, then pread) | pread_drop

@@ -1,4 +1,5 @@
-"""Shared fixtures: every behaviour test runs on both executors.
+"""Shared fixtures: every behaviour test runs on both executors; small checkpoints and the command
+line for the CLI and verify tests (``from conftest import run_cli, call_cli``).
 
 The pure-Python executor runs twice: as it runs here, and as it runs on
 Windows and macOS ("python-portable"), with the ``os`` functions those systems
@@ -7,11 +8,21 @@ lack removed for the test.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import gemma_stream as gs
+from gemma_stream import cli
+from gemma_stream.quant import quantize_int4, quantize_int8
+
+PACKAGE_ROOT = str(Path(gs.__file__).resolve().parent.parent)
 
 BACKENDS = ["native", "python", "python-portable"]
 
@@ -46,3 +57,88 @@ def backend(request, monkeypatch: pytest.MonkeyPatch) -> str:
         remove_posix_only_os(monkeypatch)
         return "python"
     return request.param
+
+
+# ---------------------------------------------------------------- the command line and its checkpoints
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Small checkpoints in every format, good and broken, for the CLI and verify tests."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    out = {}
+    single = {"model.embed_tokens.weight": torch.randn(64, 32).bfloat16(),
+              "model.layers.0.mlp.up_proj.weight": torch.randn(48, 32).bfloat16(),
+              "model.norm.weight": torch.ones(32), "rope.inv_freq": torch.rand(8, dtype=torch.float64)}
+    out["single"] = root / "single.safetensors"
+    save_file(single, out["single"], metadata={"format": "pt", "origin": "test"})
+
+    shards = root / "sharded"
+    shards.mkdir()
+    parts = {"model-00001-of-00002.safetensors": {"a.weight": torch.randn(10, 12), "step": torch.arange(3)},
+             "model-00002-of-00002.safetensors": {"b.weight": torch.randn(5, 4).half()}}
+    for name, tensors in parts.items():
+        save_file(tensors, shards / name)
+    weight_map = {t: name for name, tensors in parts.items() for t in tensors}
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0},
+                                                                     "weight_map": weight_map}))
+    out["sharded"] = shards
+
+    w = torch.randn(16, 8)
+    state = {"embedder.weight": w, "lm_head.weight": w, "proj.weight": torch.randn(6, 8).t(),
+             "rows": w[4:8], "freqs_cis": torch.polar(torch.ones(4, 2), torch.zeros(4, 2))}
+    out["ckpt"] = root / "model.ckpt"
+    torch.save({"model_state_dict": state, "epoch": 3}, out["ckpt"])
+    # the same views without the complex buffer (our safetensors reader has no C64), converted
+    del state["freqs_cis"]
+    out["ckpt_real"] = root / "real.ckpt"
+    torch.save({"model_state_dict": state}, out["ckpt_real"])
+    out["ckpt_as_safetensors"] = root / "from_ckpt.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, out["ckpt_as_safetensors"])
+
+    weight, table = torch.randn(64, 128), torch.randn(40, 64)
+    out["ref"] = root / "ref.safetensors"
+    save_file({"l.weight": weight, "emb.weight": table, "n.weight": torch.ones(64)}, out["ref"])
+    out["ref_bf16"] = root / "ref_bf16.safetensors"
+    save_file({"l.weight": weight.bfloat16(), "emb.weight": table.bfloat16(),
+               "n.weight": torch.ones(64).bfloat16()}, out["ref_bf16"])
+    q8, s8 = quantize_int8(weight)
+    q4, s4, z4 = quantize_int4(table, group_size=32)
+    out["quant"] = root / "quant.safetensors"
+    save_file({"l.weight": q8, "l.weight_scaler": s8, "emb.weight": q4, "emb.weight_scale": s4,
+               "emb.weight_zero": z4, "n.weight": torch.ones(64)}, out["quant"])
+    changed = weight.clone()
+    changed[3, 5] += 0.5
+    out["changed"] = root / "changed.safetensors"
+    save_file({"l.weight": changed, "emb.weight": table[:20].clone(), "extra": torch.ones(2)}, out["changed"])
+
+    raw = out["single"].read_bytes()
+    out["truncated"] = root / "truncated.safetensors"
+    out["truncated"].write_bytes(raw[:len(raw) - 100])
+    out["bad_header"] = root / "bad_header.safetensors"
+    out["bad_header"].write_bytes((20).to_bytes(8, "little") + b'{"a": [1, 2, 3]} ...')
+    out["truncated_ckpt"] = root / "truncated.ckpt"
+    out["truncated_ckpt"].write_bytes(out["ckpt"].read_bytes()[:600])
+    return out
+
+
+def run_cli(*args, check_rc: int | None = 0, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "gemma_stream", *map(str, args)], env=env, text=True,
+                          capture_output=True, timeout=120, **kwargs)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, (proc.stdout, proc.stderr)
+    return proc
+
+
+def call_cli(capsys, *args) -> subprocess.CompletedProcess:
+    """``cli.main`` in this process (quicker than a subprocess) with the same result shape."""
+    rc = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
+def bytes_at(path: str, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)

@@ -198,9 +198,9 @@ def test_benchmark_probes_without_proc(no_proc):
     pytest.importorskip("psutil")
     from gemma_stream.benchmark import child, report, runner
     assert 0.0 <= runner.cpu_busy(0.05) <= 1.0
-    busy, total = runner._cpu_jiffies()
+    busy, total = runner.cpu_times()
     assert 0 < busy < total
-    status = child._status()
+    status = child.proc_status()
     assert status["VmHWM"] >= status["VmRSS"] > 0 and status["RssFile"] == 0
-    assert child._reset_peak() is False
+    assert child.reset_peak() is False
     assert report.machine_info()["mem_total_gib"] > 0

@@ -81,13 +81,47 @@ def _harness():
     return benchmark
 
 
+def backend_line() -> str:
+    """Which executor ``backend="auto"`` runs in this process, and why when it is the Python fallback."""
+    from . import executors
+    from .config import config
+    try:
+        forced = config().backend
+    except ValueError as e:   # a bad GEMMA_STREAM_BACKEND: say so here rather than fail --version
+        return f"backend: unknown ({e})"
+    if forced == "python":
+        return "backend: python (GEMMA_STREAM_BACKEND=python)"
+    if executors.native_available():
+        return "backend: native (C++ extension gemma_stream._native)"
+    import importlib.util
+    if importlib.util.find_spec(f"{__package__}._native") is None:
+        reason = f"no _native extension module in {os.path.dirname(os.path.abspath(__file__))}: not built"
+    else:   # it is there but failed to load (a missing symbol, another Python's build)
+        reason = str(getattr(executors, "_NATIVE_ERROR", None) or "import failed")
+    if forced == "native":
+        return f"backend: none: GEMMA_STREAM_BACKEND=native, but gemma_stream._native did not import ({reason})"
+    return f"backend: python, the slower fallback (gemma_stream._native did not import: {reason})"
+
+
+class _Version(argparse.Action):
+    """``--version``: the version and the active backend on two lines (argparse's own action rewraps text)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show the version and the active backend, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {__version__}\n{backend_line()}")
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``command`` names the subcommand whose lazily imported options to add."""
     parser = _Parser(prog=PROG, description="Inspect, verify, convert and benchmark PyTorch checkpoints "
                      "(safetensors, sharded, torch zip .ckpt/.pt/.bin).",
                      epilog="exit status: 0 ok, 1 verify found a problem, 2 bad argument or bad file, "
                      "3 internal error")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version)
     _add_common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 

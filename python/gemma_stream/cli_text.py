@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 
 from .formats import Checkpoint, TensorRecord, resolve_path
 
-__all__ = ["format_table", "human_bytes", "inspect_report", "format_inspect", "format_comparison"]
+__all__ = ["format_table", "human_bytes", "human_count", "inspect_report", "format_inspect", "format_comparison"]
 
 MIB = 1 << 20
 
@@ -47,6 +47,14 @@ def human_bytes(n: int) -> str:
             return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return ""
+
+
+def human_count(n: int) -> str:
+    """A count in the unit that fits: ``2.51B``, ``3.67M``, ``45.1K``, ``512``."""
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}" if n < 100 * scale else f"{n / scale:.0f}{unit}"
+    return str(n)
 
 
 def _count(n: int, noun: str) -> str:

@@ -7,9 +7,12 @@ you have), warm or cold, and the results come out as one table with the issue ta
     gemma-stream bench --synthetic tiny --loaders gs_native,safetensors
 
 The pieces, along the pipeline: ``shapes`` (Gemma shapes and a model class buildable on meta),
-``writers`` (streaming checkpoint writers, page-cache control), ``child`` (one load in a subprocess),
-``bounds`` (the same bytes with no parsing), ``runner`` (checkpoints on disk, subprocesses,
-repeats), ``report`` (table, targets, JSON, chart), ``cli`` (the ``bench`` and ``demo`` entry points).
+``mixes`` (other tensor-size mixes: few large, many small), ``writers`` (streaming checkpoint writers,
+page-cache control), ``child`` (one load in a subprocess; its /proc/self and rusage readers),
+``bounds`` (the same bytes with no parsing), ``runner`` (checkpoints on disk, subprocesses, repeats;
+the /proc/stat reader and idle waiting), ``report`` (table, targets, JSON, chart), ``cli`` (the
+``bench`` and ``demo`` entry points), ``matrix`` and ``matrix_report`` (the mix matrix of issue 15). The scripts in
+``benchmarks/`` (bench_load, bench_mixes, big_model, engine_probe) are front ends of these.
 """
 
 from .cli import add_bench_arguments, add_demo_arguments, default_loaders, run_bench, run_demo

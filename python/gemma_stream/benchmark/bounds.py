@@ -59,7 +59,9 @@ def _read_into(fds: list[int], view: memoryview, group: list) -> None:
             got += n
 
 
-def pread_bound(threads: int, direct: bool = False, huge_pages: bool = False):
+def pread_bound(threads: int, direct: bool = False, huge_pages: bool | None = None):
+    """``huge_pages``: True advises transparent huge pages, False forbids them (plain 4 KiB pages, as a
+    parameter allocated by torch gets where THP is "madvise"), None leaves the kernel's default."""
     def prepare(ctx):
         paths = ctx.files["data"]
         pieces, alloc = _pieces(paths, _DIRECT_ALIGN if direct else 1)
@@ -71,6 +73,8 @@ def pread_bound(threads: int, direct: bool = False, huge_pages: bool = False):
             buf = mmap.mmap(-1, max(alloc, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if huge_pages:   # transparent huge pages: one fault per 2 MiB instead of per 4 KiB
                 buf.madvise(mmap.MADV_HUGEPAGE)
+            elif huge_pages is False and hasattr(mmap, "MADV_NOHUGEPAGE"):
+                buf.madvise(mmap.MADV_NOHUGEPAGE)
             view = memoryview(buf)
             errors: list[BaseException] = []
 

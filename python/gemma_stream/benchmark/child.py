@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,14 +22,16 @@ import torch
 
 from .bounds import Buffer, memcpy_bound, mmap_copy_bound, pread_bound
 
-__all__ = ["LOADERS", "Loader", "child_main", "RESULT_PREFIX"]
+__all__ = ["LOADERS", "Loader", "child_main", "cpu_seconds", "proc_status", "reset_peak", "RESULT_PREFIX"]
 
 RESULT_PREFIX = "GSBENCH_RESULT "
 
 
-# ---------------------------------------------------------------- /proc/self/status
+# ---------------------------------------------------------------- /proc/self/status and rusage
+# The only places the child reads /proc (and resource): a port to another OS replaces these three.
 
-def _status() -> dict[str, int]:
+def proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM (peak), RssAnon, RssFile, RssShmem of this process, in bytes."""
     out = {}
     try:
         with open("/proc/self/status") as f:
@@ -53,7 +56,7 @@ def _status_without_proc() -> dict[str, int]:
     return {"VmRSS": info.rss, "VmHWM": max(peak, info.rss), "RssAnon": info.rss, "RssFile": 0, "RssShmem": 0}
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset VmHWM to the current RSS (clear_refs "5"); False where the kernel refuses."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -61,6 +64,12 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads; on every OS)."""
+    return time.process_time()
+
 
 
 # ---------------------------------------------------------------- what a child is told
@@ -81,6 +90,11 @@ class Context:
         """The model every user-built loader fills, constructed on meta (no memory)."""
         model = self.spec["model"]
         with torch.device("meta"):
+            if model["kind"] == "mix":
+                from .mixes import mix_specs
+                from .shapes import module_from_specs
+                dtype = self.model_dtype() or torch.bfloat16
+                return module_from_specs([(n, s, dtype) for n, s in mix_specs(model["mix"], model["nbytes"])])
             if model["kind"] == "gemma":
                 from .shapes import GemmaShape, GemmaShaped
                 return GemmaShaped(GemmaShape(**model["shape"]), self.model_dtype(), model["naming"])
@@ -104,8 +118,11 @@ class Loader:
 
 # ---------------------------------------------------------------- loaders
 
-def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str | None = None):
+def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str | None = None,
+        prefetch: str | None = None):
     def prepare(ctx: Context):
+        if prefetch:   # mode="mmap" read-ahead: config() reads it at load time
+            os.environ["GEMMA_STREAM_PREFETCH"] = prefetch
         import gemma_stream as gs
         model = ctx.meta_model()
         kwargs: dict = {"backend": backend, "threads": ctx.spec.get("threads"), "progress": False}
@@ -127,6 +144,30 @@ def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str
             return model
         return run
     return prepare
+
+
+def _gs_options(ctx: Context):
+    """gemma_stream with the options the spec names (``engine_probe``'s cases): ``spec["options"]`` holds
+    backend, mode, cache and api ("load_into" or "load_state_dict")."""
+    import gemma_stream as gs
+
+    options = ctx.spec.get("options") or {}
+    kwargs: dict = {"backend": options.get("backend", "native"), "threads": ctx.spec.get("threads"),
+                    "progress": False}
+    kwargs.update({k: options[k] for k in ("mode", "cache") if options.get(k)})
+    if ctx.spec.get("key"):
+        kwargs["key"] = ctx.spec["key"]
+    if options.get("api") == "load_state_dict":
+        dtype = ctx.model_dtype()
+        return lambda: gs.load_state_dict(ctx.files["primary"], dtype=dtype, **kwargs)
+    model = ctx.meta_model()
+
+    def run():
+        report = gs.load_into(model, ctx.files["primary"], **kwargs)
+        ctx.spec["_info"] = {"backend": report.backend, "bytes_read": report.bytes_read,
+                             "executor_seconds": report.seconds, "cache": report.cache}
+        return model
+    return run
 
 
 def _import_transformers_gemma() -> None:
@@ -273,6 +314,11 @@ LOADERS: dict[str, Loader] = {
     "gs_native_keep": Loader("gemma_stream native, cache='keep'", "primary", _gs("native", cache="keep"),
                              quantizes=True),
     "gs_mmap": Loader("gemma_stream mode='mmap' (+touch)", "primary", _gs("native", mode="mmap"), touch=True),
+    "gs_mmap_ra_on": Loader("gemma_stream mode='mmap', read-ahead on (+touch)", "primary",
+                            _gs("native", mode="mmap", prefetch="on"), touch=True),
+    "gs_mmap_ra_off": Loader("gemma_stream mode='mmap', read-ahead off (+touch)", "primary",
+                             _gs("native", mode="mmap", prefetch="off"), touch=True),
+    "gs_options": Loader("gemma_stream with the spec's options", "primary", _gs_options),
     "gs_plain": Loader("gemma_stream native, not quantized", "primary", _gs("native", quantize=False)),
     "gs_hf": Loader("gemma_stream.hf.from_pretrained", "hf", _gs_hf(), quantizes=True),
     "gs_hf_mmap": Loader("gemma_stream.hf.from_pretrained(mode='mmap') (+touch)", "hf", _gs_hf("mmap"), touch=True),
@@ -293,6 +339,8 @@ LOADERS: dict[str, Loader] = {
     "pread_2t": Loader("bound: pread, 2 threads", "primary", pread_bound(2), kind="bound"),
     "pread_2t_thp": Loader("bound: pread, 2 threads, huge pages", "primary", pread_bound(2, huge_pages=True),
                            kind="bound"),
+    "pread_2t_4k": Loader("bound: pread, 2 threads, 4 KiB pages", "primary", pread_bound(2, huge_pages=False),
+                          kind="bound"),
     "mmap_copy_2t": Loader("bound: mmap + torch copy_ (2 threads)", "primary", mmap_copy_bound, kind="bound"),
     "odirect_2t": Loader("bound: O_DIRECT pread, 2 threads", "primary", pread_bound(2, direct=True), kind="bound"),
 }
@@ -303,6 +351,8 @@ LOADERS: dict[str, Loader] = {
 def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         return [t for t in (*obj.parameters(), *obj.buffers()) if not t.is_meta]
+    if isinstance(obj, dict):   # a state dict (load_state_dict)
+        return [t for t in obj.values() if isinstance(t, torch.Tensor)]
     return []
 
 
@@ -344,10 +394,15 @@ def _touch(obj) -> None:
 
 def _check(obj, names: list[str]) -> float | None:
     """A cheap fingerprint of a few tensors, so loaders that disagree about the values are caught."""
-    if not isinstance(obj, torch.nn.Module) or not names:
+    if not names:
         return None
-    state = dict(obj.named_parameters())
-    state.update(obj.named_buffers())
+    if isinstance(obj, dict):
+        state = obj
+    elif isinstance(obj, torch.nn.Module):
+        state = dict(obj.named_parameters())
+        state.update(obj.named_buffers())
+    else:
+        return None
     total = 0.0
     for name in names:
         t = state.get(name)
@@ -403,22 +458,25 @@ def _dequantize(state: dict, scheme: str) -> torch.Tensor | None:
 
 def child_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
+    os.environ.update(spec.get("env") or {})   # e.g. GEMMA_STREAM_CHUNK_MB: config() reads it at load time
     ctx = Context(spec)
     loader = LOADERS[spec["loader"]]
     run = loader.prepare(ctx)
     gc.collect()
-    before = _status()
-    reset = _reset_peak()
+    before = proc_status()
+    reset = reset_peak()
+    cpu0 = cpu_seconds()
     start = time.perf_counter()
     obj = run()
-    if loader.touch:
+    if spec.get("touch", loader.touch):
         _touch(obj)
     seconds = time.perf_counter() - start
-    peak_hwm = _status()["VmHWM"]
+    cpu = cpu_seconds() - cpu0
+    peak_hwm = proc_status()["VmHWM"]
     gc.collect()
-    after = _status()
+    after = proc_status()
     result = {
-        "loader": spec["loader"], "seconds": seconds, "peak_bytes": peak_hwm - before["VmRSS"],
+        "loader": spec["loader"], "seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak_hwm - before["VmRSS"],
         "rss_before": before["VmRSS"], "hwm_reset": reset,
         "anon_bytes": after["RssAnon"] - before["RssAnon"], "file_bytes": after["RssFile"] - before["RssFile"],
         "shmem_bytes": after["RssShmem"] - before["RssShmem"],

@@ -10,13 +10,16 @@ import sys
 import tempfile
 import time
 
+from ..cli_text import human_bytes, human_count
 from .child import LOADERS
-from .report import evaluate_targets, format_table, machine_info, write_json, write_plot
-from .runner import Row, Workload, mem_available, run_loaders, synthetic_workload, user_workload
+from .report import (evaluate_targets, format_table, format_targets, machine_info, memory_measurable, memory_note,
+                     write_json, write_plot)
+from .runner import CLEAN_OTHERS_CPU, Row, Workload, mem_available, run_loaders, synthetic_workload, user_workload
 from .shapes import SIZES, parse_size
 from .writers import evict
 
-__all__ = ["add_bench_arguments", "run_bench", "add_demo_arguments", "run_demo", "default_loaders"]
+__all__ = ["add_bench_arguments", "run_bench", "add_demo_arguments", "run_demo", "check_disk", "default_loaders",
+           "demo_verdict"]
 
 _BOUNDS = ["read_1t", "memcpy_1t", "mmap_copy_2t", "pread_2t", "pread_2t_thp", "odirect_2t"]
 _GIB = 2**30
@@ -36,9 +39,10 @@ def default_loaders(fmt: str, quantize: str | None) -> list[str]:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``gemma-stream bench`` / ``benchmarks/bench_load.py``."""
-    parser.add_argument("path", nargs="?", help="benchmark this checkpoint instead of a synthetic one")
+    parser.add_argument("path", nargs="?", help="benchmark this checkpoint (or give --synthetic SIZE)")
     parser.add_argument("--synthetic", "--size", dest="size", default=None,
-                        help=f"synthetic Gemma shape: {', '.join(SIZES)} or a size in GiB such as 1.5 (default 2b)")
+                        help=f"write and benchmark a synthetic Gemma shape: {', '.join(SIZES)} or a size in GiB "
+                             "such as 1.5 (tiny: a quick check; 2b: 5 GB of disk and about 9.3 GiB of memory)")
     parser.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16", help="checkpoint dtype")
     parser.add_argument("--model-dtype", choices=["bf16", "f16", "f32"], default=None,
                         help="destination dtype (default: the checkpoint's), e.g. --dtype f32 --model-dtype bf16")
@@ -67,6 +71,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "(--loaders: only those rows)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each load, wait up to SECONDS for the CPUs to be idle (shared machines)")
+    parser.add_argument("--targets", action="store_true",
+                        help="also print the gemma_stream project's own issue targets as MET/MISS lines")
     return parser
 
 
@@ -77,7 +83,7 @@ def _workdir(args) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix="gemma_stream_bench_", dir="/tmp" if os.path.isdir("/tmp") else None), True
 
 
-def _check_disk(folder: str, nbytes: int) -> None:
+def check_disk(folder: str, nbytes: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < nbytes * 1.05:
         raise SystemExit(f"bench: {folder} has {free / _GIB:.1f} GiB free, the checkpoints need about "
@@ -103,19 +109,22 @@ def run_bench(args: argparse.Namespace) -> int:
         return _render(args)
     if args.scaling:
         return _run_scaling(args)
+    if args.path and args.size:
+        raise SystemExit("bench: give a PATH or --synthetic, not both")
+    if not args.path and not args.size:
+        args.size = _ask_size()
     workdir, temporary = (None, False) if args.path else _workdir(args)
     try:
         if args.path:
-            if args.size:
-                raise SystemExit("bench: give a PATH or --synthetic, not both")
             workload = user_workload(args.path, key=args.key, model_dtype=args.model_dtype)
         else:
-            shape = parse_size(args.size or "2b", itemsize=2)
+            shape = parse_size(args.size, itemsize=2)
             workload = synthetic_workload(shape, args.dtype, fmt, workdir, model_dtype=args.model_dtype)
         loaders = _loader_list(args.loaders, workload.fmt, args.quantize)
+        sets = {workload.reads(x) for x in loaders if workload.reads(x)} | {"primary"}
+        _say_size(workload, loaders, args.repeat, None if args.path else (workdir, len(sets)))
         if not args.path:
-            sets = {workload.reads(x) for x in loaders if workload.reads(x)} | {"primary"}
-            _check_disk(workdir, workload.data_bytes * len(sets))
+            check_disk(workdir, workload.data_bytes * len(sets))
         started = time.time()
         rows = run_loaders(workload, loaders, cold=args.cold, repeat=args.repeat, quantize=args.quantize,
                            group_size=args.group_size, threads=args.threads, timeout=args.timeout,
@@ -127,12 +136,42 @@ def run_bench(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _ask_size() -> str:
+    """No PATH and no --synthetic: ask on a terminal (saying what the default costs), refuse otherwise."""
+    two_b = parse_size("2b", itemsize=2)
+    cost = (f"the 2b shape writes {human_bytes(two_b.nbytes(2))} to disk and its loads need up to "
+            f"{human_bytes(2 * two_b.nbytes(2))} of memory")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise SystemExit(f"bench: name what to benchmark: a checkpoint PATH, or --synthetic SIZE "
+                         f"({', '.join(SIZES)} or GiB; 'tiny' is a quick check, {cost})")
+    print(f"bench: no checkpoint given. Benchmark a synthetic Gemma shape? {cost}.", flush=True)
+    try:
+        answer = input(f"size ({', '.join(SIZES)}, GiB such as 1.5; empty to cancel): ").strip()
+    except EOFError:
+        answer = ""
+    if not answer:
+        raise SystemExit("bench: cancelled; give a checkpoint PATH or --synthetic SIZE")
+    parse_size(answer)   # a bad size is refused here, before anything is written
+    return answer
+
+
+def _say_size(workload: Workload, loaders: list[str], repeat: int, written: tuple[str, int] | None) -> None:
+    """Before anything is written or loaded: how big, where, and how much memory the loads take."""
+    memory = max((workload.data_bytes + workload.model_bytes if LOADERS[x].doubles_memory else workload.model_bytes)
+                 for x in loaders) if loaders else workload.model_bytes
+    where = (f"{human_bytes(workload.data_bytes * written[1])} written to {written[0]}" if written
+             else f"{human_bytes(workload.data_bytes)} read")
+    print(f"bench: {workload.title}: {where}; a load needs up to {human_bytes(memory)} of memory; "
+          f"{len(loaders)} loaders x {repeat} run{'s' if repeat != 1 else ''}, each in a fresh process",
+          file=sys.stderr, flush=True)
+
+
 def _render(args) -> int:
     """Table, targets and chart again from a JSON file (e.g. after changing how they are computed)."""
     with open(args.render) as f:
         doc = json.load(f)
     if "scaling" in doc:
-        print(_scaling_table(doc["scaling"]))
+        print(_scaling_table(doc["scaling"], targets=args.targets))
         return 0
     if "rows" not in doc:
         raise SystemExit(f"bench: {args.render} is not a bench --json file with rows")
@@ -152,10 +191,8 @@ def _report(args, workload: Workload, rows: list[Row], started: float) -> None:
     table = format_table(workload, rows, cold=args.cold, quantize=args.quantize)
     targets = evaluate_targets(workload, rows, cold=args.cold, quantize=args.quantize, group_size=args.group_size)
     print(table)
-    if targets:
-        print("targets:")
-        for target in targets:
-            print(target.line())
+    if targets and getattr(args, "targets", False):
+        print(format_targets(targets))
     checks = {r.loader: r.last("check") for r in rows if r.runs and r.last("check") is not None}
     if len({round(v, 3) for v in checks.values()}) > 1:
         print(f"WARNING: loaders disagree about the weights (fingerprints {checks})")
@@ -187,7 +224,7 @@ def _run_scaling(args) -> int:
         for size in [s.strip() for s in args.scaling_sizes.split(",") if s.strip()]:
             shape = parse_size(size)
             workload = synthetic_workload(shape, args.dtype, "safetensors", workdir, model_dtype=args.model_dtype)
-            _check_disk(workdir, workload.data_bytes)
+            check_disk(workdir, workload.data_bytes)
             for other in earlier:   # each size starts with no other size's file in the page cache
                 evict([f for f in other.all_files() if os.path.exists(f)])
             earlier.append(workload)
@@ -209,7 +246,7 @@ def _run_scaling(args) -> int:
     finally:
         if temporary:
             shutil.rmtree(workdir, ignore_errors=True)
-    table = _scaling_table(results)
+    table = _scaling_table(results, targets=args.targets)
     print(table)
     if args.json_path:
         write_json(args.json_path, {"schema": 1, "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
@@ -218,8 +255,11 @@ def _run_scaling(args) -> int:
     return 1 if failed else 0
 
 
-def _scaling_table(results: list[dict]) -> str:
-    """GB/s per size: median of the quiet runs and the fastest run, warm and cold; the spread across sizes."""
+def _scaling_table(results: list[dict], targets: bool = False) -> str:
+    """GB/s per size: median of the quiet runs and the fastest run, warm and cold; the spread across sizes.
+
+    ``targets``: flag each gemma_stream spread against the project's issue-7 target (<= 10%).
+    """
     lines = ["size    GiB  loader                              warm s  GB/s  best GB/s   cold s  GB/s  best GB/s"
              "  peak/model"]
     speeds: dict[tuple[str, str], list[float]] = {}
@@ -244,12 +284,13 @@ def _scaling_table(results: list[dict]) -> str:
                          f"{cells[1]}  {peak:9.2f}x")
         if entry.get("warm_skipped"):
             lines.append(f"{entry['size']:<6} warm: not measured, {entry['warm_skipped']}")
-    lines.append("spread of GB/s across sizes ((max - min) / max; issue 7 target for gemma_stream: <= 10%):")
+    lines.append("spread of GB/s across sizes ((max - min) / max" +
+                 ("; issue 7 target for gemma_stream: <= 10%):" if targets else "):"))
     for (loader, mode), values in speeds.items():
         if len(values) > 1:
             spread = (max(values) - min(values)) / max(values)
             flag = ("MET " if spread <= 0.10 else "MISS") if loader.startswith("gs") else "    "
-            lines.append(f"  [{flag}] {LOADERS[loader].label}, {mode}: {spread:.0%}")
+            lines.append(f"  {f'[{flag}] ' if targets else ''}{LOADERS[loader].label}, {mode}: {spread:.0%}")
     return "\n".join(lines)
 
 
@@ -259,41 +300,83 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Arguments of ``gemma-stream demo``."""
     parser.add_argument("--size", default="1", help="checkpoint size in GiB (default 1), or tiny/1b/2b/7b")
     parser.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
+    parser.add_argument("--repeat", type=int, default=3, help="loads per loader; the median counts (default 3)")
     parser.add_argument("--workdir", default=None, help="parent folder of the temporary checkpoint (default /tmp)")
     return parser
+
+
+#: within this factor either way, two loaders are "about as fast" (run-to-run noise on a quiet machine)
+_SAME_SPEED = 1.05
+
+
+def _factor(ours: float, theirs: float, more: str, less: str) -> str | None:
+    """``2.3x faster`` / ``1.4x slower`` from two costs (seconds or bytes); None when within 5%."""
+    if theirs >= ours * _SAME_SPEED:
+        return f"{theirs / ours:.1f}x {more}"
+    if ours >= theirs * _SAME_SPEED:
+        return f"{ours / theirs:.1f}x {less}"
+    return None
+
+
+def demo_verdict(mine: Row, theirs: Row) -> str:
+    """One line: faster or slower (medians), the memory, and on the same line whether the machine was busy.
+
+    >>> demo_verdict(gs_row, torch_row)
+    'gemma_stream: 6.9x faster than torch.load + load_state_dict (median of 3 loads each), with 2.0x less peak memory.'
+    """
+    other = "torch.load + load_state_dict"
+    speed = _factor(mine.seconds, theirs.seconds, "faster", "slower")
+    line = f"gemma_stream: {speed} than {other}" if speed else f"gemma_stream: as fast as {other} (within 5%)"
+    runs = min(len(mine.runs), len(theirs.runs))
+    line += f" ({'median of ' + str(runs) + ' loads each' if runs > 1 else 'one load each'})"
+    if memory_measurable(mine.model_bytes):
+        memory = _factor(mine.peak_bytes, theirs.peak_bytes, "less", "more")
+        line += f", with {memory} peak memory" if memory else ", with the same peak memory"
+    else:
+        line += f"; memory not compared (a {human_bytes(mine.model_bytes)} model is too small to measure)"
+    others = [r.get("others_cpu", 0.0) for row in (mine, theirs) for r in row.runs]
+    if others and max(others) > CLEAN_OTHERS_CPU:
+        line += (f"; the machine was busy (other processes used up to {max(others):.0%} of the CPUs during a "
+                 f"load), so these timings are indicative")
+    return line + "."
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """Write a Gemma-shaped torch zip checkpoint, load it with gemma_stream and with torch.load, compare."""
     import gemma_stream as gs
 
+    if args.repeat < 1:
+        raise SystemExit("demo: --repeat must be at least 1")
     itemsize = 4 if args.dtype == "f32" else 2
     shape = parse_size(args.size, itemsize)
     folder = tempfile.mkdtemp(prefix="gemma_stream_demo_", dir=args.workdir)
     try:
-        _check_disk(folder, shape.nbytes(itemsize))
+        check_disk(folder, shape.nbytes(itemsize))
         workload = synthetic_workload(shape, args.dtype, "ckpt", folder, durable=False)
         layers = f"{shape.layers} layer" + ("s" if shape.layers != 1 else "")
         print(f"Gemma-shaped checkpoint: hidden size {shape.hidden}, {layers}, vocabulary {shape.vocab}, "
-              f"{workload.data_bytes / _GIB:.2f} GiB {args.dtype}, a torch zip like gemma_pytorch's", flush=True)
+              f"{human_count(shape.params())} params, {human_bytes(workload.data_bytes)} {args.dtype}, "
+              f"a torch zip like gemma_pytorch's", flush=True)
         workload.ensure("primary")
         ours = "gs_native" if gs.native_available() else "gs_python"
-        print("loading it twice, each in a fresh process (file in the page cache) ...", flush=True)
-        rows = run_loaders(workload, [ours, "torch_load"], cold=False)
+        print(f"loading it {args.repeat} times each way, each load in a fresh process (file in the page cache) ...",
+              flush=True)
+        rows = run_loaders(workload, [ours, "torch_load"], cold=False, repeat=args.repeat)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print()
     print(f"{'':34}{'seconds':>8}{'peak RSS':>12}{'peak / model':>14}  weights in")
+    measurable = memory_measurable(workload.model_bytes)
     for row in rows:
         if row.status != "ok" or not row.runs:
             print(f"{row.label:<34}{row.status}: {row.message}")
             continue
-        print(f"{row.label:<34}{row.seconds:8.2f}{row.peak_bytes / _GIB:8.2f} GiB"
-              f"{row.peak_bytes / row.model_bytes:13.2f}x  {row.resident}")
+        ratio = f"{row.peak_bytes / row.model_bytes:13.2f}x" if measurable else f"{'-':>14}"
+        print(f"{row.label:<34}{row.seconds:8.2f}{human_bytes(row.peak_bytes):>12}{ratio}  {row.resident}")
     print()
     if all(r.status == "ok" and r.runs for r in rows):
-        mine, theirs = rows
-        print(f"gemma_stream: {theirs.seconds / mine.seconds:.1f}x faster, "
-              f"{theirs.peak_bytes / mine.peak_bytes:.1f}x less peak memory than torch.load + load_state_dict.")
+        print(demo_verdict(*rows))
+    if not measurable:
+        print(memory_note(workload.model_bytes))
     print(f"removed {folder}")
     return 0 if all(r.status == "ok" for r in rows) else 1

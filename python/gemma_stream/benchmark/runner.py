@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cli_text import human_bytes, human_count
 from ..config import meminfo
 from . import writers
 from .child import LOADERS, RESULT_PREFIX
 from .shapes import GemmaShape, tensor_specs
 
-__all__ = ["Workload", "Row", "run_loaders", "synthetic_workload", "user_workload", "mem_available"]
+__all__ = ["Workload", "Row", "cpu_busy", "cpu_times", "mem_available", "run_child", "run_loaders",
+           "synthetic_workload", "user_workload", "wait_for_idle"]
 
 _FORMATS = ("safetensors", "sharded", "ckpt", "hf")
 # a shared machine: a run during which the rest of the machine used this much CPU does not count when
@@ -45,11 +47,38 @@ except ImportError:  # Windows
     resource = None
 
 
+# ---------------------------------------------------------------- the machine: /proc/stat and rusage
+# The parent's only readers of /proc/stat and resource (the child has its own for /proc/self).
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all CPUs since boot: /proc/stat, else psutil (macOS, Windows)."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except FileNotFoundError:
+        import psutil
+        times = psutil.cpu_times()
+        total = sum(times)
+        return total - times.idle - getattr(times, "iowait", 0.0), total
+    ticks = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values) - idle) / ticks, sum(values) / ticks
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children; 0 where there is no getrusage
+    (Windows: the others_cpu figure then includes the child's own time)."""
+    if resource is None:
+        return 0.0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_busy(seconds: float = 0.5) -> float:
-    """Fraction of all CPUs busy over ``seconds`` (/proc/stat, else psutil): other work skews timings."""
-    busy0, total0 = _cpu_jiffies()
+    """Fraction of all CPUs busy over ``seconds``: other work skews timings."""
+    busy0, total0 = cpu_times()
     time.sleep(seconds)
-    busy1, total1 = _cpu_jiffies()
+    busy1, total1 = cpu_times()
     return (busy1 - busy0) / max(total1 - total0, 1e-9)
 
 
@@ -179,7 +208,7 @@ def synthetic_workload(shape: GemmaShape, dtype: str, fmt: str, workdir: str, mo
                 data = writers.write_sharded(path, shape, torch_dtype, naming, durable=durable)
                 if naming == "hf":
                     writers.write_config(path, shape, torch_dtype)
-            _log(f"  {sum(os.path.getsize(p) for p in data) / 2**30:.2f} GiB in {time.perf_counter() - started:.0f} s")
+            _log(f"  {human_bytes(sum(os.path.getsize(p) for p in data))} in {time.perf_counter() - started:.0f} s")
             return record(kind, {"path": path, "data": data, "ready": True})
         return write
 
@@ -189,7 +218,7 @@ def synthetic_workload(shape: GemmaShape, dtype: str, fmt: str, workdir: str, mo
         makers["sharded"] = makers["primary"]
     itemsize = _itemsize(dtype)
     out_itemsize = _itemsize(model_dtype) if model_dtype else itemsize
-    title = (f"Gemma-{shape.name} shape ({shape.params() / 1e9:.2f}B params), {dtype} {fmt}"
+    title = (f"Gemma-{shape.name} shape ({human_count(shape.params())} params), {dtype} {fmt}"
              + (f" -> {model_dtype} model" if model_dtype and model_dtype != dtype else ""))
     return Workload(
         title=title, fmt=fmt,
@@ -306,35 +335,18 @@ def _child_env() -> dict:
     return env
 
 
-def _cpu_jiffies() -> tuple[float, float]:
-    """(busy, total) CPU seconds of all CPUs since boot: /proc/stat, else psutil (macOS, Windows)."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-    except FileNotFoundError:
-        import psutil
-        times = psutil.cpu_times()
-        total = sum(times)
-        return total - times.idle - getattr(times, "iowait", 0.0), total
-    ticks = os.sysconf("SC_CLK_TCK")
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values) - idle) / ticks, sum(values) / ticks
+def run_child(spec: dict, timeout: float, pythonpath: str | None = None) -> dict:
+    """One load in a fresh interpreter (``spec`` as ``child`` reads it); its result, plus ``others_cpu``.
 
-
-def _children_cpu_seconds() -> float:
-    """CPU seconds used by finished children; 0 where there is no getrusage (Windows: the
-    others_cpu figure then includes the child's own time)."""
-    if resource is None:
-        return 0.0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _run_child(spec: dict, timeout: float) -> dict:
+    ``pythonpath``: import gemma_stream from there instead (another build: before/after).
+    """
     cmd = [sys.executable, "-m", "gemma_stream.benchmark", "--child", json.dumps(spec)]
-    ours0, (busy0, total0) = _children_cpu_seconds(), _cpu_jiffies()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
-    ours1, (busy1, total1) = _children_cpu_seconds(), _cpu_jiffies()
+    env = _child_env()
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    ours0, (busy0, total0) = children_cpu_seconds(), cpu_times()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    ours1, (busy1, total1) = children_cpu_seconds(), cpu_times()
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX):])
@@ -373,7 +385,7 @@ def availability(loader_id: str, workload: Workload, quantize: str | None) -> st
         return "torchao's int4 weight-only needs the mslk package (not installed)"
     if loader_id.startswith("gs_hf") and importlib.util.find_spec("gemma_stream.hf") is None:
         return "gemma_stream.hf is not available in this checkout"
-    if loader_id == "gs_mmap" and "mode" not in inspect.signature(gs.load_into).parameters:
+    if loader_id.startswith("gs_mmap") and "mode" not in inspect.signature(gs.load_into).parameters:
         return "load_into has no mode= in this checkout"
     if loader_id == "gs_native" and not gs.native_available():
         return "gemma_stream._native is not built"
@@ -446,7 +458,7 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
             _log(f"[{'warm-up, discarded' if warm_up_round else f'{round_index + 1}/{repeat}'}] {row.loader} "
                  f"({'cold' if cold else 'warm'}, {cached:.0%} cached, cpu {busy:.0%} busy before) ...")
             try:
-                result = _run_child(spec, timeout)
+                result = run_child(spec, timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 row.errors.append(str(exc)[-300:])
                 _log(f"    error: {row.errors[-1]}")
@@ -459,7 +471,7 @@ def run_loaders(workload: Workload, loader_ids: list[str], *, cold: bool, repeat
             result["mem_free_before"] = _meminfo("MemFree")
             result["expected_model_bytes"] = out_bytes
             row.runs.append(result)
-            _log(f"    {result['seconds']:.2f} s, peak {result['peak_bytes'] / 2**30:.2f} GiB, "
+            _log(f"    {result['seconds']:.2f} s, peak {human_bytes(result['peak_bytes'])}, "
                  f"other work {result['others_cpu']:.0%} of the CPUs meanwhile")
     for row in rows:
         if row.status == "ok" and row.errors:

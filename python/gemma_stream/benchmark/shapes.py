@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-__all__ = ["GemmaShape", "SIZES", "GemmaShaped", "hf_parts", "parse_size", "tensor_specs", "module_from_specs"]
+__all__ = ["GemmaShape", "LARGE_SIZES", "SIZES", "GemmaShaped", "shape_for_bytes", "hf_parts", "parse_size", "tensor_specs", "module_from_specs"]
 
 NAMINGS = ("hf", "gemma_pytorch")
 
@@ -28,6 +28,7 @@ class GemmaShape:
     heads: int
     kv_heads: int
     head_dim: int
+    sandwich_norms: bool = False   # Gemma 2 adds pre/post feed-forward norms to every layer
 
     def params(self) -> int:
         return sum(math.prod(shape) for _, shape in tensor_specs(self, "hf"))
@@ -50,13 +51,20 @@ SIZES = {
     "7b": GemmaShape("7b", 256000, 3072, 24576, 28, 16, 16, 256),
 }
 
+#: shapes too big for ``--synthetic`` on an ordinary machine (benchmarks/big_model.py writes them)
+LARGE_SIZES = {
+    # Gemma 2 27B: 27.2B params, 54.3 GB bf16
+    "27b": GemmaShape("27b", 256000, 4608, 36864, 46, 32, 16, 128, sandwich_norms=True),
+}
 
-def shape_for_bytes(target_bytes: int, itemsize: int) -> GemmaShape:
-    """Gemma-2B layers and width, with as many layers (and as large a vocabulary) as fit ``target_bytes``.
 
-    Keeps the 2B embedding (one ~1 GB tensor, the case chunking must bound) whenever it fits.
+def shape_for_bytes(target_bytes: int, itemsize: int, base: GemmaShape | None = None) -> GemmaShape:
+    """``base``'s layers and width (Gemma 2B by default), with as many layers (and as large a vocabulary)
+    as fit ``target_bytes``.
+
+    Keeps the base's embedding (one ~1 GB tensor, the case chunking must bound) whenever it fits.
     """
-    base = SIZES["2b"]
+    base = base or SIZES["2b"]
     one_layer = (base.nbytes(itemsize) - base.vocab * base.hidden * itemsize - base.hidden * itemsize) // base.layers
     embed = base.vocab * base.hidden * itemsize
     if target_bytes >= embed + one_layer:
@@ -104,6 +112,9 @@ def tensor_specs(shape: GemmaShape, naming: str = "hf") -> list[tuple[str, tuple
                   (f"{p}.mlp.down_proj.weight", (d, shape.intermediate)),
                   (f"{p}.input_layernorm.weight", (d,)),
                   (f"{p}.post_attention_layernorm.weight", (d,))]
+        if shape.sandwich_norms:
+            specs += [(f"{p}.pre_feedforward_layernorm.weight", (d,)),
+                      (f"{p}.post_feedforward_layernorm.weight", (d,))]
     specs.append(("model.norm.weight", (d,)))
     return specs
 
@@ -157,6 +168,9 @@ class _Layer(nn.Module):
         self.mlp = _MLP(s, dtype)
         self.input_layernorm = RMSNorm(s.hidden, dtype)
         self.post_attention_layernorm = RMSNorm(s.hidden, dtype)
+        if s.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(s.hidden, dtype)
+            self.post_feedforward_layernorm = RMSNorm(s.hidden, dtype)
 
 
 class _Body(nn.Module):

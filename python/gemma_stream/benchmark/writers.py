@@ -27,7 +27,7 @@ import torch
 from .. import fileio
 from .shapes import GemmaShape, hf_parts, tensor_specs
 
-__all__ = ["DTYPES", "write_safetensors", "write_sharded", "write_ckpt", "write_config", "evict", "cached_fraction",
+__all__ = ["DTYPES", "plan_shards", "write_safetensors", "write_sharded", "write_ckpt", "write_config", "evict", "cached_fraction",
            "warm_up"]
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
@@ -68,9 +68,14 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _write_tensors(f, source: _Source, shape: GemmaShape, specs) -> None:
+def _parts(shape: GemmaShape | None, name: str, tensor_shape: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Where a tensor's bytes come from: a Gemma shape's Hugging Face parts, or the tensor itself (mixes)."""
+    return hf_parts(shape, name, tensor_shape) if shape is not None else [(name, math.prod(tensor_shape))]
+
+
+def _write_tensors(f, source: _Source, shape: GemmaShape | None, specs) -> None:
     for name, tensor_shape in specs:
-        for piece in source.pieces(hf_parts(shape, name, tensor_shape)):
+        for piece in source.pieces(_parts(shape, name, tensor_shape)):
             f.write(piece)
 
 
@@ -92,9 +97,12 @@ def _finish(f, durable: bool) -> None:
         os.fsync(f.fileno())   # dirty pages cannot be evicted: cold runs need them on disk
 
 
-def write_safetensors(path: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "hf",
+def write_safetensors(path: str, shape: GemmaShape | None, dtype: torch.dtype, naming: str = "hf",
                       specs=None, seed: int = 0, durable: bool = True) -> int:
-    """Write one safetensors file; returns its size in bytes (``durable``: fsync it)."""
+    """Write one safetensors file; returns its size in bytes (``durable``: fsync it).
+
+    ``specs``: ``[(name, shape)]`` to write instead of ``shape``'s tensors (``shape=None``: a mix).
+    """
     specs = tensor_specs(shape, naming) if specs is None else specs
     source = _Source(dtype, seed)
     with open(path, "wb") as f:
@@ -104,11 +112,8 @@ def write_safetensors(path: str, shape: GemmaShape, dtype: torch.dtype, naming: 
     return os.path.getsize(path)
 
 
-def write_sharded(directory: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "hf",
-                  max_shard_bytes: int = 2 * 10**9, seed: int = 0, durable: bool = True) -> list[str]:
-    """Write ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``."""
-    specs = tensor_specs(shape, naming)
-    itemsize = _itemsize(dtype)
+def plan_shards(specs, itemsize: int, max_shard_bytes: int) -> list[list]:
+    """Tensors in file order into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
     shards: list[list] = [[]]
     size = 0
     for spec in specs:
@@ -118,6 +123,15 @@ def write_sharded(directory: str, shape: GemmaShape, dtype: torch.dtype, naming:
             size = 0
         shards[-1].append(spec)
         size += nbytes
+    return shards
+
+
+def write_sharded(directory: str, shape: GemmaShape | None, dtype: torch.dtype, naming: str = "hf",
+                  max_shard_bytes: int = 2 * 10**9, seed: int = 0, durable: bool = True, specs=None) -> list[str]:
+    """Write ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``."""
+    specs = tensor_specs(shape, naming) if specs is None else specs
+    itemsize = _itemsize(dtype)
+    shards = plan_shards(specs, itemsize, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
         write_safetensors(os.path.join(directory, name), shape, dtype, naming, specs=shard, seed=seed,
@@ -143,26 +157,27 @@ class _StorageKeys(pickle.Unpickler):
         return pid[2]   # ('storage', storage_type, key, location, numel)
 
 
-def write_ckpt(path: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "gemma_pytorch", seed: int = 0,
-               durable: bool = True) -> int:
-    """Write a torch.save zip of ``{"model_state_dict": {...}}`` tensor by tensor.
+def write_ckpt(path: str, shape: GemmaShape | None, dtype: torch.dtype, naming: str = "gemma_pytorch", seed: int = 0,
+               durable: bool = True, specs=None, key: str | None = "model_state_dict") -> int:
+    """Write a torch.save zip of ``{key: {...}}`` (``key=None``: the state dict itself) tensor by tensor.
 
     ``torch.serialization.skip_data`` lays out the archive (pickle, aligned records) from fake
     tensors without their bytes; the bytes are then written into each record's place.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    specs = tensor_specs(shape, naming)
+    specs = tensor_specs(shape, naming) if specs is None else specs
     with FakeTensorMode():
         state = {name: torch.empty(tensor_shape, dtype=dtype) for name, tensor_shape in specs}
     with torch.serialization.skip_data(materialize_fake_tensors=True):
-        torch.save({"model_state_dict": state}, path)
+        torch.save({key: state} if key else state, path)
     del state
     offsets = _record_offsets(path)
     with zipfile.ZipFile(path) as archive:
         pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
         prefix = pkl[: -len("data.pkl")]
-        located = _StorageKeys(archive.open(pkl)).load()["model_state_dict"]
+        located = _StorageKeys(archive.open(pkl)).load()
+        located = located[key] if key else located
     source = _Source(dtype, seed)
     fd = os.open(path, fileio.open_flags(os.O_WRONLY))   # binary mode on Windows
     try:
@@ -171,7 +186,7 @@ def write_ckpt(path: str, shape: GemmaShape, dtype: torch.dtype, naming: str = "
             if storage_offset != 0:
                 raise RuntimeError(f"{path}: tensor {name!r} unexpectedly at storage offset {storage_offset}")
             pos = offsets[prefix + "data/" + key]
-            for piece in source.pieces(hf_parts(shape, name, tensor_shape)):
+            for piece in source.pieces(_parts(shape, name, tensor_shape)):
                 pos += fileio.write_at(fd, piece, pos)
         if durable:
             os.fsync(fd)
