@@ -16,7 +16,7 @@ import torch
 
 from .config import config, mem_available
 from .errors import GemmaStreamError
-from .executors import get_executor, run_plan_jobs
+from .executors import RunResult, get_executor, run_plan_jobs
 from .executors.mapped import FileViews, Prefetch
 from .formats import Checkpoint, open_checkpoint
 from .plan import CACHE_POLICIES, Plan, QuantTarget, Rename, choose_cache, make_plan, zero_copy_jobs
@@ -49,6 +49,11 @@ class LoadReport:
     cache: str = ""
     #: ``mode="mmap"``: the background read-ahead of the mapped ranges (``.wait()``, ``.done``), or None
     prefetch: Prefetch | None = field(default=None, repr=False)
+    #: host bytes of the staging ring (destinations off the CPU or not contiguous), its uploads, and the
+    #: fraction of upload time hidden behind reads (0 to 1)
+    staging_bytes: int = 0
+    uploads: int = 0
+    overlap: float = 0.0
 
     @property
     def gb_per_s(self) -> float:
@@ -102,8 +107,8 @@ def _progress_callback(progress: Progress, total: int, desc: str):
 
 
 def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progress, cache: str,
-             desc: str) -> tuple[int, float, str, str]:
-    """Run the plan's jobs; returns (bytes read, seconds, executor name, cache policy used)."""
+             desc: str) -> tuple[RunResult, float, str, str]:
+    """Run the plan's jobs; returns (what ran, seconds, executor name, cache policy used)."""
     cache = choose_cache(plan, cache, mem_available() if cache == "auto" else None)
     cfg = config()
     executor = get_executor(backend)
@@ -111,11 +116,11 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            read = run_plan_jobs(executor, plan.files, plan.jobs, threads=threads or cfg.default_threads,
+            run = run_plan_jobs(executor, plan.files, plan.jobs, threads=threads or cfg.default_threads,
                                  chunk_bytes=cfg.chunk_bytes, drop_cache=cache == "drop", progress=callback)
     finally:
         close()
-    return read, time.perf_counter() - start, executor.name, cache
+    return run, time.perf_counter() - start, executor.name, cache
 
 
 def _materialize(model: torch.nn.Module, device: torch.device) -> list[tuple[str, torch.Tensor]]:
@@ -144,10 +149,13 @@ def _same_kind(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
         return torch.nn.Parameter(data, requires_grad=old.requires_grad)
 
 
-def _check_mode(mode: str, cache: str) -> str:
+def _check_mode(mode: str, cache: str, device: str | torch.device | None = None) -> str:
     """Validate ``mode`` and ``cache``; returns the cache policy for the copying part."""
     if mode not in ("copy", "mmap"):
         raise ValueError(f"mode must be 'copy' or 'mmap', not {mode!r}")
+    if mode == "mmap" and device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"mode='mmap' maps the file into CPU memory; it cannot place tensors on {device}: "
+                         f"use mode='copy' (the default), which streams through the staging ring")
     if cache not in CACHE_POLICIES:
         raise ValueError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if mode == "mmap" and cache == "drop":
@@ -214,7 +222,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     ...     model = MyModel()
     >>> report = gs.load_into(model, "model.safetensors")
     """
-    cache = _check_mode(mode, cache)
+    cache = _check_mode(mode, cache, device)
     ckpt = open_checkpoint(path, key=key)
     if quantize is not None:
         from .quant import quantize_
@@ -231,7 +239,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     if mapped:
         mapped_ids = {id(t) for _, t in mapped}
         plan.jobs = [j for j in plan.jobs if id(targets.get(j.target)) not in mapped_ids]
-    read, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+    run, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                                   cache=cache, desc="gemma_stream load")
     _run_post_load_hooks(model, threads)
     filled = {id(targets[n]) for n in plan.loaded if n in targets}
@@ -243,8 +251,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
                       uninitialized=uninitialized, mapped=[n for n, _ in mapped],
-                      bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files),
-                      cache=cache, prefetch=prefetch)
+                      bytes_read=run.bytes_read, seconds=seconds, backend=backend_name, files=list(ckpt.files),
+                      cache=cache, prefetch=prefetch, staging_bytes=run.staging_bytes, uploads=run.uploads,
+                      overlap=run.overlap)
 
 
 def _run_post_load_hooks(model: torch.nn.Module, threads: int | None) -> None:
@@ -290,7 +299,7 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     """
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise GemmaStreamError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
-    cache = _check_mode(mode, cache)
+    cache = _check_mode(mode, cache, device)
     ckpt = _select(open_checkpoint(path, key=key), keys)
     names = normalize_names(ckpt, rename)
     targets: dict[str, torch.Tensor] = {}

@@ -1,0 +1,379 @@
+"""The staging pipeline: destinations the engine cannot write through a raw pointer.
+
+Accelerator memory, a non-contiguous CPU view (and, with
+``GEMMA_STREAM_FORCE_STAGING=1``, any CPU tensor) is filled through a ring of
+``SLOTS`` host buffers.  The engine's threads read, convert and quantize into
+slot i, all on the host, so the bus carries the final bytes; meanwhile the
+copies of the slots filled before it run; a slot is refilled only once its copy
+has completed.  Host memory is the ring, whatever the model's size.
+
+- Slots are pinned (``pin_memory=True``) when the destination is this
+  machine's accelerator, plain memory otherwise.
+- Where the device has streams (``torch.cuda``; the generic ``torch.Stream`` /
+  ``torch.Event`` of xpu and others) each slot is shipped with
+  ``copy_(non_blocking=True)`` on a dedicated stream and an event marks its end.
+  Elsewhere (the CPU, devices without streams) one uploader thread runs the
+  copies synchronously, which still overlap with the next fill.
+- Jobs larger than the room left in a slot are split by rows: a row range of a
+  source is a job at a later offset; quantized jobs keep whole rows, so their
+  scales (and int4 groups) are those of the unsplit tensor.
+
+Example (what ``run_plan_jobs`` does with the jobs it cannot run directly)::
+
+    result = run_staged(executor, plan.files, staged_jobs, threads=4, chunk_bytes=16 << 20,
+                        drop_cache=False, progress=None)
+    result.uploads, result.staging_bytes, result.overlap
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import config
+from ..errors import GemmaStreamError
+from ..plan import CopyJob
+
+__all__ = ["SLOTS", "RunResult", "cancelled", "pack", "ring_bytes", "run_staged"]
+
+#: staging slots in the ring: one filling, the others uploading
+SLOTS = 4
+_ALIGN = 64                 # staged regions start on cache lines, which also suits every dtype
+_MIN_SLOT_BYTES = 64 << 10
+
+#: tests set this to ``hook(event, slot, seq)``: "fill" (the engine starts writing slot ``slot`` for
+#: batch ``seq``), "copy" (its upload starts), "complete" (its upload is known to have finished)
+debug_hook: Callable[[str, int, int], None] | None = None
+
+
+@dataclass
+class RunResult:
+    """What ``run_plan_jobs`` did: bytes read, and what the staging pipeline did."""
+
+    bytes_read: int = 0
+    staging_bytes: int = 0   # host bytes the ring held at its largest (0: nothing was staged)
+    uploads: int = 0         # slots shipped to their destinations
+    overlap: float = 0.0     # fraction of the upload time hidden behind fills (0 to 1)
+    upload_seconds: float = 0.0
+
+
+def cancelled(done: int) -> GemmaStreamError:
+    return GemmaStreamError(f"load cancelled by the progress callback after {done} bytes; "
+                            f"the destination is only partly written")
+
+
+def ring_bytes(chunk_bytes: int, threads: int) -> int:
+    """The ring's budget: ``GEMMA_STREAM_STAGING_MB``, or 4 x chunk x threads (each slot one chunk per thread)."""
+    return config().staging_bytes or SLOTS * chunk_bytes * max(1, threads)
+
+
+def _note(event: str, slot: int, seq: int) -> None:
+    hook = debug_hook
+    if hook is not None:
+        hook(event, slot, seq)
+
+
+# ---------------------------------------------------------------- packing jobs into slots
+
+def _regions(job: CopyJob) -> list[torch.Tensor]:
+    return [t for t in (job.dst, job.scale, job.zero) if t is not None]
+
+
+def _round(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _need(job: CopyJob) -> int:
+    """Slot bytes the job's staged regions take."""
+    return sum(_round(t.numel() * t.element_size()) for t in _regions(job))
+
+
+def _rows(job: CopyJob) -> int:
+    return job.shape[0] if job.shape else 1
+
+
+def _fitting_rows(job: CopyJob, space: int) -> int:
+    """How many leading rows of ``job`` fit in ``space`` slot bytes."""
+    rows = _rows(job)
+    if len(job.shape) == 0 or rows <= 1:
+        return rows if _need(job) <= space else 0
+    per_row = sum(t.numel() * t.element_size() for t in _regions(job)) // rows
+    usable = space - _ALIGN * len(_regions(job))
+    return max(0, min(rows, usable // per_row)) if per_row else rows
+
+
+def _split(job: CopyJob, rows: int) -> tuple[CopyJob, CopyJob]:
+    """``job`` as its first ``rows`` rows and the rest, each at its own source offset."""
+    item = job.src_dtype.itemsize
+    step = (math.prod(job.shape[1:]) if job.src_strides is None else job.src_strides[0]) * item
+
+    def part(lo: int, hi: int) -> CopyJob:
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[lo:hi]
+        return dataclasses.replace(job, src_offset=job.src_offset + lo * step, shape=(hi - lo, *job.shape[1:]),
+                                   dst=cut(job.dst), scale=cut(job.scale), zero=cut(job.zero),
+                                   first_row=job.first_row + lo)
+    return part(0, rows), part(rows, _rows(job))
+
+
+def pack(jobs: list[CopyJob], slot_bytes: int) -> list[list[CopyJob]]:
+    """Jobs in file order, cut by rows into batches of at most ``slot_bytes`` of staged regions.
+
+    A single row larger than a slot (a pathological shape) gets a batch of its
+    own; the ring grows to hold it.
+    """
+    batches: list[list[CopyJob]] = []
+    current: list[CopyJob] = []
+    used = 0
+    for job in sorted(jobs, key=lambda j: (j.file_index, j.src_offset)):
+        if math.prod(job.shape) == 0:
+            continue
+        rest: CopyJob | None = job
+        while rest is not None:
+            need = _need(rest)
+            if used + need <= slot_bytes:
+                current.append(rest)
+                used += need
+                break
+            rows = _fitting_rows(rest, slot_bytes - used)
+            if rows == 0 and not current:
+                rows = 1
+            if rows:
+                head, rest = (rest, None) if rows >= _rows(rest) else _split(rest, rows)
+                current.append(head)
+            batches.append(current)
+            current, used = [], 0
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _carve(buffer: torch.Tensor, batch: list[CopyJob]) -> tuple[list[CopyJob], list[tuple]]:
+    """The batch's jobs rewritten to fill views of ``buffer``; and (view, final region, name) to upload."""
+    jobs, pairs, offset = [], [], 0
+
+    for job in batch:
+        def stage(region: torch.Tensor | None) -> torch.Tensor | None:
+            nonlocal offset
+            if region is None:
+                return None
+            nbytes = region.numel() * region.element_size()
+            view = buffer[offset:offset + nbytes].view(region.dtype).view(region.shape)
+            offset += _round(nbytes)
+            pairs.append((view, region, job.name))
+            return view
+        jobs.append(dataclasses.replace(job, dst=stage(job.dst), scale=stage(job.scale), zero=stage(job.zero),
+                                        staged=False))
+    return jobs, pairs
+
+
+# ---------------------------------------------------------------- host buffers
+
+def _can_pin(device: torch.device) -> bool:
+    """Pinned memory helps only copies to this machine's accelerator (and needs its allocator)."""
+    if device.type in ("cpu", "meta"):
+        return False
+    try:
+        accelerator = torch.accelerator.current_accelerator()
+    except (AttributeError, RuntimeError):
+        return False
+    return accelerator is not None and accelerator.type == device.type
+
+
+class _Ring:
+    def __init__(self, count: int, slot_bytes: int, pin: bool):
+        self.buffers: list[torch.Tensor | None] = [None] * count
+        self.slot_bytes = slot_bytes
+        self.pin = pin
+        self.peak_bytes = 0
+
+    def buffer(self, slot: int, need: int) -> torch.Tensor:
+        buf = self.buffers[slot]
+        if buf is None or buf.numel() < need:
+            self.buffers[slot] = None
+            buf = self.buffers[slot] = self._allocate(max(need, self.slot_bytes))
+            self.peak_bytes = max(self.peak_bytes, sum(b.numel() for b in self.buffers if b is not None))
+        return buf
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        if self.pin:
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError:
+                self.pin = False  # no pinned allocator after all: plain memory still works
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def release(self) -> None:
+        self.buffers = [None] * len(self.buffers)
+        if self.pin:
+            try:  # the host caching allocator keeps freed pinned blocks; the ring's are no use after the load
+                torch.accelerator.empty_host_cache()
+            except (AttributeError, RuntimeError):
+                pass
+
+
+# ---------------------------------------------------------------- uploaders
+
+def _upload(staged: torch.Tensor, region: torch.Tensor, name: str, non_blocking: bool) -> None:
+    try:
+        region.copy_(staged, non_blocking=non_blocking)
+    except RuntimeError as e:
+        raise GemmaStreamError(f"tensor {name!r}: copying its staged bytes to {region.device} failed: {e}") from e
+
+
+class _ThreadUploader:
+    """Synchronous copies on one background thread; they overlap with the next fill."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma_stream_upload")
+        self.pending: dict[int, object] = {}
+        self.busy_seconds = 0.0
+
+    def submit(self, slot: int, seq: int, pairs: list[tuple]) -> None:
+        self.pending[slot] = self.pool.submit(self._copy, slot, seq, pairs)
+
+    def _copy(self, slot: int, seq: int, pairs: list[tuple]) -> None:
+        start = time.perf_counter()
+        _note("copy", slot, seq)
+        with torch.no_grad():  # grad mode is per thread; destinations are often Parameters
+            for staged, region, name in pairs:
+                _upload(staged, region, name, non_blocking=False)
+        self.busy_seconds += time.perf_counter() - start  # one worker: no race
+        _note("complete", slot, seq)
+
+    def wait(self, slot: int) -> None:
+        future = self.pending.pop(slot, None)
+        if future is not None:
+            future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _StreamUploader:
+    """``copy_(non_blocking=True)`` on a dedicated stream; an event per slot says when it may be refilled."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device)
+            current = torch.cuda.current_stream(device)
+            self.event = lambda: torch.cuda.Event(enable_timing=True)
+        else:
+            self.stream = torch.Stream(device=device)
+            current = torch.accelerator.current_stream(device)
+            self.event = lambda: torch.Event(device=device, enable_timing=True)
+        # the destinations were allocated on the current stream (perhaps from memory it still uses)
+        self.stream.wait_stream(current)
+        self.pending: dict[int, tuple] = {}
+        self.busy_seconds = 0.0
+
+    def submit(self, slot: int, seq: int, pairs: list[tuple]) -> None:
+        _note("copy", slot, seq)
+        start, end = self.event(), self.event()
+        with torch.no_grad(), (torch.cuda.stream(self.stream) if self.device.type == "cuda" else self.stream):
+            start.record(self.stream)
+            for staged, region, name in pairs:
+                _upload(staged, region, name, non_blocking=True)
+            end.record(self.stream)
+        self.pending[slot] = (start, end, seq)
+
+    def wait(self, slot: int) -> None:
+        entry = self.pending.pop(slot, None)
+        if entry is None:
+            return
+        start, end, seq = entry
+        end.synchronize()
+        self.busy_seconds += start.elapsed_time(end) / 1e3
+        _note("complete", slot, seq)
+
+    def close(self) -> None:
+        try:
+            self.stream.synchronize()  # the ring's memory must outlive every copy that reads it
+        except RuntimeError:
+            pass
+        self.pending.clear()
+
+
+def _uploader(device: torch.device):
+    """A stream uploader where the device has streams and events, a thread of synchronous copies otherwise."""
+    if device.type not in ("cpu", "meta") and _can_pin(device):
+        try:
+            return _StreamUploader(device)
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+    return _ThreadUploader()
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def _run_device(executor, files: list[str], jobs: list[CopyJob], device: torch.device, *, threads: int,
+                chunk_bytes: int, drop_cache: bool, progress: Callable[[int], bool] | None) -> RunResult:
+    pin = _can_pin(device)
+    slot_bytes = max(_MIN_SLOT_BYTES, ring_bytes(chunk_bytes, threads) // SLOTS)
+    if pin:  # the pinned allocator rounds each block up to a power of two: stay inside the budget
+        slot_bytes = 1 << (slot_bytes.bit_length() - 1)
+    batches = pack(jobs, slot_bytes)
+    if not batches:
+        return RunResult()
+    needs = [sum(_need(j) for j in batch) for batch in batches]
+    ring = _Ring(min(SLOTS, len(batches)), min(slot_bytes, max(needs)), pin)
+    uploader = _uploader(device)
+    result = RunResult()
+    exposed = 0.0
+    try:
+        for seq, batch in enumerate(batches):
+            slot = seq % len(ring.buffers)
+            waited = time.perf_counter()
+            uploader.wait(slot)  # the slot's previous copy must be over before the engine writes it again
+            exposed += time.perf_counter() - waited
+            _note("fill", slot, seq)
+            staged_jobs, pairs = _carve(ring.buffer(slot, needs[seq]), batch)
+            base = result.bytes_read
+            read, completed = executor.run(files, staged_jobs, threads=threads, chunk_bytes=chunk_bytes,
+                                           drop_cache=drop_cache,
+                                           progress=None if progress is None else lambda n: progress(base + n))
+            result.bytes_read += read
+            if not completed:
+                raise cancelled(result.bytes_read)
+            uploader.submit(slot, seq, pairs)
+            result.uploads += 1
+        waited = time.perf_counter()
+        for slot in range(len(ring.buffers)):
+            uploader.wait(slot)
+        exposed += time.perf_counter() - waited
+    finally:
+        uploader.close()  # on an error: let the copies in flight finish, end the thread
+        ring.release()
+    result.staging_bytes = ring.peak_bytes
+    result.upload_seconds = uploader.busy_seconds
+    if uploader.busy_seconds > 0:
+        result.overlap = min(1.0, max(0.0, 1.0 - exposed / uploader.busy_seconds))
+    return result
+
+
+def run_staged(executor, files: list[str], jobs: list[CopyJob], *, threads: int, chunk_bytes: int,
+               drop_cache: bool, progress: Callable[[int], bool] | None) -> RunResult:
+    """Run ``jobs`` through the staging ring, one pipeline per destination device."""
+    by_device: dict[torch.device, list[CopyJob]] = {}
+    for job in jobs:
+        by_device.setdefault(job.dst.device, []).append(job)
+    total = RunResult()
+    for device, device_jobs in by_device.items():
+        base = total.bytes_read
+        part = _run_device(executor, files, device_jobs, device, threads=threads, chunk_bytes=chunk_bytes,
+                           drop_cache=drop_cache,
+                           progress=None if progress is None else lambda n, base=base: progress(base + n))
+        hidden = total.overlap * total.upload_seconds + part.overlap * part.upload_seconds
+        total.bytes_read += part.bytes_read
+        total.staging_bytes = max(total.staging_bytes, part.staging_bytes)
+        total.uploads += part.uploads
+        total.upload_seconds += part.upload_seconds
+        total.overlap = hidden / total.upload_seconds if total.upload_seconds > 0 else 0.0
+    return total
