@@ -302,3 +302,109 @@ def test_host_peak_is_the_ring_not_the_model(tmp_path, backend):
     assert got["model"] >= 10 * ring and got["uploads"] >= 12
     assert got["staging_bytes"] <= ring
     assert got["extra"] <= ring + 64 * MiB, got
+
+
+# ---------------------------------------------------------------- the stream path, with a simulated device
+
+class _FakeStream:
+    """A device stream simulated by a worker thread: work runs later, in order, like a copy engine."""
+
+    def __init__(self):
+        self.queue: list = []
+        self.cv = threading.Condition()
+        self.waited_on: list = []
+        self.worker = threading.Thread(target=self._work, daemon=True)
+        self.stopped = False
+        self.worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self.cv:
+                while not self.queue and not self.stopped:
+                    self.cv.wait()
+                if not self.queue:
+                    return
+                fn = self.queue.pop(0)
+            fn()
+
+    def enqueue(self, fn) -> None:
+        with self.cv:
+            self.queue.append(fn)
+            self.cv.notify()
+
+    def wait_stream(self, other) -> None:
+        self.waited_on.append(other)
+
+    def synchronize(self) -> None:
+        done = threading.Event()
+        self.enqueue(done.set)
+        done.wait()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify()
+        self.worker.join()
+
+
+class _FakeEvent:
+    def __init__(self):
+        self.done = threading.Event()
+        self.at = 0.0
+
+    def record(self, stream: _FakeStream) -> None:
+        def fire():
+            self.at = time.perf_counter()
+            self.done.set()
+        stream.enqueue(fire)
+
+    def synchronize(self) -> None:
+        self.done.wait()
+
+    def elapsed_time(self, end: "_FakeEvent") -> float:
+        return (end.at - self.at) * 1e3
+
+
+def test_stream_uploader_refills_a_slot_only_after_its_event(tmp_path, backend, forced, monkeypatch):
+    """The accelerator path's protocol, with copies that really run later: a slot refilled before
+    its event fired would hand the simulated copy engine overwritten bytes."""
+    torch.manual_seed(6)
+    sd = {f"w{i}": torch.randn(256, 1024) for i in range(4)}
+    path = str(tmp_path / "s.safetensors")
+    save_file(sd, path)
+    stream, current = _FakeStream(), object()
+    active: list[_FakeStream] = []
+
+    class Use:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            active.append(self.s)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    def async_upload(staged, region, name, non_blocking):
+        assert non_blocking and active == [stream]
+        def copy():
+            time.sleep(0.003)
+            region.copy_(staged)
+        active[-1].enqueue(copy)
+
+    uploader = staging._StreamUploader(stream, current, _FakeEvent, Use)
+    monkeypatch.setattr(staging, "_upload", async_upload)
+    monkeypatch.setattr(staging, "_uploader", lambda device: uploader)
+    events = []
+    monkeypatch.setattr(staging, "debug_hook", lambda event, slot, seq: events.append((event, slot, seq)))
+    try:
+        model = _buffers(sd)
+        report = gs.load_into(model, path, backend=backend)
+    finally:
+        stream.stop()
+    assert stream.waited_on == [current]   # the copies start after the allocating stream's work
+    assert all(torch.equal(getattr(model, k), v) for k, v in sd.items())
+    assert report.uploads >= 16 and report.overlap > 0
+    for i, (event, slot, seq) in enumerate(events):
+        if event == "fill" and seq >= staging.SLOTS:
+            assert ("complete", slot, seq - staging.SLOTS) in events[:i]

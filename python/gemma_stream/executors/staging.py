@@ -257,27 +257,25 @@ class _ThreadUploader:
 
 
 class _StreamUploader:
-    """``copy_(non_blocking=True)`` on a dedicated stream; an event per slot says when it may be refilled."""
+    """``copy_(non_blocking=True)`` on a dedicated stream; an event per slot says when it may be refilled.
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        if device.type == "cuda":
-            self.stream = torch.cuda.Stream(device)
-            current = torch.cuda.current_stream(device)
-            self.event = lambda: torch.cuda.Event(enable_timing=True)
-        else:
-            self.stream = torch.Stream(device=device)
-            current = torch.accelerator.current_stream(device)
-            self.event = lambda: torch.Event(device=device, enable_timing=True)
+    ``use_stream(stream)`` is the context that makes ``stream`` current (``torch.cuda.stream``, or the
+    generic ``torch.Stream`` itself); ``make_event()`` a timing event.
+    """
+
+    def __init__(self, stream, current_stream, make_event: Callable, use_stream: Callable):
+        self.stream = stream
+        self.event = make_event
+        self.use_stream = use_stream
         # the destinations were allocated on the current stream (perhaps from memory it still uses)
-        self.stream.wait_stream(current)
+        self.stream.wait_stream(current_stream)
         self.pending: dict[int, tuple] = {}
         self.busy_seconds = 0.0
 
     def submit(self, slot: int, seq: int, pairs: list[tuple]) -> None:
         _note("copy", slot, seq)
         start, end = self.event(), self.event()
-        with torch.no_grad(), (torch.cuda.stream(self.stream) if self.device.type == "cuda" else self.stream):
+        with torch.no_grad(), self.use_stream(self.stream):
             start.record(self.stream)
             for staged, region, name in pairs:
                 _upload(staged, region, name, non_blocking=True)
@@ -301,11 +299,19 @@ class _StreamUploader:
         self.pending.clear()
 
 
+def _stream_uploader(device: torch.device) -> _StreamUploader:
+    if device.type == "cuda":
+        return _StreamUploader(torch.cuda.Stream(device), torch.cuda.current_stream(device),
+                               lambda: torch.cuda.Event(enable_timing=True), torch.cuda.stream)
+    return _StreamUploader(torch.Stream(device=device), torch.accelerator.current_stream(device),
+                           lambda: torch.Event(device=device, enable_timing=True), lambda stream: stream)
+
+
 def _uploader(device: torch.device):
     """A stream uploader where the device has streams and events, a thread of synchronous copies otherwise."""
-    if device.type not in ("cpu", "meta") and _can_pin(device):
+    if _can_pin(device):
         try:
-            return _StreamUploader(device)
+            return _stream_uploader(device)
         except (AttributeError, RuntimeError, TypeError):
             pass
     return _ThreadUploader()
