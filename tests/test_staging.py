@@ -249,7 +249,8 @@ def test_staging_budget_must_be_positive(monkeypatch):
         config()
 
 
-def test_plain_cpu_load_reports_no_staging(tmp_path, backend):
+def test_plain_cpu_load_reports_no_staging(tmp_path, backend, monkeypatch):
+    monkeypatch.delenv("GEMMA_STREAM_FORCE_STAGING", raising=False)
     path, sd = _mixed(tmp_path)
     report = gs.load_into(_buffers(sd), path, backend=backend)
     assert report.uploads == 0 and report.staging_bytes == 0 and report.overlap == 0.0
