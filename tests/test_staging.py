@@ -3,6 +3,7 @@ run for non-contiguous CPU views and, with GEMMA_STREAM_FORCE_STAGING=1, for con
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -298,7 +299,6 @@ def test_host_peak_is_the_ring_not_the_model(tmp_path, backend):
                GEMMA_STREAM_CHUNK_MB="4", GEMMA_STREAM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, path, backend], env=env, capture_output=True,
                          text=True, check=True)
-    import json
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["model"] >= 10 * ring and got["uploads"] >= 12
     assert got["staging_bytes"] <= ring
@@ -409,3 +409,31 @@ def test_stream_uploader_refills_a_slot_only_after_its_event(tmp_path, backend, 
     for i, (event, slot, seq) in enumerate(events):
         if event == "fill" and seq >= staging.SLOTS:
             assert ("complete", slot, seq - staging.SLOTS) in events[:i]
+
+
+# ---------------------------------------------------------------- models built on meta, and the GPU check's CPU part
+
+def test_meta_model_with_tied_weights_through_the_ring(tmp_path, backend, forced):
+    torch.manual_seed(7)
+    emb = torch.randn(3000, 128)
+    path = str(tmp_path / "tied.safetensors")
+    save_file({"embed.weight": emb, "norm": torch.randn(128)}, path)
+    with torch.device("meta"):
+        model = nn.Module()
+        model.embed = nn.Embedding(3000, 128)
+        model.head = nn.Linear(128, 3000, bias=False)
+        model.head.weight = model.embed.weight   # tied: one Parameter, two names
+        model.register_buffer("norm", torch.empty(128))
+    report = gs.load_into(model, path, backend=backend, strict=False)
+    assert model.head.weight is model.embed.weight and isinstance(model.embed.weight, nn.Parameter)
+    assert model.embed.weight.device.type == "cpu" and torch.equal(model.embed.weight, emb)
+    assert report.uploads >= 2 and not report.missing_keys
+
+
+def test_gpu_check_cpu_part_runs_and_verifies(tmp_path):
+    from gemma_stream.benchmark import gpu
+    out = tmp_path / "check.json"
+    assert gpu.main(["--size", "tiny", "--cases", "gs_int8", "--dir", str(tmp_path / "data"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["gs_int8"]
+    assert rows[0]["verify"]["equal"] and rows[0]["staging_bytes"] > 0 and rows[0]["uploads"] >= 1

@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"device": str(device), "cuda": cuda, "shape": shape.as_dict(), "bound": bound,
                            "copy_bound": copy, "rows": rows}, f, indent=2)
         # a competitor that cannot run here (transformers without accelerate, say) is reported, not fatal
-        bad = [r for r in rows if r["case"].startswith("gs_") and ("error" in r or not r.get("verify", {"equal": True})["equal"])]
+        bad = [r for r in rows if r["case"].startswith("gs_")
+               and ("error" in r or not r.get("verify", {"equal": True})["equal"])]
         return 1 if bad else 0
     finally:
         if scratch is not None:
