@@ -116,11 +116,11 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            run = run_plan_jobs(executor, plan.files, plan.jobs, threads=threads or cfg.default_threads,
+            done = run_plan_jobs(executor, plan.files, plan.jobs, threads=threads or cfg.default_threads,
                                  chunk_bytes=cfg.chunk_bytes, drop_cache=cache == "drop", progress=callback)
     finally:
         close()
-    return run, time.perf_counter() - start, executor.name, cache
+    return done, time.perf_counter() - start, executor.name, cache
 
 
 def _materialize(model: torch.nn.Module, device: torch.device) -> list[tuple[str, torch.Tensor]]:
@@ -239,7 +239,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     if mapped:
         mapped_ids = {id(t) for _, t in mapped}
         plan.jobs = [j for j in plan.jobs if id(targets.get(j.target)) not in mapped_ids]
-    run, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+    done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                                   cache=cache, desc="gemma_stream load")
     _run_post_load_hooks(model, threads)
     filled = {id(targets[n]) for n in plan.loaded if n in targets}
@@ -251,9 +251,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
                       uninitialized=uninitialized, mapped=[n for n, _ in mapped],
-                      bytes_read=run.bytes_read, seconds=seconds, backend=backend_name, files=list(ckpt.files),
-                      cache=cache, prefetch=prefetch, staging_bytes=run.staging_bytes, uploads=run.uploads,
-                      overlap=run.overlap)
+                      bytes_read=done.bytes_read, seconds=seconds, backend=backend_name, files=list(ckpt.files),
+                      cache=cache, prefetch=prefetch, staging_bytes=done.staging_bytes, uploads=done.uploads,
+                      overlap=done.overlap)
 
 
 def _run_post_load_hooks(model: torch.nn.Module, threads: int | None) -> None:
