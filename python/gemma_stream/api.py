@@ -50,7 +50,7 @@ class LoadReport:
     #: ``mode="mmap"``: the background read-ahead of the mapped ranges (``.wait()``, ``.done``), or None
     prefetch: Prefetch | None = field(default=None, repr=False)
     #: host bytes of the staging ring (destinations off the CPU or not contiguous), its uploads, and the
-    #: fraction of upload time hidden behind reads (0 to 1)
+    #: share of the shorter of reading and uploading hidden behind the other (1: fully overlapped)
     staging_bytes: int = 0
     uploads: int = 0
     overlap: float = 0.0

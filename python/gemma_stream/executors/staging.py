@@ -3,9 +3,11 @@
 Accelerator memory, a non-contiguous CPU view (and, with
 ``GEMMA_STREAM_FORCE_STAGING=1``, any CPU tensor) is filled through a ring of
 ``SLOTS`` host buffers.  The engine's threads read, convert and quantize into
-slot i, all on the host, so the bus carries the final bytes; meanwhile the
-copies of the slots filled before it run; a slot is refilled only once its copy
-has completed.  Host memory is the ring, whatever the model's size.
+slots i and i+1 (two engine runs in flight, each on half the threads, so
+neither a run's slowest chunk nor its start-up leaves the disk idle), all on
+the host, so the bus carries the final bytes; meanwhile the copies of the slots
+filled before them run; a slot is refilled only once its copy has completed.
+Host memory is the ring, whatever the model's size.
 
 - Slots are pinned (``pin_memory=True``) when the destination is this
   machine's accelerator, plain memory otherwise.
@@ -30,20 +32,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..config import config
-from ..errors import GemmaStreamError
+from ..errors import CheckpointError, GemmaStreamError
 from ..plan import CopyJob
 
-__all__ = ["SLOTS", "RunResult", "cancelled", "pack", "ring_bytes", "run_staged"]
+__all__ = ["SLOTS", "RunResult", "cancelled", "overlap", "pack", "ring_bytes", "run_staged"]
 
-#: staging slots in the ring: one filling, the others uploading
+#: staging slots in the ring: two filling, the others uploading
 SLOTS = 4
+FILLS = 2
 _ALIGN = 64                 # staged regions start on cache lines, which also suits every dtype
 _MIN_SLOT_BYTES = 64 << 10
 
@@ -59,7 +63,7 @@ class RunResult:
     bytes_read: int = 0
     staging_bytes: int = 0   # host bytes the ring held at its largest (0: nothing was staged)
     uploads: int = 0         # slots shipped to their destinations
-    overlap: float = 0.0     # fraction of the upload time hidden behind fills (0 to 1)
+    overlap: float = 0.0     # share of the shorter of filling and uploading hidden behind the other (0 to 1)
     upload_seconds: float = 0.0
 
 
@@ -234,6 +238,7 @@ class _ThreadUploader:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma_stream_upload")
         self.pending: dict[int, object] = {}
         self.busy_seconds = 0.0
+        self.spans: list[tuple[float, float]] = []  # when each copy ran (perf_counter seconds)
 
     def submit(self, slot: int, seq: int, pairs: list[tuple]) -> None:
         self.pending[slot] = self.pool.submit(self._copy, slot, seq, pairs)
@@ -244,7 +249,9 @@ class _ThreadUploader:
         with torch.no_grad():  # grad mode is per thread; destinations are often Parameters
             for staged, region, name in pairs:
                 _upload(staged, region, name, non_blocking=False)
-        self.busy_seconds += time.perf_counter() - start  # one worker: no race
+        end = time.perf_counter()
+        self.busy_seconds += end - start  # one worker: no race
+        self.spans.append((start, end))
         _note("complete", slot, seq)
 
     def wait(self, slot: int) -> None:
@@ -271,11 +278,16 @@ class _StreamUploader:
         self.stream.wait_stream(current_stream)
         self.pending: dict[int, tuple] = {}
         self.busy_seconds = 0.0
+        self.spans: list[tuple[float, float]] = []  # when each copy ran on the device, on the host's clock
+        self.zero = None  # an event recorded on the idle stream at the first submit, and the host time then
 
     def submit(self, slot: int, seq: int, pairs: list[tuple]) -> None:
         _note("copy", slot, seq)
         start, end = self.event(), self.event()
         with torch.no_grad(), self.use_stream(self.stream):
+            if self.zero is None:
+                self.zero = (self.event(), time.perf_counter())
+                self.zero[0].record(self.stream)
             start.record(self.stream)
             for staged, region, name in pairs:
                 _upload(staged, region, name, non_blocking=True)
@@ -288,7 +300,10 @@ class _StreamUploader:
             return
         start, end, seq = entry
         end.synchronize()
-        self.busy_seconds += start.elapsed_time(end) / 1e3
+        zero, t0 = self.zero
+        span = (t0 + zero.elapsed_time(start) / 1e3, t0 + zero.elapsed_time(end) / 1e3)
+        self.busy_seconds += span[1] - span[0]
+        self.spans.append(span)
         _note("complete", slot, seq)
 
     def close(self) -> None:
@@ -319,6 +334,58 @@ def _uploader(device: torch.device):
 
 # ---------------------------------------------------------------- the pipeline
 
+def _with_tensors(error: CheckpointError, batch: list[CopyJob]) -> CheckpointError:
+    """An engine error that names no tensor (a read cut short by a file truncated under it), with the
+    tensors the failed run was reading."""
+    text = str(error)
+    if any(f"'{job.name}'" in text for job in batch):
+        return error
+    names = ", ".join(f"'{job.name}' rows [{job.first_row}, {job.first_row + _rows(job)})" for job in batch[:4])
+    more = f" and {len(batch) - 4} more" if len(batch) > 4 else ""
+    return CheckpointError(f"{text} (while reading tensor {names}{more})")
+
+
+def _fill(executor, files: list[str], jobs: list[CopyJob], threads: int, chunk_bytes: int,
+          drop_cache: bool) -> tuple[int, bool, float, float]:
+    """One engine run into a slot; returns (bytes read, completed, start, end)."""
+    start = time.perf_counter()
+    # no progress callback here: Python is called back only from the loading thread
+    read, completed = executor.run(files, jobs, threads=threads, chunk_bytes=chunk_bytes, drop_cache=drop_cache,
+                                   progress=None)
+    return read, completed, start, time.perf_counter()
+
+
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def overlap(fills: list[tuple[float, float]], uploads: list[tuple[float, float]]) -> float:
+    """The share of the shorter activity (filling or uploading, as time spans) that ran while
+    the other ran: 1 when the pipeline hid it completely, 0 when they ran one after the other.
+
+    >>> overlap([(0, 2), (2, 4)], [(1, 3)])
+    1.0
+    """
+    a, b = _merged(fills), _merged(uploads)
+    shorter = min(sum(e - s for s, e in a), sum(e - s for s, e in b))
+    if shorter <= 0:
+        return 0.0
+    both, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        both += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return min(1.0, both / shorter)
+
+
 def _run_device(executor, files: list[str], jobs: list[CopyJob], device: torch.device, *, threads: int,
                 chunk_bytes: int, drop_cache: bool, progress: Callable[[int], bool] | None) -> RunResult:
     pin = _can_pin(device)
@@ -330,37 +397,50 @@ def _run_device(executor, files: list[str], jobs: list[CopyJob], device: torch.d
         return RunResult()
     needs = [sum(_need(j) for j in batch) for batch in batches]
     ring = _Ring(min(SLOTS, len(batches)), min(slot_bytes, max(needs)), pin)
+    # two fills in flight, each on half the threads: while one waits for its slowest chunk (or the engine
+    # starts a run), the other keeps the disk and the cores busy
+    in_flight = FILLS if len(ring.buffers) > FILLS else 1
+    fill_threads = max(1, threads // in_flight)
+    fills = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="gemma_stream_fill")
     uploader = _uploader(device)
     result = RunResult()
-    exposed = 0.0
+    fill_spans: list[tuple[float, float]] = []
+    filling: deque[tuple[int, int, Future, list[tuple]]] = deque()
+
+    def ship_oldest() -> None:
+        seq, slot, future, pairs = filling.popleft()
+        try:
+            read, completed, start, end = future.result()
+        except CheckpointError as e:
+            raise _with_tensors(e, batches[seq]) from None
+        fill_spans.append((start, end))
+        result.bytes_read += read
+        if not completed or (progress is not None and progress(result.bytes_read) is False):
+            raise cancelled(result.bytes_read)
+        uploader.submit(slot, seq, pairs)
+        result.uploads += 1
+
     try:
         for seq, batch in enumerate(batches):
             slot = seq % len(ring.buffers)
-            waited = time.perf_counter()
+            if len(filling) == in_flight:
+                ship_oldest()
             uploader.wait(slot)  # the slot's previous copy must be over before the engine writes it again
-            exposed += time.perf_counter() - waited
             _note("fill", slot, seq)
             staged_jobs, pairs = _carve(ring.buffer(slot, needs[seq]), batch)
-            base = result.bytes_read
-            read, completed = executor.run(files, staged_jobs, threads=threads, chunk_bytes=chunk_bytes,
-                                           drop_cache=drop_cache,
-                                           progress=None if progress is None else lambda n: progress(base + n))
-            result.bytes_read += read
-            if not completed:
-                raise cancelled(result.bytes_read)
-            uploader.submit(slot, seq, pairs)
-            result.uploads += 1
-        waited = time.perf_counter()
+            filling.append((seq, slot, fills.submit(_fill, executor, files, staged_jobs, fill_threads, chunk_bytes,
+                                                     drop_cache), pairs))
+        while filling:
+            ship_oldest()
         for slot in range(len(ring.buffers)):
             uploader.wait(slot)
-        exposed += time.perf_counter() - waited
     finally:
-        uploader.close()  # on an error: let the copies in flight finish, end the thread
+        fills.shutdown(wait=True, cancel_futures=True)  # on an error: no engine run may still write the ring
+        uploader.close()  # ... nor a copy still read it; ends the uploader thread
         ring.release()
     result.staging_bytes = ring.peak_bytes
     result.upload_seconds = uploader.busy_seconds
-    if uploader.busy_seconds > 0:
-        result.overlap = min(1.0, max(0.0, 1.0 - exposed / uploader.busy_seconds))
+    result.overlap = overlap(fill_spans, uploader.spans)
     return result
 
 
