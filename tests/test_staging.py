@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import gemma_stream as gs
-from gemma_stream.executors import staging
+from gemma_stream.executors import slots, staging
 from gemma_stream.formats import open_checkpoint
 from gemma_stream.plan import make_plan
 from gemma_stream.quant import quantize_int4, quantize_int8
@@ -141,10 +141,10 @@ def test_pack_keeps_quantized_rows_whole_and_slots_bounded(tmp_path):
     save_file({"w": torch.randn(300, 1000), "v": torch.randn(5000)}, path)
     targets = {"w": torch.empty(300, 1000, dtype=torch.bfloat16), "v": torch.empty(5000)}
     plan = make_plan(open_checkpoint(path), targets)
-    batches = staging.pack(plan.jobs, 64 << 10)
+    batches = slots.pack(plan.jobs, 64 << 10)
     seen = {"w": 0, "v": 0}
     for batch in batches:
-        assert sum(staging._need(j) for j in batch) <= 64 << 10
+        assert sum(slots.need(j) for j in batch) <= 64 << 10
         for job in batch:
             assert job.dst.shape == job.shape
             seen[job.name] += job.shape[0]

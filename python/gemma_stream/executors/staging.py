@@ -3,8 +3,8 @@
 Accelerator memory, a non-contiguous CPU view (and, with
 ``GEMMA_STREAM_FORCE_STAGING=1``, any CPU tensor) is filled through a ring of
 ``SLOTS`` host buffers.  The engine's threads read, convert and quantize into
-slots i and i+1 (two engine runs in flight, each on half the threads, so
-neither a run's slowest chunk nor its start-up leaves the disk idle), all on
+slots i and i+1 (two engine runs in flight, each on half the threads, so that
+a run's slowest chunk and its start-up need not idle the disk), all on
 the host, so the bus carries the final bytes; meanwhile the copies of the slots
 filled before them run; a slot is refilled only once its copy has completed.
 Host memory is the ring, whatever the model's size.
@@ -16,9 +16,9 @@ Host memory is the ring, whatever the model's size.
   ``copy_(non_blocking=True)`` on a dedicated stream and an event marks its end.
   Elsewhere (the CPU, devices without streams) one uploader thread runs the
   copies synchronously, which still overlap with the next fill.
-- Jobs larger than the room left in a slot are split by rows: a row range of a
-  source is a job at a later offset; quantized jobs keep whole rows, so their
-  scales (and int4 groups) are those of the unsplit tensor.
+- Jobs larger than the room left in a slot are split by rows (``slots.py``): a
+  row range of a source is a job at a later offset; quantized jobs keep whole
+  rows, so their scales (and int4 groups) are those of the unsplit tensor.
 
 Example (what ``run_plan_jobs`` does with the jobs it cannot run directly)::
 
@@ -29,8 +29,6 @@ Example (what ``run_plan_jobs`` does with the jobs it cannot run directly)::
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,13 +40,13 @@ import torch
 from ..config import config
 from ..errors import CheckpointError, GemmaStreamError
 from ..plan import CopyJob
+from .slots import carve, need, pack, row_count
 
 __all__ = ["SLOTS", "RunResult", "cancelled", "overlap", "pack", "ring_bytes", "run_staged"]
 
 #: staging slots in the ring: two filling, the others uploading
 SLOTS = 4
 FILLS = 2
-_ALIGN = 64                 # staged regions start on cache lines, which also suits every dtype
 _MIN_SLOT_BYTES = 64 << 10
 
 #: tests set this to ``hook(event, slot, seq)``: "fill" (the engine starts writing slot ``slot`` for
@@ -83,100 +81,6 @@ def _note(event: str, slot: int, seq: int) -> None:
         hook(event, slot, seq)
 
 
-# ---------------------------------------------------------------- packing jobs into slots
-
-def _regions(job: CopyJob) -> list[torch.Tensor]:
-    return [t for t in (job.dst, job.scale, job.zero) if t is not None]
-
-
-def _round(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
-
-
-def _need(job: CopyJob) -> int:
-    """Slot bytes the job's staged regions take."""
-    return sum(_round(t.numel() * t.element_size()) for t in _regions(job))
-
-
-def _rows(job: CopyJob) -> int:
-    return job.shape[0] if job.shape else 1
-
-
-def _fitting_rows(job: CopyJob, space: int) -> int:
-    """How many leading rows of ``job`` fit in ``space`` slot bytes."""
-    rows = _rows(job)
-    if len(job.shape) == 0 or rows <= 1:
-        return rows if _need(job) <= space else 0
-    per_row = sum(t.numel() * t.element_size() for t in _regions(job)) // rows
-    usable = space - _ALIGN * len(_regions(job))
-    return max(0, min(rows, usable // per_row)) if per_row else rows
-
-
-def _split(job: CopyJob, rows: int) -> tuple[CopyJob, CopyJob]:
-    """``job`` as its first ``rows`` rows and the rest, each at its own source offset."""
-    item = job.src_dtype.itemsize
-    step = (math.prod(job.shape[1:]) if job.src_strides is None else job.src_strides[0]) * item
-
-    def part(lo: int, hi: int) -> CopyJob:
-        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[lo:hi]
-        return dataclasses.replace(job, src_offset=job.src_offset + lo * step, shape=(hi - lo, *job.shape[1:]),
-                                   dst=cut(job.dst), scale=cut(job.scale), zero=cut(job.zero),
-                                   first_row=job.first_row + lo)
-    return part(0, rows), part(rows, _rows(job))
-
-
-def pack(jobs: list[CopyJob], slot_bytes: int) -> list[list[CopyJob]]:
-    """Jobs in file order, cut by rows into batches of at most ``slot_bytes`` of staged regions.
-
-    A single row larger than a slot (a pathological shape) gets a batch of its
-    own; the ring grows to hold it.
-    """
-    batches: list[list[CopyJob]] = []
-    current: list[CopyJob] = []
-    used = 0
-    for job in sorted(jobs, key=lambda j: (j.file_index, j.src_offset)):
-        if math.prod(job.shape) == 0:
-            continue
-        rest: CopyJob | None = job
-        while rest is not None:
-            need = _need(rest)
-            if used + need <= slot_bytes:
-                current.append(rest)
-                used += need
-                break
-            rows = _fitting_rows(rest, slot_bytes - used)
-            if rows == 0 and not current:
-                rows = 1
-            if rows:
-                head, rest = (rest, None) if rows >= _rows(rest) else _split(rest, rows)
-                current.append(head)
-            batches.append(current)
-            current, used = [], 0
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _carve(buffer: torch.Tensor, batch: list[CopyJob]) -> tuple[list[CopyJob], list[tuple]]:
-    """The batch's jobs rewritten to fill views of ``buffer``; and (view, final region, name) to upload."""
-    jobs, pairs, offset = [], [], 0
-
-    for job in batch:
-        def stage(region: torch.Tensor | None) -> torch.Tensor | None:
-            nonlocal offset
-            if region is None:
-                return None
-            nbytes = region.numel() * region.element_size()
-            view = buffer[offset:offset + nbytes].view(region.dtype).view(region.shape)
-            offset += _round(nbytes)
-            pairs.append((view, region, job.name))
-            return view
-        jobs.append(dataclasses.replace(job, dst=stage(job.dst), scale=stage(job.scale), zero=stage(job.zero),
-                                        staged=False))
-    return jobs, pairs
-
-
 # ---------------------------------------------------------------- host buffers
 
 def _can_pin(device: torch.device) -> bool:
@@ -197,11 +101,11 @@ class _Ring:
         self.pin = pin
         self.peak_bytes = 0
 
-    def buffer(self, slot: int, need: int) -> torch.Tensor:
+    def buffer(self, slot: int, nbytes: int) -> torch.Tensor:
         buf = self.buffers[slot]
-        if buf is None or buf.numel() < need:
+        if buf is None or buf.numel() < nbytes:
             self.buffers[slot] = None
-            buf = self.buffers[slot] = self._allocate(max(need, self.slot_bytes))
+            buf = self.buffers[slot] = self._allocate(max(nbytes, self.slot_bytes))
             self.peak_bytes = max(self.peak_bytes, sum(b.numel() for b in self.buffers if b is not None))
         return buf
 
@@ -340,7 +244,7 @@ def _with_tensors(error: CheckpointError, batch: list[CopyJob]) -> CheckpointErr
     text = str(error)
     if any(f"'{job.name}'" in text for job in batch):
         return error
-    names = ", ".join(f"'{job.name}' rows [{job.first_row}, {job.first_row + _rows(job)})" for job in batch[:4])
+    names = ", ".join(f"'{job.name}' rows [{job.first_row}, {job.first_row + row_count(job)})" for job in batch[:4])
     more = f" and {len(batch) - 4} more" if len(batch) > 4 else ""
     return CheckpointError(f"{text} (while reading tensor {names}{more})")
 
@@ -395,7 +299,7 @@ def _run_device(executor, files: list[str], jobs: list[CopyJob], device: torch.d
     batches = pack(jobs, slot_bytes)
     if not batches:
         return RunResult()
-    needs = [sum(_need(j) for j in batch) for batch in batches]
+    needs = [sum(need(j) for j in batch) for batch in batches]
     ring = _Ring(min(SLOTS, len(batches)), min(slot_bytes, max(needs)), pin)
     # two fills in flight, each on half the threads: while one waits for its slowest chunk (or the engine
     # starts a run), the other keeps the disk and the cores busy
@@ -427,7 +331,7 @@ def _run_device(executor, files: list[str], jobs: list[CopyJob], device: torch.d
                 ship_oldest()
             uploader.wait(slot)  # the slot's previous copy must be over before the engine writes it again
             _note("fill", slot, seq)
-            staged_jobs, pairs = _carve(ring.buffer(slot, needs[seq]), batch)
+            staged_jobs, pairs = carve(ring.buffer(slot, needs[seq]), batch)
             filling.append((seq, slot, fills.submit(_fill, executor, files, staged_jobs, fill_threads, chunk_bytes,
                                                      drop_cache), pairs))
         while filling:
