@@ -15,7 +15,7 @@ import torch
 from .config import config, mem_available
 from .dtypes import CONVERTIBLE, FLOAT_DTYPES
 from .errors import GemmaStreamError, MismatchError, UninitializedWarning
-from .executors import get_executor, run_plan_jobs
+from .executors import RunResult, get_executor, run_plan_jobs
 from .executors.mapped import FileViews, Prefetch
 from .fileio import platform_cache_policy
 from .formats import Checkpoint, open_checkpoint
@@ -47,6 +47,11 @@ class LoadReport:
     cache: str = ""
     #: ``mode="mmap"``: the background read-ahead of the mapped ranges (``.wait()``, ``.done``), or None
     prefetch: Prefetch | None = field(default=None, repr=False)
+    #: host bytes of the staging ring (destinations off the CPU or not contiguous), its uploads, and the
+    #: share of the shorter of reading and uploading hidden behind the other (1: fully overlapped)
+    staging_bytes: int = 0
+    uploads: int = 0
+    overlap: float = 0.0
 
     @property
     def gb_per_s(self) -> float:
@@ -86,8 +91,8 @@ def _open(path: str | os.PathLike | Checkpoint, key: str | None) -> Checkpoint:
 
 
 def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progress, cache: str,
-             desc: str) -> tuple[int, float, str, str]:
-    """Run the plan's jobs; returns (bytes read, seconds, executor name, cache policy used)."""
+             desc: str) -> tuple[RunResult, float, str, str]:
+    """Run the plan's jobs; returns (what ran, seconds, executor name, cache policy used)."""
     cache = platform_cache_policy(choose_cache(plan, cache, mem_available() if cache == "auto" else None),
                                   explicit=cache == "drop")
     cfg = config()
@@ -96,17 +101,20 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            read = run_plan_jobs(executor, plan.files, plan.jobs, threads=threads or cfg.default_threads,
+            done = run_plan_jobs(executor, plan.files, plan.jobs, threads=threads or cfg.default_threads,
                                  chunk_bytes=cfg.chunk_bytes, drop_cache=cache == "drop", progress=callback)
     finally:
         close()
-    return read, time.perf_counter() - start, executor.name, cache
+    return done, time.perf_counter() - start, executor.name, cache
 
 
-def _check_mode(mode: str, cache: str) -> str:
+def _check_mode(mode: str, cache: str, device: str | torch.device | None = None) -> str:
     """Validate ``mode`` and ``cache``; returns the cache policy for the copying part."""
     if mode not in ("copy", "mmap"):
         raise GemmaStreamError(f"mode must be 'copy' or 'mmap', not {mode!r}")
+    if mode == "mmap" and device is not None and torch.device(device).type != "cpu":
+        raise GemmaStreamError(f"mode='mmap' maps the file into CPU memory; it cannot place tensors on {device}: "
+                               f"use mode='copy' (the default), which streams through the staging ring")
     if cache not in CACHE_POLICIES:
         raise GemmaStreamError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if mode == "mmap" and cache == "drop":
@@ -185,7 +193,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     ...     model = MyModel()
     >>> report = gs.load_into(model, "model.safetensors")
     """
-    cache = _check_mode(mode, cache)
+    cache = _check_mode(mode, cache, device)
     ckpt = _open(path, key)
     from .distributed import has_dtensors, load_sharded
     if read != "own" or has_dtensors(model):
@@ -203,14 +211,15 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     mapped, prefetch = _map_zero_copy(plan, targets, device, threads) if mode == "mmap" else ({}, None)
     swap_tensors(model, {key: view for key, (_, view) in mapped.items()})
     plan.rebind(materialize(model, device))
-    read, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+    done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                                   cache=cache, desc="gemma_stream load")
     run_post_load_hooks(model, threads or config().default_threads)
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
                       uninitialized=uninitialized, mapped=[name for name, _ in mapped.values()],
-                      bytes_read=read, seconds=seconds, backend=backend_name, files=list(ckpt.files),
-                      cache=cache, prefetch=prefetch)
+                      bytes_read=done.bytes_read, seconds=seconds, backend=backend_name, files=list(ckpt.files),
+                      cache=cache, prefetch=prefetch, staging_bytes=done.staging_bytes, uploads=done.uploads,
+                      overlap=done.overlap)
 
 
 def _select(ckpt: Checkpoint, keys) -> Checkpoint:
@@ -249,7 +258,7 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     """
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise GemmaStreamError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
-    cache = _check_mode(mode, cache)
+    cache = _check_mode(mode, cache, device)
     ckpt = _select(_open(path, key), keys)
     names = normalize_names(ckpt, rename)
     targets: dict[str, torch.Tensor] = {}
@@ -268,11 +277,11 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     plan = make_plan(ckpt, targets, rename={r.name: names.get(r.name) for r in ckpt.records}, strict=True)
     mapped, prefetch = _map_zero_copy(plan, targets, torch.device(device), threads) if mode == "mmap" else \
         ({}, None)
-    read, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+    done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                                   cache=cache, desc="gemma_stream read")
     out = StateDict({name: mapped[id(t)][1] if id(t) in mapped else t for name, t in targets.items()})
     out.report = LoadReport(loaded=plan.loaded, skipped_keys=plan.skipped_keys,
-                            mapped=[name for name, _ in mapped.values()], bytes_read=read, seconds=seconds,
+                            mapped=[name for name, _ in mapped.values()], bytes_read=done.bytes_read, seconds=seconds,
                             backend=backend_name, files=list(ckpt.files), cache=cache, prefetch=prefetch)
     return out
 

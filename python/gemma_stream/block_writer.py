@@ -239,7 +239,7 @@ class BlockWriter:
         try:
             self.bytes_read += run_plan_jobs(self.executor, self.ckpt.files, self.jobs, threads=self.threads,
                                              chunk_bytes=self.chunk_bytes, drop_cache=False,
-                                             progress=self._offset_progress())
+                                             progress=self._offset_progress()).bytes_read
         except CheckpointError as e:
             raise CheckpointError(self._tensor_rows(str(e))) from None
         for finish in self.deferred:

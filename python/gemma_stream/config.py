@@ -14,6 +14,8 @@ class Config:
     threads: int | None      # GEMMA_STREAM_THREADS
     chunk_bytes: int         # GEMMA_STREAM_CHUNK_MB (MiB)
     prefetch: str = "auto"   # GEMMA_STREAM_PREFETCH: "auto" | "on" | "off" (mode="mmap" read-ahead)
+    staging_bytes: int | None = None  # GEMMA_STREAM_STAGING_MB: the staging ring (default 4 x chunk x threads)
+    force_staging: bool = False       # GEMMA_STREAM_FORCE_STAGING=1: stage contiguous CPU destinations too (tests)
 
     @property
     def default_threads(self) -> int:
@@ -85,5 +87,10 @@ def config() -> Config:
     prefetch = aliases.get(prefetch, prefetch)
     if prefetch not in ("auto", "on", "off"):
         raise ValueError(f"GEMMA_STREAM_PREFETCH={prefetch!r}: expected auto, on or off")
+    staging_mb = _int_env("GEMMA_STREAM_STAGING_MB")
+    if staging_mb is not None and staging_mb <= 0:
+        raise ValueError(f"GEMMA_STREAM_STAGING_MB={staging_mb}: expected a positive number of MiB")
+    force = os.environ.get("GEMMA_STREAM_FORCE_STAGING", "").strip().lower() in ("1", "true", "yes", "on")
     return Config(backend=None if backend == "auto" else backend, threads=_int_env("GEMMA_STREAM_THREADS"),
-                  chunk_bytes=chunk_mb << 20, prefetch=prefetch)
+                  chunk_bytes=chunk_mb << 20, prefetch=prefetch,
+                  staging_bytes=staging_mb << 20 if staging_mb else None, force_staging=force)

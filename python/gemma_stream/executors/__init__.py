@@ -1,4 +1,4 @@
-"""Executors run copy jobs; this module picks one and drives staged jobs.
+"""Executors run copy jobs; this module picks one and sends staged jobs through the staging ring.
 
 ``native`` is the C++ engine (``gemma_stream._native``); ``python`` is the
 pure-Python fallback.  Both take the same jobs and write the same bytes.
@@ -6,17 +6,15 @@ pure-Python fallback.  Both take the same jobs and write the same bytes.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Callable, Protocol
-
-import torch
 
 from ..config import config
 from ..errors import GemmaStreamError
 from ..plan import CopyJob
+from .staging import RunResult, cancelled, run_staged
 
-__all__ = ["Executor", "get_executor", "native_available", "run_plan_jobs", "BACKEND"]
+__all__ = ["Executor", "get_executor", "native_available", "run_plan_jobs", "RunResult", "BACKEND"]
 
 try:
     from .. import _native  # noqa: F401
@@ -29,10 +27,6 @@ except ImportError as e:  # the fallback is only for a missing extension
 #: the backend ``backend="auto"`` resolves to in this process
 BACKEND = "native" if _native is not None else "python"
 _warned = False
-
-#: budget for CPU staging buffers of jobs whose destination is not contiguous CPU memory
-STAGING_BYTES = 256 << 20
-
 
 class Executor(Protocol):
     name: str
@@ -75,54 +69,25 @@ def get_executor(backend: str = "auto") -> Executor:
     return NativeExecutor()
 
 
-def _stage(job: CopyJob) -> tuple[CopyJob, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Give a job contiguous CPU buffers; return it with (buffer, final region) pairs."""
-    pairs = []
-
-    def buffer(region: torch.Tensor | None) -> torch.Tensor | None:
-        if region is None:
-            return None
-        staging = torch.empty(region.shape, dtype=region.dtype, device="cpu")
-        pairs.append((staging, region))
-        return staging
-
-    staged = dataclasses.replace(job, dst=buffer(job.dst), scale=buffer(job.scale), zero=buffer(job.zero),
-                                 staged=False)
-    return staged, pairs
-
-
 def run_plan_jobs(executor: Executor, files: list[str], jobs: list[CopyJob], *, threads: int, chunk_bytes: int,
-                  drop_cache: bool, progress: Callable[[int], bool] | None) -> int:
-    """Run direct jobs in one batch, then staged jobs in batches of bounded staging memory."""
-    direct = [j for j in jobs if not j.staged]
-    staged = [j for j in jobs if j.staged]
+                  drop_cache: bool, progress: Callable[[int], bool] | None) -> RunResult:
+    """Run direct jobs in one batch, then staged jobs through the staging ring (``staging.py``).
+
+    ``GEMMA_STREAM_FORCE_STAGING=1`` stages contiguous CPU destinations too, so
+    the pipeline that serves accelerators runs (and is tested) on any machine.
+    """
+    force = config().force_staging
+    direct = [j for j in jobs if not (j.staged or force)]
+    staged = [j for j in jobs if j.staged or force]
     done = 0
-
-    def offset_progress(base: int):
-        if progress is None:
-            return None
-        return lambda n: progress(base + n)
-
-    def run(batch: list[CopyJob]) -> None:
-        nonlocal done
-        if not batch:
-            return
-        read, completed = executor.run(files, batch, threads=threads, chunk_bytes=chunk_bytes,
-                                       drop_cache=drop_cache, progress=offset_progress(done))
-        done += read
+    if direct:
+        done, completed = executor.run(files, direct, threads=threads, chunk_bytes=chunk_bytes, drop_cache=drop_cache,
+                                       progress=progress)
         if not completed:
-            raise GemmaStreamError(f"load cancelled by the progress callback after {done} bytes; "
-                                   f"the destination is only partly written")
-
-    run(direct)
-    while staged:
-        batch, pairs, size = [], [], 0
-        while staged and (not batch or size + staged[0].dst.nbytes <= STAGING_BYTES):
-            job, job_pairs = _stage(staged.pop(0))
-            batch.append(job)
-            pairs.extend(job_pairs)
-            size += job.dst.nbytes
-        run(batch)
-        for buffer, region in pairs:
-            region.copy_(buffer)
-    return done
+            raise cancelled(done)
+    result = RunResult()
+    if staged:
+        result = run_staged(executor, files, staged, threads=threads, chunk_bytes=chunk_bytes, drop_cache=drop_cache,
+                            progress=None if progress is None else lambda n: progress(done + n))
+    result.bytes_read += done
+    return result
