@@ -55,6 +55,17 @@ void File::read_exact(void* dst, std::size_t n, uint64_t offset) const {
   }
 }
 
+void File::check_identity(const FileIdentity& expected) const {
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) throw IoError(path_ + ": cannot stat: " + errno_text(errno));
+  const int64_t mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  if (static_cast<uint64_t>(st.st_dev) != expected.device || static_cast<uint64_t>(st.st_ino) != expected.inode ||
+      static_cast<uint64_t>(st.st_size) != expected.size || mtime_ns != expected.mtime_ns)
+    throw IoError(path_ + ": the file changed after its header was read (size " + std::to_string(expected.size) +
+                  " -> " + std::to_string(st.st_size) + ", inode " + std::to_string(expected.inode) + " -> " +
+                  std::to_string(st.st_ino) + "); it was replaced or rewritten during the load: load it again");
+}
+
 void File::drop_cache(uint64_t offset, std::size_t n) const noexcept {
   ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n), POSIX_FADV_DONTNEED);
 }

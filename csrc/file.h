@@ -16,6 +16,13 @@ class IoError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// What identifies the file a header was validated from: a path renamed over
+// (a checkpoint sync) or a file rewritten in place changes one of these.
+struct FileIdentity {
+  uint64_t device = 0, inode = 0, size = 0;
+  int64_t mtime_ns = 0;
+};
+
 class File {
  public:
   explicit File(const std::string& path);
@@ -32,6 +39,9 @@ class File {
   void drop_cache(uint64_t offset, std::size_t n) const noexcept;
   // Tells the kernel the whole file will be read sequentially.
   void advise_sequential() const noexcept;
+
+  // Throws IoError unless the open file is the one `expected` describes.
+  void check_identity(const FileIdentity& expected) const;
 
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }

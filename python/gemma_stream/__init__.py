@@ -11,7 +11,7 @@ import logging
 from . import hf, maps  # hf imports transformers only when called
 from .api import LoadReport, TensorInfo, inspect, load_into, load_state_dict
 from .convert import convert
-from .errors import CheckpointError, GemmaStreamError, MismatchError
+from .errors import CheckpointError, GemmaStreamError, InternalError, MismatchError, UsageError
 from .executors import BACKEND, native_available
 from .plan import Route
 from .quant import QuantEmbedding, QuantLinear, quantize_
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 
 __all__ = [
-    "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
-    "Route", "TensorInfo",
+    "BACKEND", "CheckpointError", "GemmaStreamError", "InternalError", "LoadReport", "MismatchError", "QuantEmbedding",
+    "QuantLinear", "Route", "TensorInfo", "UsageError",
     "__version__", "convert", "hf", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
 ]

@@ -15,7 +15,7 @@ from typing import Callable, Union
 import torch
 
 from .config import config, mem_available
-from .errors import GemmaStreamError
+from .errors import GemmaStreamError, UsageError
 from .executors import get_executor, run_plan_jobs
 from .executors.mapped import FileViews, Prefetch
 from .formats import Checkpoint, open_checkpoint
@@ -97,7 +97,7 @@ def _progress_callback(progress: Progress, total: int, desc: str):
             return True
         return update, bar.close
     if not callable(progress):
-        raise TypeError("progress must be None, a bool or a callable(bytes_done, bytes_total)")
+        raise UsageError("progress must be None, a bool or a callable(bytes_done, bytes_total)")
     return (lambda done: progress(done, total) is not False), lambda: None
 
 
@@ -147,11 +147,11 @@ def _same_kind(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 def _check_mode(mode: str, cache: str) -> str:
     """Validate ``mode`` and ``cache``; returns the cache policy for the copying part."""
     if mode not in ("copy", "mmap"):
-        raise ValueError(f"mode must be 'copy' or 'mmap', not {mode!r}")
+        raise UsageError(f"mode must be 'copy' or 'mmap', not {mode!r}")
     if cache not in CACHE_POLICIES:
-        raise ValueError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
+        raise UsageError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if mode == "mmap" and cache == "drop":
-        raise ValueError("cache='drop' cannot be combined with mode='mmap': mapped weights live in the page cache")
+        raise UsageError("cache='drop' cannot be combined with mode='mmap': mapped weights live in the page cache")
     return "keep" if mode == "mmap" else cache   # dropping next to mapped weights would evict them
 
 

@@ -23,7 +23,7 @@ command line exits 2 for the first family and 3 for an ``InternalError``.
 
 from __future__ import annotations
 
-__all__ = ["GemmaStreamError", "CheckpointError", "MismatchError", "UsageError", "InternalError"]
+__all__ = ["GemmaStreamError", "CheckpointError", "MismatchError", "UsageError", "InternalError", "nan_row"]
 
 
 class GemmaStreamError(ValueError):
@@ -55,3 +55,9 @@ class UsageError(GemmaStreamError, TypeError):
 
 class InternalError(RuntimeError):
     """A bug in gemma_stream (an impossible job reached the engine); the file is not to blame."""
+
+
+def nan_row(path: str, tensor: str, row: int) -> CheckpointError:
+    """The one wording for a row that cannot be quantized (both executors and the converter use it)."""
+    return CheckpointError(f"{path}: tensor '{tensor}': row {row} holds NaN or infinity; it cannot be quantized",
+                           path=path, tensor=tensor, row=row)

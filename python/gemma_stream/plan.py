@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Mapping, Union
 import torch
 
 from .dtypes import CONVERTIBLE, DType, from_torch
-from .errors import MismatchError
+from .errors import MismatchError, UsageError
 from .formats.records import Checkpoint, TensorRecord
 
 __all__ = ["Route", "QuantTarget", "CopyJob", "Plan", "choose_cache", "make_plan", "normalize_rename",
@@ -122,7 +122,7 @@ def choose_cache(plan: Plan, cache: str, available: int | None) -> str:
     that fits stays cached for the next load.  "keep"/"drop" pass through.
     """
     if cache not in CACHE_POLICIES:
-        raise ValueError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
+        raise UsageError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if cache != "auto":
         return cache
     if available is None:
@@ -139,7 +139,7 @@ def normalize_rename(rename: Rename) -> Callable[[str], list[Route] | None]:
     elif callable(rename):
         lookup = rename
     else:
-        raise TypeError(f"rename must be a dict or a callable, not {type(rename).__name__}")
+        raise UsageError(f"rename must be a dict or a callable, not {type(rename).__name__}")
 
     def routes(name: str) -> list[Route] | None:
         result = lookup(name)
@@ -151,7 +151,7 @@ def normalize_rename(rename: Rename) -> Callable[[str], list[Route] | None]:
             return [result]
         out = [Route(r) if isinstance(r, str) else r for r in result]
         if not all(isinstance(r, Route) for r in out):
-            raise TypeError(f"rename({name!r}) returned {result!r}; expected a name, Route, list of Routes or None")
+            raise UsageError(f"rename({name!r}) returned {result!r}; expected a name, Route, list of Routes or None")
         return out
 
     return routes

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..config import config
-from ..errors import GemmaStreamError
+from ..errors import GemmaStreamError, UsageError
 from ..plan import CopyJob
 
 __all__ = ["Executor", "get_executor", "native_available", "run_plan_jobs", "BACKEND"]
@@ -49,7 +49,7 @@ def native_available() -> bool:
 def get_executor(backend: str = "auto") -> Executor:
     global _warned
     if backend not in ("auto", "native", "python"):
-        raise ValueError(f"backend must be 'auto', 'native' or 'python', not {backend!r}")
+        raise UsageError(f"backend must be 'auto', 'native' or 'python', not {backend!r}")
     if backend == "auto":
         backend = config().backend or "auto"
     if backend == "python":

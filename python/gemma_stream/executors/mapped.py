@@ -180,6 +180,40 @@ class Prefetch:
         self._cancel.set()
 
 
+def _map_validated(path: str) -> torch.UntypedStorage:
+    """A private mapping of the very file whose header was validated (``CheckpointFile.identity``).
+
+    Mapped through ``/proc/self/fd`` of a descriptor checked with ``fstat``, so a file
+    renamed over the path since cannot be mapped instead; where there is no ``/proc``
+    the path is mapped and checked again afterwards.
+    """
+    fd = _open_checked(path)
+    try:
+        proc = f"/proc/self/fd/{fd}"
+        target = proc if os.path.exists(proc) else path
+        storage = torch.UntypedStorage.from_file(target, shared=False, nbytes=os.fstat(fd).st_size)
+        if target == path:
+            os.close(_open_checked(path))
+        return storage
+    finally:
+        os.close(fd)
+
+
+def _open_checked(path: str) -> int:
+    from ..errors import CheckpointError
+    from ..formats.records import check_open_file
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}", path=path) from e
+    try:
+        check_open_file(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class FileViews:
     """Maps files on first use and cuts tensors out of them."""
 
@@ -191,16 +225,17 @@ class FileViews:
     def _storage(self, file_index: int) -> torch.UntypedStorage:
         storage = self._storages.get(file_index)
         if storage is None:
-            path = self.files[file_index]
-            storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
-            self._storages[file_index] = storage
+            storage = self._storages[file_index] = _map_validated(self.files[file_index])
         return storage
 
     def view(self, file_index: int, byte_offset: int, dtype: torch.dtype, shape: tuple[int, ...],
              strides: tuple[int, ...] | None) -> torch.Tensor:
         """The tensor at ``byte_offset`` (a multiple of the item size) of one file."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        assert byte_offset % itemsize == 0, "the planner maps only aligned tensors"
+        if byte_offset % itemsize:
+            from ..errors import InternalError
+            raise InternalError(f"byte offset {byte_offset} is not aligned to {dtype}: the planner maps only "
+                                f"aligned tensors")
         storage = self._storage(file_index)
         strides = strides if strides is not None else contiguous_strides(shape)
         if all(shape):

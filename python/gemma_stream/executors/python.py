@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, nan_row
+from ..formats.records import check_open_file
 from ..plan import CopyJob
 from ..quant import quantize_int4, quantize_int8
 
@@ -23,9 +24,14 @@ from ..quant import quantize_int4, quantize_int8
 def _read_into(fd: int, path: str, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise CheckpointError(f"{path}: read of {len(view) - done} bytes at offset {offset + done} failed: "
+                                  f"{e.strerror or e}", path=path) from e
         if got == 0:
-            raise CheckpointError(f"{path}: unexpected end of file at offset {offset + done}")
+            raise CheckpointError(f"{path}: unexpected end of file at offset {offset + done} (file shrank to fewer "
+                                  f"than {offset + len(view)} bytes?)", path=path)
         done += got
 
 
@@ -63,13 +69,33 @@ def _check_range(job: CopyJob, path: str, size: int) -> None:
     end = _source_end(job)
     if end > size:
         raise CheckpointError(f"{path}: tensor '{job.name}': bytes [{job.src_offset}, {end}) lie beyond the end "
-                              f"of the file ({size} bytes)")
+                              f"of the file ({size} bytes)", path=path, tensor=job.name)
+
+
+def _open(path: str) -> int:
+    """A descriptor on ``path``, checked to be the validated file (same words as the C++ engine)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}", path=path) from e
+    try:
+        check_open_file(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _Run:
     def __init__(self, files: list[str], chunk_bytes: int, drop_cache: bool):
         self.files = files
-        self.fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+        self.fds: list[int] = []
+        try:
+            for f in files:
+                self.fds.append(_open(f))
+        except BaseException:
+            self.close()
+            raise
         self.chunk_bytes = max(chunk_bytes, 4096)
         self.drop_cache = drop_cache
 
@@ -126,7 +152,10 @@ class _Run:
         nbytes = (end - begin) * item
         dst = job.dst.reshape(-1)[begin:end]
         if job.src_dtype.torch == job.dst.dtype:
-            _read_into(fd, path, memoryview(dst.view(torch.uint8).numpy()), offset)
+            raw = dst.view(torch.uint8)
+            _read_into(fd, path, memoryview(raw.numpy()), offset)
+            if dst.dtype == torch.bool:  # stored as 0/1 whatever the file holds, as torch's copy_ does
+                raw.clamp_(max=1)
         else:
             src = torch.frombuffer(_read(fd, path, nbytes, offset), dtype=job.src_dtype.torch)
             dst.copy_(src)  # the same conversion kernel Tensor.to runs, without its temporary
@@ -164,8 +193,7 @@ class _Run:
         finite = torch.isfinite(w).all(dim=1)
         if not bool(finite.all()):
             bad = job.first_row + begin + int((~finite).nonzero()[0, 0])
-            raise CheckpointError(f"{path}: tensor '{job.name}': row {bad} holds NaN or infinity; "
-                                  f"it cannot be quantized")
+            raise nan_row(path, job.name, bad)
         if job.op == "int8":
             q, s = quantize_int8(w, job.scale.dtype)
             job.dst[begin:end].copy_(q)
@@ -190,11 +218,11 @@ class PythonExecutor:
 
     def run(self, files: list[str], jobs: list[CopyJob], *, threads: int, chunk_bytes: int,
             drop_cache: bool, progress: Callable[[int], bool] | None) -> tuple[int, bool]:
-        sizes = [os.path.getsize(f) for f in files]
-        for job in jobs:
-            _check_range(job, files[job.file_index], sizes[job.file_index])
         run = _Run(files, chunk_bytes, drop_cache)
         try:
+            sizes = [os.fstat(fd).st_size for fd in run.fds]
+            for job in jobs:
+                _check_range(job, files[job.file_index], sizes[job.file_index])
             ordered = sorted(jobs, key=lambda j: (j.file_index, j.src_offset))
             tasks = [t for job in ordered for t in run.tasks(job)]
             done, completed = 0, True
