@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import CheckpointError, nan_row
+from ..errors import CheckpointError, InternalError, nan_row
 from ..formats.records import check_open_file
 from ..plan import CopyJob
 from ..quant import quantize_int4, quantize_int8
@@ -218,6 +218,10 @@ class PythonExecutor:
 
     def run(self, files: list[str], jobs: list[CopyJob], *, threads: int, chunk_bytes: int,
             drop_cache: bool, progress: Callable[[int], bool] | None) -> tuple[int, bool]:
+        for job in jobs:  # what the C++ engine refuses as a JobError: a planner bug, not the file's fault
+            if not 0 <= job.file_index < len(files) or (math.prod(job.shape) and job.dst is None):
+                raise InternalError(f"gemma_stream bug: the engine refused a job: tensor '{job.name}': file index "
+                                    f"{job.file_index} of {len(files)} files or null destination")
         run = _Run(files, chunk_bytes, drop_cache)
         try:
             sizes = [os.fstat(fd).st_size for fd in run.fds]

@@ -66,7 +66,7 @@ def read_index(index_path: str, read_shard: Callable[[str], Checkpoint]) -> Chec
     seen: dict[str, str] = {}
     for shard_path in sorted(wanted):
         shard = read_shard(shard_path)
-        files.append(shard_path)
+        files.extend(shard.files)   # CheckpointFile: the identity each executor checks
         metadata.update(shard.metadata)
         extras.update(shard.extras)
         present = {r.name for r in shard.records}

@@ -20,7 +20,8 @@ __all__ = ["TensorRecord", "Checkpoint", "CheckpointFile", "contiguous_strides",
 _INT64_LIMIT = 1 << 63
 
 
-def check_shape(shape: tuple[int, ...], itemsize: int, where: str) -> None:
+def check_shape(shape: tuple[int, ...], itemsize: int, where: str, path: str | None = None,
+                tensor: str | None = None) -> None:
     """Refuse sizes torch cannot represent: a dimension, or a contiguous stride in bytes, past int64.
 
     A zero-sized tensor may still carry huge dimensions (``[0, 2**62, 2**62]``);
@@ -31,7 +32,8 @@ def check_shape(shape: tuple[int, ...], itemsize: int, where: str) -> None:
     for size in shape:
         extent *= max(size, 1)
         if size >= _INT64_LIMIT or extent >= _INT64_LIMIT:
-            raise CheckpointError(f"{where}: shape {list(shape)} has a size or stride beyond 64 bits")
+            raise CheckpointError(f"{where}: shape {list(shape)} has a size or stride beyond 64 bits", path=path,
+                                  tensor=tensor)
 
 
 class CheckpointFile(str):

@@ -72,10 +72,10 @@ def read_header_file(path: str) -> tuple[dict, int, int, CheckpointFile]:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             file_size = st.st_size
-            head = f.read(9)
+            head = f.read(16)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: file is {file_size} bytes, too short for a safetensors header",
-                                      path=path)
+                raise CheckpointError(f"{path}: not a safetensors or PyTorch zip checkpoint: it is {file_size} bytes, "
+                                      f"too short for a safetensors header, and holds {head!r}", path=path)
             (n,) = struct.unpack("<Q", head[:8])
             if (n > MAX_HEADER_BYTES or 8 + n > file_size) and head[8:9] != b"{":
                 raise not_a_checkpoint(path, head)
@@ -85,7 +85,9 @@ def read_header_file(path: str) -> tuple[dict, int, int, CheckpointFile]:
             if 8 + n > file_size:
                 raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes)",
                                       path=path)
-            raw = head[8:] + f.read(n - len(head[8:]))
+            raw = head[8:8 + n]
+            if len(raw) < n:
+                raw += f.read(n - len(raw))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}", path=path) from e
     header = parse_json(raw, path, "header")
@@ -117,7 +119,7 @@ def _record(path: str, name: str, entry, data_start: int, data_len: int) -> tupl
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and 0 <= o < 1 << 64 for o in offsets)):
         raise fail(f"data_offsets {describe(offsets, 60)} is not a pair of non-negative integers")
-    check_shape(tuple(shape), dtype.itemsize, where)
+    check_shape(tuple(shape), dtype.itemsize, where, path, name)
     begin, end = offsets
     if end < begin:
         raise fail(f"data_offsets [{begin}, {end}) end before begin")

@@ -246,7 +246,7 @@ def _record(path: str, name: str, view: TensorView, payload: int) -> TensorRecor
                               path=path, tensor=name)
     itemsize = view.dtype.itemsize
     numel = math.prod(size)
-    check_shape(size, itemsize, where)
+    check_shape(size, itemsize, where, path, name)
     if any(s >= 1 << 63 for s in stride) or offset >= 1 << 63:
         raise CheckpointError(f"{where}: stride {describe(list(stride))} or storage offset {describe(offset)} is beyond "
                               f"64 bits", path=path, tensor=name)
