@@ -208,7 +208,14 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     ``torch.load(mmap=True)`` + ``assign=True``: the fastest start, weights
     backed by the file; the file is read ahead in file order in the
     background when it fits in memory, see ``LoadReport.prefetch``); the
-    others are copied as usual.
+    others are copied as usual.  The mapped file is checked to be the one
+    whose header was validated, but after the load the weights *are* the
+    file: truncating or rewriting it in place makes the next touch of a
+    mapped page raise ``SIGBUS`` and kill the process, as with
+    ``torch.load(mmap=True)``.  Replace a mapped checkpoint by renaming a new
+    file over it (the old inode lives on), or use ``mode="copy"``.  In every
+    mode a file replaced or rewritten during the load raises
+    ``CheckpointError``.
 
     >>> with torch.device("meta"):
     ...     model = MyModel()

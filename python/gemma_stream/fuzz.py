@@ -458,6 +458,7 @@ def _child(fmt: str, seed: int, first: int, last: int, backends: tuple[str, ...]
         raise TimeoutError(f"case ran over {case_seconds} s")
     signal.signal(signal.SIGALRM, alarm)
     suffix = ".safetensors" if fmt == "safetensors" else ".pt"
+    crash_at = int(os.environ.get("GEMMA_STREAM_FUZZ_SELFTEST_CRASH", "-1"))   # tests/test_fuzz.py only
     with tempfile.TemporaryDirectory(prefix="gs_fuzz_") as tmp:
         path = os.path.join(tmp, f"case{suffix}")
         for index in range(first, last):
@@ -466,6 +467,8 @@ def _child(fmt: str, seed: int, first: int, last: int, backends: tuple[str, ...]
             except Exception as e:  # noqa: BLE001 - a bug of the mutator, not of the code under test
                 print(json.dumps({"i": index, "v": {"all": ("generator_error", _reason(e))}}), flush=True)
                 continue
+            if index == crash_at:
+                os.abort()
             signal.alarm(case_seconds)
             try:
                 verdicts = run_case(fmt, data, path, backends)
@@ -601,6 +604,42 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+BOMBS = {   # data.pkl bodies that allocate per opcode byte; each is grown to the pickle size limit
+    "MARK": b"(",
+    "EMPTY_LIST": b"]",
+    "MEMOIZE": b"\x94",
+    "DUP": b"2",
+    "TUPLE1": b"\x85",
+    "MARK+POP_MARK": b"(1",
+    "SHORT_BINUNICODE": b"\x8c\x05hello",
+    "LONG1": b"\x8a\x08" + b"\x7f" * 8,
+}
+
+
+def bomb_table(size: int | None = None) -> str:
+    """Each bomb walked in a fresh child: its size, seconds, MB/s and extra peak RSS (MiB)."""
+    from .formats.torchzip import MAX_PICKLE_BYTES
+    size = size or MAX_PICKLE_BYTES
+    code = ("import resource,sys,time\n"
+            "from gemma_stream.errors import CheckpointError\n"
+            "from gemma_stream.formats.pickle_walker import walk_pickle\n"
+            "unit=bytes.fromhex(sys.argv[1]); n=int(sys.argv[2])\n"
+            "data=(b'\\x80\\x02N'+unit*(n//len(unit)))[:n]\n"
+            "before=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t=time.perf_counter()\n"
+            "try:\n    walk_pickle(data); verdict='parsed'\n"
+            "except CheckpointError as e:\n    verdict=str(e).split(': ',1)[1][:60]\n"
+            "dt=time.perf_counter()-t\n"
+            "print(len(data), dt, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-before)/1024, verdict)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rows = ["| bomb | data.pkl bytes | seconds | MB/s | extra peak RSS (MiB) | verdict |", "|---|---|---|---|---|---|"]
+    for name, unit in BOMBS.items():
+        out = subprocess.run([sys.executable, "-c", code, unit.hex(), str(size)], env=env, capture_output=True,
+                             text=True, timeout=600).stdout.split(" ", 3)
+        n, seconds, extra, verdict = int(out[0]), float(out[1]), float(out[2]), out[3].strip()
+        rows.append(f"| {name} | {n} | {seconds:.2f} | {n / seconds / 1e6:.0f} | {extra:.1f} | {verdict} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -616,8 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="child processes at once")
     parser.add_argument("--case-seconds", type=int, default=20, help="alarm per case in the child")
     parser.add_argument("--memory-gb", type=float, default=8.0, help="RLIMIT_AS of each child")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", help="write the results here (also every 1,000 cases)")
+    parser.add_argument("--bombs", action="store_true", help="only measure the pickle bombs (memory, MB/s)")
     args = parser.parse_args(argv)
+    if args.bombs:
+        print(bomb_table())
+        return 0
     def save(results: dict) -> None:
         if args.json:
             with open(args.json + ".tmp", "w") as f:
