@@ -151,19 +151,24 @@ BOMBS = {
 def test_pickle_bombs_at_the_size_limit_stay_under_64_mib_and_50_mb_per_s():
     """Each bomb is a data.pkl as large as the reader accepts; walked in a child that reports its peak."""
     code = textwrap.dedent("""
-        import resource, sys, time
+        import sys, time
         from gemma_stream.errors import CheckpointError
         from gemma_stream.formats.pickle_walker import walk_pickle
         from gemma_stream.formats.torchzip import MAX_PICKLE_BYTES as n
-        data = b'\\x80\\x02' + (%s)[:n - 2]
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        start = time.perf_counter()
+        from gemma_stream.fuzz import rss_kib
+        data = bytearray(b'\\x80\\x02')
+        data += (%s)[:n - 2]
+        data = bytes(data)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')   # the peak RSS restarts from here: the bomb's own bytes are not counted
+        before = rss_kib('VmRSS')
+        start = time.process_time()   # CPU seconds: other processes on the machine do not count
         try:
             walk_pickle(data)
         except CheckpointError as e:
             message = str(e)
-        seconds = time.perf_counter() - start
-        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        seconds = time.process_time() - start
+        extra = (rss_kib('VmHWM') - before) * 1024
         print(len(data), seconds, extra, message)
     """)
     env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
@@ -415,3 +420,43 @@ def test_cli_exits_2_for_a_bad_file_and_3_for_a_bug(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(cli, "open_checkpoint", bug)
     assert cli.main(["inspect", str(path)]) == 3
     assert "internal error" in capsys.readouterr().err
+
+
+# --- found by the fuzzer (benchmarks/RELIABILITY.md) --------------------------------------------
+
+
+def _central_entry_offset(data: bytes, name: bytes) -> int:
+    pos = data.find(b"PK\x01\x02")
+    while pos >= 0:
+        name_len = struct.unpack_from("<H", data, pos + 28)[0]
+        if data[pos + 46:pos + 46 + name_len] == name:
+            return pos
+        pos = data.find(b"PK\x01\x02", pos + 4)
+    raise AssertionError(name)
+
+
+def test_zip_entry_marked_as_a_directory_is_refused(tmp_path, backend):
+    """torch.load (miniz) reads such an entry as zeros; we would have returned its bytes: refuse it."""
+    path = tmp_path / "dir.pt"
+    torch.save({"w": torch.randn(6, 4)}, path)
+    data = bytearray(path.read_bytes())
+    entry = _central_entry_offset(data, b"dir/data/0")
+    data[entry + 38] = 0xFF   # external attributes: the MS-DOS directory bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="marked as a directory"):
+        gs.load_state_dict(path, backend=backend)
+
+
+def test_zip64_offset_past_2_63_is_refused(tmp_path, backend):
+    """A ZIP64 local header offset that os.pread cannot take leaked OverflowError."""
+    from test_torchzip import members_of, write_zip
+    source = tmp_path / "src.pt"
+    torch.save({"w": torch.randn(3)}, source)
+    path = write_zip(tmp_path / "z64.pt", members_of(source), zip64=True)
+    data = bytearray(Path(path).read_bytes())
+    entry = _central_entry_offset(data, b"src/byteorder")
+    name_len = struct.unpack_from("<H", data, entry + 28)[0]
+    struct.pack_into("<Q", data, entry + 46 + name_len + 4 + 16, 2**63 + 5)   # the extra field's offset
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="outside any file"):
+        gs.load_state_dict(path, backend=backend)

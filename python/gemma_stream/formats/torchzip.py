@@ -58,6 +58,8 @@ class ZipEntry:
 
 
 def _pread(fd: int, path: str, n: int, offset: int, what: str) -> bytes:
+    if offset < 0 or n < 0 or offset + n >= 1 << 63:  # a forged ZIP64 offset: os.pread would raise OverflowError
+        raise CheckpointError(f"{path}: {what} at offset {offset} lies outside any file", path=path)
     data = os.pread(fd, n, offset)
     if len(data) != n:
         raise CheckpointError(f"{path}: truncated: {what} needs {n} bytes at offset {offset}, got {len(data)}")
@@ -138,7 +140,7 @@ def read_zip_directory(fd: int, path: str, file_size: int) -> tuple[dict[str, Zi
     for index in range(count):
         if pos + _CENTRAL.size > cd_size:
             raise CheckpointError(f"{path}: central directory ends after {index} of {count} entries")
-        (sig, _, _, flags, method, _, _, _, csize, size, name_len, extra_len, comment_len, _, _, _,
+        (sig, _, _, flags, method, _, _, _, csize, size, name_len, extra_len, comment_len, disk, _, attributes,
          lho) = _CENTRAL.unpack_from(directory, pos)
         if sig != b"PK\x01\x02":
             raise CheckpointError(f"{path}: central directory entry {index} has a bad signature")
@@ -154,6 +156,13 @@ def read_zip_directory(fd: int, path: str, file_size: int) -> tuple[dict[str, Zi
             size, csize, lho = (next(values) if w else v for w, v in zip(wanted, (size, csize, lho)))
         if flags & 1:
             raise CheckpointError(f"{path}: entry {name!r} is encrypted")
+        if attributes & 0x10 or name.endswith("/"):
+            # torch's reader (miniz) extracts a directory entry as nothing: its tensors would load as zeros
+            raise CheckpointError(f"{path}: entry {name!r} is marked as a directory (external attributes "
+                                  f"{attributes:#x}); torch.save never writes one")
+        if disk:
+            raise CheckpointError(f"{path}: entry {name!r} starts on disk {disk}; multi-volume zip archives are "
+                                  f"not supported")
         if method != 0:
             raise CheckpointError(
                 f"{path}: entry {name!r} is compressed (method {method}); torch.save stores every entry "
