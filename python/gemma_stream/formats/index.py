@@ -85,7 +85,9 @@ def read_index(index_path: str, read_shard: Callable[[str], Checkpoint]) -> Chec
             records.append(record)
     index_meta = index.get("metadata")
     if isinstance(index_meta, dict):
-        metadata.update({k: describe(v, 200) if not isinstance(v, str) else v for k, v in index_meta.items()})
+        metadata.update({check_text(index_path, k, "metadata key"):
+                         check_text(index_path, v, "metadata value") if isinstance(v, str) else describe(v, 200)
+                         for k, v in index_meta.items()})
     fmt = _format_of(files)
     return Checkpoint(format=fmt, files=files, records=records, metadata=metadata, extras=extras)
 
