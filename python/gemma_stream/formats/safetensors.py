@@ -142,7 +142,8 @@ def _record(path: str, name: str, entry, data_start: int, data_len: int) -> tupl
 def read_safetensors(path: str) -> Checkpoint:
     """Parse and validate one safetensors file."""
     header, data_start, file_size, path = read_header_file(os.path.abspath(path))
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata   # an empty list or string is refused, as safetensors does
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings", path=path)
