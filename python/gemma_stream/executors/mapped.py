@@ -24,7 +24,8 @@ import time
 import torch
 
 from ..config import mem_available
-from ..formats.records import contiguous_strides
+from ..errors import InternalError
+from ..formats.records import contiguous_strides, open_validated
 
 __all__ = ["FileViews", "Prefetch"]
 
@@ -187,31 +188,16 @@ def _map_validated(path: str) -> torch.UntypedStorage:
     renamed over the path since cannot be mapped instead; where there is no ``/proc``
     the path is mapped and checked again afterwards.
     """
-    fd = _open_checked(path)
+    fd = open_validated(path)
     try:
         proc = f"/proc/self/fd/{fd}"
         target = proc if os.path.exists(proc) else path
         storage = torch.UntypedStorage.from_file(target, shared=False, nbytes=os.fstat(fd).st_size)
         if target == path:
-            os.close(_open_checked(path))
+            os.close(open_validated(path))
         return storage
     finally:
         os.close(fd)
-
-
-def _open_checked(path: str) -> int:
-    from ..errors import CheckpointError
-    from ..formats.records import check_open_file
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}", path=path) from e
-    try:
-        check_open_file(path, fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 class FileViews:
@@ -233,7 +219,6 @@ class FileViews:
         """The tensor at ``byte_offset`` (a multiple of the item size) of one file."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         if byte_offset % itemsize:
-            from ..errors import InternalError
             raise InternalError(f"byte offset {byte_offset} is not aligned to {dtype}: the planner maps only "
                                 f"aligned tensors")
         storage = self._storage(file_index)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError, InternalError, nan_row
-from ..formats.records import check_open_file
+from ..formats.records import open_validated
 from ..plan import CopyJob
 from ..quant import quantize_int4, quantize_int8
 
@@ -72,27 +72,13 @@ def _check_range(job: CopyJob, path: str, size: int) -> None:
                               f"of the file ({size} bytes)", path=path, tensor=job.name)
 
 
-def _open(path: str) -> int:
-    """A descriptor on ``path``, checked to be the validated file (same words as the C++ engine)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}", path=path) from e
-    try:
-        check_open_file(path, fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 class _Run:
     def __init__(self, files: list[str], chunk_bytes: int, drop_cache: bool):
         self.files = files
         self.fds: list[int] = []
         try:
             for f in files:
-                self.fds.append(_open(f))
+                self.fds.append(open_validated(f))
         except BaseException:
             self.close()
             raise

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from ..dtypes import DType
 from ..errors import CheckpointError
 
-__all__ = ["TensorRecord", "Checkpoint", "CheckpointFile", "contiguous_strides", "check_shape", "check_open_file"]
+__all__ = ["TensorRecord", "Checkpoint", "CheckpointFile", "contiguous_strides", "check_shape", "check_open_file",
+           "open_validated"]
 
 #: torch sizes and strides are int64
 _INT64_LIMIT = 1 << 63
@@ -83,6 +84,23 @@ def check_open_file(path: str, fd: int) -> None:
     """Identity check of a descriptor just opened on ``path`` (a no-op for a plain ``str`` path)."""
     if isinstance(path, CheckpointFile):
         path.check(os.fstat(fd))
+
+
+def open_validated(path: str) -> int:
+    """A read-only descriptor on ``path``, checked to be the validated file (same words as the C++ engine).
+
+    Every failure is a :class:`CheckpointError` naming the file; the caller closes the descriptor.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}", path=path) from e
+    try:
+        check_open_file(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
