@@ -299,9 +299,8 @@ void run_copy(Batch& batch, Worker& worker, const CopyJob& job, const Item& item
   batch.bytes_done += n * si;
 }
 
-// Out of line: building the message inlined into the copy loops upsets GCC 12's
-// -Wfree-nonheap-object analysis.
-[[noreturn]] __attribute__((noinline)) void throw_bad_row(const std::string& path, const CopyJob& job, int64_t row) {
+// The one place the engine words a row that cannot be quantized (errors.nan_row in Python).
+[[noreturn]] void throw_bad_row(const std::string& path, const CopyJob& job, int64_t row) {
   throw DataError(path + ": tensor '" + job.name + "': row " + std::to_string(row) +
                       " holds NaN or infinity; it cannot be quantized",
                   path, job.name, row);
