@@ -50,8 +50,8 @@ class _Walker:
     Handlers are methods named in ``_OPCODES``; each reads its argument bytes
     with :meth:`take`, which checks lengths *before* slicing, so no length field
     can make us allocate more than the pickle itself.  The stack is one flat list
-    and a MARK is an index into it (CPython's unpickler keeps a list per MARK,
-    which let 10 MiB of MARK bytes cost 737 MB).
+    and a MARK is an index into it (a new list per MARK let 10 MiB of MARK
+    bytes cost 737 MB and 8.9 s).
     """
 
     def __init__(self, data: bytes, where: str) -> None:
