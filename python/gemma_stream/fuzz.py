@@ -452,7 +452,10 @@ def _child(fmt: str, seed: int, first: int, last: int, backends: tuple[str, ...]
     import warnings
     warnings.simplefilter("ignore")
     import torch  # noqa: F401 - imported before the first alarm
-    import gemma_stream  # noqa: F401
+    import gemma_stream
+    if "native" in backends and not gemma_stream.native_available():
+        # e.g. the extension being rebuilt while the child started: no case is to blame, retry
+        sys.exit(_NO_BACKEND)
 
     def alarm(signum, frame):
         raise TimeoutError(f"case ran over {case_seconds} s")
@@ -479,6 +482,9 @@ def _child(fmt: str, seed: int, first: int, last: int, backends: tuple[str, ...]
             print(json.dumps({"i": index, "v": verdicts}), flush=True)
 
 
+_NO_BACKEND = 75   # a child's exit status: a requested backend did not import
+
+
 def _limit_memory(nbytes: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
@@ -491,7 +497,7 @@ def _run_children(fmt: str, seed: int, first: int, cases: int, backends: tuple[s
     env = dict(os.environ, OMP_NUM_THREADS="1", GEMMA_STREAM_PREFETCH="off")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          env.get("PYTHONPATH", "")])
-    index = first
+    index, retries = first, 0
     while index < cases:
         last = min(cases, index + batch)
         cmd = [sys.executable, "-m", "gemma_stream.fuzz", "--child", fmt, str(seed), str(index), str(last),
@@ -520,6 +526,12 @@ def _run_children(fmt: str, seed: int, first: int, cases: int, backends: tuple[s
         stderr = proc.stderr.read().decode(errors="replace")[-300:]
         proc.stdout.close()
         proc.stderr.close()
+        if proc.returncode == _NO_BACKEND and retries < 5:
+            retries += 1
+            time.sleep(10)
+            continue
+        if proc.returncode == _NO_BACKEND:
+            raise RuntimeError(f"fuzz: a requested backend does not import: {stderr}")
         if index < last:   # the child stopped inside case `index`
             kind = "hang" if proc.returncode == -signal.SIGKILL else "crash"
             yield index, {"all": (kind, f"exit {proc.returncode}: {stderr.strip()[-160:]}")}
