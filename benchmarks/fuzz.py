@@ -8,7 +8,10 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+try:  # the installed package (with its compiled engine) first, as .ci/run has it
+    import gemma_stream  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python"))
 
 from gemma_stream.fuzz import main  # noqa: E402
 
