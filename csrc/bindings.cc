@@ -44,8 +44,12 @@ gs::CopyJob to_job(const JobTuple& t) {
   return job;
 }
 
+// (st_dev, st_ino, st_size, st_mtime_ns) of each validated file, or an empty list
+using IdentityTuple = std::tuple<uint64_t, uint64_t, uint64_t, int64_t>;
+
 py::tuple run(const std::vector<std::string>& files, const std::vector<JobTuple>& job_tuples, int threads,
-              std::size_t chunk_bytes, bool drop_cache, const py::object& progress) {
+              std::size_t chunk_bytes, bool drop_cache, const py::object& progress,
+              const std::vector<IdentityTuple>& identities) {
   std::vector<gs::CopyJob> jobs;
   jobs.reserve(job_tuples.size());
   for (const auto& t : job_tuples) jobs.push_back(to_job(t));
@@ -53,6 +57,8 @@ py::tuple run(const std::vector<std::string>& files, const std::vector<JobTuple>
   options.threads = threads;
   options.chunk_bytes = chunk_bytes;
   options.drop_cache = drop_cache;
+  for (const auto& id : identities)
+    options.identities.push_back({std::get<0>(id), std::get<1>(id), std::get<2>(id), std::get<3>(id)});
   // Called on this (the calling) thread only, with the GIL taken back briefly.
   auto on_progress = [&progress](uint64_t done) -> bool {
     py::gil_scoped_acquire gil;
@@ -75,8 +81,18 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "gemma_stream's C++ copy engine (no torch dependency)";
   py::register_exception<gs::JobError>(m, "JobError", PyExc_ValueError);
   py::register_exception<gs::IoError>(m, "IoError", PyExc_OSError);
+  // DataError(message, path, tensor, row): the facts travel as args, not inside the text
+  static py::exception<gs::DataError> data_error(m, "DataError", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const gs::DataError& e) {
+      py::object row = e.row >= 0 ? py::object(py::int_(e.row)) : py::object(py::none());
+      PyErr_SetObject(data_error.ptr(), py::make_tuple(e.what(), e.path, e.tensor, row).ptr());
+    }
+  });
   m.def("run", &run, py::arg("files"), py::arg("jobs"), py::arg("threads"), py::arg("chunk_bytes"),
-        py::arg("drop_cache"), py::arg("progress"),
+        py::arg("drop_cache"), py::arg("progress"), py::arg("identities") = std::vector<IdentityTuple>(),
         "Run copy jobs; returns (bytes_read, completed).");
   // In-place int4 repack between the stored layout and torch's CPU kernel layout
   // (quant.h); QuantLinear calls it once per layer after a load.

@@ -111,9 +111,10 @@ void validate(const CopyJob& job, Batch& batch) {
   }
   const uint64_t end = checked_add(job.src_offset, checked_mul(last + 1, item, job), job);
   if (end > file.size())
-    throw JobError(file.path() + ": " + where + ": bytes [" + std::to_string(job.src_offset) + ", " +
-                   std::to_string(end) + ") lie beyond the end of the file (" + std::to_string(file.size()) +
-                   " bytes)");
+    throw DataError(file.path() + ": " + where + ": bytes [" + std::to_string(job.src_offset) + ", " +
+                        std::to_string(end) + ") lie beyond the end of the file (" + std::to_string(file.size()) +
+                        " bytes)",
+                    file.path(), job.name);
   auto& span = batch.spans[static_cast<std::size_t>(job.file)];
   span = {std::min(span.first, job.src_offset), std::max(span.second, end)};
   if (job.op == Op::Copy) {
@@ -170,6 +171,12 @@ StridedLayout make_strided(const CopyJob& job, std::size_t chunk_elems) {
   return L;
 }
 
+// torch's copy_ stores a bool as 0 or 1 whatever byte the file holds; so do we,
+// on every path, so both executors and model.load_state_dict(torch.load(..)) agree.
+void normalize_bool(char* data, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) data[i] = data[i] != 0;
+}
+
 // Elementwise copy of one block from a staged storage span to the destination.
 void scatter(const char* src, DType sd, char* dst, DType dd, const StridedLayout& L, int first_dim,
              const std::vector<int64_t>& extent) {
@@ -187,6 +194,7 @@ void scatter(const char* src, DType sd, char* dst, DType dd, const StridedLayout
     }
     convert(src + so * static_cast<int64_t>(si), sd, dst + doff * static_cast<int64_t>(di), dd,
             static_cast<std::size_t>(run));
+    if (dd == DType::Bool) normalize_bool(dst + doff * static_cast<int64_t>(di), static_cast<std::size_t>(run));
     int d = last_loop - 1;
     while (d >= first_dim) {
       if (++idx[static_cast<std::size_t>(d)] < extent[static_cast<std::size_t>(d)]) break;
@@ -203,6 +211,7 @@ const File& buffered_file(Batch& batch, Worker& worker, int index) {
   if (!slot) {
     const File& shared = batch.files[i];
     slot.reset(new File(shared.path()));
+    if (!batch.options.identities.empty()) slot->check_identity(batch.options.identities[i]);
     if (slot->size() != shared.size())
       throw IoError(shared.path() + ": file changed size during the load (" + std::to_string(shared.size()) +
                     " -> " + std::to_string(slot->size()) + " bytes)");
@@ -286,7 +295,15 @@ void run_copy(Batch& batch, Worker& worker, const CopyJob& job, const Item& item
       convert(src, job.src_dtype, dst + b * di, job.dst_dtype, m);
     }
   }
+  if (job.dst_dtype == DType::Bool) normalize_bool(dst, n);  // (only a same-dtype copy reaches a bool)
   batch.bytes_done += n * si;
+}
+
+// The one place the engine words a row that cannot be quantized (errors.nan_row in Python).
+[[noreturn]] void throw_bad_row(const std::string& path, const CopyJob& job, int64_t row) {
+  throw DataError(path + ": tensor '" + job.name + "': row " + std::to_string(row) +
+                      " holds NaN or infinity; it cannot be quantized",
+                  path, job.name, row);
 }
 
 // Quantizes rows [item.begin, item.end), reading them in L2-sized pieces of
@@ -316,9 +333,7 @@ void run_quant(Batch& batch, Worker& worker, const CopyJob& job, const Item& ite
                                static_cast<char*>(job.scale) + r0 * scale_row,
                                static_cast<char*>(job.zero) + r0 * scale_row, job.scale_dtype, scratch);
     }
-    if (bad >= 0)
-      throw JobError(batch.files[static_cast<std::size_t>(job.file)].path() + ": tensor '" + job.name + "': row " +
-                     std::to_string(job.first_row + r0 + bad) + " holds NaN or infinity; it cannot be quantized");
+    if (bad >= 0) throw_bad_row(batch.files[static_cast<std::size_t>(job.file)].path(), job, job.first_row + r0 + bad);
     batch.bytes_done += rows * row_bytes;
   }
 }
@@ -390,7 +405,12 @@ RunResult run_jobs(const std::vector<std::string>& paths, const std::vector<Copy
                    const Options& options, const std::function<bool(uint64_t)>& progress) {
   Batch batch{jobs, options, {}, {}, {}, {}, {}, 0, 0, {}};
   batch.files.reserve(paths.size());
-  for (const auto& p : paths) batch.files.emplace_back(p);
+  if (!options.identities.empty() && options.identities.size() != paths.size())
+    throw JobError("one file identity per file is needed");
+  for (const auto& p : paths) {
+    batch.files.emplace_back(p);
+    if (!options.identities.empty()) batch.files.back().check_identity(options.identities[batch.files.size() - 1]);
+  }
   batch.spans.assign(paths.size(), {UINT64_MAX, 0});
   for (const auto& job : jobs) validate(job, batch);
   for (const File& f : batch.files) batch.maps.emplace_back(new Mapping(f));

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "file.h"
 
 namespace gs {
 
@@ -37,12 +38,26 @@ struct Options {
   int threads = 2;
   std::size_t chunk_bytes = 16u << 20;
   bool drop_cache = false;  // keep the file out of the page cache (file.h: CacheDrop says how, per OS)
+  // Per file, the identity of the file whose header was validated; every open
+  // (the batch's and each worker's) is checked against it. Empty: sizes only.
+  std::vector<FileIdentity> identities;
 };
 
-// A job the executor refuses (bad range, dtype pair, shape); names the tensor.
+// A job that cannot be valid whatever the file holds (null destination, bad
+// file index, dtype pair, rank): a bug of the planner, never the file's fault.
 class JobError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+// The file's contents are at fault: a tensor's bytes lie past the end of the
+// file, or a row to quantize holds NaN/inf. Carries the facts separately.
+class DataError : public std::runtime_error {
+ public:
+  DataError(const std::string& message, std::string path_, std::string tensor_, int64_t row_ = -1)
+      : std::runtime_error(message), path(std::move(path_)), tensor(std::move(tensor_)), row(row_) {}
+  std::string path, tensor;
+  int64_t row;  // -1 when no row is involved
 };
 
 struct RunResult {

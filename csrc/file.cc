@@ -131,6 +131,23 @@ void File::read_exact(void* dst, std::size_t n, uint64_t offset) const {
   }
 }
 
+void File::check_identity(const FileIdentity& expected) const {
+  // Python's os.stat on Windows reports the same facts: st_dev is the volume serial number,
+  // st_ino the file index, st_mtime_ns the last write time.
+  BY_HANDLE_FILE_INFORMATION info;
+  if (!GetFileInformationByHandle(handle_, &info))
+    throw IoError(path_ + ": cannot stat: " + last_error_text(GetLastError()));
+  const uint64_t inode = (static_cast<uint64_t>(info.nFileIndexHigh) << 32) | info.nFileIndexLow;
+  const uint64_t size = (static_cast<uint64_t>(info.nFileSizeHigh) << 32) | info.nFileSizeLow;
+  const uint64_t ticks = (static_cast<uint64_t>(info.ftLastWriteTime.dwHighDateTime) << 32) |
+                         info.ftLastWriteTime.dwLowDateTime;  // 100 ns since 1601-01-01
+  const int64_t mtime_ns = (static_cast<int64_t>(ticks) - 116444736000000000LL) * 100;
+  if (info.dwVolumeSerialNumber != expected.device || inode != expected.inode || size != expected.size ||
+      mtime_ns != expected.mtime_ns)
+    throw IoError(path_ + ": the file changed after its header was read (size " + std::to_string(expected.size) +
+                  " -> " + std::to_string(size) + "); it was replaced or rewritten during the load: load it again");
+}
+
 void File::drop_cache(uint64_t, std::size_t) const noexcept {}
 void File::bypass_cache() const noexcept {}
 void File::advise_sequential() const noexcept {}
@@ -204,6 +221,22 @@ void File::read_exact(void* dst, std::size_t n, uint64_t offset) const {
     }
     done += static_cast<std::size_t>(got);
   }
+}
+
+void File::check_identity(const FileIdentity& expected) const {
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) throw IoError(path_ + ": cannot stat: " + errno_text(errno));
+#ifdef __APPLE__
+  const struct timespec& mtime = st.st_mtimespec;
+#else
+  const struct timespec& mtime = st.st_mtim;
+#endif
+  const int64_t mtime_ns = static_cast<int64_t>(mtime.tv_sec) * 1000000000 + mtime.tv_nsec;
+  if (static_cast<uint64_t>(st.st_dev) != expected.device || static_cast<uint64_t>(st.st_ino) != expected.inode ||
+      static_cast<uint64_t>(st.st_size) != expected.size || mtime_ns != expected.mtime_ns)
+    throw IoError(path_ + ": the file changed after its header was read (size " + std::to_string(expected.size) +
+                  " -> " + std::to_string(st.st_size) + ", inode " + std::to_string(expected.inode) + " -> " +
+                  std::to_string(st.st_ino) + "); it was replaced or rewritten during the load: load it again");
 }
 
 void File::drop_cache(uint64_t offset, std::size_t n) const noexcept {

@@ -31,6 +31,13 @@ enum class CacheDrop {
 CacheDrop cache_drop_support() noexcept;
 const char* cache_drop_name(CacheDrop how) noexcept;  // "fadvise_dontneed", "f_nocache", "none"
 
+// What identifies the file a header was validated from: a path renamed over
+// (a checkpoint sync) or a file rewritten in place changes one of these.
+struct FileIdentity {
+  uint64_t device = 0, inode = 0, size = 0;
+  int64_t mtime_ns = 0;
+};
+
 class File {
  public:
   explicit File(const std::string& path);
@@ -53,6 +60,9 @@ class File {
   // Tells the kernel the whole file will be read sequentially (POSIX_FADV_SEQUENTIAL,
   // macOS F_RDAHEAD; Windows gets FILE_FLAG_SEQUENTIAL_SCAN at open instead).
   void advise_sequential() const noexcept;
+
+  // Throws IoError unless the open file is the one `expected` describes.
+  void check_identity(const FileIdentity& expected) const;
 
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }

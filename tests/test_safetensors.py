@@ -95,7 +95,8 @@ def test_truncated_file_is_refused_before_any_copy(tmp_path, backend):
 
 
 def test_file_shrinking_after_validation_is_caught_by_executor(tmp_path, backend):
-    # The executors re-check every range against the file they open.
+    # The executors check the file they open is the one validated (size, mtime, inode), and
+    # re-check every range against its size when no identity is known (a plain str path).
     path = tmp_path / "s.safetensors"
     save_file({"a": torch.randn(256, 256)}, str(path))
     ckpt = open_checkpoint(path)
@@ -104,9 +105,13 @@ def test_file_shrinking_after_validation_is_caught_by_executor(tmp_path, backend
     from gemma_stream.executors import get_executor
     from gemma_stream.plan import make_plan
     plan = make_plan(ckpt, {"a": torch.empty(256, 256)})
-    with pytest.raises(gs.CheckpointError, match="beyond the end of the file"):
+    with pytest.raises(gs.CheckpointError, match="changed after its header was read"):
         get_executor(backend).run(plan.files, plan.jobs, threads=2, chunk_bytes=1 << 16, drop_cache=False,
                                   progress=None)
+    with pytest.raises(gs.CheckpointError, match="beyond the end of the file") as info:
+        get_executor(backend).run([str(f) for f in plan.files], plan.jobs, threads=2, chunk_bytes=1 << 16,
+                                  drop_cache=False, progress=None)
+    assert (info.value.path, info.value.tensor) == (str(path), "a")
 
 
 def write_sharded(tmp_path, tensors: dict, layout: dict[str, list[str]]):

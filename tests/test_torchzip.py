@@ -313,11 +313,14 @@ def test_legacy_torch_save_is_refused(tmp_path):
         read_torchzip(str(path))
 
 
-@pytest.mark.parametrize("content", [b"", b"hello world, not a checkpoint" * 10])
-def test_non_zip_files_are_refused(tmp_path, content):
+@pytest.mark.parametrize("content, message", [
+    (b"", "file is empty"),
+    (b"hello world, not a checkpoint" * 10, r"not a safetensors or PyTorch zip checkpoint: it starts with b'hello world"),
+    (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.", "legacy torch.save")])
+def test_non_zip_files_are_refused(tmp_path, content, message):
     path = tmp_path / "junk.pt"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="legacy"):
+    with pytest.raises(CheckpointError, match=message):
         read_torchzip(str(path))
 
 
@@ -480,8 +483,8 @@ def test_walker_messages_name_the_global():
 
 
 def test_walker_bounds_containers(monkeypatch):
-    monkeypatch.setattr(pickle_walker, "MAX_CONTAINERS", 100)
-    with pytest.raises(CheckpointError, match="more than 100 containers"):
+    monkeypatch.setattr(pickle_walker, "MAX_WALK_BYTES", 100 * 64)
+    with pytest.raises(CheckpointError, match="more than 0 MiB of objects"):
         walk_pickle(pickle.dumps([[] for _ in range(200)], protocol=2))
 
 

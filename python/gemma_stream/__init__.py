@@ -11,7 +11,7 @@ import logging
 from . import distributed, hf, maps  # hf imports transformers only when called; distributed torch.distributed
 from .api import LoadReport, StateDict, TensorInfo, inspect, load_into, load_state_dict
 from .convert import convert
-from .errors import CheckpointError, GemmaStreamError, MismatchError, UninitializedWarning
+from .errors import CheckpointError, GemmaStreamError, InternalError, MismatchError, UninitializedWarning, UsageError
 from .executors import BACKEND, native_available
 from .modules import init_empty
 from .plan import PartialRoutes, Route
@@ -23,8 +23,8 @@ from ._version import __version__
 logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 
 __all__ = [
-    "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "PartialRoutes", "QuantEmbedding",
-    "QuantLinear", "Route", "StateDict", "TensorInfo", "UninitializedWarning",
+    "BACKEND", "CheckpointError", "GemmaStreamError", "InternalError", "LoadReport", "MismatchError", "PartialRoutes",
+    "QuantEmbedding", "QuantLinear", "Route", "StateDict", "TensorInfo", "UninitializedWarning", "UsageError",
     "__version__", "convert", "distributed", "hf", "init_empty", "inspect", "maps", "load_into", "load_state_dict",
     "native_available", "quantize_",
 ]

@@ -14,7 +14,7 @@ import torch
 
 from .config import config, mem_available
 from .dtypes import CONVERTIBLE, FLOAT_DTYPES
-from .errors import GemmaStreamError, MismatchError, UninitializedWarning
+from .errors import GemmaStreamError, MismatchError, UninitializedWarning, UsageError
 from .executors import RunResult, get_executor, run_plan_jobs
 from .executors.mapped import FileViews, Prefetch
 from .fileio import platform_cache_policy
@@ -111,15 +111,14 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
 def _check_mode(mode: str, cache: str, device: str | torch.device | None = None) -> str:
     """Validate ``mode`` and ``cache``; returns the cache policy for the copying part."""
     if mode not in ("copy", "mmap"):
-        raise GemmaStreamError(f"mode must be 'copy' or 'mmap', not {mode!r}")
+        raise UsageError(f"mode must be 'copy' or 'mmap', not {mode!r}")
     if mode == "mmap" and device is not None and torch.device(device).type != "cpu":
-        raise GemmaStreamError(f"mode='mmap' maps the file into CPU memory; it cannot place tensors on {device}: "
-                               f"use mode='copy' (the default), which streams through the staging ring")
+        raise UsageError(f"mode='mmap' maps the file into CPU memory; it cannot place tensors on {device}: "
+                         f"use mode='copy' (the default), which streams through the staging ring")
     if cache not in CACHE_POLICIES:
-        raise GemmaStreamError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
+        raise UsageError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if mode == "mmap" and cache == "drop":
-        raise GemmaStreamError("cache='drop' cannot be combined with mode='mmap': mapped weights live in the "
-                               "page cache")
+        raise UsageError("cache='drop' cannot be combined with mode='mmap': mapped weights live in the page cache")
     return "keep" if mode == "mmap" else cache   # dropping next to mapped weights would evict them
 
 
@@ -188,6 +187,13 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     others are copied as usual.  DTensor parameters (tensor parallel, FSDP2)
     are filled rank by rank, each from its own bytes (``read="once"``: each
     byte read by one rank and broadcast); see ``gemma_stream.distributed``.
+    With ``mode="mmap"`` the mapped file is checked to be the one whose
+    header was validated, but after the load the weights *are* the file: truncating or rewriting it in place makes the next touch of a
+    mapped page raise ``SIGBUS`` and kill the process, as with
+    ``torch.load(mmap=True)``.  Replace a mapped checkpoint by renaming a new
+    file over it (the old inode lives on), or use ``mode="copy"``.  In every
+    mode a file replaced or rewritten during the load raises
+    ``CheckpointError``.
 
     >>> with gs.init_empty():
     ...     model = MyModel()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -30,7 +29,7 @@ import torch
 
 from .config import config
 from .dtypes import DType
-from .errors import CheckpointError
+from .errors import CheckpointError, nan_row
 from .executors import get_executor, run_plan_jobs
 from .formats import Checkpoint, TensorRecord
 from .formats.safetensors_writer import pwrite_all
@@ -202,19 +201,11 @@ class BlockWriter:
         finite = torch.isfinite(rows).all(dim=1)
         if not bool(finite.all()):
             bad = lo + int((~finite).nonzero()[0, 0])
-            raise CheckpointError(f"{unit.record.file}: tensor '{unit.record.name}': row {bad} holds NaN or "
-                                  f"infinity; it cannot be quantized")
+            raise nan_row(unit.record.file, unit.record.name, bad)
         scale_dtype = unit.outputs[1].dtype.torch
         parts = quantize_int8(rows, scale_dtype) if unit.op == "int8" else \
             quantize_int4(rows, self._group_size(unit), scale_dtype)
         self.writes += [(part, out, lo * out.row_bytes) for part, out in zip(parts, unit.outputs)]
-
-    def _tensor_rows(self, message: str) -> str:
-        """Executors count a bad row from the start of their job; a block starts at row ``first``."""
-        for name, first in self.first_rows.items():
-            message = re.sub(f"(tensor {re.escape(repr(name))}: row )([0-9]+)",
-                             lambda m: f"{m.group(1)}{int(m.group(2)) + first}", message)
-        return message
 
     def _offset_progress(self) -> Callable[[int], bool] | None:
         if self.progress is None:
@@ -241,7 +232,11 @@ class BlockWriter:
                                              chunk_bytes=self.chunk_bytes, drop_cache=False,
                                              progress=self._offset_progress()).bytes_read
         except CheckpointError as e:
-            raise CheckpointError(self._tensor_rows(str(e))) from None
+            # executors count a bad row from the start of their job; a block starts at row ``first``
+            first = self.first_rows.get(e.tensor)
+            if e.row is None or first is None:
+                raise
+            raise nan_row(e.path, e.tensor, e.row + first) from None
         for finish in self.deferred:
             finish()
         for tensor, out, offset in self.writes:

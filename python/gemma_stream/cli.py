@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return EXIT_INTERRUPTED
-    except (GemmaStreamError, ValueError, OSError) as e:
+    except (GemmaStreamError, OSError) as e:  # bad input; a stray ValueError is a bug of ours (exit 3)
         if debug:
             traceback.print_exc()
         message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)

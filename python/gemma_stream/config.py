@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .errors import UsageError
+
 __all__ = ["Config", "config", "mem_available", "meminfo"]
 
 
@@ -72,24 +74,24 @@ def _int_env(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
+        raise UsageError(f"{name}={value!r} is not an integer") from None
 
 
 def config() -> Config:
     """Read the environment now (cheap; not cached, so tests can monkeypatch)."""
     backend = os.environ.get("GEMMA_STREAM_BACKEND", "").strip().lower() or None
     if backend not in (None, "auto", "native", "python"):
-        raise ValueError(f"GEMMA_STREAM_BACKEND={backend!r}: expected native, python or auto")
+        raise UsageError(f"GEMMA_STREAM_BACKEND={backend!r}: expected native, python or auto")
     # 16 MiB: 4 MiB reads were 25% slower cold, 64 MiB no faster (benchmarks/NOTES.md)
     chunk_mb = _int_env("GEMMA_STREAM_CHUNK_MB") or 16
     prefetch = os.environ.get("GEMMA_STREAM_PREFETCH", "").strip().lower() or "auto"
     aliases = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
     prefetch = aliases.get(prefetch, prefetch)
     if prefetch not in ("auto", "on", "off"):
-        raise ValueError(f"GEMMA_STREAM_PREFETCH={prefetch!r}: expected auto, on or off")
+        raise UsageError(f"GEMMA_STREAM_PREFETCH={prefetch!r}: expected auto, on or off")
     staging_mb = _int_env("GEMMA_STREAM_STAGING_MB")
     if staging_mb is not None and staging_mb <= 0:
-        raise ValueError(f"GEMMA_STREAM_STAGING_MB={staging_mb}: expected a positive number of MiB")
+        raise UsageError(f"GEMMA_STREAM_STAGING_MB={staging_mb}: expected a positive number of MiB")
     force = os.environ.get("GEMMA_STREAM_FORCE_STAGING", "").strip().lower() in ("1", "true", "yes", "on")
     return Config(backend=None if backend == "auto" else backend, threads=_int_env("GEMMA_STREAM_THREADS"),
                   chunk_bytes=chunk_mb << 20, prefetch=prefetch,

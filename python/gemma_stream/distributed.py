@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import GemmaStreamError
+from .errors import GemmaStreamError, InternalError, UsageError
 from .formats.records import Checkpoint, TensorRecord
 from .plan import CopyJob, PartialRoutes, Rename, Route, make_plan, normalize_rename
 
@@ -255,7 +255,7 @@ def file_bytes(job: CopyJob) -> int:
 
 def _check_args(read: str, quantize: str | None, mode: str) -> None:
     if read not in READ_MODES:
-        raise ValueError(f"read must be 'own' or 'once', not {read!r}")
+        raise UsageError(f"read must be 'own' or 'once', not {read!r}")
     if quantize is not None:
         raise GemmaStreamError(
             "quantize= with DTensor parameters or read='once' is not supported: quantize a rank's plain local layers "
@@ -300,7 +300,7 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
     gaps = [m for m in plan.mismatched_keys if m.split(":")[0] not in known] + \
         [n for n in plan.missing_keys if n not in checked.missing_keys]
     if gaps:  # the global plan covered these: a gap in a rank's plan is a bug of ours, not the user's
-        raise RuntimeError(f"gemma_stream: rank plan disagrees with the global plan: {gaps[:5]}")
+        raise InternalError(f"gemma_stream: rank plan disagrees with the global plan: {gaps[:5]}")
     if group is None and dist.is_initialized():
         group = _model_group(model)
     rank = dist.get_rank() if dist.is_initialized() else 0

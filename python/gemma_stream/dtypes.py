@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UsageError
+
 __all__ = ["DType", "DTYPES", "from_torch", "from_safetensors", "by_name", "CONVERTIBLE", "FLOAT_DTYPES"]
 
 
@@ -45,6 +47,12 @@ _TABLE = [
     ("f8_e5m2", 14, 1, "F8_E5M2", getattr(torch, "float8_e5m2", None), True),
     ("c64",   15, 8, "C64",     torch.complex64,      False),
     ("c128",  16, 16, None,     torch.complex128,     False),
+    # Copied only to the same dtype, so the engine moves their bytes as u8 (code 1); safetensors'
+    # F4 header shape counts 4-bit values, torch's float4_e2m1fn_x2 counts bytes (two values each).
+    ("f8_e4m3fnuz", 1, 1, "F8_E4M3FNUZ", getattr(torch, "float8_e4m3fnuz", None), True),
+    ("f8_e5m2fnuz", 1, 1, "F8_E5M2FNUZ", getattr(torch, "float8_e5m2fnuz", None), True),
+    ("f8_e8m0", 1,  1, "F8_E8M0", getattr(torch, "float8_e8m0fnu", None), True),
+    ("f4_x2",   1,  1, "F4",      getattr(torch, "float4_e2m1fn_x2", None), True),
 ]
 
 DTYPES: dict[str, DType] = {row[0]: DType(*row) for row in _TABLE}
@@ -61,13 +69,13 @@ def by_name(name: str) -> DType:
     return DTYPES[name]
 
 
-def from_safetensors(code: str) -> DType | None:
-    """The dtype for a safetensors header code, or None if unknown."""
-    return _BY_SAFETENSORS.get(code)
+def from_safetensors(code: object) -> DType | None:
+    """The dtype for a safetensors header code, or None if unknown (or not a string)."""
+    return _BY_SAFETENSORS.get(code) if isinstance(code, str) else None
 
 
 def from_torch(dtype: torch.dtype) -> DType:
     try:
         return _BY_TORCH[dtype]
     except KeyError:
-        raise TypeError(f"gemma_stream does not handle torch dtype {dtype}") from None
+        raise UsageError(f"gemma_stream does not handle torch dtype {dtype}") from None

@@ -23,6 +23,8 @@ import os
 import sys
 import threading
 
+from .errors import InternalError
+
 __all__ = ["open_read", "close", "read_into", "pread", "write_at", "open_flags", "drop_cache",
            "advise_sequential", "advise_willneed", "bypass_cache", "cache_drop_support", "platform_cache_policy"]
 
@@ -88,7 +90,7 @@ def close(fd: int) -> None:
 def _entry(fd: int) -> _OpenFile:
     entry = _open.get(fd)
     if entry is None:
-        raise ValueError(f"descriptor {fd} was not opened by gemma_stream.fileio.open_read")
+        raise InternalError(f"descriptor {fd} was not opened by gemma_stream.fileio.open_read")
     return entry
 
 

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .errors import UsageError
 from .plan import Route
 
 __all__ = ["NameMap", "hf_to_gemma_pytorch", "gemma_pytorch_to_hf"]
@@ -117,7 +118,7 @@ def _attention_rows(config: Any) -> tuple[int, int]:
     heads = _field(config, "num_attention_heads")
     hidden = _field(config, "hidden_size")
     if heads is None or (hidden is None and _field(config, "head_dim") is None):
-        raise ValueError("config needs num_attention_heads and head_dim (or hidden_size)")
+        raise UsageError("config needs num_attention_heads and head_dim (or hidden_size)")
     head_dim = _field(config, "head_dim", None) or hidden // heads
     kv_heads = _field(config, "num_key_value_heads", heads)
     return heads * head_dim, kv_heads * head_dim

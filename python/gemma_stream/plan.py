@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Mapping, Union
 import torch
 
 from .dtypes import CONVERTIBLE, DType, from_torch
-from .errors import GemmaStreamError, MismatchError
+from .errors import GemmaStreamError, InternalError, MismatchError, UsageError
 from .formats.records import Checkpoint, TensorRecord, contiguous_strides
 
 __all__ = ["Route", "PartialRoutes", "QuantTarget", "CopyJob", "Plan", "choose_cache", "make_plan", "normalize_rename",
@@ -155,7 +155,7 @@ class Plan:
             base = region._base if region._base is not None else region
             new = replacement.get(id(base))
             if new is None:
-                raise RuntimeError(f"gemma_stream bug: a job writes a meta tensor that was not allocated "
+                raise InternalError(f"gemma_stream bug: a job writes a meta tensor that was not allocated "
                                    f"({list(region.shape)})")
             return new.as_strided(region.size(), region.stride(), region.storage_offset())
 
@@ -179,7 +179,7 @@ def choose_cache(plan: Plan, cache: str, available: int | None) -> str:
     that fits stays cached for the next load.  "keep"/"drop" pass through.
     """
     if cache not in CACHE_POLICIES:
-        raise ValueError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
+        raise UsageError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if cache != "auto":
         return cache
     if available is None:
@@ -196,7 +196,7 @@ def normalize_rename(rename: Rename) -> Callable[[str], list[Route] | None]:
     elif callable(rename):
         lookup = rename
     else:
-        raise TypeError(f"rename must be a dict or a callable, not {type(rename).__name__}")
+        raise UsageError(f"rename must be a dict or a callable, not {type(rename).__name__}")
 
     def routes(name: str) -> list[Route] | None:
         result = lookup(name)
@@ -208,7 +208,7 @@ def normalize_rename(rename: Rename) -> Callable[[str], list[Route] | None]:
             return [result]
         out = [Route(r) if isinstance(r, str) else r for r in result]
         if not all(isinstance(r, Route) for r in out):
-            raise TypeError(f"rename({name!r}) returned {result!r}; expected a name, Route, list of Routes or None")
+            raise UsageError(f"rename({name!r}) returned {result!r}; expected a name, Route, list of Routes or None")
         return out
 
     return routes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Union
 
-from .errors import GemmaStreamError
+from .errors import UsageError
 
 __all__ = ["Progress", "progress_callback"]
 
@@ -13,10 +13,6 @@ __all__ = ["Progress", "progress_callback"]
 #: whose ``False`` cancels the load
 Progress = Union[None, bool, Callable[[int, int], Union[bool, None]]]
 _AUTO_PROGRESS_BYTES = 1 << 30
-
-
-class ProgressTypeError(GemmaStreamError, TypeError):
-    """``progress=`` is neither None, a bool nor a callable."""
 
 
 def progress_callback(progress: Progress, total: int, desc: str) -> tuple[Callable[[int], bool] | None,
@@ -38,5 +34,5 @@ def progress_callback(progress: Progress, total: int, desc: str) -> tuple[Callab
             return True
         return update, bar.close
     if not callable(progress):
-        raise ProgressTypeError("progress must be None, a bool or a callable(bytes_done, bytes_total)")
+        raise UsageError("progress must be None, a bool or a callable(bytes_done, bytes_total)")
     return (lambda done: progress(done, total) is not False), lambda: None

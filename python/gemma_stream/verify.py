@@ -25,6 +25,7 @@ import torch
 from .api import load_state_dict
 from .errors import CheckpointError
 from .formats import Checkpoint, TensorRecord, contiguous_strides, open_checkpoint, resolve_path
+from .formats.records import CheckpointFile
 from .quant import dequantize
 
 __all__ = ["check_ranges", "checkpoint_files", "sha256_file", "Operand", "pair_operands",
@@ -60,17 +61,21 @@ def check_ranges(ckpt: Checkpoint) -> None:
     sizes = {}
     for path in ckpt.files:
         try:
-            sizes[path] = os.stat(path).st_size
+            st = os.stat(path)
         except OSError as e:
-            raise CheckpointError(f"{path}: cannot stat: {e.strerror or e}") from e
+            raise CheckpointError(f"{path}: cannot stat: {e.strerror or e}", path=path) from e
+        if isinstance(path, CheckpointFile):
+            path.check(st)   # the file whose header was read, not one renamed over it since
+        sizes[path] = st.st_size
     for r in ckpt.records:
         size = sizes.get(r.file)
         if size is None:
-            raise CheckpointError(f"{r.file}: tensor {r.name!r} lives in a file the checkpoint does not list")
+            raise CheckpointError(f"{r.file}: tensor {r.name!r} lives in a file the checkpoint does not list",
+                                  path=r.file, tensor=r.name)
         end = r.byte_offset + record_extent(r)
         if r.byte_offset < 0 or end > size:
             raise CheckpointError(f"{r.file}: tensor {r.name!r}: bytes [{r.byte_offset}, {end}) lie outside "
-                                  f"the file ({size} bytes)")
+                                  f"the file ({size} bytes)", path=r.file, tensor=r.name)
 
 
 def checkpoint_files(path: str | os.PathLike, ckpt: Checkpoint) -> list[str]:
@@ -93,7 +98,7 @@ def sha256_file(path: str, *, on_bytes: OnBytes | None = None, chunk_bytes: int 
                 if on_bytes is not None:
                     on_bytes(n)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}", path=path) from e
     return digest.hexdigest()
 
 

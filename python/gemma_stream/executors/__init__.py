@@ -10,7 +10,7 @@ import warnings
 from typing import Callable, Protocol
 
 from ..config import config
-from ..errors import GemmaStreamError
+from ..errors import GemmaStreamError, UsageError
 from ..plan import CopyJob
 from .staging import RunResult, cancelled, run_staged
 
@@ -49,7 +49,7 @@ def native_module():
 def get_executor(backend: str = "auto") -> Executor:
     global _warned
     if backend not in ("auto", "native", "python"):
-        raise ValueError(f"backend must be 'auto', 'native' or 'python', not {backend!r}")
+        raise UsageError(f"backend must be 'auto', 'native' or 'python', not {backend!r}")
     if backend == "auto":
         backend = config().backend or "auto"
     if backend == "python":

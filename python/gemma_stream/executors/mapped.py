@@ -25,7 +25,8 @@ import torch
 
 from .. import fileio
 from ..config import mem_available
-from ..formats.records import contiguous_strides
+from ..errors import InternalError
+from ..formats.records import contiguous_strides, open_validated
 
 __all__ = ["FileViews", "Prefetch"]
 
@@ -184,6 +185,25 @@ class Prefetch:
         self._cancel.set()
 
 
+def _map_validated(path: str) -> torch.UntypedStorage:
+    """A private mapping of the very file whose header was validated (``CheckpointFile.identity``).
+
+    Mapped through ``/proc/self/fd`` of a descriptor checked with ``fstat``, so a file
+    renamed over the path since cannot be mapped instead; where there is no ``/proc``
+    the path is mapped and checked again afterwards.
+    """
+    fd = open_validated(path)
+    try:
+        proc = f"/proc/self/fd/{fd}"
+        target = proc if os.path.exists(proc) else path
+        storage = torch.UntypedStorage.from_file(target, shared=False, nbytes=os.fstat(fd).st_size)
+        if target == path:
+            fileio.close(open_validated(path))
+        return storage
+    finally:
+        fileio.close(fd)
+
+
 class FileViews:
     """Maps files on first use and cuts tensors out of them."""
 
@@ -195,16 +215,16 @@ class FileViews:
     def _storage(self, file_index: int) -> torch.UntypedStorage:
         storage = self._storages.get(file_index)
         if storage is None:
-            path = self.files[file_index]
-            storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
-            self._storages[file_index] = storage
+            storage = self._storages[file_index] = _map_validated(self.files[file_index])
         return storage
 
     def view(self, file_index: int, byte_offset: int, dtype: torch.dtype, shape: tuple[int, ...],
              strides: tuple[int, ...] | None) -> torch.Tensor:
         """The tensor at ``byte_offset`` (a multiple of the item size) of one file."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        assert byte_offset % itemsize == 0, "the planner maps only aligned tensors"
+        if byte_offset % itemsize:
+            raise InternalError(f"byte offset {byte_offset} is not aligned to {dtype}: the planner maps only "
+                                f"aligned tensors")
         storage = self._storage(file_index)
         strides = strides if strides is not None else contiguous_strides(shape)
         if all(shape):

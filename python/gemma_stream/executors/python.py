@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from .. import fileio
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InternalError, nan_row
+from ..formats.records import open_validated
 from ..plan import CopyJob
 from ..quant.reference import quantize_int4, quantize_int8
 
@@ -25,9 +26,14 @@ from ..quant.reference import quantize_int4, quantize_int8
 def _read_into(fd: int, path: str, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        got = fileio.read_into(fd, view[done:], offset + done)
+        try:
+            got = fileio.read_into(fd, view[done:], offset + done)
+        except OSError as e:
+            raise CheckpointError(f"{path}: read of {len(view) - done} bytes at offset {offset + done} failed: "
+                                  f"{e.strerror or e}", path=path) from e
         if got == 0:
-            raise CheckpointError(f"{path}: unexpected end of file at offset {offset + done}")
+            raise CheckpointError(f"{path}: unexpected end of file at offset {offset + done} (file shrank to fewer "
+                                  f"than {offset + len(view)} bytes?)", path=path)
         done += got
 
 
@@ -65,13 +71,19 @@ def _check_range(job: CopyJob, path: str, size: int) -> None:
     end = _source_end(job)
     if end > size:
         raise CheckpointError(f"{path}: tensor '{job.name}': bytes [{job.src_offset}, {end}) lie beyond the end "
-                              f"of the file ({size} bytes)")
+                              f"of the file ({size} bytes)", path=path, tensor=job.name)
 
 
 class _Run:
     def __init__(self, files: list[str], chunk_bytes: int, drop_cache: bool):
         self.files = files
-        self.fds = [fileio.open_read(f) for f in files]
+        self.fds: list[int] = []
+        try:
+            for f in files:
+                self.fds.append(open_validated(f))
+        except BaseException:
+            self.close()
+            raise
         if drop_cache:
             for fd in self.fds:
                 fileio.bypass_cache(fd)  # macOS: F_NOCACHE; the drops below are no-ops there
@@ -131,7 +143,10 @@ class _Run:
         nbytes = (end - begin) * item
         dst = job.dst.reshape(-1)[begin:end]
         if job.src_dtype.torch == job.dst.dtype:
-            _read_into(fd, path, memoryview(dst.view(torch.uint8).numpy()), offset)
+            raw = dst.view(torch.uint8)
+            _read_into(fd, path, memoryview(raw.numpy()), offset)
+            if dst.dtype == torch.bool:  # stored as 0/1 whatever the file holds, as torch's copy_ does
+                raw.clamp_(max=1)
         else:
             src = torch.frombuffer(_read(fd, path, nbytes, offset), dtype=job.src_dtype.torch)
             dst.copy_(src)  # the same conversion kernel Tensor.to runs, without its temporary
@@ -169,8 +184,7 @@ class _Run:
         finite = torch.isfinite(w).all(dim=1)
         if not bool(finite.all()):
             bad = job.first_row + begin + int((~finite).nonzero()[0, 0])
-            raise CheckpointError(f"{path}: tensor '{job.name}': row {bad} holds NaN or infinity; "
-                                  f"it cannot be quantized")
+            raise nan_row(path, job.name, bad)
         if job.op == "int8":
             q, s = quantize_int8(w, job.scale.dtype)
             job.dst[begin:end].copy_(q)
@@ -195,11 +209,15 @@ class PythonExecutor:
 
     def run(self, files: list[str], jobs: list[CopyJob], *, threads: int, chunk_bytes: int,
             drop_cache: bool, progress: Callable[[int], bool] | None) -> tuple[int, bool]:
-        sizes = [os.path.getsize(f) for f in files]
-        for job in jobs:
-            _check_range(job, files[job.file_index], sizes[job.file_index])
+        for job in jobs:  # what the C++ engine refuses as a JobError: a planner bug, not the file's fault
+            if not 0 <= job.file_index < len(files) or (math.prod(job.shape) and job.dst is None):
+                raise InternalError(f"gemma_stream bug: the engine refused a job: tensor '{job.name}': file index "
+                                    f"{job.file_index} of {len(files)} files or null destination")
         run = _Run(files, chunk_bytes, drop_cache)
         try:
+            sizes = [os.fstat(fd).st_size for fd in run.fds]
+            for job in jobs:
+                _check_range(job, files[job.file_index], sizes[job.file_index])
             ordered = sorted(jobs, key=lambda j: (j.file_index, j.src_offset))
             tasks = [t for job in ordered for t in run.tasks(job)]
             done, completed = 0, True

@@ -28,8 +28,16 @@ _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def resolve_path(path: str | os.PathLike) -> str:
-    """The checkpoint file or index a path stands for."""
+    """The checkpoint file or index a path stands for.
+
+    Symbolic links are followed wherever they point, here and for the shards an
+    index names (the Hugging Face cache links every file of a snapshot into
+    ``blobs/``); what an index may *name* is confined to its directory (see
+    :func:`.index.read_index`).
+    """
     path = os.fspath(path)
+    if "\0" in path:
+        raise CheckpointError(f"{path!r}: a path cannot contain a NUL character", path=path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if not os.path.isdir(path):
@@ -55,15 +63,23 @@ def _read_torchzip(path: str, key: str | None) -> Checkpoint:
 
 
 def _read_file(path: str, key: str | None) -> Checkpoint:
-    if path.endswith(".safetensors"):
+    try:
+        if path.endswith(".safetensors"):
+            return read_safetensors(path)
+        if path.endswith(_TORCH_SUFFIXES):
+            return _read_torchzip(path, key)
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read: {e.strerror or e}", path=path) from e
+        if magic[:2] == b"PK":
+            return _read_torchzip(path, key)
         return read_safetensors(path)
-    if path.endswith(_TORCH_SUFFIXES):
-        return _read_torchzip(path, key)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] == b"PK":
-        return _read_torchzip(path, key)
-    return read_safetensors(path)
+    except CheckpointError as e:
+        if e.path is None:  # every reader error names its file in the text; the attribute too
+            e.path = path
+        raise
 
 
 def open_checkpoint(path: str | os.PathLike, *, key: str | None = None) -> Checkpoint:

@@ -6,42 +6,59 @@ the layout ``{"metadata": {...}, "weight_map": {name: shard}}``.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
 from ..errors import CheckpointError
 from .records import Checkpoint
+from .safetensors import check_text, parse_json
+from .torch_globals import describe
+
+#: an index of 100k tensors is ~10 MB; the same bound as a safetensors header
+MAX_INDEX_BYTES = 100_000_000
 
 __all__ = ["read_index"]
 
 
 def _shard_path(index_path: str, directory: str, shard: object, name: str) -> str:
-    if not isinstance(shard, str) or not shard:
-        raise CheckpointError(f"{index_path}: tensor {name!r}: shard {shard!r} is not a file name")
-    full = os.path.realpath(os.path.join(directory, shard))
-    root = os.path.realpath(directory)
-    if os.path.isabs(shard) or os.path.commonpath([full, root]) != root:
-        raise CheckpointError(f"{index_path}: tensor {name!r}: shard {shard!r} escapes the directory {root}")
+    """The shard's path: a name inside the index's directory, symbolic links followed.
+
+    The rule is lexical, as for the checkpoint path itself: an index may not name
+    a file outside its directory (absolute, ``..``, NUL), but a file in the
+    directory may be a link to anywhere, which is how the Hugging Face cache
+    stores every snapshot (``snapshots/<rev>/x.safetensors -> ../../blobs/<sha>``).
+    """
+    check_text(index_path, name, "tensor name")
+
+    def fail(message: str) -> CheckpointError:
+        return CheckpointError(f"{index_path}: tensor {name!r}: {message}", path=index_path, tensor=name)
+
+    if not isinstance(shard, str) or not shard or "\0" in shard:
+        raise fail(f"shard {describe(shard, 80)} is not a file name")
+    check_text(index_path, shard, "shard name")
+    full = os.path.normpath(os.path.join(directory, shard))
+    if os.path.isabs(shard) or os.path.commonpath([full, directory]) != directory or full == directory:
+        raise fail(f"shard {shard!r} escapes the directory {directory}")
     if not os.path.isfile(full):
-        raise CheckpointError(f"{index_path}: tensor {name!r}: shard file {shard!r} does not exist")
+        raise fail(f"shard file {shard!r} does not exist")
     return full
 
 
 def read_index(index_path: str, read_shard: Callable[[str], Checkpoint]) -> Checkpoint:
     """Read an index and every shard it names with ``read_shard``."""
     index_path = os.path.abspath(index_path)
-    directory = os.path.dirname(index_path)
+    directory = os.path.normpath(os.path.dirname(index_path))
     try:
         with open(index_path, "rb") as f:
-            index = json.loads(f.read().decode("utf-8"))
+            raw = f.read(MAX_INDEX_BYTES + 1)
     except OSError as e:
-        raise CheckpointError(f"{index_path}: cannot read: {e.strerror or e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index_path}: not valid UTF-8 JSON: {e}") from None
+        raise CheckpointError(f"{index_path}: cannot read: {e.strerror or e}", path=index_path) from e
+    if len(raw) > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{index_path}: index is larger than {MAX_INDEX_BYTES} bytes", path=index_path)
+    index = parse_json(raw, index_path, "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path}: no 'weight_map' object")
+        raise CheckpointError(f"{index_path}: no 'weight_map' object", path=index_path)
     wanted: dict[str, set[str]] = {}
     for name, shard in weight_map.items():
         wanted.setdefault(_shard_path(index_path, directory, shard, name), set()).add(name)
@@ -49,7 +66,7 @@ def read_index(index_path: str, read_shard: Callable[[str], Checkpoint]) -> Chec
     seen: dict[str, str] = {}
     for shard_path in sorted(wanted):
         shard = read_shard(shard_path)
-        files.append(shard_path)
+        files.extend(shard.files)   # CheckpointFile: the identity each executor checks
         metadata.update(shard.metadata)
         extras.update(shard.extras)
         present = {r.name for r in shard.records}
@@ -68,7 +85,9 @@ def read_index(index_path: str, read_shard: Callable[[str], Checkpoint]) -> Chec
             records.append(record)
     index_meta = index.get("metadata")
     if isinstance(index_meta, dict):
-        metadata.update({k: str(v) for k, v in index_meta.items()})
+        metadata.update({check_text(index_path, k, "metadata key"):
+                         check_text(index_path, v, "metadata value") if isinstance(v, str) else describe(v, 200)
+                         for k, v in index_meta.items()})
     fmt = _format_of(files)
     return Checkpoint(format=fmt, files=files, records=records, metadata=metadata, extras=extras)
 

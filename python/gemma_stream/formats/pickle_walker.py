@@ -17,17 +17,31 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import struct
+import sys
 from typing import Any, Callable
 
 from ..errors import CheckpointError
 from .torch_globals import ALLOWED, REDUCERS, SCALARS, Global, StorageRef, TensorView, describe
 
-__all__ = ["Global", "StorageRef", "TensorView", "walk_pickle", "describe", "MAX_CONTAINERS"]
+__all__ = ["Global", "StorageRef", "TensorView", "walk_pickle", "describe", "MAX_WALK_BYTES"]
 
-#: containers a pickle may create; a 2B model needs ~2k, 100k tensors ~600k.  Bounds
-#: the memory an adversarial pickle can make us allocate (1 opcode byte -> ~60 bytes).
-MAX_CONTAINERS = 1 << 22
+#: One budget for everything the walker holds, in estimated bytes of Python objects: stack
+#: slots, marks, memo entries, containers and their items, strings and integers, tensor
+#: records (CPython's sizes, dict growth included).  Nothing is refunded, so it bounds the
+#: peak from above; an adversarial ``data.pkl`` of any size up to the pickle limit is parsed
+#: or refused within about this much extra memory (tests/test_hostile.py measures the
+#: bombs).  A torch.save state dict is charged about 2.8 KB per tensor (1.2 KB real): 48 MiB
+#: is ~18k tensors per file (one file of the largest public checkpoints holds a few thousand).
+MAX_WALK_BYTES = 48 << 20
+#: Opcodes walked before refusing: bounds the time of pickles that allocate nothing
+#: (MARK/POP_MARK loops).  A state dict takes ~32 per tensor: ~45k tensors.
+MAX_OPCODES = 1_500_000
+_SLOT = 8                 # a pointer: a stack or list slot, a tuple item
+_DICT_ITEM = 64           # a dict or set entry, growth included
+_OBJECT = 56              # a new container, float, large int or string header
+_RECORD = 320             # a TensorView or StorageRef with its fields
 
 
 class _Walker:
@@ -35,20 +49,30 @@ class _Walker:
 
     Handlers are methods named in ``_OPCODES``; each reads its argument bytes
     with :meth:`take`, which checks lengths *before* slicing, so no length field
-    can make us allocate more than the pickle itself.
+    can make us allocate more than the pickle itself.  The stack is one flat list
+    and a MARK is an index into it (a new list per MARK let 10 MiB of MARK
+    bytes cost 737 MB and 8.9 s).
     """
 
     def __init__(self, data: bytes, where: str) -> None:
         self.data, self.where, self.pos = data, where, 0
         self.stack: list[Any] = []
-        self.marks: list[list[Any]] = []
+        self.marks: list[int] = []
         self.memo: dict[int, Any] = {}  # a dict: a huge LONG_BINPUT index allocates nothing
-        self.containers = 0
+        self.used = 0            # estimated bytes of objects created (see MAX_WALK_BYTES)
+        self.opcodes = 0
         self.ops = {code: getattr(self, name) for code, name in _OPCODES.items()}
 
     # -- helpers -------------------------------------------------------------------
     def fail(self, message: str) -> CheckpointError:
         return CheckpointError(f"{self.where}: {message}")
+
+    def charge(self, nbytes: int) -> None:
+        """Count ``nbytes`` against the walk's budget *before* they are allocated."""
+        self.used += nbytes
+        if self.used > MAX_WALK_BYTES:
+            raise self.fail(f"the pickle needs more than {MAX_WALK_BYTES >> 20} MiB of objects to walk (at offset "
+                            f"{self.pos - 1}); refusing to allocate more")
 
     def take(self, n: int) -> bytes:
         end = self.pos + n
@@ -66,15 +90,15 @@ class _Walker:
 
     def push(self, value: Any, container: bool = False) -> None:
         if container:
-            self.containers += 1
-            if self.containers > MAX_CONTAINERS:
-                raise self.fail(f"more than {MAX_CONTAINERS} containers; refusing to allocate more")
+            self.charge(_SLOT + _OBJECT)
         self.stack.append(value)
 
     def pop_mark(self) -> list[Any]:  # also the POP_MARK opcode
         if not self.marks:
             raise self.fail(f"opcode at offset {self.pos - 1} needs a MARK and there is none")
-        items, self.stack = self.stack, self.marks.pop()
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
         return items
 
     def hashable(self, key: Any) -> Any:
@@ -99,8 +123,8 @@ class _Walker:
         return found
 
     def run(self) -> Any:
-        data, ops = self.data, self.ops
-        while self.pos < len(data):
+        data, ops, size = self.data, self.ops, len(self.data)
+        while self.pos < size:
             code = data[self.pos]
             self.pos += 1
             handler = ops.get(code)
@@ -110,6 +134,10 @@ class _Walker:
                 if len(self.stack) != 1 or self.marks:
                     raise self.fail(f"STOP with {len(self.stack)} values on the stack")
                 return self.stack[0]
+            self.opcodes += 1
+            if self.opcodes > MAX_OPCODES:
+                raise self.fail(f"more than {MAX_OPCODES} opcodes (at offset {self.pos - 1}); a state dict "
+                                f"takes about 32 per tensor: refusing to walk further")
         raise self.fail("pickle ends without a STOP opcode (truncated)")
 
     # -- framing, stack and constants ------------------------------------------------
@@ -125,8 +153,8 @@ class _Walker:
         return _STOP
 
     def mark(self) -> None:
-        self.marks.append(self.stack)
-        self.stack = []
+        self.charge(_OBJECT)   # the int index and its slot
+        self.marks.append(len(self.stack))
 
     def pop(self) -> None:
         if self.stack:
@@ -135,26 +163,40 @@ class _Walker:
             self.pop_mark()
 
     def dup(self) -> None:
+        self.charge(_SLOT)
         self.push(self.stack[-1])
 
     def constant(self) -> None:  # NONE, NEWTRUE, NEWFALSE, EMPTY_TUPLE
+        self.charge(_SLOT)
         self.push(_CONSTANTS[self.data[self.pos - 1]])
 
     def number(self) -> None:  # BININT, BININT1, BININT2, BINFLOAT
-        self.push(self.unpack(_NUMBER_FORMATS[self.data[self.pos - 1]]))
+        value = self.unpack(_NUMBER_FORMATS[self.data[self.pos - 1]])
+        self.charge(_SLOT if type(value) is int and -5 <= value <= 256 else _SLOT + _OBJECT)  # small ints are shared
+        self.stack.append(value)
 
     def long(self) -> None:  # LONG1, LONG4: little-endian two's complement of a given length
         length = self.unpack(_LENGTH_FORMATS[self.data[self.pos - 1]])
+        self.charge(_SLOT + _OBJECT + max(length, 0))
         self.push(int.from_bytes(self.take(length), "little", signed=True))
 
     def string(self) -> None:  # (SHORT_)BINUNICODE(8) are text; (SHORT_)BINBYTES(8), BYTEARRAY8 bytes
         code = self.data[self.pos - 1]
-        raw = self.take(self.unpack(_LENGTH_FORMATS[code]))
-        self.push(self.text(raw) if code in _TEXT_OPCODES else raw)
+        length = self.unpack(_LENGTH_FORMATS[code])
+        self.charge(_SLOT + _OBJECT + length)
+        raw = self.take(length)
+        if code in _TEXT_OPCODES:  # the str replaces the bytes; a non-ASCII one may be up to 4x larger
+            text = self.text(raw)
+            self.charge(max(0, sys.getsizeof(text) - _OBJECT - length))
+            self.stack.append(text)
+        else:
+            self.stack.append(raw)
 
     # -- containers ------------------------------------------------------------------
     def tuple_op(self) -> None:
-        self.push(tuple(self.pop_mark()), container=True)
+        items = self.pop_mark()
+        self.charge(_SLOT * len(items))
+        self.push(tuple(items), container=True)
 
     def tuple_n(self) -> None:  # TUPLE1, TUPLE2, TUPLE3
         n = self.data[self.pos - 1] - 0x84
@@ -169,11 +211,13 @@ class _Walker:
 
     def frozenset_op(self) -> None:
         items = self.pop_mark()
+        self.charge(_DICT_ITEM * len(items))
         self.push(frozenset(self.hashable(item) for item in items), container=True)
 
     def set_pairs(self, target: Any, items: list[Any]) -> Any:
         if not isinstance(target, dict) or len(items) % 2:
             raise self.fail(f"SETITEM(S) on a {type(target).__name__} with {len(items)} values")
+        self.charge(_DICT_ITEM * (len(items) // 2))
         for i in range(0, len(items), 2):
             target[self.hashable(items[i])] = items[i + 1]
         return target
@@ -190,6 +234,7 @@ class _Walker:
         code = self.data[self.pos - 1]
         items = [self.stack.pop()] if code == 0x61 else self.pop_mark()  # APPEND "a"
         target = self.stack[-1]
+        self.charge((_SLOT if isinstance(target, list) else _DICT_ITEM) * len(items))
         if isinstance(target, list) and code != 0x90:
             target.extend(items)
         elif isinstance(target, set) and code == 0x90:
@@ -200,15 +245,18 @@ class _Walker:
     # -- memo --------------------------------------------------------------------------
     def put(self) -> None:  # BINPUT, LONG_BINPUT
         index = self.unpack(_U8 if self.data[self.pos - 1] == 0x71 else _U32)  # BINPUT "q"
+        self.charge(_DICT_ITEM + _OBJECT)   # the entry and its int key
         self.memo[index] = self.stack[-1]
 
     def memoize(self) -> None:
+        self.charge(_DICT_ITEM + _OBJECT)
         self.memo[len(self.memo)] = self.stack[-1]
 
     def get(self) -> None:  # BINGET, LONG_BINGET
         index = self.unpack(_U8 if self.data[self.pos - 1] == 0x68 else _U32)  # BINGET "h"
         if index not in self.memo:
             raise self.fail(f"memo entry {index} read at offset {self.pos} was never stored")
+        self.charge(_SLOT)
         self.push(self.memo[index])
 
     # -- globals, calls, persistent ids ------------------------------------------------
@@ -219,12 +267,14 @@ class _Walker:
             raise self.fail(f"GLOBAL at offset {self.pos - 1} is not two short newline-terminated lines")
         module, name = self.text(self.data[self.pos:end_module]), self.text(self.data[end_module + 1:end_name])
         self.pos = end_name + 1
+        self.charge(_SLOT)
         self.push(self.lookup_global(module, name))
 
     def stack_global(self) -> None:
         name, module = self.stack.pop(), self.stack.pop()
         if not isinstance(module, str) or not isinstance(name, str):
             raise self.fail("STACK_GLOBAL needs two strings")
+        self.charge(_SLOT)
         self.push(self.lookup_global(module, name))
 
     def binpersid(self) -> None:
@@ -236,6 +286,7 @@ class _Walker:
             raise self.fail(f"persistent id names {describe(storage_type)}, not a supported storage type")
         if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
             raise self.fail(f"persistent id {describe(pid)} has a malformed key, location or numel")
+        self.charge(_RECORD)
         self.push(StorageRef(key, storage_type.dtype, location, numel))
 
     def reduce(self) -> None:
@@ -245,6 +296,9 @@ class _Walker:
             raise self.fail(f"calling {describe(func)} is not allowed; gemma_stream never executes pickle code")
         if not isinstance(args, tuple):
             raise self.fail(f"arguments of {func.qualname} are a {type(args).__name__}, not a tuple")
+        # what a handler builds: a record, or a copy of its argument (a dict, set, tuple or bytes)
+        source = args[0] if len(args) == 1 and isinstance(args[0], (dict, list, tuple, str)) else ()
+        self.charge(_RECORD + _DICT_ITEM * len(source) + (len(source) if isinstance(source, str) else 0))
         self.push(handler(self, args), container=True)
 
     def build(self) -> None:
@@ -287,6 +341,8 @@ def walk_pickle(data: bytes, where: str = "data.pkl") -> Any:
         walk_pickle(zip_entry_bytes, where="model.ckpt: data.pkl")
     """
     walker = _Walker(bytes(data), where)
+    collecting = gc.isenabled()
+    gc.disable()  # the walk makes ~30 objects per tensor and no garbage: the collector only costs time
     try:
         return walker.run()
     except CheckpointError:
@@ -295,3 +351,6 @@ def walk_pickle(data: bytes, where: str = "data.pkl") -> Any:
         raise walker.fail(f"stack underflow at offset {walker.pos - 1}") from None
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError, struct.error) as e:
         raise walker.fail(f"malformed pickle at offset {walker.pos - 1}: {type(e).__name__}: {e}") from None
+    finally:
+        if collecting:
+            gc.enable()

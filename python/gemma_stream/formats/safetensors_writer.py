@@ -30,7 +30,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 #: the reference writer's layout order: its Dtype enum, descending
 _DTYPE_ORDER = {code: rank for rank, code in enumerate(["U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16",
-                                                        "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"])}
+                                                        "U16", "I16", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2",
+                                                        "F8_E5M2FNUZ", "F8_E8M0", "F4", "I8", "U8", "BOOL"])}
 
 
 def header_bytes(tensors: list[tuple[str, DType, tuple[int, ...]]],
@@ -42,7 +43,8 @@ def header_bytes(tensors: list[tuple[str, DType, tuple[int, ...]]],
     for i in sorted(range(len(tensors)), key=lambda i: (_DTYPE_ORDER[tensors[i][1].safetensors], tensors[i][0])):
         name, dtype, shape = tensors[i]
         nbytes = math.prod(shape) * dtype.itemsize
-        entries[name] = {"dtype": dtype.safetensors, "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}
+        stored = list(shape[:-1]) + [shape[-1] * 2] if dtype.safetensors == "F4" else list(shape)  # 4-bit values
+        entries[name] = {"dtype": dtype.safetensors, "shape": stored, "data_offsets": [cursor, cursor + nbytes]}
         offsets[i], cursor = cursor, cursor + nbytes
     raw = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)

@@ -23,8 +23,9 @@ from typing import Any
 
 from .. import fileio
 from ..errors import CheckpointError
-from .pickle_walker import TensorView, describe, walk_pickle
-from .records import Checkpoint, TensorRecord, contiguous_strides
+from .pickle_walker import StorageRef, TensorView, describe, walk_pickle
+from .records import Checkpoint, CheckpointFile, TensorRecord, check_shape, contiguous_strides
+from .safetensors import not_a_checkpoint
 
 __all__ = ["read_torchzip", "ZipEntry", "read_zip_directory", "payload_offset", "STATE_DICT_KEYS"]
 
@@ -58,6 +59,8 @@ class ZipEntry:
 
 
 def _pread(fd: int, path: str, n: int, offset: int, what: str) -> bytes:
+    if offset < 0 or n < 0 or offset + n >= 1 << 63:  # a forged ZIP64 offset: pread would raise OverflowError
+        raise CheckpointError(f"{path}: {what} at offset {offset} lies outside any file", path=path)
     data = fileio.pread(fd, n, offset)
     if len(data) != n:
         raise CheckpointError(f"{path}: truncated: {what} needs {n} bytes at offset {offset}, got {len(data)}")
@@ -75,10 +78,16 @@ def _find_eocd(fd: int, path: str, file_size: int) -> tuple[int, tuple]:
             if pos + _EOCD.size + fields[7] == tail_size:  # the comment must end the file
                 return file_size - tail_size + pos, fields
         pos = tail.rfind(b"PK\x05\x06", 0, pos)
-    head = fileio.pread(fd, 4, 0)
-    if head == b"PK\x03\x04":
+    head = fileio.pread(fd, 16, 0)
+    if head[:4] == b"PK\x03\x04":
         raise CheckpointError(f"{path}: truncated or damaged zip archive: no end of central directory record")
-    raise CheckpointError(f"{path}: not a zip archive (starts with {head!r}); {_LEGACY_HINT}")
+    raise _not_zip(path, head)
+
+
+def _not_zip(path: str, head: bytes) -> CheckpointError:
+    if head[:1] == b"\x80":  # a pickle protocol opcode: torch.save's legacy (non-zip) format
+        return CheckpointError(f"{path}: not a zip archive (starts with {head[:4]!r}); {_LEGACY_HINT}")
+    return not_a_checkpoint(path, head)
 
 
 def _directory_bounds(fd: int, path: str, file_size: int) -> tuple[int, int, int, int]:
@@ -132,7 +141,7 @@ def read_zip_directory(fd: int, path: str, file_size: int) -> tuple[dict[str, Zi
     for index in range(count):
         if pos + _CENTRAL.size > cd_size:
             raise CheckpointError(f"{path}: central directory ends after {index} of {count} entries")
-        (sig, _, _, flags, method, _, _, _, csize, size, name_len, extra_len, comment_len, _, _, _,
+        (sig, _, _, flags, method, _, _, _, csize, size, name_len, extra_len, comment_len, disk, _, attributes,
          lho) = _CENTRAL.unpack_from(directory, pos)
         if sig != b"PK\x01\x02":
             raise CheckpointError(f"{path}: central directory entry {index} has a bad signature")
@@ -148,6 +157,13 @@ def read_zip_directory(fd: int, path: str, file_size: int) -> tuple[dict[str, Zi
             size, csize, lho = (next(values) if w else v for w, v in zip(wanted, (size, csize, lho)))
         if flags & 1:
             raise CheckpointError(f"{path}: entry {name!r} is encrypted")
+        if attributes & 0x10 or name.endswith("/"):
+            # torch's reader (miniz) extracts a directory entry as nothing: its tensors would load as zeros
+            raise CheckpointError(f"{path}: entry {name!r} is marked as a directory (external attributes "
+                                  f"{attributes:#x}); torch.save never writes one")
+        if disk:
+            raise CheckpointError(f"{path}: entry {name!r} starts on disk {disk}; multi-volume zip archives are "
+                                  f"not supported")
         if method != 0:
             raise CheckpointError(
                 f"{path}: entry {name!r} is compressed (method {method}); torch.save stores every entry "
@@ -213,6 +229,9 @@ def _select_state_dict(path: str, tree: Any, key: str | None) -> tuple[dict, str
 def _flatten(node: dict, prefix: str, depth: int, tensors: dict[str, TensorView], extras: dict[str, str],
              path: str) -> None:
     for k, value in node.items():
+        if isinstance(k, int) and k.bit_length() > 64:  # str() would be refused past 4,300 digits
+            raise CheckpointError(f"{path}: a key under {prefix or 'the top level'!r} is a {k.bit_length()}-bit "
+                                  f"integer; tensor names must be text", path=path)
         name = f"{prefix}{k}"
         if isinstance(value, TensorView):
             if name in tensors:
@@ -229,14 +248,18 @@ def _record(path: str, name: str, view: TensorView, payload: int) -> TensorRecor
     where = f"{path}: tensor {name!r}"
     key, size, stride, offset = view.storage.key, view.size, view.stride, view.storage_offset
     if len(size) != len(stride):
-        raise CheckpointError(f"{where}: size {list(size)} and stride {list(stride)} differ in length")
+        raise CheckpointError(f"{where}: size {describe(list(size))} and stride {describe(list(stride))} differ in length",
+                              path=path, tensor=name)
     if any(n < 0 for n in size) or any(s < 0 for s in stride) or offset < 0:
         raise CheckpointError(f"{where}: negative size, stride or storage offset "
-                              f"(size {list(size)}, stride {list(stride)}, offset {offset})")
+                              f"(size {describe(list(size))}, stride {describe(list(stride))}, offset {describe(offset)})",
+                              path=path, tensor=name)
     itemsize = view.dtype.itemsize
     numel = math.prod(size)
-    if numel * itemsize >= 1 << 63:
-        raise CheckpointError(f"{where}: shape {list(size)} overflows 64-bit byte counts")
+    check_shape(size, itemsize, where, path, name)
+    if any(s >= 1 << 63 for s in stride) or offset >= 1 << 63:
+        raise CheckpointError(f"{where}: stride {describe(list(stride))} or storage offset {describe(offset)} is beyond "
+                              f"64 bits", path=path, tensor=name)
     capacity = view.storage.numel * view.storage.dtype.itemsize // itemsize
     if numel == 0:
         byte_offset = payload  # nothing is read; keep the offset inside the file for range checks
@@ -244,7 +267,8 @@ def _record(path: str, name: str, view: TensorView, payload: int) -> TensorRecor
         needed = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
         if needed > capacity:
             raise CheckpointError(
-                f"{where}: storage {key!r} holds {capacity} elements but the view needs {needed}")
+                f"{where}: storage {key!r} holds {capacity} elements but the view needs {needed}", path=path,
+                tensor=name)
         byte_offset = payload + offset * itemsize
     want = contiguous_strides(size)
     contiguous = numel == 0 or all(s == w or n == 1 for n, s, w in zip(size, stride, want))
@@ -256,8 +280,18 @@ def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: st
                     tensors: dict[str, TensorView], end_limit: int) -> dict[str, int]:
     """Payload offset of each storage used; each data/<key> holds at least the declared bytes."""
     ranges: dict[str, tuple[int, int]] = {}
+    declared_as: dict[str, tuple[str, StorageRef]] = {}
     for name, view in tensors.items():
         ref = view.storage
+        first_name, first = declared_as.setdefault(ref.key, (name, ref))
+        if (first.dtype, first.numel) != (ref.dtype, ref.numel):
+            # torch.load types a storage by its first reference and would rebuild this tensor in that
+            # dtype; torch.save never writes this ("Cannot save multiple tensors or storages that view
+            # the same data as different types"): refuse rather than reinterpret the bytes
+            raise CheckpointError(
+                f"{path}: tensor {name!r}: storage {ref.key!r} is declared as {ref.numel} x {ref.dtype.name} "
+                f"here and as {first.numel} x {first.dtype.name} by tensor {first_name!r}; torch.save never "
+                f"writes one storage with two types", path=path, tensor=name)
         entry = entries.get(f"{prefix}data/{ref.key}")
         if entry is None:
             raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} has no 'data/{ref.key}' entry")
@@ -306,11 +340,15 @@ def read_torchzip(path: str, key: str | None = None) -> Checkpoint:
     try:
         fd = fileio.open_read(path)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from e
+        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}", path=path) from e
     try:
-        file_size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        path = CheckpointFile(path, st)   # the records' file: executors check they read this very file
+        file_size = st.st_size
         if file_size < _EOCD.size:
-            raise CheckpointError(f"{path}: file is {file_size} bytes, too short for a zip archive; {_LEGACY_HINT}")
+            if file_size == 0:
+                raise CheckpointError(f"{path}: file is empty, not a checkpoint", path=path)
+            raise _not_zip(path, fileio.pread(fd, 16, 0))
         entries, data_end = read_zip_directory(fd, path, file_size)
         prefix = _archive_prefix(path, entries)
         _check_byteorder(fd, path, entries, prefix, data_end)
@@ -325,7 +363,7 @@ def read_torchzip(path: str, key: str | None = None) -> Checkpoint:
         _flatten(state_dict, "", 0, tensors, extras, path)
         offsets = _storage_ranges(fd, path, entries, prefix, tensors, data_end)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}", path=path) from e
     finally:
         fileio.close(fd)
     if top_key is not None:  # siblings such as "epoch"; a clash with a state-dict entry is renamed

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InternalError
 from .reference import dequant_int4, join_nibbles, split_nibbles  # noqa: F401 - re-exported: layout code and tests
 
 _CHUNK_BYTES = 8 << 20   # the torch fallback repacks this many bytes of rows at a time
@@ -145,7 +146,7 @@ def repack_(weight: torch.Tensor, layout: CpuLayout, *, to_kernel: bool) -> None
     native = native_repack(to_kernel)
     if native is not None and weight.device.type == "cpu" and weight.is_contiguous():
         if not native(weight.data_ptr(), n, k, layout.block, layout.halves):
-            raise ValueError(f"int4 repack: bad shape [{n}, {k}] for blocks of {layout.block} rows")
+            raise InternalError(f"int4 repack: bad shape [{n}, {k}] for blocks of {layout.block} rows")
         return
     step = max(1, _CHUNK_BYTES // (2 * k) // layout.block) * layout.block
     convert = pack if to_kernel else unpack
