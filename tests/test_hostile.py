@@ -27,6 +27,7 @@ from gemma_stream.errors import CheckpointError, InternalError, UsageError
 from gemma_stream.executors import get_executor
 from gemma_stream.formats import open_checkpoint
 from gemma_stream.plan import CopyJob
+from gemma_stream.progress import progress_callback
 from test_torchzip import FakeStorage, FakeView, crafted
 
 PACKAGE_ROOT = str(Path(gs.__file__).resolve().parent.parent)
@@ -393,7 +394,7 @@ def test_quantization_failure_carries_path_tensor_and_row(tmp_path, backend):
     lambda: get_executor("gpu"),
     lambda: gs.load_state_dict("x", mode="fast"),
     lambda: gs.load_state_dict("x", cache="sometimes"),
-    lambda: api._progress_callback(5, 10, "x"),
+    lambda: progress_callback(5, 10, "x"),
 ])
 def test_bad_arguments_are_usage_errors_and_still_value_errors(call):
     with pytest.raises(UsageError) as info:
