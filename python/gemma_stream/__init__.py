@@ -15,6 +15,7 @@ from .errors import CheckpointError, GemmaStreamError, MismatchError
 from .executors import BACKEND, native_available
 from .plan import Route
 from .quant import QuantEmbedding, QuantLinear, quantize_
+from .stream import iter_tensors
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,6 @@ logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 __all__ = [
     "BACKEND", "CheckpointError", "GemmaStreamError", "LoadReport", "MismatchError", "QuantEmbedding", "QuantLinear",
     "Route", "TensorInfo",
-    "__version__", "convert", "hf", "inspect", "maps", "load_into", "load_state_dict", "native_available", "quantize_",
+    "__version__", "convert", "hf", "inspect", "iter_tensors", "maps", "load_into", "load_state_dict",
+    "native_available", "quantize_",
 ]

@@ -1,0 +1,246 @@
+"""``iter_tensors``: a checkpoint as a stream of ``(name, tensor)`` with bounded memory.
+
+The same pipeline as ``load_state_dict`` (format reader -> plan -> executor),
+run one *window* at a time: a background thread plans and reads the next
+window of tensors on the engine's threads while the caller consumes the
+current one (the native engine releases the GIL while it copies; the Python
+executor's reads and conversions release it too).  This is what an engine with
+a ``load_weights(iterable)`` API (vLLM, SGLang) consumes.
+
+Memory: every tensor is allocated by this module and counted against
+``window_bytes`` from the moment it is planned until its memory is actually
+freed (a finalizer on its buffer), so tensors the caller drops promptly give
+back their budget at once and tensors the caller keeps stall the read-ahead.
+A window is filled up to half the budget, so one window is read while the
+previous one is consumed.  A tensor larger than that is read alone, once
+everything before it has been freed.  When the caller waits for the next
+tensor while holding on to earlier ones (``list(gs.iter_tensors(...))``), the
+reader goes on regardless: the memory the caller keeps is the caller's.
+"""
+
+from __future__ import annotations
+
+import os
+import collections
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import config, mem_available
+from .errors import GemmaStreamError
+from .executors import get_executor, run_plan_jobs
+from .formats import Checkpoint, TensorRecord, open_checkpoint
+from .plan import Rename, choose_cache, make_plan
+
+__all__ = ["iter_tensors", "DEFAULT_WINDOW_BYTES"]
+
+#: 256 MiB: two 128 MiB reads in flight keep 2 engine threads busy (16 MiB chunks) and stay small
+#: next to any model worth streaming
+DEFAULT_WINDOW_BYTES = 256 << 20
+_FLOATS = ("f16", "bf16", "f32")
+
+
+@dataclass(frozen=True)
+class _Item:
+    record: TensorRecord
+    name: str
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.record.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """What ``choose_cache`` weighs: bytes read and bytes held (here at most one window)."""
+
+    nbytes: int
+    dst_nbytes: int
+
+
+class _Budget:
+    """Bytes of tensors allocated and not yet freed, and the windows handed from reader to caller.
+
+    ``release`` runs from a finalizer, in whichever thread frees a tensor's
+    last reference (the caller's, usually); the lock is reentrant because a
+    finalizer may run while this thread already holds it.  The caller takes
+    windows under the same lock, so "the caller is waiting and nothing is
+    ready" is seen atomically by the reader.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.alive = 0
+        self.ready: collections.deque = collections.deque()
+        self.consumer_waiting = False
+        self.stopped = False
+        self.cond = threading.Condition(threading.RLock())
+
+    def release(self, nbytes: int) -> None:
+        with self.cond:
+            self.alive -= nbytes
+            self.cond.notify_all()
+
+    def acquire(self, nbytes: int) -> bool:
+        """Wait until ``nbytes`` fit, or nothing of ours is alive, or the caller waits for a window
+        while it holds all that is alive; False when the iteration was closed."""
+        with self.cond:
+            while not self.stopped and self.alive and self.alive + nbytes > self.limit and \
+                    not (self.consumer_waiting and not self.ready):
+                self.cond.wait()
+            if self.stopped:
+                return False
+            self.alive += nbytes
+            return True
+
+    def put(self, window) -> None:
+        with self.cond:
+            self.ready.append(window)
+            self.cond.notify_all()
+
+    def take(self):
+        with self.cond:
+            self.consumer_waiting = True
+            self.cond.notify_all()
+            while not self.ready:
+                self.cond.wait()
+            self.consumer_waiting = False
+            return self.ready.popleft()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.ready.clear()
+            self.cond.notify_all()
+
+
+def _allocate(item: _Item, budget: _Budget) -> torch.Tensor:
+    """An uninitialized tensor whose buffer gives its bytes back to ``budget`` when freed.
+
+    The buffer is a numpy array: the tensor's storage holds the only reference
+    to it, so its finalizer runs exactly when the last view of the tensor dies.
+    """
+    buffer = np.empty(max(item.nbytes, 1), dtype=np.uint8)
+    weakref.finalize(buffer, budget.release, item.nbytes)
+    flat = torch.from_numpy(buffer)[:item.nbytes].view(item.dtype)
+    return flat.view(item.record.shape)
+
+
+def _windows(items: list[_Item], window_bytes: int) -> list[list[_Item]]:
+    """Consecutive items up to half the budget each (one is read while the other is consumed)."""
+    half = max(1, window_bytes // 2)
+    out: list[list[_Item]] = []
+    size = 0
+    for item in items:
+        if not out or size + item.nbytes > half:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += item.nbytes
+    return out
+
+
+def _items(ckpt: Checkpoint, *, dtype: torch.dtype | None, keys, rename: Rename) -> list[_Item]:
+    from .api import _select, normalize_names
+
+    if rename is not None and not (isinstance(rename, dict) or callable(rename)):
+        raise TypeError(f"rename must be a dict or a callable, not {type(rename).__name__}")
+    ckpt = _select(ckpt, keys)
+    names = normalize_names(ckpt, rename)
+    order = {f: i for i, f in enumerate(ckpt.files)}
+    items, seen = [], {}
+    for record in sorted(ckpt.records, key=lambda r: (order[r.file], r.byte_offset, r.name)):
+        name = names.get(record.name)
+        if name is None:
+            continue
+        if name in seen:
+            raise GemmaStreamError(f"{record.file}: rename gives {name!r} to both {seen[name]!r} and "
+                                   f"{record.name!r}")
+        seen[name] = record.name
+        out = dtype if dtype is not None and record.dtype.name in _FLOATS else record.dtype.torch
+        items.append(_Item(record, name, out))
+    return items
+
+
+class _Reader(threading.Thread):
+    """Plans and reads one window after the other into ``ready`` (None ends the stream)."""
+
+    def __init__(self, ckpt: Checkpoint, windows: list[list[_Item]], budget: _Budget, *, backend: str,
+                 threads: int, drop_cache: bool):
+        super().__init__(name="gemma_stream_iter", daemon=True)
+        self.ckpt, self.windows, self.budget = ckpt, windows, budget
+        self.executor = get_executor(backend)
+        self.threads, self.drop_cache = threads, drop_cache
+
+    def run(self) -> None:
+        try:
+            for window in self.windows:
+                if not self.budget.acquire(sum(item.nbytes for item in window)):
+                    return
+                self.budget.put(self._read(window))
+            self.budget.put(None)
+        except BaseException as e:  # re-raised on the caller's thread
+            self.budget.put(e)
+
+    def _read(self, window: list[_Item]) -> list[tuple[str, torch.Tensor]]:
+        tensors = {item.record.name: _allocate(item, self.budget) for item in window}
+        part = Checkpoint(self.ckpt.format, self.ckpt.files, [item.record for item in window])
+        plan = make_plan(part, tensors, strict=True)
+        keep_going = lambda _done: not self.budget.stopped   # closing the iterator cancels the read
+        run_plan_jobs(self.executor, plan.files, plan.jobs, threads=self.threads,
+                      chunk_bytes=config().chunk_bytes, drop_cache=self.drop_cache, progress=keep_going)
+        return [(item.name, tensors[item.record.name]) for item in window]
+
+
+def iter_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None, keys=None, rename: Rename = None,
+                 window_bytes: int = DEFAULT_WINDOW_BYTES, threads: int | None = None, backend: str = "auto",
+                 cache: str = "auto", key: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for each tensor of a checkpoint, in file order, reading ahead.
+
+    At most ``window_bytes`` of tensors are allocated and not yet freed at any
+    time: the next window is read on the engine's threads while the caller
+    works on the current one.  A tensor larger than half the window is read on
+    its own.  ``dtype`` converts floating-point tensors (f16/bf16/f32),
+    ``keys`` selects tensors, ``rename`` (dict or callable, a name or None to
+    skip) renames them; ``cache``, ``threads``, ``backend`` and ``key`` as in
+    ``load_state_dict``.  The tensors are new CPU tensors the caller owns;
+    breaking out of the loop stops the read-ahead.
+
+    >>> for name, tensor in gs.iter_tensors("model.safetensors", dtype=torch.bfloat16):
+    ...     print(name, tensor.shape)
+    """
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise GemmaStreamError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
+    if not isinstance(window_bytes, int) or window_bytes <= 0:
+        raise ValueError(f"window_bytes must be a positive number of bytes, not {window_bytes!r}")
+    ckpt = open_checkpoint(path, key=key)
+    items = _items(ckpt, dtype=dtype, keys=keys, rename=rename)
+    total = sum(item.record.nbytes for item in items)
+    policy = choose_cache(_Totals(total, min(window_bytes, total)), cache,  # type: ignore[arg-type]
+                          mem_available() if cache == "auto" else None)
+    budget = _Budget(window_bytes)
+    reader = _Reader(ckpt, _windows(items, window_bytes), budget, backend=backend,
+                     threads=threads or config().default_threads, drop_cache=policy == "drop")
+    return _consume(reader, budget)
+
+
+def _consume(reader: _Reader, budget: _Budget) -> Iterator[tuple[str, torch.Tensor]]:
+    reader.start()
+    try:
+        while True:
+            window = budget.take()
+            if window is None:
+                return
+            if isinstance(window, BaseException):
+                raise window
+            while window:
+                # hand over the last reference: the budget comes back when the caller drops it
+                yield window.pop(0)
+    finally:
+        budget.stop()
+        reader.join()
