@@ -36,7 +36,7 @@ from .executors import get_executor, run_plan_jobs
 from .formats import Checkpoint, TensorRecord, open_checkpoint
 from .plan import Rename, choose_cache, make_plan
 
-__all__ = ["iter_tensors", "DEFAULT_WINDOW_BYTES"]
+__all__ = ["iter_tensors", "stream_checkpoint", "DEFAULT_WINDOW_BYTES"]
 
 #: 256 MiB: two 128 MiB reads in flight keep 2 engine threads busy (16 MiB chunks) and stay small
 #: next to any model worth streaming
@@ -214,11 +214,18 @@ def iter_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None, k
     >>> for name, tensor in gs.iter_tensors("model.safetensors", dtype=torch.bfloat16):
     ...     print(name, tensor.shape)
     """
+    return stream_checkpoint(open_checkpoint(path, key=key), dtype=dtype, keys=keys, rename=rename,
+                             window_bytes=window_bytes, threads=threads, backend=backend, cache=cache)
+
+
+def stream_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, keys=None, rename: Rename = None,
+                      window_bytes: int = DEFAULT_WINDOW_BYTES, threads: int | None = None, backend: str = "auto",
+                      cache: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+    """``iter_tensors`` of a checkpoint already opened (and validated) by ``open_checkpoint``."""
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise GemmaStreamError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
     if not isinstance(window_bytes, int) or window_bytes <= 0:
         raise ValueError(f"window_bytes must be a positive number of bytes, not {window_bytes!r}")
-    ckpt = open_checkpoint(path, key=key)
     items = _items(ckpt, dtype=dtype, keys=keys, rename=rename)
     total = sum(item.record.nbytes for item in items)
     policy = choose_cache(_Totals(total, min(window_bytes, total)), cache,  # type: ignore[arg-type]
