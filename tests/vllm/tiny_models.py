@@ -56,10 +56,14 @@ def save_tiny(directory: str, arch: str = "gemma", *, dtype: torch.dtype = torch
     with torch.no_grad():   # the init leaves norms at 0 or 1: make every tensor distinct
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.3)
-    kwargs = {"safe_serialization": fmt == "safetensors"}
-    if shard_size is not None:
-        kwargs["max_shard_size"] = shard_size
-    model.save_pretrained(directory, **kwargs)
+    model.save_pretrained(directory, **({"max_shard_size": shard_size} if shard_size else {}))
+    if fmt == "bin":
+        # transformers 5 writes safetensors only; a .bin checkpoint is torch.save of the same state dict
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, "model.safetensors")
+        torch.save(load_file(path), os.path.join(directory, "pytorch_model.bin"))
+        os.remove(path)
     write_tokenizer(directory, vocab)
     files = sorted(os.listdir(directory))
     assert any(f.endswith(".bin" if fmt == "bin" else ".safetensors") for f in files), files
