@@ -14,14 +14,17 @@ import sys
 
 import pytest
 import torch
-from vllm.config.load import LoadConfig
+from tiny_models import save_tiny, vllm_installed
 
-import gemma_stream as gs
-from gemma_stream.vllm.loader import OPTIONS, GemmaStreamLoader
+if not vllm_installed():
+    pytest.skip("vLLM is not installed (tests/vllm/ runs in the vllm venv of .ci/run)", allow_module_level=True)
+
+from vllm.config.load import LoadConfig  # noqa: E402
+
+import gemma_stream as gs  # noqa: E402
+from gemma_stream.vllm.loader import OPTIONS, GemmaStreamLoader  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from tiny_models import save_tiny  # noqa: E402
 
 STREAM = {"path": "streaming", "window_mb": 1}   # a window smaller than the model: several reads in flight
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
 import torch
+
+
+def vllm_installed() -> bool:
+    """A real vllm package: with tests/ on sys.path this directory is itself a namespace package
+    named "vllm", which only a regular package shadows (so find_spec, not import)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin not in (None, "namespace")
 
 VOCAB = 384   # a multiple of 64: vLLM pads the embedding rows to one, so 384 keeps no padding
 COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
