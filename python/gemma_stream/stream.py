@@ -7,15 +7,16 @@ current one (the native engine releases the GIL while it copies; the Python
 executor's reads and conversions release it too).  This is what an engine with
 a ``load_weights(iterable)`` API (vLLM, SGLang) consumes.
 
-Memory: every tensor is allocated by this module and counted against
-``window_bytes`` from the moment it is planned until its memory is actually
-freed (a finalizer on its buffer), so tensors the caller drops promptly give
-back their budget at once and tensors the caller keeps stall the read-ahead.
-A window is filled up to half the budget, so one window is read while the
-previous one is consumed.  A tensor larger than that is read alone, once
-everything before it has been freed.  When the caller waits for the next
-tensor while holding on to earlier ones (``list(gs.iter_tensors(...))``), the
-reader goes on regardless: the memory the caller keeps is the caller's.
+Memory: the tensors of a window are views of one buffer of half of
+``window_bytes``, counted from the moment it is taken until the last of its
+tensors is freed (a finalizer), so tensors the caller drops promptly give the
+buffer back at once (it is reused for a later window, without fresh page
+faults) and tensors the caller keeps stall the read-ahead.  One window is read
+while the previous one is consumed.  A tensor larger than half the window is
+read alone, into its own buffer, once everything before it has been freed.
+When the caller waits for the next tensor while holding on to earlier ones
+(``list(gs.iter_tensors(...))``), the reader goes on regardless: the memory
+the caller keeps is the caller's.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = ["iter_tensors", "stream_checkpoint", "DEFAULT_WINDOW_BYTES"]
 #: next to any model worth streaming
 DEFAULT_WINDOW_BYTES = 256 << 20
 _FLOATS = ("f16", "bf16", "f32")
+_ALIGN = 64   # each tensor of a window starts on a cache line of the window's buffer
 
 
 @dataclass(frozen=True)
@@ -64,39 +66,60 @@ class _Totals:
 
 
 class _Budget:
-    """Bytes of tensors allocated and not yet freed, and the windows handed from reader to caller.
+    """Buffers for windows (``slab_bytes`` each, recycled), and the windows handed from reader to caller.
 
-    ``release`` runs from a finalizer, in whichever thread frees a tensor's
-    last reference (the caller's, usually); the lock is reentrant because a
-    finalizer may run while this thread already holds it.  The caller takes
-    windows under the same lock, so "the caller is waiting and nothing is
-    ready" is seen atomically by the reader.
+    A window's tensors are views of one buffer.  The buffer comes back when the
+    last of them is freed (a finalizer on the array the storage holds, run in
+    whichever thread drops the last reference, usually the caller's) and is
+    kept for the next window while buffers in use and kept fit in ``limit``:
+    reused pages need no fresh page faults, which cost as much as the copy on
+    a busy machine.  The lock is reentrant because a finalizer may run while
+    this thread already holds it; the caller takes windows under the same lock,
+    so "the caller is waiting and nothing is ready" is seen atomically.
     """
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.alive = 0
+        self.slab_bytes = max(_ALIGN, limit // 2 // _ALIGN * _ALIGN)
+        self.alive = 0                 # bytes of buffers with live tensors
+        self.free: list[np.ndarray] = []
         self.ready: collections.deque = collections.deque()
         self.consumer_waiting = False
         self.stopped = False
         self.cond = threading.Condition(threading.RLock())
 
-    def release(self, nbytes: int) -> None:
+    def _release(self, buffer: np.ndarray) -> None:
         with self.cond:
-            self.alive -= nbytes
+            self.alive -= buffer.nbytes
+            if buffer.nbytes == self.slab_bytes and self.alive + (len(self.free) + 1) * self.slab_bytes <= self.limit:
+                self.free.append(buffer)
             self.cond.notify_all()
 
-    def acquire(self, nbytes: int) -> bool:
-        """Wait until ``nbytes`` fit, or nothing of ours is alive, or the caller waits for a window
-        while it holds all that is alive; False when the iteration was closed."""
+    def _starving(self) -> bool:
+        return self.consumer_waiting and not self.ready
+
+    def buffer(self, nbytes: int) -> torch.Tensor | None:
+        """A uint8 tensor of at least ``nbytes`` (a slab, or its own buffer when larger), once it fits:
+        a free slab, room under ``limit``, nothing of ours alive (a larger tensor is read alone), or
+        the caller waiting for a window while it holds all that is alive.  None when closed."""
+        size = self.slab_bytes if nbytes <= self.slab_bytes else nbytes
         with self.cond:
-            while not self.stopped and self.alive and self.alive + nbytes > self.limit and \
-                    not (self.consumer_waiting and not self.ready):
+            while not self.stopped and not (size == self.slab_bytes and self.free) and self.alive and \
+                    self.alive + len(self.free) * self.slab_bytes + size > self.limit and not self._starving():
                 self.cond.wait()
             if self.stopped:
-                return False
-            self.alive += nbytes
-            return True
+                return None
+            if size == self.slab_bytes and self.free:
+                slab = self.free.pop()
+            else:
+                self.free.clear()      # over the limit (a large tensor, a caller keeping tensors): no spares
+                slab = np.empty(size, dtype=np.uint8)
+            self.alive += slab.nbytes
+        # the storage holds the only reference to this view of the slab: its finalizer says when the
+        # window's last tensor is gone, and the slab itself lives on in the callback's arguments
+        view = slab[:]
+        weakref.finalize(view, self._release, slab)
+        return torch.from_numpy(view)
 
     def put(self, window) -> None:
         with self.cond:
@@ -116,32 +139,24 @@ class _Budget:
         with self.cond:
             self.stopped = True
             self.ready.clear()
+            self.free.clear()
             self.cond.notify_all()
 
 
-def _allocate(item: _Item, budget: _Budget) -> torch.Tensor:
-    """An uninitialized tensor whose buffer gives its bytes back to ``budget`` when freed.
-
-    The buffer is a numpy array: the tensor's storage holds the only reference
-    to it, so its finalizer runs exactly when the last view of the tensor dies.
-    """
-    buffer = np.empty(max(item.nbytes, 1), dtype=np.uint8)
-    weakref.finalize(buffer, budget.release, item.nbytes)
-    flat = torch.from_numpy(buffer)[:item.nbytes].view(item.dtype)
-    return flat.view(item.record.shape)
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
-def _windows(items: list[_Item], window_bytes: int) -> list[list[_Item]]:
-    """Consecutive items up to half the budget each (one is read while the other is consumed)."""
-    half = max(1, window_bytes // 2)
+def _windows(items: list[_Item], slab_bytes: int) -> list[list[_Item]]:
+    """Consecutive items that fit one slab each (a larger item is a window of its own)."""
     out: list[list[_Item]] = []
     size = 0
     for item in items:
-        if not out or size + item.nbytes > half:
+        if not out or size + _aligned(item.nbytes) > slab_bytes:
             out.append([])
             size = 0
         out[-1].append(item)
-        size += item.nbytes
+        size += _aligned(item.nbytes)
     return out
 
 
@@ -180,15 +195,20 @@ class _Reader(threading.Thread):
     def run(self) -> None:
         try:
             for window in self.windows:
-                if not self.budget.acquire(sum(item.nbytes for item in window)):
+                buffer = self.budget.buffer(sum(_aligned(item.nbytes) for item in window))
+                if buffer is None:
                     return
-                self.budget.put(self._read(window))
+                self.budget.put(self._read(window, buffer))
             self.budget.put(None)
         except BaseException as e:  # re-raised on the caller's thread
             self.budget.put(e)
 
-    def _read(self, window: list[_Item]) -> list[tuple[str, torch.Tensor]]:
-        tensors = {item.record.name: _allocate(item, self.budget) for item in window}
+    def _read(self, window: list[_Item], buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        tensors, offset = {}, 0
+        for item in window:
+            tensors[item.record.name] = buffer[offset:offset + item.nbytes].view(item.dtype).view(item.record.shape)
+            offset += _aligned(item.nbytes)
+        del buffer   # the tensors alone keep the window's buffer alive
         part = Checkpoint(self.ckpt.format, self.ckpt.files, [item.record for item in window])
         plan = make_plan(part, tensors, strict=True)
         keep_going = lambda _done: not self.budget.stopped   # closing the iterator cancels the read
@@ -231,7 +251,7 @@ def stream_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, key
     policy = choose_cache(_Totals(total, min(window_bytes, total)), cache,  # type: ignore[arg-type]
                           mem_available() if cache == "auto" else None)
     budget = _Budget(window_bytes)
-    reader = _Reader(ckpt, _windows(items, window_bytes), budget, backend=backend,
+    reader = _Reader(ckpt, _windows(items, budget.slab_bytes), budget, backend=backend,
                      threads=threads or config().default_threads, drop_cache=policy == "drop")
     return _consume(reader, budget)
 
