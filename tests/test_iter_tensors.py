@@ -237,3 +237,16 @@ def test_tensor_larger_than_the_window_streams_alone(window_checkpoints, backend
     result = _peak(window_checkpoints["mixed"], backend, window)
     assert result["count"] == 11
     assert result["peak"] <= (48 << 20) + (64 << 20), result
+
+
+def test_window_buffers_are_reused(tmp_path, backend, monkeypatch):
+    from gemma_stream import stream
+
+    save_file({f"t{i}": torch.full((256, 1024), float(i)) for i in range(32)}, str(tmp_path / "m.safetensors"))
+    allocations = []
+    empty = stream.np.empty
+    monkeypatch.setattr(stream.np, "empty", lambda *a, **k: allocations.append(a) or empty(*a, **k))
+    for name, tensor in gs.iter_tensors(tmp_path / "m.safetensors", window_bytes=8 << 20, backend=backend):
+        assert float(tensor[0, 0]) == float(name[1:])
+    # 8 windows of 4 x 1 MiB: two buffers, each refilled once the caller has dropped its tensors
+    assert len(allocations) == 2, allocations

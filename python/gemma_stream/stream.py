@@ -21,8 +21,8 @@ the caller keeps is the caller's.
 
 from __future__ import annotations
 
-import os
 import collections
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -198,7 +198,10 @@ class _Reader(threading.Thread):
                 buffer = self.budget.buffer(sum(_aligned(item.nbytes) for item in window))
                 if buffer is None:
                     return
-                self.budget.put(self._read(window, buffer))
+                tensors = self._read(window, buffer)
+                del buffer   # from here the window's tensors alone keep its buffer alive
+                self.budget.put(tensors)
+                del tensors
             self.budget.put(None)
         except BaseException as e:  # re-raised on the caller's thread
             self.budget.put(e)
@@ -208,7 +211,6 @@ class _Reader(threading.Thread):
         for item in window:
             tensors[item.record.name] = buffer[offset:offset + item.nbytes].view(item.dtype).view(item.record.shape)
             offset += _aligned(item.nbytes)
-        del buffer   # the tensors alone keep the window's buffer alive
         part = Checkpoint(self.ckpt.format, self.ckpt.files, [item.record for item in window])
         plan = make_plan(part, tensors, strict=True)
         keep_going = lambda _done: not self.budget.stopped   # closing the iterator cancels the read
