@@ -1,11 +1,12 @@
 """Run one vLLM LLM in this process and print what the tests compare, as one JSON line.
 
-    python llm_child.py '[[MODEL_DIR, LOAD_FORMAT, EXTRA_CONFIG, DTYPE], ...]'
+    python llm_child.py '[[MODEL_DIR, LOAD_FORMAT, EXTRA_CONFIG, DTYPE(, TENSOR_PARALLEL)], ...]'
 
 Prints "RESULTS " and a JSON list, one entry per run: {"tokens": greedy token ids per prompt, "weights": sha256 of every parameter
 after the loader ran and before vLLM's post-load processing, "path": the gemma_stream
 path taken (or null)}.  The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
-so the hooks below see the model.
+so the hooks below see the model; with tensor parallelism the model lives in vLLM's
+worker processes and only the tokens come back.
 """
 
 import hashlib
@@ -45,10 +46,11 @@ def hash_then_process(model, model_config, target_device):
 base_loader.process_weights_after_loading = hash_then_process
 
 
-def run(model_dir: str, load_format: str, extra: dict, dtype: str) -> dict:
+def run(model_dir: str, load_format: str, extra: dict, dtype: str, tensor_parallel: int = 1) -> dict:
     seen.update(weights=None, path=None, reason=None, torch_load_calls=0)
     llm = LLM(model=model_dir, load_format=load_format, model_loader_extra_config=extra, dtype=dtype,
-              enforce_eager=True, max_model_len=64, max_num_seqs=4, seed=0, gpu_memory_utilization=0.5)
+              enforce_eager=True, max_model_len=64, max_num_seqs=4, seed=0, gpu_memory_utilization=0.5,
+              tensor_parallel_size=tensor_parallel)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                            SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
