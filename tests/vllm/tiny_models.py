@@ -15,7 +15,7 @@ def vllm_installed() -> bool:
     spec = importlib.util.find_spec("vllm")
     return spec is not None and spec.origin not in (None, "namespace")
 
-VOCAB = 384   # a multiple of 64: vLLM pads the embedding rows to one, so 384 keeps no padding
+VOCAB = 384   # a multiple of 64: vLLM pads the embedding rows to one, so 384 needs no padding
 COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32, max_position_embeddings=256, bos_token_id=2, eos_token_id=1,
               pad_token_id=0)
