@@ -1,0 +1,163 @@
+"""vLLM model-load benchmark: vLLM's default loader against gemma_stream's direct and streaming paths.
+
+Each measurement is a fresh process running ``LLM(...)`` with the engine in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and reports
+
+* ``load_s``: the loader's own ``load_weights`` (checkpoint -> vLLM parameters),
+* ``llm_s``: the whole ``LLM()`` construction (model init, load, profiling, KV cache),
+* ``peak_mib``: the process's peak RSS during ``load_weights`` above its RSS just before
+  (``VmHWM`` reset through ``/proc/self/clear_refs``): the parameters written plus what
+  the loader keeps mapped or loaded besides them.
+
+The checkpoint is a Gemma-shaped random model (bf16, vocabulary 32000, hidden 2048,
+MQA with head_dim 256, MLP 8192), saved as safetensors and as a torch zip ``.bin``.
+Run ``python benchmarks/vllm_bench.py --help`` (the vllm venv of .ci/run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+__all__ = ["main", "make_checkpoint"]
+
+LOADERS = {
+    "default": ("auto", {}),
+    "direct": ("gemma_stream", {"path": "direct"}),
+    "streaming": ("gemma_stream", {"path": "streaming"}),
+}
+
+
+def _config(layers: int) -> dict:
+    return {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "vocab_size": 32000,
+            "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": layers,
+            "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+            "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16"}
+
+
+def make_checkpoint(root: str, layers: int, fmt: str) -> str:
+    """Write (once) a random Gemma-shaped checkpoint in ``fmt`` ("safetensors" | "bin"); returns its directory."""
+    import torch
+
+    directory = os.path.join(root, f"gemma-{layers}l-{fmt}")
+    done = os.path.join(directory, ".complete")
+    if os.path.exists(done):
+        return directory
+    os.makedirs(directory, exist_ok=True)
+    cfg = _config(layers)
+    h, inter, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], h), "model.norm.weight": (h,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    generator = torch.Generator().manual_seed(0)
+    state = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+             for name, shape in shapes.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    open(done, "w").close()
+    return directory
+
+
+def _child(model_dir: str, load_format: str, extra: dict) -> dict:
+    """One LLM() in this process; returns the figures."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    from .loader import GemmaStreamLoader
+
+    figures: dict = {}
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def timed(load_weights):
+        def wrapper(self, model, model_config):
+            before = status("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            start = time.perf_counter()
+            load_weights(self, model, model_config)
+            figures["load_s"] = time.perf_counter() - start
+            figures["peak_mib"] = (status("VmHWM") - before) / 2**20
+            figures["path"] = getattr(self, "last_path", "") or "default"
+        return wrapper
+
+    DefaultModelLoader.load_weights = timed(DefaultModelLoader.load_weights)
+    GemmaStreamLoader.load_weights = timed(GemmaStreamLoader.load_weights)
+    start = time.perf_counter()
+    LLM(model=model_dir, load_format=load_format, model_loader_extra_config=extra, dtype="bfloat16",
+        skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=2, seed=0)
+    figures["llm_s"] = time.perf_counter() - start
+    return figures
+
+
+def _run_child(model_dir: str, loader: str) -> dict:
+    load_format, extra = LOADERS[loader]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    out = subprocess.run([sys.executable, "-m", "gemma_stream.vllm.bench", "--child", model_dir, load_format,
+                          json.dumps(extra)], capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("FIGURES ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{loader} on {model_dir} failed:\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][len("FIGURES "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=7, help="decoder layers (7: 0.97 GB in bf16; 18: 2.28 GB, "
+                        "Gemma 2B's depth with half its MLP and a 32000 vocabulary)")
+    parser.add_argument("--formats", default="safetensors,bin")
+    parser.add_argument("--loaders", default="default,direct,streaming")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--root", default="benchmarks/out/vllm", help="where the checkpoints are written (kept)")
+    parser.add_argument("--json", default="benchmarks/out/vllm_bench.json")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        figures = _child(args.child[0], args.child[1], json.loads(args.child[2]))
+        print("FIGURES " + json.dumps(figures), flush=True)
+        return 0
+    rows = []
+    for fmt in args.formats.split(","):
+        model_dir = make_checkpoint(args.root, args.layers, fmt)
+        size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
+        for loader in args.loaders.split(","):
+            runs = [_run_child(model_dir, loader) for _ in range(args.repeat)]
+            row = {"format": fmt, "loader": loader, "path": runs[0]["path"], "gb": size / 1e9, "runs": runs}
+            for key in ("load_s", "llm_s", "peak_mib"):
+                row[key] = statistics.median(r[key] for r in runs)
+            rows.append(row)
+            print(f"{fmt:12s} {loader:10s} load {row['load_s']:6.2f} s   LLM() {row['llm_s']:6.2f} s   "
+                  f"peak +{row['peak_mib']:7.0f} MiB   ({row['gb']:.2f} GB, {len(runs)} run(s))", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"layers": args.layers, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

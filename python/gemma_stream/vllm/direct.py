@@ -1,0 +1,143 @@
+"""The direct path: plan vLLM's own parameters as destinations and copy straight in.
+
+For architectures whose loading vLLM does with ``AutoWeightsLoader`` and its
+``WeightsMapper`` alone (Gemma, Gemma 2, Gemma 3 text, Llama), the checkpoint
+name of every tensor maps to a parameter name plus, for fused projections, a
+shard id (``q``/``k``/``v`` of ``qkv_proj``, 0/1 of ``gate_up_proj``).  The
+shard id becomes a row range of the fused parameter, read from the vLLM
+module itself (its heads and ``output_sizes``), so the engine writes each
+checkpoint tensor into its rows with no intermediate tensor.
+
+Anything this module does not know (another architecture, a quantized layer,
+a parameter with its own ``weight_loader``, tensor parallelism, a name the
+mapper leaves unmatched) raises :class:`NotDirect` before a byte is read, and
+the loader streams into ``model.load_weights`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..formats import Checkpoint
+from ..plan import Plan, Route, make_plan
+
+__all__ = ["DIRECT_ARCHITECTURES", "NotDirect", "plan_direct"]
+
+logger = logging.getLogger("gemma_stream")
+
+#: model classes whose ``load_weights`` is ``AutoWeightsLoader`` + ``hf_to_vllm_mapper`` and nothing else
+DIRECT_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM")
+
+
+class NotDirect(Exception):
+    """The direct path cannot load this model; the message says why (the loader then streams)."""
+
+
+def _layers():
+    from vllm.model_executor.layers import linear
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    plain_methods = {"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"}
+    return linear, VocabParallelEmbedding, default_weight_loader, plain_methods
+
+
+def _fused_rows(module: nn.Module, shard_id, linear) -> tuple[int, int]:
+    """Rows of a fused parameter (tensor parallel size 1) that a q/k/v or gate/up shard fills."""
+    if isinstance(module, linear.QKVParallelLinear):
+        q = module.num_heads * module.head_size
+        kv = module.num_kv_heads * module.head_size
+        v = module.num_kv_heads * module.v_head_size
+        spans = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + kv + v)}
+        if shard_id not in spans:
+            raise NotDirect(f"{type(module).__name__}: unknown shard id {shard_id!r}")
+        return spans[shard_id]
+    if isinstance(module, linear.MergedColumnParallelLinear) and isinstance(shard_id, int):
+        start = sum(module.output_sizes[:shard_id])
+        return start, start + module.output_sizes[shard_id]
+    raise NotDirect(f"shard id {shard_id!r} of a {type(module).__name__}")
+
+
+def _check_parameters(model: nn.Module, linear, embedding_cls, default_loader, plain_methods) -> None:
+    """Every parameter must be a plain one that vLLM copies as stored (no quantization, no custom loader)."""
+    own_loaders = {linear.QKVParallelLinear, linear.MergedColumnParallelLinear, linear.ColumnParallelLinear,
+                   linear.RowParallelLinear, linear.ReplicatedLinear}
+    for prefix, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and type(method).__name__ not in plain_methods:
+            raise NotDirect(f"{prefix}: quantized layer ({type(method).__name__})")
+        for name, param in module.named_parameters(recurse=False):
+            loader = getattr(param, "weight_loader", default_loader)
+            owner = getattr(loader, "__self__", None)
+            # a tied lm_head keeps the embedding's bound loader
+            known = loader is default_loader or type(owner) in own_loaders or isinstance(owner, embedding_cls)
+            if not known:
+                raise NotDirect(f"{prefix}.{name}: has its own weight_loader {getattr(loader, '__qualname__', loader)}")
+            if getattr(param, "packed_dim", None) is not None:
+                raise NotDirect(f"{prefix}.{name}: packed parameter")
+
+
+def _tied_aliases(model: nn.Module, embedding_cls) -> dict[str, str]:
+    """Names of tied embedding parameters after the first (vLLM skips them, as its loader does)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, embedding_cls):
+            for name, param in module.named_parameters(remove_duplicate=False):
+                qualname = f"{prefix}.{name}" if prefix else name
+                if first.setdefault(id(param), qualname) != qualname:
+                    aliases[qualname] = first[id(param)]
+    return aliases
+
+
+def plan_direct(model: nn.Module, ckpt: Checkpoint, *, tp_size: int) -> tuple[Plan, list[torch.Tensor], list[str]]:
+    """Jobs that fill ``model``'s parameters from ``ckpt``; also the rows to zero (vocabulary padding)
+    and the parameter names loaded.  Raises :class:`NotDirect` when the direct path does not apply."""
+    arch = type(model).__name__
+    if arch not in DIRECT_ARCHITECTURES:
+        raise NotDirect(f"architecture {arch} is not one the direct path knows")
+    if tp_size != 1:
+        raise NotDirect(f"tensor parallel size {tp_size} (the direct path plans whole tensors)")
+    linear, embedding_cls, default_loader, plain_methods = _layers()
+    _check_parameters(model, linear, embedding_cls, default_loader, plain_methods)
+    from vllm.model_executor.models.utils import AutoWeightsLoader
+
+    mapper = model.hf_to_vllm_mapper | AutoWeightsLoader.REMOVE_UNUSED_ROTARY_EMBEDS_MAPPER
+    map_with_shard = getattr(mapper, "_map_name_with_shard", None)
+    if map_with_shard is None:
+        raise NotDirect("this vLLM's WeightsMapper has no shard ids")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    aliases = _tied_aliases(model, embedding_cls)
+    padding: dict[str, torch.Tensor] = {}      # parameter -> its vocabulary padding rows (zeroed, as vLLM does)
+
+    def route(name: str):
+        mapped = map_with_shard(name)
+        if mapped is None:
+            return None
+        target, shard_id = mapped
+        if target in aliases:
+            return None                          # a tied copy: vLLM loads the first name only
+        if target not in params:
+            if target.endswith(".bias"):
+                return None                      # vLLM ignores unexpected biases (GPTQ leftovers)
+            raise NotDirect(f"checkpoint tensor {name!r} -> {target!r}: no such parameter")
+        module = modules.get(target.rsplit(".", 1)[0])
+        if shard_id is not None:
+            return Route(target, dst_rows=_fused_rows(module, shard_id, linear))
+        if isinstance(module, embedding_cls) and module.org_vocab_size < params[target].shape[0]:
+            padding[target] = params[target][module.org_vocab_size:]
+            return Route(target, dst_rows=(0, module.org_vocab_size))
+        return Route(target)
+
+    targets = {name: param for name, param in params.items() if name not in aliases}
+    plan = make_plan(ckpt, targets, rename=route, strict=False)
+    missing = [n for n in plan.missing_keys if n not in padding]
+    problems = missing + plan.unexpected_keys + plan.mismatched_keys
+    if problems:
+        raise NotDirect(f"checkpoint and {arch} disagree: {', '.join(problems[:10])}")
+    loaded = sorted(set(plan.loaded) | {alias for alias, first in aliases.items() if first in plan.loaded})
+    return plan, list(padding.values()), loaded
