@@ -143,10 +143,10 @@ def test_read_error_mid_stream_reaches_the_caller(tmp_path, backend):
     stream = gs.iter_tensors(path, window_bytes=512 << 10, backend=backend)
     os.truncate(path, os.path.getsize(path) - (3 << 18))       # after validation: the last tensors vanish
     got = []
-    with pytest.raises(gs.CheckpointError, match="m.safetensors"):
-        for name, tensor in stream:
+    with pytest.raises(gs.CheckpointError, match="m.safetensors.*changed after its header was read"):
+        for name, tensor in stream:   # the file is no longer the validated one: no window is read from it
             got.append(name)
-    assert got and len(got) < 8
+    assert len(got) < 8
     assert not [t for t in threading.enumerate() if t.name == "gemma_stream_iter"]
 
 
