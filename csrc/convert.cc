@@ -4,22 +4,7 @@
 
 #include "file.h"  // cpu_has_avx2
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define GS_X86_64 1
-#if defined(__GNUC__) || defined(__clang__)
-#define GS_TARGET_AVX2 __attribute__((target("avx2")))
-#else
-#define GS_TARGET_AVX2  // MSVC needs no target attribute
-#endif
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define GS_ALWAYS_INLINE inline __attribute__((always_inline))
-#elif defined(_MSC_VER)
-#define GS_ALWAYS_INLINE __forceinline
-#else
-#define GS_ALWAYS_INLINE inline
-#endif
+#include "cpu_dispatch.h"
 
 namespace gs {
 namespace {

@@ -21,22 +21,10 @@
 // loops also have hand-written AVX2 versions doing the same IEEE operations in
 // the same order: vectorized portable loops spend most of their time on the
 // clamps and the nibble pairing.
-#if defined(__x86_64__) || defined(_M_X64)
+#include "cpu_dispatch.h"
+#ifdef GS_X86_64
 #include <immintrin.h>
 #define GS_AVX2_KERNELS 1
-#if defined(__GNUC__) || defined(__clang__)
-#define GS_TARGET_AVX2 __attribute__((target("avx2")))
-#else
-#define GS_TARGET_AVX2  // MSVC compiles AVX2 intrinsics in any function
-#endif
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define GS_ALWAYS_INLINE inline __attribute__((always_inline))
-#elif defined(_MSC_VER)
-#define GS_ALWAYS_INLINE __forceinline
-#else
-#define GS_ALWAYS_INLINE inline
 #endif
 
 #include "file.h"

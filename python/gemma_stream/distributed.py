@@ -22,10 +22,11 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .api import LoadReport
 from .errors import GemmaStreamError, InternalError, UsageError
 from .formats.records import Checkpoint, TensorRecord
 from .plan import CopyJob, PartialRoutes, Rename, Route, make_plan, normalize_rename
@@ -213,36 +214,20 @@ def _mesh_device(mesh) -> torch.device:
 
 
 @dataclass
-class DistributedLoadReport:
-    """What ``load_into`` did on this rank of a sharded model.
+class DistributedLoadReport(LoadReport):
+    """What ``load_into`` did on this rank of a sharded model: a :class:`LoadReport` plus
 
-    ``bytes_read``: bytes this rank asked of the files (a coalesced column
-    block counts the gaps it reads); ``bytes_received``: bytes that came from
-    other ranks (``read="once"``); ``shard_bytes``: this rank's local tensors.
+    ``rank`` and ``world_size``; ``read`` ("own" or "once"); ``bytes_read``: bytes
+    this rank asked of the files (a coalesced column block counts the gaps it
+    reads); ``bytes_received``: bytes that came from other ranks
+    (``read="once"``); ``shard_bytes``: this rank's local tensors.
     """
 
-    rank: int
-    world_size: int
-    read: str
-    loaded: list[str] = field(default_factory=list)
-    missing_keys: list[str] = field(default_factory=list)
-    unexpected_keys: list[str] = field(default_factory=list)
-    mismatched_keys: list[str] = field(default_factory=list)
-    skipped_keys: list[str] = field(default_factory=list)
-    uninitialized: list[str] = field(default_factory=list)
-    bytes_read: int = 0
+    rank: int = 0
+    world_size: int = 1
+    read: str = "own"
     bytes_received: int = 0
     shard_bytes: int = 0
-    seconds: float = 0.0
-    backend: str = ""
-    files: list[str] = field(default_factory=list)
-    cache: str = ""
-    mapped: list[str] = field(default_factory=list)
-    prefetch: None = None
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
 def file_bytes(job: CopyJob) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from .shapes import SIZES, shape_for_bytes, tensor_specs
+from .shapes import SIZES, parse_gib, shape_for_bytes, tensor_specs
 
 __all__ = ["MIXES", "ITEMSIZE", "TINY_BYTES", "mix_specs", "parse_mix_size", "size_name"]
 
@@ -120,14 +120,7 @@ def parse_mix_size(size: str) -> int:
     key = size.strip().lower()
     if key == "tiny":
         return TINY_BYTES
-    number = key[:-3] if key.endswith("gib") else key
-    try:
-        gib = float(number)
-    except ValueError:
-        raise ValueError(f"size {size!r}: expected 'tiny' or a size in GiB such as 2") from None
-    if not 0 < gib <= 64:
-        raise ValueError(f"size {size!r}: GiB must be in (0, 64]")
-    return int(gib * GIB)
+    return int(parse_gib(size, "'tiny'") * GIB)
 
 
 def size_name(nbytes: int) -> str:

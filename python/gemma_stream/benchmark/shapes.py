@@ -82,14 +82,20 @@ def parse_size(size: str, itemsize: int = 2) -> GemmaShape:
     key = size.strip().lower()
     if key in SIZES:
         return SIZES[key]
+    return shape_for_bytes(int(parse_gib(size, f"one of {', '.join(SIZES)}") * 2**30), itemsize)
+
+
+def parse_gib(size: str, names: str) -> float:
+    """A size in GiB (``1``, ``1.5gib``, ``0.5GiB``) in (0, 64]; ``names`` says what else was accepted."""
+    key = size.strip().lower()
     number = key[:-3] if key.endswith("gib") else key
     try:
         gib = float(number)
     except ValueError:
-        raise ValueError(f"size {size!r}: expected one of {', '.join(SIZES)} or a size in GiB like 1.5") from None
+        raise ValueError(f"size {size!r}: expected {names} or a size in GiB such as 1.5") from None
     if not 0 < gib <= 64:
         raise ValueError(f"size {size!r}: GiB must be in (0, 64]")
-    return shape_for_bytes(int(gib * 2**30), itemsize)
+    return gib
 
 
 def tensor_specs(shape: GemmaShape, naming: str = "hf") -> list[tuple[str, tuple[int, ...]]]:
