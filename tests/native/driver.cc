@@ -186,13 +186,13 @@ int main(int argc, char** argv) {
     std::vector<float> scale(kRows);
     gs::CopyJob q8 = job(gs::Op::QuantInt8, matrix_at, gs::DType::F32, {kRows, kK}, q.data(), gs::DType::I8, "w8");
     q8.scale = scale.data();
-    expect_error<gs::JobError>("truncated file", {truncated}, {q8}, "lie beyond the end of the file (" +
+    expect_error<gs::DataError>("truncated file", {truncated}, {q8}, "lie beyond the end of the file (" +
                                std::to_string(cut.size()) + " bytes)");
     expect_error<gs::IoError>("missing file", {dir + "gemma_stream_driver_missing.bin"}, {q8}, "cannot open");
     gs::CopyJob nan_row = job(gs::Op::QuantInt8, special_at, gs::DType::F32, {1, static_cast<int64_t>(n_special)},
                               q.data(), gs::DType::I8, "specials");
     nan_row.scale = scale.data();
-    expect_error<gs::JobError>("NaN row", files, {nan_row}, "row 0 holds NaN or infinity");
+    expect_error<gs::DataError>("NaN row", files, {nan_row}, "row 0 holds NaN or infinity");
   } catch (const std::exception& e) {
     report("unexpected exception", false, e.what());
   }
