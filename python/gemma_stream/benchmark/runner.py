@@ -79,7 +79,8 @@ def cpu_busy(seconds: float = 0.5) -> float:
     busy0, total0 = cpu_times()
     time.sleep(seconds)
     busy1, total1 = cpu_times()
-    return (busy1 - busy0) / max(total1 - total0, 1e-9)
+    # psutil's times are float sums: an idle interval can come out a rounding error below zero
+    return min(1.0, max(0.0, (busy1 - busy0) / max(total1 - total0, 1e-9)))
 
 
 def wait_for_idle(limit_seconds: float, busy_max: float = 0.15) -> float:
