@@ -212,8 +212,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     # one plan, on the model as built: a mismatch is raised before anything is allocated or mapped
     targets = model.state_dict(keep_vars=True)
     plan = make_plan(ckpt, targets, rename=rename, quant=quant_targets(model), strict=strict)
-    where = ckpt.files[0] if len(ckpt.files) == 1 else f"{len(ckpt.files)} shards"
-    uninitialized = _unfilled_meta(model, plan, targets, where, strict)
+    uninitialized = _unfilled_meta(model, plan, targets, ckpt.where, strict)
     mapped, prefetch = _map_zero_copy(plan, targets, device, threads) if mode == "mmap" else ({}, None)
     swap_tensors(model, {key: view for key, (_, view) in mapped.items()})
     plan.rebind(materialize(model, device))

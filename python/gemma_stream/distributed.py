@@ -190,12 +190,17 @@ def _materialize(model: torch.nn.Module, device: torch.device | None) -> list[st
     return names
 
 
+def _meshes(model: torch.nn.Module) -> dict:
+    """The device meshes of the model's DTensors, by identity."""
+    DTensor = _dtensor_class()
+    return {id(t.device_mesh): t.device_mesh for t in model.state_dict(keep_vars=True).values()
+            if isinstance(t, DTensor)}
+
+
 def _model_group(model: torch.nn.Module):
     """The process group of the model's device mesh (one mesh; a 1-D mesh's group, else the world's)."""
     import torch.distributed as dist
-    DTensor = _dtensor_class()
-    meshes = {id(t.device_mesh): t.device_mesh for t in model.state_dict(keep_vars=True).values()
-              if isinstance(t, DTensor)}
+    meshes = _meshes(model)
     if len(meshes) == 1:
         mesh = next(iter(meshes.values()))
         if mesh.ndim == 1:
@@ -269,13 +274,13 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
     # names, shapes and dtypes against the global (meta) shapes first: a mismatch allocates nothing
     meta: dict[int, torch.Tensor] = {}
     global_targets = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    for name, t in state.items():
         if id(t) not in meta:
             meta[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
         global_targets[name] = meta[id(t)]
     checked = make_plan(ckpt, global_targets, rename=rename, strict=strict)
-    where = ckpt.files[0] if len(ckpt.files) == 1 else f"{len(ckpt.files)} shards"
-    uninitialized = _unfilled_meta(model, checked, model.state_dict(keep_vars=True), where, strict)
+    uninitialized = _unfilled_meta(model, checked, state, ckpt.where, strict)
     device = torch.device(device) if device is not None else None
     _materialize(model, device)
     view = _sharded_view(model)
@@ -335,9 +340,7 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, key: str 
     """
     from .formats import open_checkpoint
     ckpt = open_checkpoint(path, key=key)
-    DTensor = _dtensor_class()
-    meshes = {id(t.device_mesh): t.device_mesh for t in model.state_dict(keep_vars=True).values()
-              if isinstance(t, DTensor)}
+    meshes = _meshes(model)
     if len(meshes) != 1:
         raise GemmaStreamError(f"rank_reads needs the model's DTensors on one device mesh, found {len(meshes)}")
     mesh = next(iter(meshes.values()))

@@ -549,8 +549,7 @@ def zero_copy_jobs(plan: Plan, targets: Mapping[str, torch.Tensor], device: torc
 
 
 def _describe(plan: Plan, checkpoint: Checkpoint) -> str:
-    where = checkpoint.files[0] if len(checkpoint.files) == 1 else f"{len(checkpoint.files)} shards"
-    parts = [f"{where}: checkpoint and model disagree"]
+    parts = [f"{checkpoint.where}: checkpoint and model disagree"]
     for label, names in (("missing in checkpoint", plan.missing_keys),
                          ("unexpected in checkpoint", plan.unexpected_keys),
                          ("mismatched", plan.mismatched_keys)):

@@ -160,5 +160,10 @@ class Checkpoint:
     #: non-tensor entries of a torch zip (name -> short repr), listed by inspect
     extras: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def where(self) -> str:
+        """How messages name the checkpoint: its file, or how many shards."""
+        return self.files[0] if len(self.files) == 1 else f"{len(self.files)} shards"
+
     def by_name(self) -> dict[str, TensorRecord]:
         return {r.name: r for r in self.records}
