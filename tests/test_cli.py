@@ -203,7 +203,7 @@ def test_progress_bar_on_a_terminal_and_quiet(files):
 # ---------------------------------------------------------------- convert
 
 def test_convert_sharded_bf16_then_verify(files, tmp_path, capsys):
-    pytest.importorskip("gemma_stream.convert")
+    pytest.importorskip("gemma_stream.conversion")
     out = tmp_path / "converted"
     proc = run_cli("convert", files["ckpt_real"], out, "--dtype", "bf16", "--max-shard-size", "300B")
     assert proc.stdout.startswith(f"wrote {out / 'model.safetensors.index.json'}: ")
@@ -223,7 +223,7 @@ def test_convert_sharded_bf16_then_verify(files, tmp_path, capsys):
 
 
 def test_convert_quantized_output_verifies(files, tmp_path, capsys):
-    pytest.importorskip("gemma_stream.convert")
+    pytest.importorskip("gemma_stream.conversion")
     out = tmp_path / "int8.safetensors"
     proc = call_cli(capsys, "convert", files["ref"], out, "--quantize", "int8")
     assert proc.returncode == 0 and "2 tensors stored as int8" in proc.stdout

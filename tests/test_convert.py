@@ -22,7 +22,7 @@ from torch import nn
 
 import gemma_stream as gs
 from gemma_stream import block_writer
-from gemma_stream.convert import parse_size
+from gemma_stream.conversion import parse_size
 from gemma_stream.quant import quantize_int4, quantize_int8
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -156,7 +156,7 @@ def test_key_selects_the_state_dict(tmp_path, backend):
     src, dst = tmp_path / "two.pt", tmp_path / "ema.safetensors"
     ema = {"w": torch.randn(3, 2), "v": torch.ones(2)}
     torch.save({"model": {"w": torch.zeros(3, 2)}, "ema": ema, "step": 7}, src)
-    gs.convert(src, dst, key="ema", backend=backend)
+    gs.convert(src, dst, state_dict_key="ema", backend=backend)
     loaded = load_file(dst)
     assert set(loaded) == set(ema) and all(torch.equal(loaded[k], v) for k, v in ema.items())
 

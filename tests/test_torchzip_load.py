@@ -120,9 +120,9 @@ def test_key_selects_another_state_dict(tmp_path, backend):
     path = tmp_path / "two.pt"
     torch.save({"model": {"w": torch.randn(3, 2)}, "ema": {"w": torch.randn(3, 2), "v": torch.ones(2)}}, path)
     assert_matches_torch_load(path, gs.load_state_dict(path, backend=backend), state_key="model")
-    assert_matches_torch_load(path, gs.load_state_dict(path, backend=backend, key="ema"), state_key="ema")
+    assert_matches_torch_load(path, gs.load_state_dict(path, backend=backend, state_dict_key="ema"), state_key="ema")
     with pytest.raises(gs.CheckpointError, match="key 'nope' is missing"):
-        gs.load_state_dict(path, backend=backend, key="nope")
+        gs.load_state_dict(path, backend=backend, state_dict_key="nope")
 
 
 def test_keys_reads_only_a_subset(tmp_path, backend):
@@ -243,7 +243,7 @@ def test_load_into_key_and_dtype_mismatch(tmp_path, backend):
     sd = {k: v.detach().clone() for k, v in Tiny().state_dict().items()}
     torch.save({"model_state_dict": {"junk": torch.ones(1)}, "ema": sd}, path)
     model = Tiny()
-    report = gs.load_into(model, path, backend=backend, key="ema")
+    report = gs.load_into(model, path, backend=backend, state_dict_key="ema")
     assert not report.missing_keys and torch.equal(model.embed.weight, sd["embed.weight"])
     sd["position"] = sd["position"].float()
     torch.save(sd, path)
@@ -384,3 +384,33 @@ def test_peak_rss_on_a_ckpt(big_ckpt, backend, dtype):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # generous: 1.10x model + 96 MiB (the benchmark holds the 1.03x + 64 MiB target)
     assert result["peak"] <= 1.10 * result["model"] + (96 << 20), result
+
+
+def test_key_is_a_deprecated_name_of_state_dict_key(tmp_path, backend):
+    """``key=`` sat one letter from ``keys=``; the old spelling still works, with a warning."""
+    path = tmp_path / "two.ckpt"
+    sd = {k: v.detach().clone() for k, v in Tiny().state_dict().items()}
+    torch.save({"model_state_dict": {"junk": torch.ones(1)}, "ema": sd}, path)
+    with pytest.warns(DeprecationWarning, match=r"gs.load_state_dict\(key=...\) is deprecated; use state_dict_key"):
+        loaded = gs.load_state_dict(path, backend=backend, key="ema")
+    assert torch.equal(loaded["embed.weight"], sd["embed.weight"])
+    with pytest.warns(DeprecationWarning, match="gs.inspect"):
+        assert {t.name for t in gs.inspect(path, key="ema")} == set(sd)
+    with pytest.warns(DeprecationWarning, match="gs.load_into"):
+        gs.load_into(Tiny(), path, backend=backend, key="ema")
+    with pytest.raises(gs.UsageError, match="pass state_dict_key= only"):
+        gs.load_state_dict(path, backend=backend, key="ema", state_dict_key="ema")
+
+
+def test_convert_module_is_gemma_stream_conversion():
+    """``gs.convert`` is the function; the module moved to ``gemma_stream.conversion`` and the old
+    module path still imports, with a warning."""
+    import importlib
+
+    import gemma_stream.conversion as conversion
+
+    assert gs.convert is conversion.convert and callable(gs.convert)
+    with pytest.warns(DeprecationWarning, match="gemma_stream.convert is now gemma_stream.conversion"):
+        from gemma_stream.convert import parse_size
+    assert parse_size is conversion.parse_size
+    assert importlib.import_module("gemma_stream.convert") is not conversion

@@ -10,7 +10,8 @@ import logging
 
 from . import distributed, hf, maps  # hf imports transformers only when called; distributed torch.distributed
 from .api import LoadReport, StateDict, TensorInfo, inspect, load_into, load_state_dict
-from .convert import convert
+from . import conversion
+from .conversion import convert
 from .errors import CheckpointError, GemmaStreamError, InternalError, MismatchError, UninitializedWarning, UsageError
 from .executors import BACKEND, native_available
 from .modules import init_empty
@@ -19,6 +20,12 @@ from .quant import QuantEmbedding, QuantLinear, quantize_
 from .stream import iter_tensors
 
 from ._version import __version__
+from .deprecation import alias_module
+
+# ``gs.convert`` is the function; its module is ``gemma_stream.conversion`` (the old module path
+# ``gemma_stream.convert`` keeps working for imports, with a DeprecationWarning)
+alias_module(__name__ + ".convert", conversion)
+del alias_module
 
 # silent unless the application configures logging (the CLI's -v does)
 logging.getLogger("gemma_stream").addHandler(logging.NullHandler())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import config, mem_available
+from .deprecation import renamed_argument
 from .dtypes import CONVERTIBLE, FLOAT_DTYPES
 from .errors import GemmaStreamError, MismatchError, UninitializedWarning, UsageError
 from .executors import RunResult, get_executor, run_plan_jobs
@@ -72,13 +73,17 @@ class TensorInfo:
     storage: str | None = None
 
 
-def inspect(path: str | os.PathLike | Checkpoint, *, key: str | None = None) -> list[TensorInfo]:
+def inspect(path: str | os.PathLike | Checkpoint, *, state_dict_key: str | None = None,
+            key: str | None = None) -> list[TensorInfo]:
     """List the tensors of a checkpoint without reading their data.
+
+    ``state_dict_key`` picks the state dict inside a torch zip (found
+    automatically by default; ``key=`` is its deprecated name).
 
     >>> for t in gs.inspect("model.safetensors"):
     ...     print(t.name, t.dtype, t.shape)
     """
-    ckpt = _open(path, key)
+    ckpt = _open(path, renamed_argument(state_dict_key, key, old="key", new="state_dict_key", where="gs.inspect"))
     return [TensorInfo(r.name, r.dtype.torch, r.shape, r.nbytes, r.file, r.byte_offset,
                        None if r.is_contiguous else r.strides, r.storage) for r in ckpt.records]
 
@@ -163,8 +168,9 @@ def _unfilled_meta(model: torch.nn.Module, plan: Plan, targets: dict[str, torch.
 
 def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, rename: Rename = None,
               device: str | torch.device | None = None, threads: int | None = None, backend: str = "auto",
-              progress: Progress = None, key: str | None = None, quantize: str | None = None,
-              group_size: int = 128, cache: str = "auto", mode: str = "copy", read: str = "own") -> LoadReport:
+              progress: Progress = None, state_dict_key: str | None = None, quantize: str | None = None,
+              group_size: int = 128, cache: str = "auto", mode: str = "copy", read: str = "own",
+              key: str | None = None) -> LoadReport:
     """Stream a checkpoint into ``model``'s parameters and buffers, in place.
 
     Each tensor keeps its own dtype and device; tensors on ``meta`` are first
@@ -176,7 +182,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     With ``quantize="int8"|"int4"`` the model's Linear/Embedding layers are
     quantized first and the weights quantized on read; gemma_pytorch's own
     int8 layers (``quant=True``) are filled the same way from a float
-    checkpoint.  ``cache="drop"`` evicts the file from the page cache as it is
+    checkpoint.  ``state_dict_key`` picks the state dict inside a torch zip
+    (found automatically by default; ``key=`` is its deprecated name).
+    ``cache="drop"`` evicts the file from the page cache as it is
     read, ``"keep"`` leaves it cached, and ``"auto"`` (the default) keeps it
     unless the file and the model cannot both stay in memory.
     ``mode="mmap"`` replaces, instead of filling, every CPU tensor stored in
@@ -200,7 +208,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     >>> report = gs.load_into(model, "model.safetensors")
     """
     cache = _check_mode(mode, cache, device)
-    ckpt = _open(path, key)
+    ckpt = _open(path, renamed_argument(state_dict_key, key, old="key", new="state_dict_key", where="gs.load_into"))
     from .distributed import has_dtensors, load_sharded
     if read != "own" or has_dtensors(model):
         return load_sharded(model, ckpt, strict=strict, rename=rename, device=device, threads=threads, backend=backend,
@@ -249,12 +257,13 @@ class StateDict(dict):
 def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", keys=None, rename: Rename = None,
                     threads: int | None = None, backend: str = "auto", progress: Progress = False,
-                    key: str | None = None, cache: str = "auto", mode: str = "copy") -> StateDict:
+                    state_dict_key: str | None = None, cache: str = "auto", mode: str = "copy",
+                    key: str | None = None) -> StateDict:
     """Read a checkpoint into a new dict of tensors.
 
     ``dtype`` converts floating-point tensors (f16/bf16/f32) and leaves the
-    others as stored; ``keys`` reads only those tensors (``key`` is another
-    thing: which state dict inside a torch zip).  ``mode="mmap"`` returns
+    others as stored; ``keys`` reads only those tensors; ``state_dict_key``
+    picks the state dict inside a torch zip (``key=`` is its deprecated name).  ``mode="mmap"`` returns
     copy-on-write views of the file for CPU tensors that need no conversion;
     ``cache`` and ``mode`` as in ``load_into``.  The dict's ``report`` says what
     the read did.
@@ -264,7 +273,9 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise GemmaStreamError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
     cache = _check_mode(mode, cache, device)
-    ckpt = _select(_open(path, key), keys)
+    state_dict_key = renamed_argument(state_dict_key, key, old="key", new="state_dict_key",
+                                      where="gs.load_state_dict")
+    ckpt = _select(_open(path, state_dict_key), keys)
     names = normalize_names(ckpt, rename)
     targets: dict[str, torch.Tensor] = {}
     views: dict[tuple, torch.Tensor] = {}  # identical views of one storage stay one tensor

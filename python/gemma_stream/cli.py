@@ -129,7 +129,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("path", help="a .safetensors, .ckpt/.pt/.bin, *.index.json or a directory")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument("--filter", type=_regex, metavar="REGEX", help="only tensors whose name matches (re.search)")
-    p.add_argument("--key", help="state dict inside a torch zip (default: found automatically)")
+    p.add_argument("--state-dict-key", "--key", dest="state_dict_key",
+                   help="state dict inside a torch zip (default: found automatically)")
     _add_common(p, suppress=True)
 
     p = sub.add_parser("verify", help="validate headers and byte ranges; compare with another checkpoint")
@@ -144,7 +145,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="leave tensors whose name matches out of --against (e.g. 'freqs_cis', which convert drops)")
     p.add_argument("--batch-mb", type=_positive_int, default=256, metavar="MB",
                    help="tensor bytes held per comparison batch, both sides together (default 256)")
-    p.add_argument("--key", help="state dict inside a torch zip (both sides)")
+    p.add_argument("--state-dict-key", "--key", dest="state_dict_key",
+                   help="state dict inside a torch zip (both sides)")
     p.add_argument("--backend", choices=("auto", "native", "python"), default="auto")
     _add_common(p, suppress=True)
 
@@ -156,7 +158,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=128, help="int4 group size")
     p.add_argument("--max-shard-size", metavar="SIZE",
                    help="write a directory of shards of at most SIZE (2GB = 10^9 bytes, 2GiB = 2^30) and an index")
-    p.add_argument("--key", help="state dict inside a torch zip")
+    p.add_argument("--state-dict-key", "--key", dest="state_dict_key",
+                   help="state dict inside a torch zip")
     p.add_argument("--backend", choices=("auto", "native", "python"), default="auto")
     _add_common(p, suppress=True)
 
@@ -181,7 +184,7 @@ def _command_of(argv: list[str]) -> str | None:
 
 def cmd_inspect(args) -> int:
     start = time.perf_counter()
-    ckpt = open_checkpoint(args.path, key=args.key)
+    ckpt = open_checkpoint(args.path, key=args.state_dict_key)
     log.info("read %d tensor records from %d files in %.3f s", len(ckpt.records), len(ckpt.files),
              time.perf_counter() - start)
     report = inspect_report(args.path, ckpt, args.filter)
@@ -209,7 +212,7 @@ def _run_verify(args, document: dict, lines: list[str]) -> None:
     from . import verify
     checkpoints = []
     for path in [args.path] + ([args.against] if args.against else []):
-        ckpt = open_checkpoint(path, key=args.key)
+        ckpt = open_checkpoint(path, key=args.state_dict_key)
         verify.check_ranges(ckpt)
         checkpoints.append(ckpt)
         files = [{"path": f, "bytes": os.path.getsize(f), "sha256": None} for f in verify.checkpoint_files(path, ckpt)]
@@ -228,7 +231,7 @@ def _run_verify(args, document: dict, lines: list[str]) -> None:
         return
     total = sum(r.nbytes for ckpt in checkpoints for r in ckpt.records)
     with _bar(args, total, "compare") as bar:
-        comparison = verify.compare_checkpoints(args.path, args.against, key=args.key, min_sqnr_db=args.min_sqnr,
+        comparison = verify.compare_checkpoints(args.path, args.against, key=args.state_dict_key, min_sqnr_db=args.min_sqnr,
                                                 batch_bytes=args.batch_mb * MIB, backend=args.backend,
                                                 on_bytes=bar.update, checkpoints=tuple(checkpoints),
                                                 ignore=args.ignore)
@@ -253,15 +256,15 @@ def _finish_verify(args, document: dict, lines: list[str]) -> int:
 
 def cmd_convert(args) -> int:
     try:
-        from .convert import convert
+        from .conversion import convert
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}.convert":
             raise
-        raise UsageError("convert is not part of this install (gemma_stream.convert is missing)") from None
+        raise UsageError("convert is not part of this install (gemma_stream.conversion is missing)") from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
-                         max_shard_size=args.max_shard_size, key=args.key, backend=args.backend,
+                         max_shard_size=args.max_shard_size, state_dict_key=args.state_dict_key, backend=args.backend,
                          progress=args.progress)
     for warning in caught:
         print(f"{PROG}: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)

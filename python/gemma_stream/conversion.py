@@ -38,6 +38,7 @@ import torch
 from .progress import Progress, progress_callback
 from .block_writer import BlockWriter, OutputTensor, SourceUnit
 from .dtypes import CONVERTIBLE, DType, from_torch
+from .deprecation import renamed_argument
 from .errors import GemmaStreamError
 from .formats import Checkpoint, TensorRecord, open_checkpoint
 from .formats.safetensors_writer import INDEX_FILE, SINGLE_FILE, AtomicFiles, header_bytes, index_bytes, shard_names
@@ -241,8 +242,8 @@ def _layout(units: list[SourceUnit], dst: str, max_bytes: int | None, metadata: 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
             quantize: str | None = None, group_size: int = 128, max_shard_size: int | str | None = None,
-            key: str | None = None, threads: int | None = None, backend: str = "auto",
-            progress: Progress = None) -> ConvertReport:
+            state_dict_key: str | None = None, threads: int | None = None, backend: str = "auto",
+            progress: Progress = None, key: str | None = None) -> ConvertReport:
     """Stream a checkpoint (torch zip or safetensors, single or sharded) into safetensors.
 
     ``dtype`` converts float16/bfloat16/float32 tensors; ``quantize="int8"|"int4"``
@@ -251,19 +252,22 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
     ``max_shard_size`` (bytes, or "2GB", "500MiB") ``dst`` is a directory that
     receives ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``;
     otherwise ``dst`` is the file (or a directory that receives ``model.safetensors``).
+    ``state_dict_key`` picks the state dict inside a torch zip (found automatically
+    by default; ``key=`` is its deprecated name).
     Files appear under their final names only once complete; on error nothing is left.
 
     >>> gs.convert("gemma-7b.ckpt", "out/", dtype=torch.bfloat16, max_shard_size="5GB")
     >>> gs.convert("model.safetensors", "model-int4.safetensors", quantize="int4", group_size=128)
     """
     start = time.perf_counter()
+    state_dict_key = renamed_argument(state_dict_key, key, old="key", new="state_dict_key", where="gs.convert")
     out_dtype = _out_dtype(dtype)
     if quantize not in (None, "int8", "int4"):
         raise GemmaStreamError(f"quantize must be None, 'int8' or 'int4', not {quantize!r}")
     if quantize == "int4" and group_size not in GROUP_SIZES:
         raise GemmaStreamError(f"int4 group_size must be one of {GROUP_SIZES}, not {group_size}")
     max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
-    ckpt = open_checkpoint(src, key=key)
+    ckpt = open_checkpoint(src, key=state_dict_key)
     report = ConvertReport()
     units = _units(ckpt, out_dtype, quantize, group_size, report)
     if report.skipped:
