@@ -316,7 +316,7 @@ def test_mmap_mode_reads_the_mapped_ranges_ahead_in_the_background(big_file, bac
     small window, "willneed" asks for the ranges instead."""
     import time
 
-    from gemma_stream.executors import mapped
+    from gemma_stream import mapped
 
     path, sd = big_file
     size = os.path.getsize(path)
@@ -357,7 +357,7 @@ def test_mmap_mode_reads_the_mapped_ranges_ahead_in_the_background(big_file, bac
 
 
 def test_mmap_prefetch_joins_ranges_in_file_order_and_respects_memory(tmp_path, monkeypatch):
-    from gemma_stream.executors import mapped
+    from gemma_stream import mapped
 
     path = tmp_path / "m.safetensors"
     save_file({"a": torch.zeros(1024), "b": torch.zeros(2048), "c": torch.zeros(10)}, str(path))

@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from .. import fileio
-from ..config import mem_available
-from ..errors import InternalError
-from ..formats.records import contiguous_strides, open_validated
+from . import fileio
+from .config import mem_available
+from .errors import InternalError
+from .formats.records import contiguous_strides, open_validated
 
 __all__ = ["FileViews", "Prefetch"]
 
