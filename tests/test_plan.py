@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -106,3 +108,59 @@ def test_zero_copy_takes_whole_same_dtype_cpu_targets_only():
                "fused": torch.empty(4, 2, dtype=torch.bfloat16)}
     plan = make_plan(ckpt, targets, strict=False, rename={"rows": gs.Route("fused", dst_rows=(0, 2))})
     assert [j.target for j in zero_copy_jobs(plan, targets, torch.device("cpu"))] == ["same"]
+
+
+@pytest.mark.parametrize("policy, mapped_bytes, available, supported, expected", [
+    ("auto", 800, 1000, True, True),      # fits with a fifth to spare
+    ("auto", 801, 1000, True, False),     # would push out its own first pages
+    ("auto", 800, None, True, False),     # MemAvailable unknown: do not guess
+    ("auto", 0, 1000, True, False),       # nothing mapped
+    ("auto", 800, 1000, False, False),    # no posix_fadvise (macOS, Windows)
+    ("on", 1 << 40, 1000, True, True),
+    ("on", 1 << 40, None, False, False),
+    ("on", 0, None, True, False),
+    ("off", 1, 1 << 40, True, False),
+])
+def test_readahead_decision_takes_the_facts_it_is_given(policy, mapped_bytes, available, supported, expected):
+    from gemma_stream.plan import choose_readahead
+
+    assert choose_readahead(policy, mapped_bytes, available, supported=supported) is expected
+
+
+def test_readahead_decision_refuses_an_unknown_policy():
+    from gemma_stream.plan import choose_readahead
+
+    with pytest.raises(gs.UsageError, match="'sometimes'"):
+        choose_readahead("sometimes", 1, 1)
+
+
+@pytest.mark.parametrize("shape, strides", [
+    ((4, 3), None), ((4, 3), (3, 1)), ((3, 4), (1, 3)), ((2, 3, 5), (40, 1, 6)), ((4, 2), (8, 1)),
+    ((), ()), ((0, 7), (7, 1)), ((5, 0), None), ((1,), (99,)),
+])
+def test_span_of_a_strided_view_is_where_torch_reads_up_to(shape, strides):
+    """``span_elements`` (and ``CopyJob.src_span_bytes``) agree with the last element torch's
+    ``as_strided`` reads from a storage of just that many elements."""
+    from gemma_stream.layout import span_elements
+    from gemma_stream.plan import CopyJob
+
+    span = span_elements(shape, strides)
+    numel = math.prod(shape)
+    view_strides = strides if strides is not None else torch.empty(shape).stride()
+    base = torch.arange(max(span, 1), dtype=torch.float64)
+    view = base.as_strided(shape, view_strides)                  # raises if the span were too short
+    assert span == (int(view.max()) + 1 if numel else 0)
+    job = CopyJob(name="w", target="w", file_index=0, src_offset=100, src_dtype=by_name("bf16"), shape=shape,
+                  src_strides=strides, dst=torch.empty(shape, dtype=torch.bfloat16))
+    assert job.src_span_bytes == 2 * span
+    assert strides is not None or job.src_span_bytes == job.nbytes
+
+
+def test_plan_names_stay_importable_from_plan():
+    """The split modules (routes, jobs, plan_checks) are one set of objects, reachable from ``plan``."""
+    from gemma_stream import jobs, plan, routes
+
+    assert plan.Route is routes.Route is gs.Route and plan.PartialRoutes is gs.PartialRoutes
+    assert plan.normalize_rename is routes.normalize_rename
+    assert plan.CopyJob is jobs.CopyJob and plan.Plan is jobs.Plan and plan.QuantTarget is jobs.QuantTarget
+    assert all(hasattr(plan, name) for name in plan.__all__)

@@ -17,7 +17,7 @@ from .deprecation import renamed_argument
 from .dtypes import CONVERTIBLE, FLOAT_DTYPES
 from .errors import GemmaStreamError, MismatchError, UninitializedWarning, UsageError
 from .executors import RunResult, get_executor, run_plan_jobs
-from .executors.mapped import FileViews, Prefetch
+from .mapped import FileViews, Prefetch
 from .fileio import platform_cache_policy
 from .formats import Checkpoint, open_checkpoint
 from .modules import materialize, meta_tensors, quant_targets, run_post_load_hooks, same_kind, swap_tensors

@@ -1,167 +1,32 @@
 """Planner: checkpoint records + destination tensors -> copy jobs.
 
 All policy lives here: renames and fused row ranges, tied weights, dtype
-conversion rules, quantize-on-read, strictness.  The planner never reads file
-bytes and never allocates destination memory; executors never decide policy.
+conversion rules, quantize-on-read, strictness, and the page-cache decisions
+(``choose_cache``, ``choose_readahead``) taken on facts the caller measured.
+The planner never reads file bytes and never allocates destination memory;
+executors never decide policy.  Routes and ``rename=`` live in
+:mod:`~gemma_stream.routes`, the plan's data types in :mod:`~gemma_stream.jobs`,
+the cross-route checks in :mod:`~gemma_stream.plan_checks`; their names are
+importable from here too.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Union
+from typing import Mapping
 
 import torch
 
-from .dtypes import CONVERTIBLE, DType, from_torch
-from .errors import GemmaStreamError, InternalError, MismatchError, UsageError
+from .dtypes import CONVERTIBLE, from_torch
+from .errors import MismatchError, UsageError
 from .formats.records import Checkpoint, TensorRecord, contiguous_strides
+from .jobs import CopyJob, Plan, QuantTarget, is_plain_cpu as _is_plain_cpu
+from .plan_checks import check_quant_columns, check_split_covers, describe_mismatch
+from .routes import PartialRoutes, Rename, RenameResult, Route, normalize_rename
 
-__all__ = ["Route", "PartialRoutes", "QuantTarget", "CopyJob", "Plan", "choose_cache", "make_plan", "normalize_rename",
-           "zero_copy_jobs"]
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where a checkpoint tensor, or a block of its rows (dim 0) and columns (dim 1), goes.
-
-    ``src_rows`` selects rows of the checkpoint tensor, ``dst_rows`` the rows of
-    the target they fill; ``None`` means all rows.  A fused projection (q, k, v
-    into one ``qkv_proj``) is three routes into consecutive ``dst_rows``.
-    ``src_cols``/``dst_cols`` do the same along dim 1 (tensors of 2 or more
-    dims): a tensor-parallel rank's slice of a row-parallel weight is
-    ``Route(name, src_cols=(a, b))`` into its local ``[N, b - a]`` tensor.
-
-    >>> gs.Route("layers.0.mlp.down_proj.weight", src_cols=(0, 4096))
-    """
-
-    target: str
-    src_rows: tuple[int, int] | None = None
-    dst_rows: tuple[int, int] | None = None
-    src_cols: tuple[int, int] | None = None
-    dst_cols: tuple[int, int] | None = None
-
-
-RenameResult = Union[None, str, Route, Iterable[Route]]
-Rename = Union[None, Mapping[str, RenameResult], Callable[[str], RenameResult]]
-
-
-class PartialRoutes:
-    """A rename whose routes may read only part of a checkpoint tensor: one rank's shard.
-
-    Without it, routes that leave rows or columns of a checkpoint tensor unread
-    are a mismatch (the rest would be silently dropped).
-
-    >>> rank_cols = (rank * 1024, (rank + 1) * 1024)
-    >>> gs.load_into(model, "model.safetensors",
-    ...              rename=gs.PartialRoutes(lambda n: gs.Route(n, src_cols=rank_cols)))
-    """
-
-    def __init__(self, rename: Rename):
-        self.rename = rename
-        self.computed = tuple(getattr(rename, "computed", ()) or ())
-
-    def __call__(self, name: str) -> RenameResult:
-        if self.rename is None:
-            return name
-        if isinstance(self.rename, Mapping):
-            return self.rename.get(name, name)
-        return self.rename(name)
-
-
-@dataclass
-class QuantTarget:
-    """A quantized destination: a float [N, K] weight stored as q + scales."""
-
-    scheme: str                  # "int8" | "int4"
-    shape: tuple[int, int]       # logical float shape [N, K]
-    weight: torch.Tensor         # int8 [N, K] or uint8 [N, K/2]
-    scale: torch.Tensor          # [N] or [N, K/G]
-    zero: torch.Tensor | None    # int4: [N, K/G]
-    group_size: int = 0
-    covers: tuple[str, ...] = ()  # state-dict names filled along with the weight
-
-
-@dataclass
-class CopyJob:
-    """One executor job: a source view (or row range) into a destination region.
-
-    ``dst``/``scale``/``zero`` are the final destination regions.  When one is
-    not a contiguous CPU tensor the job is ``staged``: the driver gives the
-    executor a contiguous CPU buffer and copies it over afterwards.
-    """
-
-    name: str
-    target: str
-    file_index: int
-    src_offset: int
-    src_dtype: DType
-    shape: tuple[int, ...]
-    src_strides: tuple[int, ...] | None
-    dst: torch.Tensor
-    op: str = "copy"             # "copy" | "int8" | "int4"
-    scale: torch.Tensor | None = None
-    zero: torch.Tensor | None = None
-    group_size: int = 0
-    staged: bool = False
-    first_row: int = 0           # the source view's first row in the checkpoint tensor (error messages)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.src_dtype.itemsize
-
-    @property
-    def dst_dtype(self) -> DType:
-        return from_torch(self.dst.dtype)
-
-
-@dataclass
-class Plan:
-    files: list[str]
-    jobs: list[CopyJob]
-    loaded: list[str] = field(default_factory=list)            # target names filled
-    missing_keys: list[str] = field(default_factory=list)
-    unexpected_keys: list[str] = field(default_factory=list)
-    mismatched_keys: list[str] = field(default_factory=list)   # "name: why"
-    skipped_keys: list[str] = field(default_factory=list)      # renamed to None / tied duplicates
-    computed_keys: list[str] = field(default_factory=list)     # not filled, the map says the model computes them
-
-    @property
-    def nbytes(self) -> int:
-        return sum(job.nbytes for job in self.jobs)
-
-    @property
-    def dst_nbytes(self) -> int:
-        """Bytes the jobs write into host memory (weights, scales and zero points on the CPU;
-        an accelerator's memory does not compete with the page cache)."""
-        return sum(t.numel() * t.element_size() for job in self.jobs for t in (job.dst, job.scale, job.zero)
-                   if t is not None and t.device.type == "cpu")
-
-    def filled(self, targets: Mapping[str, torch.Tensor]) -> set[int]:
-        """``id`` of every target tensor the jobs write whole (partly written ones are missing keys)."""
-        missing = set(self.missing_keys) | set(self.computed_keys)
-        return {id(targets[n]) for n in self.loaded if n in targets and n not in missing}
-
-    def rebind(self, replacement: Mapping[int, torch.Tensor]) -> None:
-        """Point jobs planned on ``meta`` tensors at the tensors that replaced them.
-
-        A load plans once, on the model as built (so a mismatch is found before
-        anything is allocated), then allocates; each job's destination is the
-        same view (size, strides, offset) of the replacing tensor.
-        """
-        def moved(region: torch.Tensor | None) -> torch.Tensor | None:
-            if region is None or not region.is_meta:
-                return region
-            base = region._base if region._base is not None else region
-            new = replacement.get(id(base))
-            if new is None:
-                raise InternalError(f"gemma_stream bug: a job writes a meta tensor that was not allocated "
-                                   f"({list(region.shape)})")
-            return new.as_strided(region.size(), region.stride(), region.storage_offset())
-
-        for job in self.jobs:
-            job.dst, job.scale, job.zero = moved(job.dst), moved(job.scale), moved(job.zero)
-            job.staged = not all(_is_plain_cpu(r) for r in (job.dst, job.scale, job.zero) if r is not None)
+__all__ = ["Route", "PartialRoutes", "QuantTarget", "CopyJob", "Plan", "choose_cache", "choose_readahead",
+           "make_plan", "normalize_rename", "zero_copy_jobs", "Rename", "RenameResult", "CACHE_POLICIES",
+           "READAHEAD_POLICIES"]
 
 
 CACHE_POLICIES = ("auto", "keep", "drop")
@@ -187,31 +52,32 @@ def choose_cache(plan: Plan, cache: str, available: int | None) -> str:
     return "drop" if plan.nbytes + plan.dst_nbytes > available else "keep"
 
 
-def normalize_rename(rename: Rename) -> Callable[[str], list[Route] | None]:
-    """Turn a dict, callable or map object into ``name -> routes | None``."""
-    if rename is None:
-        lookup: Callable[[str], RenameResult] = lambda name: name
-    elif isinstance(rename, Mapping):
-        lookup = lambda name: rename.get(name, name)
-    elif callable(rename):
-        lookup = rename
-    else:
-        raise UsageError(f"rename must be a dict or a callable, not {type(rename).__name__}")
+READAHEAD_POLICIES = ("auto", "on", "off")
 
-    def routes(name: str) -> list[Route] | None:
-        result = lookup(name)
-        if result is None:
-            return None
-        if isinstance(result, str):
-            return [Route(result)]
-        if isinstance(result, Route):
-            return [result]
-        out = [Route(r) if isinstance(r, str) else r for r in result]
-        if not all(isinstance(r, Route) for r in out):
-            raise UsageError(f"rename({name!r}) returned {result!r}; expected a name, Route, list of Routes or None")
-        return out
 
-    return routes
+def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, supported: bool = True) -> bool:
+    """Whether ``mode="mmap"`` reads its mapped bytes ahead in the background (GEMMA_STREAM_PREFETCH).
+
+    ``mapped_bytes``: the views' byte ranges joined; ``available``: MemAvailable
+    (None where unknown); ``supported``: the platform can ask for pages ahead
+    (``posix_fadvise``; macOS and Windows cannot).  "auto" reads ahead only when
+    the ranges fit in ``available`` with a fifth to spare: otherwise the
+    read-ahead would push out its own first pages, or the rest of the
+    system's, before they are used.  "on" always, "off" never; nothing mapped,
+    nothing to read.
+
+    >>> choose_readahead("auto", mapped_bytes=5 << 30, available=16 << 30)
+    True
+    >>> choose_readahead("auto", mapped_bytes=15 << 30, available=16 << 30)
+    False
+    """
+    if policy not in READAHEAD_POLICIES:
+        raise UsageError(f"read-ahead policy must be 'auto', 'on' or 'off', not {policy!r}")
+    if policy == "off" or mapped_bytes <= 0 or not supported:
+        return False
+    if policy == "on":
+        return True
+    return available is not None and mapped_bytes <= 0.8 * available
 
 
 def _rows(span: tuple[int, int] | None, total: int, what: str, unit: str = "rows") -> tuple[int, int]:
@@ -249,10 +115,6 @@ def _block_shape(shape: tuple[int, ...], rows: tuple[int, int] | None,
     if cols is not None:
         out[1] = cols[1] - cols[0]
     return tuple(out)
-
-
-def _is_plain_cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.is_contiguous()
 
 
 class _Planner:
@@ -394,7 +256,7 @@ class _Planner:
             return
         sliced = (route.src_cols and src_c != (0, record.shape[1])) or (route.dst_cols and dst_c != (0, k))
         if sliced:
-            _check_quant_columns(record, route.target, qt, src_c, dst_c)
+            check_quant_columns(record, route.target, qt, src_c, dst_c)
         def own_cols(t: torch.Tensor) -> tuple[int, int]:
             # the same block in a stored tensor's own columns: q [N, K] or [N, K/2], scales [N] or [N, K/G]
             return (dst_c[0] * t.shape[1] // k, dst_c[1] * t.shape[1] // k) if t.dim() >= 2 else (0, 1)
@@ -467,7 +329,7 @@ def make_plan(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, re
             planner.plan.skipped_keys.append(record.name)
             continue
         if check_splits and not isinstance(rename, PartialRoutes):
-            _check_split_covers(record, routes, planner.plan)
+            check_split_covers(record, routes, planner.plan)
         for route in routes:
             planner.route(record, route)
     plan = planner.finish()
@@ -477,55 +339,8 @@ def make_plan(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, re
         plan.computed_keys = [n for n in plan.missing_keys if n in computed]
         plan.missing_keys = [n for n in plan.missing_keys if n not in computed]
     if strict and (plan.missing_keys or plan.unexpected_keys or plan.mismatched_keys):
-        raise MismatchError(_describe(plan, checkpoint))
+        raise MismatchError(describe_mismatch(plan, checkpoint))
     return plan
-
-
-def _check_quant_columns(record: TensorRecord, target: str, qt: QuantTarget, src_c: tuple[int, int],
-                         dst_c: tuple[int, int]) -> None:
-    """Which column blocks can be quantized on read without the rest of their rows."""
-    if qt.scheme != "int4":
-        # an int8 row's scale is the absmax of the whole row: a block of columns does not know it
-        raise GemmaStreamError(
-            f"{record.name!r} -> {target!r}: int8 quantization needs whole rows (its scale is the row's absmax); "
-            f"columns [{src_c[0]}, {src_c[1]}) of {record.shape[1]} cannot be quantized on their own. "
-            f"Use quantize='int4' with column blocks aligned to the group size, or shard rows (Shard(0))")
-    g = qt.group_size
-    if any(c % g for c in (*src_c, *dst_c)):
-        raise GemmaStreamError(
-            f"{record.name!r} -> {target!r}: int4 column block [{src_c[0]}, {src_c[1]}) into "
-            f"[{dst_c[0]}, {dst_c[1]}) is not aligned to the group size {g}")
-
-
-def _check_split_covers(record: TensorRecord, routes: list[Route], plan: Plan) -> None:
-    """Rows (or columns) of a split checkpoint tensor that no route reads would be silently lost."""
-    if not record.shape or not routes or any(r.src_rows is None and r.src_cols is None for r in routes):
-        return
-    rows = [r.src_rows or (0, record.shape[0]) for r in routes]
-    if all(r.src_cols is None for r in routes):
-        spans = sorted(rows)
-        cursor = 0
-        for lo, hi in spans:
-            if lo > cursor:
-                break
-            cursor = max(cursor, hi)
-        if cursor < record.shape[0] or spans[0][0] > 0:
-            plan.mismatched_keys.append(
-                f"{record.name}: routes read rows {[list(s) for s in spans]} but the checkpoint tensor has "
-                f"{record.shape[0]} rows; the rest would be dropped")
-        return
-    if len(record.shape) < 2:
-        return  # route() reports the column range on a 1-D tensor
-    blocks = [(*rw, *(r.src_cols or (0, record.shape[1]))) for rw, r in zip(rows, routes)]
-    row_cuts = sorted({0, record.shape[0], *(b[0] for b in blocks), *(b[1] for b in blocks)})
-    col_cuts = sorted({0, record.shape[1], *(b[2] for b in blocks), *(b[3] for b in blocks)})
-    for r0, r1 in zip(row_cuts, row_cuts[1:]):
-        for c0, c1 in zip(col_cuts, col_cuts[1:]):
-            if not any(b[0] <= r0 and r1 <= b[1] and b[2] <= c0 and c1 <= b[3] for b in blocks):
-                plan.mismatched_keys.append(
-                    f"{record.name}: no route reads rows [{r0}, {r1}) x columns [{c0}, {c1}) of the checkpoint "
-                    f"tensor {list(record.shape)}; they would be dropped")
-                return
 
 
 def zero_copy_jobs(plan: Plan, targets: Mapping[str, torch.Tensor], device: torch.device) -> list[CopyJob]:
@@ -546,14 +361,3 @@ def zero_copy_jobs(plan: Plan, targets: Mapping[str, torch.Tensor], device: torc
                 job.src_offset % job.src_dtype.itemsize == 0:
             out.append(job)
     return out
-
-
-def _describe(plan: Plan, checkpoint: Checkpoint) -> str:
-    parts = [f"{checkpoint.where}: checkpoint and model disagree"]
-    for label, names in (("missing in checkpoint", plan.missing_keys),
-                         ("unexpected in checkpoint", plan.unexpected_keys),
-                         ("mismatched", plan.mismatched_keys)):
-        if names:
-            shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
-            parts.append(f"{label} ({len(names)}): {shown}")
-    return "; ".join(parts)

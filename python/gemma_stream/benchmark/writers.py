@@ -11,11 +11,9 @@ GemmaConfig) sits next to the safetensors so the directory is also a Hugging Fac
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
+import errno
 import json
 import math
-import mmap
 import os
 import pickle
 import struct
@@ -24,7 +22,7 @@ import zlib
 
 import torch
 
-from .. import fileio
+from .. import fileio, pagecache
 from .shapes import GemmaShape, hf_parts, tensor_specs
 
 __all__ = ["DTYPES", "plan_shards", "write_safetensors", "write_sharded", "write_ckpt", "write_config", "evict", "cached_fraction",
@@ -247,45 +245,9 @@ def warm_up(paths) -> None:
                 pass
 
 
-_libc = None
-
-
-def _load_libc():
-    global _libc
-    if _libc is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        _libc = libc
-    return _libc
-
-
 def cached_fraction(paths) -> float:
-    """Fraction of the files' pages resident in the page cache (mincore)."""
-    libc = _load_libc()
-    resident = total = 0
-    page = mmap.PAGESIZE
-    for path in paths:
-        size = os.path.getsize(path)
-        if size == 0:
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                raise OSError(ctypes.get_errno(), f"mmap {path}")
-            try:
-                pages = (size + page - 1) // page
-                vec = ctypes.create_string_buffer(pages)
-                if libc.mincore(addr, size, vec) != 0:
-                    raise OSError(ctypes.get_errno(), f"mincore {path}")
-                resident += sum(b & 1 for b in vec.raw)
-                total += pages
-            finally:
-                libc.munmap(addr, size)
-        finally:
-            os.close(fd)
-    return resident / total if total else 1.0
+    """Fraction of the files' pages resident in the page cache (mincore, :mod:`gemma_stream.pagecache`)."""
+    fraction = pagecache.resident_fraction(paths)
+    if fraction is None:
+        raise OSError(errno.ENOSYS, "mincore is not available here: the page cache cannot be observed")
+    return fraction

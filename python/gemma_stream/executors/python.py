@@ -19,6 +19,8 @@ import torch
 from .. import fileio
 from ..errors import CheckpointError, InternalError, nan_row
 from ..formats.records import open_validated
+from ..layout import span_elements
+from ..pagecache import FOLIO_BYTES, PAGE_BYTES
 from ..plan import CopyJob
 from ..quant.reference import quantize_int4, quantize_int8
 
@@ -38,8 +40,6 @@ def _read_into(fd: int, path: str, view: memoryview, offset: int) -> None:
 
 
 _bounce = threading.local()
-_PAGE = 4096
-_FOLIO = 2 << 20  # the largest page-cache folio on x86-64
 
 
 def _read(fd: int, path: str, nbytes: int, offset: int) -> memoryview:
@@ -58,13 +58,7 @@ def _read(fd: int, path: str, nbytes: int, offset: int) -> memoryview:
 
 def _source_end(job: CopyJob) -> int:
     """One past the last source byte the job reads (its start when it reads nothing)."""
-    if math.prod(job.shape) == 0:
-        return job.src_offset
-    if job.src_strides is None:
-        last = math.prod(job.shape) - 1
-    else:
-        last = sum((n - 1) * s for n, s in zip(job.shape, job.src_strides))
-    return job.src_offset + (last + 1) * job.src_dtype.itemsize
+    return job.src_offset + job.src_span_bytes
 
 
 def _check_range(job: CopyJob, path: str, size: int) -> None:
@@ -105,8 +99,8 @@ class _Run:
             lo, hi = spans.get(job.file_index, (job.src_offset, _source_end(job)))
             spans[job.file_index] = (min(lo, job.src_offset), max(hi, _source_end(job)))
         for index, (lo, hi) in spans.items():
-            lo -= lo % _PAGE
-            hi += -hi % _PAGE
+            lo -= lo % PAGE_BYTES
+            hi += -hi % PAGE_BYTES
             if hi > lo:
                 fileio.drop_cache(self.fds[index], lo, hi - lo)
 
@@ -114,8 +108,8 @@ class _Run:
         if self.drop_cache:
             # between 2 MiB boundaries, as the C++ engine does: DONTNEED keeps
             # every large folio that the range only partly covers
-            lo = offset - offset % _FOLIO
-            hi = offset + nbytes - (offset + nbytes) % _FOLIO
+            lo = offset - offset % FOLIO_BYTES
+            hi = offset + nbytes - (offset + nbytes) % FOLIO_BYTES
             if hi > lo:
                 fileio.drop_cache(fd, lo, hi - lo)
 
@@ -161,12 +155,12 @@ class _Run:
         shape = [job.shape[d] for d in order]
         strides = [job.src_strides[d] for d in order]
         dst = job.dst.permute(*order) if order else job.dst
-        inner = 1 + sum((n - 1) * s for n, s in zip(shape[1:], strides[1:]))
+        inner = span_elements(shape[1:], strides[1:])
         per = max(1, (self.chunk_bytes // item - inner) // max(strides[0], 1) + 1) if shape else 1
         total = 0
         for first in range(0, shape[0] if shape else 1, per):
             count = min(per, shape[0] - first) if shape else 1
-            span = inner + (count - 1) * strides[0] if shape else 1
+            span = span_elements([count, *shape[1:]], strides) if shape else 1
             offset = job.src_offset + first * strides[0] * item if shape else job.src_offset
             raw = torch.frombuffer(_read(fd, path, span * item, offset), dtype=job.src_dtype.torch)
             view = raw.as_strided([count, *shape[1:]] if shape else [], strides)

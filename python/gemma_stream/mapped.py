@@ -10,12 +10,13 @@ Touching mapped weights in the model's order reads the file piecemeal, one
 fault at a time; cold, that took 4.8 s for a 5 GB file that reads sequentially
 in 2-3 s (benchmarks/NOTES.md, section 13).  ``Prefetch`` walks the mapped
 ranges in file order on background threads, so the pages are on their way
-before they are touched.
+before they are touched.  Whether to start it is :func:`gemma_stream.plan.choose_readahead`'s
+call, on the facts gathered here (the mapped bytes, ``MemAvailable``); the
+``madvise`` calls go through :mod:`gemma_stream.pagecache`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import threading
@@ -23,29 +24,19 @@ import time
 
 import torch
 
-from .. import fileio
-from ..config import mem_available
-from ..errors import InternalError
-from ..formats.records import contiguous_strides, open_validated
+from . import fileio, pagecache
+from .config import mem_available
+from .errors import InternalError
+from .formats.records import contiguous_strides, open_validated
+from .layout import span_elements
+from .plan import choose_readahead
 
-__all__ = ["FileViews", "Prefetch"]
+__all__ = ["FileViews", "Prefetch", "readahead_window"]
 
 
-MADV_POPULATE_READ = 22          # Linux 5.14+
 _FAULT_STEP_MAX = 8 << 20        # one fault per 8 MiB at most (measured: 16 and 32 MiB left gaps)
 _MIN_FAULT_WINDOW = 1 << 20      # below this readahead window, faults read too little: use WILLNEED
 MERGE_GAP = 1 << 20              # mapped ranges closer than this are read ahead as one
-
-
-def _libc_madvise():
-    """libc's ``madvise`` through ctypes (a ctypes call releases the GIL), or None."""
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError, TypeError):  # Windows: no CDLL(None), no madvise
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
 
 
 def readahead_window(path: str) -> int | None:
@@ -94,12 +85,11 @@ class Prefetch:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._fell_back = False
-        madvise = _libc_madvise()
-        steps = self._fault_steps() if madvise is not None and all(base for *_, base in ranges) else None
+        steps = self._fault_steps() if pagecache.has_madvise() and all(base for *_, base in ranges) else None
         if steps is not None:
             self.method = "fault"
             n = max(1, threads)
-            jobs = [(self._fault, (madvise, steps[i::n])) for i in range(n) if steps[i::n]]
+            jobs = [(self._fault, (steps[i::n],)) for i in range(n) if steps[i::n]]
         else:
             self.method = "willneed"
             jobs = [(self._willneed, ())]
@@ -133,14 +123,14 @@ class Prefetch:
             offsets = list(range(start + step // 2, end, step))
             if not offsets or offsets[-1] + step // 2 < end:
                 offsets.append(end - 1)
-            steps += [(base + offset) & ~4095 for offset in offsets]
+            steps += [base + offset - (base + offset) % pagecache.PAGE_BYTES for offset in offsets]
         return steps
 
-    def _fault(self, madvise, addresses: list[int]) -> None:
+    def _fault(self, addresses: list[int]) -> None:
         for address in addresses:
             if self._cancel.is_set() or self._fell_back:
                 return
-            if madvise(address, 4096, MADV_POPULATE_READ) != 0 and ctypes.get_errno() == errno.EINVAL:
+            if pagecache.populate_read(address) == errno.EINVAL:
                 with self._lock:   # a kernel without MADV_POPULATE_READ: one worker asks with WILLNEED
                     if self._fell_back:
                         return
@@ -228,12 +218,12 @@ class FileViews:
                                 f"aligned tensors")
         storage = self._storage(file_index)
         strides = strides if strides is not None else contiguous_strides(shape)
-        if all(shape):
-            span = 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+        span = span_elements(shape, strides)
+        if span:
             self._extents.append((file_index, byte_offset, byte_offset + span * itemsize))
         return torch.empty(0, dtype=dtype).set_(storage, byte_offset // itemsize, shape, strides)
 
-    def _merged(self) -> list[tuple[str, int, int, int]]:
+    def ranges(self) -> list[tuple[str, int, int, int]]:
         """The views' byte ranges in file order, overlaps and neighbours joined, with the address
         at which each file is mapped.
 
@@ -251,17 +241,12 @@ class FileViews:
         return [(self.files[index], start, end, self._storages[index].data_ptr()) for index, start, end in merged]
 
     def prefetch(self, policy: str = "auto", threads: int = 2) -> Prefetch | None:
-        """Start reading what the views cover, in file order, in the background.
-
-        ``policy="auto"`` does so only when it fits in ``MemAvailable`` with a
-        fifth to spare (otherwise the read-ahead would push out its own first
-        pages, or the rest of the system's, before they are used); ``"on"``
-        always, ``"off"`` never."""
-        ranges = self._merged()
-        if policy == "off" or not ranges or not hasattr(os, "posix_fadvise"):   # (macOS has neither)
+        """Start reading what the views cover, in file order, in the background, if
+        :func:`~gemma_stream.plan.choose_readahead` says so for ``policy`` ("auto": when
+        it fits in ``MemAvailable`` with a fifth to spare; "on"; "off"), or None."""
+        ranges = self.ranges()
+        mapped_bytes = sum(end - start for _, start, end, _ in ranges)
+        available = mem_available() if policy == "auto" and mapped_bytes else None
+        if not choose_readahead(policy, mapped_bytes, available, supported=hasattr(os, "posix_fadvise")):
             return None
-        if policy == "auto":
-            available = mem_available()
-            if available is None or sum(end - start for _, start, end, _ in ranges) > 0.8 * available:
-                return None
         return Prefetch(ranges, threads, keep_alive=tuple(self._storages.values()))

@@ -1,0 +1,124 @@
+"""What the planner produces: copy jobs, quantized destinations and the plan that holds them.
+
+Executors read :class:`CopyJob` s and nothing else of the plan; :meth:`Plan.rebind`
+points jobs planned on ``meta`` tensors at the tensors allocated for them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from .dtypes import DType, from_torch
+from .errors import InternalError
+from .layout import span_elements
+
+__all__ = ["QuantTarget", "CopyJob", "Plan", "is_plain_cpu"]
+
+
+@dataclass
+class QuantTarget:
+    """A quantized destination: a float [N, K] weight stored as q + scales."""
+
+    scheme: str                  # "int8" | "int4"
+    shape: tuple[int, int]       # logical float shape [N, K]
+    weight: torch.Tensor         # int8 [N, K] or uint8 [N, K/2]
+    scale: torch.Tensor          # [N] or [N, K/G]
+    zero: torch.Tensor | None    # int4: [N, K/G]
+    group_size: int = 0
+    covers: tuple[str, ...] = ()  # state-dict names filled along with the weight
+
+
+@dataclass
+class CopyJob:
+    """One executor job: a source view (or row range) into a destination region.
+
+    ``dst``/``scale``/``zero`` are the final destination regions.  When one is
+    not a contiguous CPU tensor the job is ``staged``: the driver gives the
+    executor a contiguous CPU buffer and copies it over afterwards.
+    """
+
+    name: str
+    target: str
+    file_index: int
+    src_offset: int
+    src_dtype: DType
+    shape: tuple[int, ...]
+    src_strides: tuple[int, ...] | None
+    dst: torch.Tensor
+    op: str = "copy"             # "copy" | "int8" | "int4"
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    group_size: int = 0
+    staged: bool = False
+    first_row: int = 0           # the source view's first row in the checkpoint tensor (error messages)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.src_dtype.itemsize
+
+    @property
+    def src_span_bytes(self) -> int:
+        """Bytes from ``src_offset`` to the end of the last element read: a strided job's span,
+        gaps between its rows included (``nbytes`` for a contiguous one, 0 for an empty one)."""
+        return span_elements(self.shape, self.src_strides) * self.src_dtype.itemsize
+
+    @property
+    def dst_dtype(self) -> DType:
+        return from_torch(self.dst.dtype)
+
+
+@dataclass
+class Plan:
+    files: list[str]
+    jobs: list[CopyJob]
+    loaded: list[str] = field(default_factory=list)            # target names filled
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[str] = field(default_factory=list)   # "name: why"
+    skipped_keys: list[str] = field(default_factory=list)      # renamed to None / tied duplicates
+    computed_keys: list[str] = field(default_factory=list)     # not filled, the map says the model computes them
+
+    @property
+    def nbytes(self) -> int:
+        return sum(job.nbytes for job in self.jobs)
+
+    @property
+    def dst_nbytes(self) -> int:
+        """Bytes the jobs write into host memory (weights, scales and zero points on the CPU;
+        an accelerator's memory does not compete with the page cache)."""
+        return sum(t.numel() * t.element_size() for job in self.jobs for t in (job.dst, job.scale, job.zero)
+                   if t is not None and t.device.type == "cpu")
+
+    def filled(self, targets: Mapping[str, torch.Tensor]) -> set[int]:
+        """``id`` of every target tensor the jobs write whole (partly written ones are missing keys)."""
+        missing = set(self.missing_keys) | set(self.computed_keys)
+        return {id(targets[n]) for n in self.loaded if n in targets and n not in missing}
+
+    def rebind(self, replacement: Mapping[int, torch.Tensor]) -> None:
+        """Point jobs planned on ``meta`` tensors at the tensors that replaced them.
+
+        A load plans once, on the model as built (so a mismatch is found before
+        anything is allocated), then allocates; each job's destination is the
+        same view (size, strides, offset) of the replacing tensor.
+        """
+        def moved(region: torch.Tensor | None) -> torch.Tensor | None:
+            if region is None or not region.is_meta:
+                return region
+            base = region._base if region._base is not None else region
+            new = replacement.get(id(base))
+            if new is None:
+                raise InternalError(f"gemma_stream bug: a job writes a meta tensor that was not allocated "
+                                   f"({list(region.shape)})")
+            return new.as_strided(region.size(), region.stride(), region.storage_offset())
+
+        for job in self.jobs:
+            job.dst, job.scale, job.zero = moved(job.dst), moved(job.scale), moved(job.zero)
+            job.staged = not all(is_plain_cpu(r) for r in (job.dst, job.scale, job.zero) if r is not None)
+
+
+def is_plain_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.is_contiguous()

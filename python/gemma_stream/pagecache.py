@@ -1,0 +1,136 @@
+"""The page cache from Python: ``madvise``, ``MADV_POPULATE_READ`` and ``mincore`` in one place.
+
+The Python side calls libc through ctypes here and nowhere else (a ctypes call
+releases the GIL, so read-ahead threads run beside the loader): the mmap
+read-ahead (:mod:`gemma_stream.mapped`), the benchmark's cache probe
+(:mod:`gemma_stream.benchmark.writers`) and the tests.  The C++ file layer
+(``csrc/file.h``/``file.cc``: ``Mapping``, its ``madvise`` and residency probe)
+is the native counterpart; the engine never comes through here.  Where libc
+has no such call (Windows) the functions say so (``None``) instead of raising.
+
+>>> from gemma_stream import pagecache
+>>> pagecache.resident_bytes("model.safetensors")   # bytes of the file in the page cache, or None
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+
+__all__ = ["PAGE_BYTES", "FOLIO_BYTES", "MADV_POPULATE_READ", "has_madvise", "madvise", "populate_read", "resident_bytes",
+           "resident_fraction"]
+
+#: the kernel's page: madvise and mincore work in whole pages from a page-aligned address
+PAGE_BYTES = mmap.PAGESIZE
+#: the largest page-cache folio on x86-64: dropping part of one keeps all of it
+FOLIO_BYTES = 2 << 20
+#: ``madvise`` advice that faults the range in and returns once it is read (Linux 5.14+; older: EINVAL)
+MADV_POPULATE_READ = 22
+
+_UNLOADED = object()
+_libc = _UNLOADED
+
+
+def _load():
+    """libc with ``madvise``, ``mincore``, ``mmap`` and ``munmap`` typed, or None (Windows)."""
+    global _libc
+    if _libc is _UNLOADED:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise.restype = ctypes.c_int
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            libc.mincore.restype = ctypes.c_int
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_long]
+            libc.mmap.restype = ctypes.c_void_p
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            libc.munmap.restype = ctypes.c_int
+        except (OSError, AttributeError, TypeError):  # Windows: no CDLL(None), no madvise
+            libc = None
+        _libc = libc
+    return _libc
+
+
+def has_madvise() -> bool:
+    """True where libc has ``madvise`` (not on Windows)."""
+    return _load() is not None
+
+
+def madvise(address: int, nbytes: int, advice: int) -> int | None:
+    """``madvise(address, nbytes, advice)``: 0, the ``errno`` it failed with, or None where libc has none.
+
+    ``address`` is rounded down to its page (madvise refuses an unaligned start).
+    """
+    libc = _load()
+    if libc is None:
+        return None
+    start = address - address % PAGE_BYTES
+    if libc.madvise(start, nbytes + (address - start), advice) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EIO
+
+
+def populate_read(address: int, nbytes: int = PAGE_BYTES) -> int | None:
+    """Fault in the mapped pages of ``[address, address + nbytes)`` and return once they are read.
+
+    The kernel reads its readahead window around a faulting page, so one page per
+    window brings a whole file in.  Returns 0, the ``errno`` (``EINVAL``: a kernel
+    before 5.14), or None where there is no ``madvise``.
+
+    >>> populate_read(storage.data_ptr() + offset)   # 0 once that page is in memory
+    """
+    return madvise(address, nbytes, MADV_POPULATE_READ)
+
+
+def _resident_pages(libc, path: str) -> tuple[int, int]:
+    """(resident pages, pages) of one file, from ``mincore`` on a mapping that is never touched."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0, 0
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            error = ctypes.get_errno()
+            raise OSError(error, f"mmap {path}: {os.strerror(error)}")
+        try:
+            pages = (size + PAGE_BYTES - 1) // PAGE_BYTES
+            vector = (ctypes.c_ubyte * pages)()
+            if libc.mincore(address, size, vector) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, f"mincore {path}: {os.strerror(error)}")
+            return sum(b & 1 for b in bytes(vector)), pages
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def resident_bytes(path: str) -> int | None:
+    """Bytes of the file now in the page cache (whole pages; None where there is no ``mincore``).
+
+    >>> resident_bytes("model.safetensors") >= os.path.getsize("model.safetensors") - PAGE_BYTES  # warm
+    """
+    libc = _load()
+    if libc is None:
+        return None
+    resident, _ = _resident_pages(libc, path)
+    return min(resident * PAGE_BYTES, os.path.getsize(path))
+
+
+def resident_fraction(paths) -> float | None:
+    """Fraction of the files' pages in the page cache (1.0 for no pages; None without ``mincore``).
+
+    >>> resident_fraction(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+    """
+    libc = _load()
+    if libc is None:
+        return None
+    resident = total = 0
+    for path in paths:
+        r, n = _resident_pages(libc, path)
+        resident, total = resident + r, total + n
+    return resident / total if total else 1.0

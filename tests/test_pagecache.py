@@ -1,0 +1,66 @@
+"""The one ctypes door to the page cache (madvise, MADV_POPULATE_READ, mincore), on a real file."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from gemma_stream import pagecache
+from gemma_stream.benchmark.writers import evict
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(not pagecache.has_madvise() or not hasattr(os, "posix_fadvise"),
+                                reason="no madvise/mincore through libc here")
+
+
+@pytest.fixture
+def cold_file(tmp_path):
+    path = tmp_path / "pages.bin"
+    path.write_bytes(os.urandom(8 * MiB + 100))
+    evict([path])
+    if pagecache.resident_bytes(path) > MiB:
+        pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
+    return path
+
+
+def test_resident_bytes_follow_reads_and_drops(cold_file, tmp_path):
+    size = os.path.getsize(cold_file)
+    with open(cold_file, "rb") as f:
+        f.read(2 * MiB)
+    assert pagecache.resident_bytes(cold_file) >= 2 * MiB            # what was read (and its readahead)
+    with open(cold_file, "rb") as f:
+        while f.read(MiB):
+            pass
+    assert pagecache.resident_bytes(cold_file) == size               # whole pages, capped at the file size
+    assert pagecache.resident_fraction([cold_file]) == 1.0
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert pagecache.resident_bytes(empty) == 0 and pagecache.resident_fraction([empty]) == 1.0
+    evict([cold_file])
+    assert pagecache.resident_fraction([cold_file, empty]) < 0.2
+    with pytest.raises(FileNotFoundError):
+        pagecache.resident_bytes(tmp_path / "absent.bin")
+
+
+def test_populate_read_brings_mapped_pages_in_without_touching_them(cold_file):
+    """One call faults in the range and returns once it is read; nothing is read from Python."""
+    size = os.path.getsize(cold_file)
+    storage = torch.UntypedStorage.from_file(str(cold_file), shared=False, nbytes=size)
+    before = pagecache.resident_bytes(cold_file)
+    result = pagecache.populate_read(storage.data_ptr() + 4 * MiB + 123, 2 * MiB)   # unaligned start
+    if result == errno.EINVAL:
+        pytest.skip("kernel before 5.14: no MADV_POPULATE_READ")
+    assert result == 0
+    assert pagecache.resident_bytes(cold_file) >= before + 2 * MiB
+    del storage
+
+
+def test_madvise_reports_errno_instead_of_raising(cold_file):
+    storage = torch.UntypedStorage.from_file(str(cold_file), shared=False, nbytes=os.path.getsize(cold_file))
+    assert pagecache.madvise(storage.data_ptr() + 1, pagecache.PAGE_BYTES, 4) == 0    # MADV_DONTNEED, rounded
+    assert pagecache.madvise(storage.data_ptr(), pagecache.PAGE_BYTES, 12345) == errno.EINVAL
+    assert pagecache.PAGE_BYTES > 0 and pagecache.FOLIO_BYTES % pagecache.PAGE_BYTES == 0
