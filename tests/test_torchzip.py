@@ -15,7 +15,6 @@ import pickle
 import random
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from gemma_stream.formats import open_checkpoint, pickle_walker
 from gemma_stream.formats.pickle_walker import TensorView, describe, walk_pickle
 from gemma_stream.formats.records import contiguous_strides
 from gemma_stream.formats.torchzip import read_torchzip
+from gemma_stream.fuzz.builders import local_header, torch_like_zip, zip_members
 
 # --- helpers ------------------------------------------------------------------------
 
@@ -105,44 +105,10 @@ def pickle_like_torch(obj, protocol: int = 2) -> bytes:
     return buffer.getvalue()
 
 
-def local_header(name: str, data: bytes, extra: bytes = b"") -> bytes:
-    return struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data),
-                       len(name.encode()), len(extra)) + name.encode() + extra
-
-
 def write_zip(path, members: list[tuple[str, bytes]], zip64: bool = False, align: int = 64,
               phantoms: tuple[tuple[str, bytes, int], ...] = ()) -> str:
-    """A STORED zip laid out like torch's (payloads padded to ``align``), optionally ZIP64 everywhere.
-
-    ``phantoms`` are (name, data, local header offset) entries that exist only in the
-    central directory, pointing at a local header hidden inside another payload.
-    """
-    out, central, entries = bytearray(), bytearray(), []
-    for name, data in members:
-        offset = len(out)
-        pad = -(offset + 30 + len(name.encode()) + 4) % align
-        out += local_header(name, data, struct.pack("<HH", 0x4246, pad) + b"Z" * pad) + data  # torch's "FB" pad
-        entries.append((name, data, offset))
-    for name, data, offset in entries + list(phantoms):
-        raw, crc = name.encode(), zlib.crc32(data)
-        if zip64:  # every 32-bit field saturated, real values in the ZIP64 extra field
-            cextra = struct.pack("<HHQQQ", 1, 24, len(data), len(data), offset)
-            csize = size = lho = 0xFFFFFFFF
-        else:
-            cextra, csize, size, lho = b"", len(data), len(data), offset
-        central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, 0, 0, 0, crc, csize, size,
-                               len(raw), len(cextra), 0, 0, 0, 0, lho) + raw + cextra
-    cd_offset, count = len(out), len(entries) + len(phantoms)
-    out += central
-    if zip64:
-        z64 = len(out)
-        out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(central), cd_offset)
-        out += struct.pack("<4sIQI", b"PK\x06\x07", 0, z64, 1)
-        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
-    else:
-        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, len(central), cd_offset, 0)
-    with open(path, "wb") as f:
-        f.write(out)
+    """``torch_like_zip`` (the fuzzer's writer) written to ``path``."""
+    Path(path).write_bytes(torch_like_zip(members, zip64=zip64, align=align, phantoms=phantoms))
     return str(path)
 
 
@@ -156,8 +122,7 @@ def crafted(path, obj, storages: dict[str, bytes], byteorder: bytes | None = b"l
 
 
 def members_of(path) -> list[tuple[str, bytes]]:
-    with zipfile.ZipFile(path) as z:
-        return [(info.filename, z.read(info.filename)) for info in z.infolist()]
+    return zip_members(Path(path).read_bytes())
 
 
 # --- agreement with torch.load ------------------------------------------------------------
