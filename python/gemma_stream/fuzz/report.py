@@ -44,7 +44,7 @@ def rss_kib(field: str) -> int:
 
 def bomb_table(size: int | None = None) -> str:
     """Each bomb walked in a fresh child: its size, seconds, MB/s and extra peak RSS (MiB)."""
-    from .formats.torchzip import MAX_PICKLE_BYTES
+    from ..formats.torchzip import MAX_PICKLE_BYTES
     size = size or MAX_PICKLE_BYTES
     code = ("import sys,time\n"
             "from gemma_stream.errors import CheckpointError\n"
