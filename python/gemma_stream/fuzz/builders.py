@@ -2,7 +2,7 @@
 
 The writer lays a zip out as ``torch.save`` does (64-byte aligned payloads behind a
 "FB" extra field), optionally with ZIP64 records everywhere; the fuzzer rebuilds
-mutated archives with it and tests/test_torchzip.py crafts its bad files with it.
+mutated archives with it and the tests craft their bad files with it (tests/torch_like.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import struct
 import zlib
 from typing import Any
 
-__all__ = ["local_header", "torch_like_zip", "zip_members"]
+__all__ = ["safetensors_seed", "torchzip_seed", "local_header", "torch_like_zip", "zip_members"]
 
 
 def _seed_tensors(rng: random.Random) -> dict:
@@ -35,6 +35,7 @@ def _seed_tensors(rng: random.Random) -> dict:
 
 
 def safetensors_seed(rng: random.Random) -> bytes:
+    """A valid safetensors file of a random subset of the seed tensors (``rng`` decides everything)."""
     from safetensors.torch import save
     tensors = {k: v.contiguous() for k, v in _seed_tensors(rng).items()}
     if rng.random() < 0.2:
@@ -44,6 +45,7 @@ def safetensors_seed(rng: random.Random) -> bytes:
 
 
 def torchzip_seed(rng: random.Random) -> bytes:
+    """A ``torch.save`` zip of a random subset of the seed tensors, sometimes with views and nesting."""
     import torch
     tensors: dict[str, Any] = dict(_seed_tensors(rng))
     if "w" in tensors and rng.random() < 0.5:   # views sharing a storage: strided, offset, transposed
@@ -55,7 +57,6 @@ def torchzip_seed(rng: random.Random) -> bytes:
     obj: Any = tensors if rng.random() < 0.8 else {"model_state_dict": tensors, "epoch": 3}
     torch.save(obj, buffer)
     return buffer.getvalue()
-
 
 
 # ---------------------------------------------------------------- zip writer

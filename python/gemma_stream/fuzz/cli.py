@@ -15,6 +15,7 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns 1 when any case gave wrong data, leaked a type, crashed or hung."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         fmt, seed, first, last, backends, case_seconds = argv[1:7]
