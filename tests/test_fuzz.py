@@ -62,3 +62,10 @@ def test_table_has_one_row_per_format():
     results = {fmt: {"cases": 1, "backends": ["python"], "seconds": 0.1, **{c: 0 for c in fuzz.CATEGORIES}}
                for fmt in fuzz.FORMATS}
     assert len(fuzz.format_table(results).splitlines()) == 2 + len(fuzz.FORMATS)
+
+
+def test_bomb_table_walks_every_bomb_in_a_child():
+    table = fuzz.bomb_table(size=4096).splitlines()
+    assert len(table) == 2 + len(fuzz.BOMBS)
+    for row, name in zip(table[2:], fuzz.BOMBS):
+        assert row.startswith(f"| {name} | ") and row.rstrip(" |").split(" | ")[-1], row

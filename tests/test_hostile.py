@@ -28,7 +28,7 @@ from gemma_stream.executors import get_executor
 from gemma_stream.formats import open_checkpoint
 from gemma_stream.plan import CopyJob
 from gemma_stream.progress import progress_callback
-from test_torchzip import FakeStorage, FakeView, crafted
+from torch_like import FakeStorage, FakeView, crafted
 
 PACKAGE_ROOT = str(Path(gs.__file__).resolve().parent.parent)
 
@@ -450,7 +450,7 @@ def test_zip_entry_marked_as_a_directory_is_refused(tmp_path, backend):
 
 def test_zip64_offset_past_2_63_is_refused(tmp_path, backend):
     """A ZIP64 local header offset that os.pread cannot take leaked OverflowError."""
-    from test_torchzip import members_of, write_zip
+    from torch_like import members_of, write_zip
     source = tmp_path / "src.pt"
     torch.save({"w": torch.randn(3)}, source)
     path = write_zip(tmp_path / "z64.pt", members_of(source), zip64=True)

@@ -1,4 +1,4 @@
-"""torch zip reader and pickle walker, at the record level.
+"""torch zip reader, at the record level (the pickle walker alone: test_pickle_walker.py).
 
 Records are checked against ``torch.load(weights_only=True)`` bit for bit by
 rebuilding every tensor from the raw file bytes at ``byte_offset`` with the
@@ -8,24 +8,22 @@ record's shape and strides; every error class has a test that builds the bad fil
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
-import pickle
-import random
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from gemma_stream.errors import CheckpointError
-from gemma_stream.formats import open_checkpoint, pickle_walker
-from gemma_stream.formats.pickle_walker import TensorView, describe, walk_pickle
+from gemma_stream.formats import open_checkpoint
 from gemma_stream.formats.records import contiguous_strides
 from gemma_stream.formats.torchzip import read_torchzip
+from gemma_stream.fuzz.builders import local_header
+
+from torch_like import FakeStorage, FakeView, crafted, members_of, write_zip
 
 # --- helpers ------------------------------------------------------------------------
 
@@ -71,93 +69,6 @@ def check_against_torch(path, key: str | None = None, state_key: str | None = No
     offsets = [r.byte_offset for r in ckpt.records]
     assert offsets == sorted(offsets)
     return ckpt
-
-
-class FakeStorage:
-    """Stands for a storage in a hand-made data.pkl (becomes a persistent id)."""
-
-    def __init__(self, key: str, numel: int, storage_type=torch.FloatStorage) -> None:
-        self.key, self.numel, self.storage_type = key, numel, storage_type
-
-
-class FakeView:
-    """Pickles as torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)."""
-
-    def __init__(self, storage: FakeStorage, offset: int, size, stride, metadata=None) -> None:
-        self.args = (storage, offset, tuple(size), tuple(stride), False, collections.OrderedDict())
-        if metadata is not None:
-            self.args += (metadata,)
-
-    def __reduce__(self):
-        return torch._utils._rebuild_tensor_v2, self.args
-
-
-class TorchLikePickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, FakeStorage):
-            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
-        return None
-
-
-def pickle_like_torch(obj, protocol: int = 2) -> bytes:
-    buffer = io.BytesIO()
-    TorchLikePickler(buffer, protocol=protocol).dump(obj)
-    return buffer.getvalue()
-
-
-def local_header(name: str, data: bytes, extra: bytes = b"") -> bytes:
-    return struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data),
-                       len(name.encode()), len(extra)) + name.encode() + extra
-
-
-def write_zip(path, members: list[tuple[str, bytes]], zip64: bool = False, align: int = 64,
-              phantoms: tuple[tuple[str, bytes, int], ...] = ()) -> str:
-    """A STORED zip laid out like torch's (payloads padded to ``align``), optionally ZIP64 everywhere.
-
-    ``phantoms`` are (name, data, local header offset) entries that exist only in the
-    central directory, pointing at a local header hidden inside another payload.
-    """
-    out, central, entries = bytearray(), bytearray(), []
-    for name, data in members:
-        offset = len(out)
-        pad = -(offset + 30 + len(name.encode()) + 4) % align
-        out += local_header(name, data, struct.pack("<HH", 0x4246, pad) + b"Z" * pad) + data  # torch's "FB" pad
-        entries.append((name, data, offset))
-    for name, data, offset in entries + list(phantoms):
-        raw, crc = name.encode(), zlib.crc32(data)
-        if zip64:  # every 32-bit field saturated, real values in the ZIP64 extra field
-            cextra = struct.pack("<HHQQQ", 1, 24, len(data), len(data), offset)
-            csize = size = lho = 0xFFFFFFFF
-        else:
-            cextra, csize, size, lho = b"", len(data), len(data), offset
-        central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, 0, 0, 0, crc, csize, size,
-                               len(raw), len(cextra), 0, 0, 0, 0, lho) + raw + cextra
-    cd_offset, count = len(out), len(entries) + len(phantoms)
-    out += central
-    if zip64:
-        z64 = len(out)
-        out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(central), cd_offset)
-        out += struct.pack("<4sIQI", b"PK\x06\x07", 0, z64, 1)
-        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
-    else:
-        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, len(central), cd_offset, 0)
-    with open(path, "wb") as f:
-        f.write(out)
-    return str(path)
-
-
-def crafted(path, obj, storages: dict[str, bytes], byteorder: bytes | None = b"little", protocol: int = 2) -> str:
-    """A torch-style checkpoint with a hand-made data.pkl and the given storage payloads."""
-    members = [("archive/data.pkl", pickle_like_torch(obj, protocol)), ("archive/version", b"3\n")]
-    if byteorder is not None:
-        members.append(("archive/byteorder", byteorder))
-    members += [(f"archive/data/{key}", data) for key, data in storages.items()]
-    return write_zip(path, members)
-
-
-def members_of(path) -> list[tuple[str, bytes]]:
-    with zipfile.ZipFile(path) as z:
-        return [(info.filename, z.read(info.filename)) for info in z.infolist()]
 
 
 # --- agreement with torch.load ------------------------------------------------------------
@@ -416,101 +327,3 @@ def test_overlapping_storages_are_refused(tmp_path):
     write_zip(path, members, phantoms=(("archive/data/1", hidden, start),))
     with pytest.raises(CheckpointError, match="storages '0' and '1' overlap in the file"):
         read_torchzip(path)
-
-
-# --- the pickle walker on its own ------------------------------------------------------
-
-
-@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
-def test_walker_agrees_with_pickle_on_plain_data(protocol):
-    obj = {"int": [0, 1, -1, 255, 65535, -(2 ** 31), 2 ** 31, 2 ** 70, -(2 ** 70)], "float": 1.5e300,
-           "text": "ünïcödé" * 50, "bytes": b"\x00\xff" * 200, "none": None, "flags": (True, False),
-           "set": {1, 2, 3}, "nested": {"a": [(), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4)]}, 7: "int key"}
-    obj["shared"] = obj["nested"]
-    walked = walk_pickle(pickle.dumps(obj, protocol=protocol))
-    assert walked == obj
-    assert walked["shared"] is walked["nested"]  # the memo keeps identity
-
-
-def test_walker_returns_tensor_views():
-    storage = FakeStorage("7", 6, torch.BFloat16Storage)
-    tree = walk_pickle(pickle_like_torch(collections.OrderedDict(t=FakeView(storage, 1, (2, 2), (2, 1)))))
-    view = tree["t"]
-    assert isinstance(view, TensorView) and type(tree) is dict
-    assert (view.storage.key, view.storage.numel, view.dtype.name) == ("7", 6, "bf16")
-    assert (view.storage_offset, view.size, view.stride) == (1, (2, 2), (2, 1))
-
-
-class Evil:
-    def __init__(self, reducer) -> None:
-        self.reducer = reducer
-
-    def __reduce__(self):
-        return self.reducer
-
-
-HOSTILE = {
-    "eval": pickle.dumps(Evil((eval, ("1+1",))), protocol=2),
-    "stack_global": pickle.dumps(Evil((os.system, ("true",))), protocol=4),
-    "call_storage_type": pickle_like_torch(Evil((torch.FloatStorage, ()))),
-    "protocol0": pickle.dumps({"a": 1}, protocol=0),
-    "counter": pickle.dumps(collections.Counter(a=1), protocol=2),
-    "foreign_class": pickle.dumps(Evil((Evil, (None,))), protocol=2),
-    "newobj": b"\x80\x02ccollections\nOrderedDict\n)\x81.",
-    "build_on_tensor": pickle_like_torch(
-        {"t": Evil((torch._utils._rebuild_tensor, (FakeStorage("0", 1), 0, (1,), (1,)), {"x": 1}))}),
-    "memo_miss": b"\x80\x02h\x05.",
-    "unterminated": b"\x80\x02}q\x00",
-    "huge_length": b"\x80\x04\x8d" + struct.pack("<Q", 2 ** 60) + b"abc",
-    "deep_key": b"\x80\x02}K\x01" + b"\x85" * 100_000 + b"K\x01s.",
-    "underflow": b"\x80\x02s.",
-    "bad_persid": b"\x80\x02X\x06\x00\x00\x00moduleQ.",
-    "empty": b"",
-}
-
-
-@pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_walker_refuses_hostile_pickles(name):
-    with pytest.raises(CheckpointError, match=r"^evil\.pkl: "):
-        walk_pickle(HOSTILE[name], where="evil.pkl")
-
-
-def test_walker_messages_name_the_global():
-    with pytest.raises(CheckpointError, match=r"global 'builtins\.eval' is not allowed; gemma_stream never"):
-        walk_pickle(HOSTILE["eval"])
-    with pytest.raises(CheckpointError, match=r"calling torch\.FloatStorage is not allowed"):
-        walk_pickle(HOSTILE["call_storage_type"])
-
-
-def test_walker_bounds_containers(monkeypatch):
-    monkeypatch.setattr(pickle_walker, "MAX_WALK_BYTES", 100 * 64)
-    with pytest.raises(CheckpointError, match="more than 0 MiB of objects"):
-        walk_pickle(pickle.dumps([[] for _ in range(200)], protocol=2))
-
-
-def test_describe_is_short_and_cycle_safe():
-    cycle: list = []
-    cycle.append(cycle)
-    assert len(describe(cycle)) <= 90
-    assert describe(list(range(10_000)), limit=20).endswith("...")
-    assert describe(2 ** 10_000) == "<10001-bit int>"
-    assert describe({"a": (1, "x")}) == "{'a': (1, 'x')}"
-
-
-def test_mutated_pickles_fail_only_with_checkpoint_error(tmp_path):
-    path = tmp_path / "seed.pt"
-    torch.save({"model_state_dict": {"w": torch.ones(2, 3).t()}, "epoch": 1, "tags": {"a"}}, path)
-    seed = dict(members_of(path))["seed/data.pkl"]
-    rng = random.Random(0)
-    for _ in range(1000):
-        data = bytearray(seed)
-        for _ in range(rng.randint(1, 4)):
-            at = rng.randrange(len(data))
-            if rng.random() < 0.7:
-                data[at] = rng.randrange(256)
-            else:
-                del data[at:at + rng.randint(1, 8)]
-        try:
-            walk_pickle(bytes(data))
-        except CheckpointError:
-            pass

@@ -91,14 +91,14 @@ def test_verify_cast_to_bf16_is_equal_as_bf16(files):
 
 def test_compare_streams_in_bounded_batches(files, monkeypatch):
     calls = []
-    real = verify.load_state_dict
+    real = verify.compare.load_state_dict
 
     def recording(path, *, keys, **kwargs):
         result = real(path, keys=keys, **kwargs)
         calls.append(sum(t.nbytes for t in result.values()))
         return result
-    monkeypatch.setattr(verify, "load_state_dict", recording)
-    monkeypatch.setattr(verify, "CHUNK_ELEMENTS", 100)  # many row chunks per tensor
+    monkeypatch.setattr(verify.compare, "load_state_dict", recording)
+    monkeypatch.setattr(verify.judge, "CHUNK_ELEMENTS", 100)  # many row chunks per tensor
     small = verify.compare_checkpoints(files["ref"], files["quant"], batch_bytes=1)
     assert len(calls) == 2 * 3 and max(calls) <= 64 * 128 * 4  # one tensor pair per batch
     calls.clear()

@@ -8,9 +8,10 @@ you have), warm or cold, and the results come out as one table with the issue ta
 
 The pieces, along the pipeline: ``shapes`` (Gemma shapes and a model class buildable on meta),
 ``mixes`` (other tensor-size mixes: few large, many small), ``writers`` (streaming checkpoint writers,
-page-cache control), ``child`` (one load in a subprocess; its /proc/self and rusage readers),
-``bounds`` (the same bytes with no parsing), ``runner`` (checkpoints on disk, subprocesses, repeats;
-the /proc/stat reader and idle waiting), ``report`` (table, targets, JSON, chart), ``cli`` (the
+page-cache control), ``loaders`` (what each compared loader imports, builds and times), ``child`` (one
+load in a subprocess and what is measured after it), ``probes`` (the /proc and rusage readers of both
+sides, idle waiting), ``bounds`` (the same bytes with no parsing), ``workloads`` (the checkpoints on
+disk and the file set each loader reads), ``runner`` (subprocesses, cache state, repeats), ``report`` (table, targets, JSON, chart), ``cli`` (the
 ``bench`` and ``demo`` entry points), ``matrix`` and ``matrix_report`` (the mix matrix of issue 15). The scripts in
 ``benchmarks/`` (bench_load, bench_mixes, big_model, engine_probe) are front ends of these.
 """
