@@ -231,7 +231,8 @@ def _run_verify(args, document: dict, lines: list[str]) -> None:
         return
     total = sum(r.nbytes for ckpt in checkpoints for r in ckpt.records)
     with _bar(args, total, "compare") as bar:
-        comparison = verify.compare_checkpoints(args.path, args.against, key=args.state_dict_key, min_sqnr_db=args.min_sqnr,
+        comparison = verify.compare_checkpoints(args.path, args.against, state_dict_key=args.state_dict_key,
+                                                min_sqnr_db=args.min_sqnr,
                                                 batch_bytes=args.batch_mb * MIB, backend=args.backend,
                                                 on_bytes=bar.update, checkpoints=tuple(checkpoints),
                                                 ignore=args.ignore)

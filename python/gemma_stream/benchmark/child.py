@@ -104,7 +104,7 @@ def _sqnr(obj, ctx: Context) -> dict[str, float] | None:
     modules = dict(obj.named_modules())
     out = {}
     reference = gs.load_state_dict(ctx.files["primary"], keys=names, dtype=torch.float32, progress=False,
-                                   key=ctx.spec.get("key"))
+                                   state_dict_key=ctx.spec.get("key"))
     for name in names:
         module = modules.get(name.rsplit(".", 1)[0])
         if module is None:

@@ -78,7 +78,7 @@ def _gs(backend: str, quantize: bool = True, mode: str | None = None, cache: str
         if cache:
             kwargs["cache"] = cache
         if ctx.spec.get("key"):
-            kwargs["key"] = ctx.spec["key"]
+            kwargs["state_dict_key"] = ctx.spec["key"]
 
         def run():
             report = gs.load_into(model, ctx.files["primary"], **kwargs)
@@ -101,7 +101,7 @@ def _gs_options(ctx: Context):
                     "progress": False}
     kwargs.update({k: options[k] for k in ("mode", "cache") if options.get(k)})
     if ctx.spec.get("key"):
-        kwargs["key"] = ctx.spec["key"]
+        kwargs["state_dict_key"] = ctx.spec["key"]
     if options.get("api") == "load_state_dict":
         dtype = ctx.model_dtype()
         return lambda: gs.load_state_dict(ctx.files["primary"], dtype=dtype, **kwargs)

@@ -163,7 +163,7 @@ def user_workload(path: str, key: str | None = None, model_dtype: str | None = N
     """A checkpoint the user already has; the model is rebuilt from its tensor list."""
     import gemma_stream as gs
 
-    infos = gs.inspect(path, key=key)
+    infos = gs.inspect(path, state_dict_key=key)
     data = sorted({i.file for i in infos})
     first = data[0]
     fmt = "ckpt" if not first.endswith(".safetensors") else ("sharded" if len(data) > 1 else "safetensors")

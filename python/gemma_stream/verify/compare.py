@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..api import load_state_dict
+from ..deprecation import renamed_argument
 from ..formats import Checkpoint, open_checkpoint
 from .files import OnBytes
 from .judge import TensorComparison, judge, structural_verdict, tied_verdict
@@ -51,18 +52,22 @@ def _batches(pairs: list, batch_bytes: int) -> Iterator[list]:
         yield batch
 
 
-def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, *, key: str | None = None,
+def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, *,
+                        state_dict_key: str | None = None,
                         min_sqnr_db: float | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
                         backend: str = "auto", on_bytes: OnBytes | None = None,
                         checkpoints: tuple[Checkpoint, Checkpoint] | None = None,
-                        ignore: re.Pattern | None = None) -> Comparison:
+                        ignore: re.Pattern | None = None, key: str | None = None) -> Comparison:
     """Stream two checkpoints tensor by tensor, a batch of about ``batch_bytes`` at a time.
 
     Peak memory is one batch of both sides (or the largest tensor pair, whichever
     is larger) plus float temporaries of ``CHUNK_ELEMENTS``; never two whole models.
     ``on_bytes(n)`` is called as tensor bytes are read (for a progress bar);
-    names matching ``ignore`` (``re.search``) are left out on both sides.
+    names matching ``ignore`` (``re.search``) are left out on both sides;
+    ``state_dict_key`` picks the state dict inside torch zips (``key=`` is its
+    deprecated name).
     """
+    key = renamed_argument(state_dict_key, key, old="key", new="state_dict_key", where="compare_checkpoints")
     ckpt_a, ckpt_b = checkpoints or (open_checkpoint(path_a, key=key), open_checkpoint(path_b, key=key))
     result = Comparison(os.fspath(path_a), os.fspath(path_b), min_sqnr_db=min_sqnr_db)
     pairs = [pair for pair in pair_operands(ckpt_a, ckpt_b) if ignore is None or not ignore.search(pair[0])]

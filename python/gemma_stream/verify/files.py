@@ -7,8 +7,9 @@ import os
 from typing import Callable
 
 from ..errors import CheckpointError
-from ..formats import Checkpoint, TensorRecord, contiguous_strides, resolve_path
+from ..formats import Checkpoint, TensorRecord, resolve_path
 from ..formats.records import CheckpointFile
+from ..layout import span_elements
 
 __all__ = ["record_extent", "check_ranges", "checkpoint_files", "sha256_file"]
 
@@ -19,10 +20,7 @@ OnBytes = Callable[[int], None]
 
 def record_extent(record: TensorRecord) -> int:
     """Bytes from ``byte_offset`` to the end of the last element the record reads."""
-    if record.numel == 0:
-        return 0
-    strides = record.strides or contiguous_strides(record.shape)
-    return (1 + sum((n - 1) * s for n, s in zip(record.shape, strides))) * record.dtype.itemsize
+    return span_elements(record.shape, record.strides) * record.dtype.itemsize
 
 
 def check_ranges(ckpt: Checkpoint) -> None:
