@@ -332,7 +332,7 @@ def run_errors(rank: int, world: int, workdir: str, opts: dict) -> None:
             assert torch.equal(t.full_tensor() if hasattr(t, "full_tensor") else t,
                                ref["model.embed_tokens.weight" if name == "lm_head.weight" else name]), name
     model = tp_model(mesh, torch.float32)
-    for kwargs, match in (({"quantize": "int8"}, "quantize= with DTensor"), ({"mode": "mmap"}, "mmap"),
+    for kwargs, match in (({"quantize": "int8", "read": "once"}, "read='once'"), ({"mode": "mmap"}, "mmap"),
                           ({"read": "twice"}, "read must be")):
         try:
             gs.load_into(model, paths["single"], **kwargs)
@@ -340,6 +340,12 @@ def run_errors(rank: int, world: int, workdir: str, opts: dict) -> None:
             assert match in str(e), (kwargs, e)
         else:
             raise AssertionError(f"{kwargs} accepted")
+    try:
+        gs.load_into(fsdp_model(mesh, torch.float32), paths["single"], quantize="int8")
+    except gs.GemmaStreamError as e:
+        assert "FSDP2" in str(e), e
+    else:
+        raise AssertionError("quantize= on an FSDP2 model accepted")
 
 
 
@@ -375,3 +381,89 @@ def run_fused(rank: int, world: int, workdir: str, opts: dict) -> None:
                 local = getattr(model, fused).to_local()
                 assert torch.equal(local, torch.chunk(want, world, placement.dim)[rank]), (fused, placement)
             assert report.bytes_read >= sum(getattr(model, f).to_local().numel() * 4 for f in rows)
+
+
+def _quant_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantized layers' tensors in the contract layout (int8 weight + weight_scaler; int4 weight +
+    weight_scale + weight_zero), by state-dict name."""
+    keys = ("weight_scaler", "weight_scale", "weight_zero")
+    sd = model.state_dict()
+    return {k: v for k, v in sd.items() if k.endswith(keys) or (k.endswith(".weight") and
+                                                                  k[:-len("weight")] + keys[0] in sd or
+                                                                  k[:-len("weight")] + keys[1] in sd)}
+
+
+def run_quant(rank: int, world: int, workdir: str, opts: dict) -> None:
+    """quantize= on a TP model: every quantized tensor's local slice equals the single-process quantized
+    tensor's slice, bit for bit (int8 Shard(1): the all-reduced row absmax); int4 needs aligned blocks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    mesh = init_device_mesh("cpu", (world,))
+    group_size = 32
+    for ckpt_dtype in (torch.bfloat16, torch.float32):
+        paths = write_checkpoints(os.path.join(workdir, f"r{rank}"), ckpt_dtype)
+        for scheme in ("int8", "int4"):
+            with torch.device("meta"):
+                single = TinyGemma().to(torch.bfloat16)
+            gs.load_into(single, paths["single"], quantize=scheme, group_size=group_size)
+            want = _quant_tensors(single)
+            for fmt in (("single", "zip") if ckpt_dtype == torch.float32 else ("sharded",)):
+                for backend in ("native", "python"):
+                    what = f"{scheme} {fmt} {ckpt_dtype} {backend}"
+                    model = tp_model(mesh, torch.bfloat16)
+                    if scheme == "int4" and (HIDDEN // world) % group_size:
+                        try:
+                            gs.load_into(model, paths[fmt], quantize=scheme, group_size=group_size, backend=backend)
+                        except gs.GemmaStreamError as e:
+                            assert "group size" in str(e) and "o_proj" in str(e), (what, e)
+                        else:
+                            raise AssertionError(f"{what}: unaligned int4 column blocks accepted")
+                        continue
+                    report = gs.load_into(model, paths[fmt], quantize=scheme, group_size=group_size,
+                                          backend=backend)
+                    assert report.missing_keys == [] and report.uninitialized == [], (what, report.missing_keys)
+                    got = _quant_tensors(model)
+                    assert set(got) == set(want), (what, sorted(set(got) ^ set(want)))
+                    sharded = 0
+                    for name, t in got.items():
+                        if isinstance(t, DTensor):
+                            sharded += 1
+                            assert torch.equal(t.full_tensor(), want[name]), (what, name)
+                            assert torch.equal(t.to_local(), _local_slice(t, want[name])), (what, name)
+                        else:
+                            assert torch.equal(t, want[name]), (what, name)
+                    assert sharded >= 4 * LAYERS, (what, sharded)
+    # the quantized TP model runs: its forward equals the single-process quantized model's (f32 activations)
+    paths = write_checkpoints(os.path.join(workdir, f"r{rank}"), torch.float32)
+    with torch.device("meta"):
+        single = TinyGemma()
+    gs.load_into(single, paths["single"], quantize="int8")
+    model = tp_model(mesh, torch.float32)
+    gs.load_into(model, paths["single"], quantize="int8")
+    ids = torch.arange(12).reshape(2, 6) % VOCAB
+    if INTER % world == 0:  # uneven: RowwiseParallel's input hook takes local x world columns as the global shape
+        with torch.no_grad():
+            got, want_out = model(ids), single(ids)
+        assert torch.allclose(got, want_out, rtol=1e-5, atol=1e-5), (got - want_out).abs().max()
+    # a NaN in one rank's columns of a row: every rank raises, naming the tensor and the row
+    sd = reference_state(torch.float32)
+    bad = "model.layers.1.self_attn.o_proj.weight"
+    sd[bad][3, HIDDEN - 1] = float("nan")
+    path = os.path.join(workdir, f"r{rank}", "nan.safetensors")
+    save_file(sd, path)
+    try:
+        gs.load_into(tp_model(mesh, torch.float32), path, quantize="int8")
+    except gs.CheckpointError as e:
+        assert e.tensor == bad and e.row == 3 and "NaN" in str(e), e
+    else:
+        raise AssertionError("a NaN row was quantized")
+
+
+def _local_slice(t, full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of ``full`` under ``t``'s placements (torch's chunk rule)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    out = full
+    for d, (n, o) in enumerate(zip(shape, offset)):
+        out = out.narrow(d, o, n)
+    return out

@@ -246,10 +246,9 @@ def file_bytes(job: CopyJob) -> int:
 def _check_args(read: str, quantize: str | None, mode: str) -> None:
     if read not in READ_MODES:
         raise UsageError(f"read must be 'own' or 'once', not {read!r}")
-    if quantize is not None:
-        raise GemmaStreamError(
-            "quantize= with DTensor parameters or read='once' is not supported: quantize a rank's plain local layers "
-            "(gs.QuantLinear) and route rows (or int4 column blocks) into them with gs.PartialRoutes")
+    if quantize is not None and read == "once":
+        raise GemmaStreamError("quantize= with read='once' is not supported: use read='own' (the default), where "
+                               "each rank quantizes its own shard on read")
     if mode != "copy":
         raise GemmaStreamError("mode='mmap' with DTensor parameters or read='once' is not supported; "
                                "use mode='copy'")
@@ -258,19 +257,25 @@ def _check_args(read: str, quantize: str | None, mode: str) -> None:
 def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = True, rename: Rename = None,
                  device=None, threads: int | None = None, backend: str = "auto", progress=None,
                  cache: str = "auto", read: str = "own", group=None, quantize: str | None = None,
-                 mode: str = "copy") -> DistributedLoadReport:
+                 group_size: int = 128, mode: str = "copy") -> DistributedLoadReport:
     """``gs.load_into`` for a model with DTensor parameters (it calls this); one call per rank.
 
     >>> model = parallelize_module(model, mesh, {"proj": ColwiseParallel()})
     >>> report = gs.load_into(model, "model.safetensors")          # on every rank
     >>> report.bytes_read, report.shard_bytes
+
+    ``quantize="int8"|"int4"`` quantizes the DTensor layers on read, each rank
+    its own slice (distributed_quant.py).
     """
     import torch.distributed as dist
 
     from .api import _execute, _unfilled_meta
     from .config import config
     from .modules import run_post_load_hooks
+    from .distributed_quant import global_quant_targets, load_int8_columns, local_quant_targets, quantize_layers
     _check_args(read, quantize, mode)
+    if quantize is not None:
+        quantize_layers(model, quantize, group_size)
     # names, shapes and dtypes against the global (meta) shapes first: a mismatch allocates nothing
     meta: dict[int, torch.Tensor] = {}
     global_targets = {}
@@ -279,13 +284,18 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
         if id(t) not in meta:
             meta[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
         global_targets[name] = meta[id(t)]
-    checked = make_plan(ckpt, global_targets, rename=rename, strict=strict)
+    checked = make_plan(ckpt, global_targets, rename=rename, quant=global_quant_targets(model, meta), strict=strict)
     uninitialized = _unfilled_meta(model, checked, state, ckpt.where, strict)
     device = torch.device(device) if device is not None else None
     _materialize(model, device)
     view = _sharded_view(model)
+    quant, int8_columns = local_quant_targets(model, view)
     routes = view.routes(ckpt, rename)
-    plan = make_plan(ckpt, view.local, rename=PartialRoutes(routes), strict=False, check_splits=False)
+    later = {b.name for b in int8_columns}
+    own_routes = {name: [r for r in rs if r.target not in later] if rs is not None else None
+                  for name, rs in routes.items()}
+    plan = make_plan(ckpt, view.local, rename=PartialRoutes(own_routes), quant=quant, strict=False,
+                     check_splits=False)
     known = {m.split(":")[0] for m in checked.mismatched_keys}
     gaps = [m for m in plan.mismatched_keys if m.split(":")[0] not in known] + \
         [n for n in plan.missing_keys if n not in checked.missing_keys]
@@ -305,6 +315,9 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
         _, _, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                              cache=cache, desc=f"gemma_stream load (rank {rank})")
         read_bytes = sum(file_bytes(j) for j in plan.jobs)
+        if int8_columns:
+            read_bytes += load_int8_columns(ckpt, int8_columns, routes, lambda p: _execute(
+                p, threads=threads, backend=backend, progress=False, cache=cache, desc="gemma_stream int8 columns"))
     seconds = time.perf_counter() - start
     run_post_load_hooks(model, threads or config().default_threads)
     return DistributedLoadReport(
