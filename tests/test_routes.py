@@ -24,6 +24,7 @@ def _module(**buffers: torch.Tensor) -> nn.Module:
 @pytest.mark.parametrize("dst_dtype", [torch.float32, torch.bfloat16])
 def test_column_block_is_the_slice(tmp_path, backend, monkeypatch, gap_bytes, dst_dtype):
     monkeypatch.setattr(plan_mod, "COALESCE_GAP_BYTES", gap_bytes)
+    monkeypatch.setattr(plan_mod, "COALESCE_WASTE", float("inf"))   # "coalesced": whatever the gaps cost
     w = torch.randn(37, 64)
     path = tmp_path / "w.safetensors"
     save_file({"w": w}, str(path))
@@ -150,6 +151,11 @@ def test_per_row_jobs_read_only_the_block(tmp_path):
                               check_splits=False)
     # a 12 KiB gap between rows: one job per row, each reading only its 4 KiB
     assert len(plan.jobs) == 16 and all(j.src_strides is None and j.nbytes == 4096 for j in plan.jobs)
+    # a 2 KiB gap (under a page) but 14% of the 14 KiB segments: still one job per row
     small = plan_mod.make_plan(ckpt, {"w": torch.zeros(16, 3584)}, rename=lambda n: gs.Route("w", src_cols=(0, 3584)),
                                check_splits=False)
-    assert len(small.jobs) == 1 and small.jobs[0].src_strides == (4096, 1)
+    assert len(small.jobs) == 16 and sum(j.nbytes for j in small.jobs) == 16 * 3584 * 4
+    # a 128-byte gap, 0.8% of the segments: one strided job, gaps included
+    tiny = plan_mod.make_plan(ckpt, {"w": torch.zeros(16, 4064)}, rename=lambda n: gs.Route("w", src_cols=(0, 4064)),
+                              check_splits=False)
+    assert len(tiny.jobs) == 1 and tiny.jobs[0].src_strides == (4096, 1)

@@ -146,6 +146,12 @@ class _Sharded:
         return out
 
 
+def _routes_except(routes: dict[str, list[Route] | None], later) -> dict[str, list[Route] | None]:
+    """``routes`` without those into the int8 column blocks ``later`` (read after the main plan)."""
+    names = {b.name for b in later}
+    return {n: [r for r in rs if r.target not in names] if rs is not None else None for n, rs in routes.items()}
+
+
 def _sharded_view(model: torch.nn.Module, coordinate=None) -> _Sharded:
     DTensor = _dtensor_class()
     local, shapes, blocks = {}, {}, {}
@@ -291,11 +297,8 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
     view = _sharded_view(model)
     quant, int8_columns = local_quant_targets(model, view)
     routes = view.routes(ckpt, rename)
-    later = {b.name for b in int8_columns}
-    own_routes = {name: [r for r in rs if r.target not in later] if rs is not None else None
-                  for name, rs in routes.items()}
-    plan = make_plan(ckpt, view.local, rename=PartialRoutes(own_routes), quant=quant, strict=False,
-                     check_splits=False)
+    plan = make_plan(ckpt, view.local, rename=PartialRoutes(_routes_except(routes, int8_columns)), quant=quant,
+                     strict=False, check_splits=False)
     known = {m.split(":")[0] for m in checked.mismatched_keys}
     gaps = [m for m in plan.mismatched_keys if m.split(":")[0] not in known] + \
         [n for n in plan.missing_keys if n not in checked.missing_keys]
@@ -351,6 +354,7 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, key: str 
     >>> for r in gs.distributed.rank_reads(model, "model.safetensors"):
     ...     print(r.rank, r.tensor, r.offset, r.nbytes)
     """
+    from .distributed_quant import int8_columns_plan, local_quant_targets
     from .formats import open_checkpoint
     ckpt = open_checkpoint(path, key=key)
     meshes = _meshes(model)
@@ -362,9 +366,12 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, key: str 
     for rank in ranks if ranks is not None else grid.flatten().tolist():
         coordinate = [int(c) for c in (grid == rank).nonzero()[0]]
         sharded = _sharded_view_meta(model, coordinate)
-        plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(sharded.routes(ckpt, rename)), strict=False,
-                         check_splits=False)
-        out.extend(ReadRange(rank, j.name, plan.files[j.file_index], j.src_offset, file_bytes(j)) for j in plan.jobs)
+        quant, int8_columns = local_quant_targets(model, sharded)
+        routes = sharded.routes(ckpt, rename)
+        plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(_routes_except(routes, int8_columns)),
+                         quant=quant, strict=False, check_splits=False)
+        jobs = plan.jobs + int8_columns_plan(ckpt, int8_columns, routes, "meta")[0].jobs
+        out.extend(ReadRange(rank, j.name, plan.files[j.file_index], j.src_offset, file_bytes(j)) for j in jobs)
     return out
 
 

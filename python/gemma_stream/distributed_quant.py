@@ -37,10 +37,13 @@ from .errors import GemmaStreamError, nan_row
 from .formats.records import Checkpoint
 from .plan import PartialRoutes, QuantTarget, Route, make_plan
 
-__all__ = ["quantize_layers", "global_quant_targets", "local_quant_targets", "RowAbsmax", "load_int8_columns"]
+__all__ = ["quantize_layers", "global_quant_targets", "local_quant_targets", "RowAbsmax", "load_int8_columns",
+           "int8_columns_plan"]
 
-#: float32 bytes (of the global tensors) read per all-reduce batch of int8 column blocks
-ABSMAX_BATCH_BYTES = 256 << 20
+#: float32 bytes (of the global tensors) read per batch of int8 column blocks (at least one tensor)
+ABSMAX_BATCH_BYTES = 64 << 20
+#: float32 bytes of rows quantized at a time
+QUANTIZE_CHUNK_BYTES = 8 << 20
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
@@ -63,14 +66,14 @@ def quantize_layers(model: nn.Module, scheme: str, group_size: int) -> None:
         if not m.weight.is_meta:
             raise GemmaStreamError(f"quantize= with DTensor parameters needs the model built on meta ({name}.weight "
                                    f"is materialized): build it inside gs.init_empty() or torch.device('meta')")
+        if scheme == "int4" and m.weight.shape[1] % group_size == 0:  # before any swap: a refusal changes nothing
+            _check_int4_columns(name, m.weight, group_size)
     quantize_(model, scheme, group_size=group_size)
     done: dict[int, torch.Tensor] = {}
     for name, old in floats.items():
         new = model.get_submodule(name)
         if new is old:  # stayed float (model.gs_quantize_report.skipped says why)
             continue
-        if scheme == "int4":
-            _check_int4_columns(name, old.weight, group_size)
         for attr, t in new._quant_tensors().items():
             if id(t) not in done:
                 done[id(t)] = nn.Parameter(_distribute_meta(t, old.weight, attr), requires_grad=False)
@@ -163,8 +166,10 @@ def local_quant_targets(model: nn.Module, view) -> tuple[dict[str, QuantTarget],
             block = view.blocks[name] = _Block((block.local_shape[0], block.local_shape[1] * 2),
                                                (block.offset[0], block.offset[1] * 2))
             view.global_shape[name] = qt.shape
-        parts = [t.to_local() if t is not None else None for t in (qt.weight, qt.scale, qt.zero)]
-        target = None if block.empty else QuantTarget(qt.scheme, block.local_shape, *parts, qt.group_size, qt.covers)
+        # the view's local tensors: this rank's shards, or meta ones of another rank's (rank_reads)
+        parts = [view.local.get(n) for n in (name, *qt.covers)] + [None]
+        target = None if block.empty else QuantTarget(qt.scheme, block.local_shape, *parts[:3], qt.group_size,
+                                                      qt.covers)
         col_dims = [d for d, p in enumerate(qt.weight.placements) if isinstance(p, Shard) and p.dim == 1]
         if qt.scheme == "int8" and col_dims:
             mesh = qt.weight.device_mesh
@@ -190,29 +195,62 @@ def load_int8_columns(ckpt: Checkpoint, blocks: list[RowAbsmax], routes: dict[st
     from .quant.reference import quantize_int8_absmax
     read = 0
     for batch in _batches(blocks):
-        buffers = {b.name: torch.empty(b.rows, b.cols, dtype=torch.float32) for b in batch if b.target is not None}
+        plan, buffers = int8_columns_plan(ckpt, batch, routes)
         if buffers:
-            wanted = {name: [r for r in rs if r.target in buffers] if rs is not None else None
-                      for name, rs in routes.items()}
-            plan = make_plan(ckpt, buffers, rename=PartialRoutes(wanted), strict=False, check_splits=False)
             execute(plan)
             read += sum(file_bytes(j) for j in plan.jobs)
         for b in batch:
             w = buffers.get(b.name)
-            if w is None or w.shape[1] == 0:
-                amax = torch.zeros(b.rows, dtype=torch.float32)
-            else:  # a non-finite value makes the row's maximum infinite on every rank, so all of them raise
-                amax = torch.where(torch.isfinite(w).all(dim=1), w.abs().amax(dim=1), torch.inf)
-            for group in b.groups:
-                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+            amax = _row_absmax(w) if w is not None else torch.zeros(b.rows, dtype=torch.float32)
+            for group in b.groups:  # nccl reduces device tensors only
+                on = amax if dist.get_backend(group) == "gloo" else amax.to(torch.cuda.current_device())
+                dist.all_reduce(on, op=dist.ReduceOp.MAX, group=group)
+                amax = on.cpu()
             if not bool(torch.isfinite(amax).all()):
                 row = int((~torch.isfinite(amax)).nonzero()[0, 0])
                 raise _nan_row(ckpt, routes, b.name, row)
             if w is not None:
-                q, s = quantize_int8_absmax(w, amax, b.target.scale.dtype)
-                b.target.weight.copy_(q)
-                b.target.scale.copy_(s)
+                for rows in _row_chunks(w):
+                    q, s = quantize_int8_absmax(w[rows], amax[rows], b.target.scale.dtype)
+                    b.target.weight[rows].copy_(q)
+                    b.target.scale[rows].copy_(s)
     return read
+
+
+def _row_chunks(w: torch.Tensor) -> list[slice]:
+    """Rows a few MiB at a time: the float temporaries of quantizing stay small."""
+    step = max(1, QUANTIZE_CHUNK_BYTES // max(1, 4 * w.shape[1]))
+    return [slice(r, r + step) for r in range(0, w.shape[0], step)]
+
+
+def _row_absmax(w: torch.Tensor) -> torch.Tensor:
+    """Per-row max of ``|w|``; a row holding NaN or infinity gets infinity (then every rank raises)."""
+    amax = torch.zeros(w.shape[0], dtype=torch.float32)
+    if w.shape[1] == 0:
+        return amax
+    for rows in _row_chunks(w):
+        block = w[rows].float()
+        amax[rows] = torch.where(torch.isfinite(block).all(dim=1), block.abs().amax(dim=1), torch.inf)
+    return amax
+
+
+def int8_columns_plan(ckpt: Checkpoint, blocks: list[RowAbsmax], routes: dict[str, list[Route] | None],
+                      device: str = "cpu"):
+    """The jobs reading ``blocks`` in the checkpoint's float dtype (float32 if their sources differ; on
+    ``device``: "meta" to list reads only), and the buffers."""
+    names = {b.name for b in blocks if b.target is not None}
+    wanted = {name: [r for r in rs if r.target in names] if rs is not None else None for name, rs in routes.items()}
+    dtypes: dict[str, set] = {}
+    for record in ckpt.records:
+        for r in wanted.get(record.name) or ():
+            dtypes.setdefault(r.target, set()).add(record.dtype.torch)
+    buffers = {}
+    for b in blocks:
+        if b.target is not None:
+            kinds = dtypes.get(b.name, set())
+            dtype = next(iter(kinds)) if len(kinds) == 1 and next(iter(kinds)).is_floating_point else torch.float32
+            buffers[b.name] = torch.empty(b.rows, b.cols, dtype=dtype, device=device)
+    return make_plan(ckpt, buffers, rename=PartialRoutes(wanted), strict=False, check_splits=False), buffers
 
 
 def _batches(blocks: list[RowAbsmax]) -> list[list[RowAbsmax]]:
