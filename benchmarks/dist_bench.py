@@ -192,7 +192,8 @@ def convert_to_dcp(path: str, directory: str) -> float:
 
 def column_blocks(workdir: str, repeat: int) -> None:
     """One rank's column block of Gemma-2B's row-parallel weights, one job per row against one
-    strided job that reads blocks of rows gaps included (plan.COALESCE_GAP_BYTES); single process."""
+    strided job that reads blocks of rows gaps included (plan.COALESCE_GAP_BYTES and
+    plan.COALESCE_WASTE forced each way; the default rule reads these per row); single process."""
     from safetensors.torch import save_file
 
     from gemma_stream import plan as plan_mod
@@ -215,13 +216,14 @@ def column_blocks(workdir: str, repeat: int) -> None:
                         if temperature == "cold":
                             evict([path])
                         saved, plan_mod.COALESCE_GAP_BYTES = plan_mod.COALESCE_GAP_BYTES, gap
+                        saved_waste, plan_mod.COALESCE_WASTE = plan_mod.COALESCE_WASTE, float(gap > 0) * 1e9
                         try:
                             start = time.perf_counter()
                             gs.load_into(m, path, strict=False, rename=gs.PartialRoutes(
                                 lambda n, w=width: gs.Route(n, src_cols=(w, 2 * w)) if n == name else None))
                             took = time.perf_counter() - start
                         finally:
-                            plan_mod.COALESCE_GAP_BYTES = saved
+                            plan_mod.COALESCE_GAP_BYTES, plan_mod.COALESCE_WASTE = saved, saved_waste
                         best = took if best is None else min(best, took)
                         read = ((rows - 1) * cols + width if mode == "coalesced" else rows * width) * 2
                     print(f"{name:<10}{world:>6}{width * 2:>10}{mode:>10}{temperature:>6}{best:>8.3f}{read / 1e6:>9.1f}")

@@ -159,3 +159,20 @@ def test_per_row_jobs_read_only_the_block(tmp_path):
     tiny = plan_mod.make_plan(ckpt, {"w": torch.zeros(16, 4064)}, rename=lambda n: gs.Route("w", src_cols=(0, 4064)),
                               check_splits=False)
     assert len(tiny.jobs) == 1 and tiny.jobs[0].src_strides == (4096, 1)
+
+
+def test_coalesced_gaps_stay_within_one_percent_of_the_plan(tmp_path):
+    # two column blocks whose 512-byte gaps cost 7.7 KB each, in a plan of 1 MB of targets: the
+    # 10 KB budget (plan.COALESCE_WASTE) coalesces the first, the second is read row by row
+    save_file({"a": torch.randn(16, 4096), "b": torch.randn(16, 4096), "c": torch.randn(125_000)},
+              str(tmp_path / "w.safetensors"))
+    ckpt = open_checkpoint(tmp_path / "w.safetensors")
+    targets = {"a": torch.zeros(16, 3968), "b": torch.zeros(16, 3968), "c": torch.zeros(125_000)}
+    plan = plan_mod.make_plan(ckpt, targets, check_splits=False,
+                              rename=lambda n: gs.Route(n, src_cols=(0, 3968)) if n != "c" else n)
+    jobs = {n: [j for j in plan.jobs if j.name == n] for n in targets}
+    assert len(jobs["a"]) == 1 and jobs["a"][0].src_strides == (4096, 1)
+    assert len(jobs["b"]) == 16 and all(j.src_strides is None for j in jobs["b"])
+    useful = sum(t.numel() * 4 for t in targets.values())
+    from gemma_stream.distributed import file_bytes
+    assert useful < sum(file_bytes(j) for j in plan.jobs) <= useful * (1 + plan_mod.COALESCE_WASTE)

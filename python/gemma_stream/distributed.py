@@ -14,7 +14,8 @@ single-process ones.
 checkpoint's bytes into one contiguous run of the files per rank; each rank
 reads its run and broadcasts every piece over the process group, and every
 rank copies its own block out of what it received (distributed_once.py;
-benchmarks/NOTES.md section 16 measures when that wins).
+benchmarks/NOTES.md section 16 measures when that wins).  ``quantize=`` makes the
+DTensor layers quantized ones whose tensors are DTensors (distributed_quant.py).
 """
 
 from __future__ import annotations
@@ -277,8 +278,8 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
 
     from .api import _execute, _unfilled_meta
     from .config import config
-    from .modules import run_post_load_hooks
     from .distributed_quant import global_quant_targets, load_int8_columns, local_quant_targets, quantize_layers
+    from .modules import run_post_load_hooks
     _check_args(read, quantize, mode)
     if quantize is not None:
         quantize_layers(model, quantize, group_size)
@@ -290,7 +291,10 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
         if id(t) not in meta:
             meta[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
         global_targets[name] = meta[id(t)]
-    checked = make_plan(ckpt, global_targets, rename=rename, quant=global_quant_targets(model, meta), strict=strict)
+    global_quant = global_quant_targets(model, meta)
+    if global_quant and read == "once":  # read-once copies float pieces; it has no quantizing step
+        raise GemmaStreamError("read='once' cannot fill quantized layers: use read='own' (the default)")
+    checked = make_plan(ckpt, global_targets, rename=rename, quant=global_quant, strict=strict)
     uninitialized = _unfilled_meta(model, checked, state, ckpt.where, strict)
     device = torch.device(device) if device is not None else None
     _materialize(model, device)

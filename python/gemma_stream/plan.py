@@ -236,11 +236,12 @@ def _cols(span: tuple[int, int] | None, shape: tuple[int, ...], what: str) -> tu
 #: A column slice of a row-major tensor is one segment per row.  One strided job
 #: reads blocks of rows gaps included (one job instead of one per row: 2-5x
 #: faster on 1-2 KiB segments), but the gaps are bytes the rank does not own.
-#: Rows are coalesced only when the gap is under COALESCE_GAP_BYTES (the device
-#: reads those pages anyway) *and* the gaps add up to at most COALESCE_WASTE of
-#: the bytes the job needs, so a rank's reads stay within 1% of its own bytes;
-#: otherwise each row's segment is its own job (benchmarks/NOTES.md, sections 16
-#: and 18).  ``COALESCE_GAP_BYTES = 0`` always reads per row.
+#: A tensor's rows are coalesced only when the gap is under COALESCE_GAP_BYTES
+#: (the device reads those pages anyway) and its gaps fit in what is left of a
+#: budget of COALESCE_WASTE times the bytes of all the plan's targets, spent in
+#: plan order; so a rank reads at most 1% more than its own bytes.  Otherwise
+#: each row's segment is its own job (benchmarks/NOTES.md, sections 16 and 18).
+#: ``COALESCE_GAP_BYTES = 0`` always reads per row.
 COALESCE_GAP_BYTES = 4096
 COALESCE_WASTE = 0.01
 
@@ -358,8 +359,14 @@ class _Planner:
         gap_bytes = (strides[0] - segment) * item
         base = dict(name=record.name, target=route.target, file_index=self.file_index[record.file],
                     src_dtype=record.dtype)
-        wasted = gap_bytes * (shape[0] - 1) <= COALESCE_WASTE * segment * item * shape[0]
-        if not inner_contiguous or shape[0] == 1 or (gap_bytes < COALESCE_GAP_BYTES and wasted):
+        budget = getattr(self, "_gap_budget", None)
+        if budget is None:  # once per plan: the bytes the gaps may add up to
+            tensors = {id(t): t for t in self.targets.values()}
+            budget = COALESCE_WASTE * sum(t.numel() * t.element_size() for t in tensors.values())
+        waste = gap_bytes * (shape[0] - 1)
+        coalesce = gap_bytes < COALESCE_GAP_BYTES and waste <= budget
+        self._gap_budget = budget - waste if coalesce else budget
+        if not inner_contiguous or shape[0] == 1 or coalesce:
             self.plan.jobs.append(CopyJob(**base, src_offset=offset, shape=shape, src_strides=tuple(strides),
                                           dst=region, staged=not _is_plain_cpu(region), first_row=rows[0]))
             return
