@@ -433,6 +433,20 @@ def run_quant(rank: int, world: int, workdir: str, opts: dict) -> None:
                     assert sharded >= 4 * LAYERS, (what, sharded)
                     reads = gs.distributed.rank_reads(model, paths[fmt], ranks=[rank])
                     assert sum(r.nbytes for r in reads) == report.bytes_read, (what, report.bytes_read)
+    # a tied embedding and LM head split by columns (Shard(1)): one int8 block, its rows' absmax all-reduced
+    from torch.distributed.tensor import Shard, distribute_tensor
+    with torch.device("meta"):
+        single = TinyGemma().to(torch.bfloat16)
+    gs.load_into(single, paths["single"], quantize="int8")
+    want = _quant_tensors(single)
+    model = tp_model(mesh, torch.bfloat16)
+    tied = nn.Parameter(distribute_tensor(model.model.embed_tokens.weight, mesh, [Shard(1)]))
+    model.model.embed_tokens.weight = model.lm_head.weight = tied
+    gs.load_into(model, paths["single"], quantize="int8")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    got = _quant_tensors(model)
+    for name in ("model.embed_tokens.weight", "model.embed_tokens.weight_scaler", "lm_head.weight"):
+        assert torch.equal(got[name].full_tensor(), want[name]), ("tied", name)
     # the quantized TP model runs: its forward equals the single-process quantized model's (f32 activations)
     paths = write_checkpoints(os.path.join(workdir, f"r{rank}"), torch.float32)
     with torch.device("meta"):

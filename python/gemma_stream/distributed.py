@@ -149,7 +149,7 @@ class _Sharded:
 
 def _routes_except(routes: dict[str, list[Route] | None], later) -> dict[str, list[Route] | None]:
     """``routes`` without those into the int8 column blocks ``later`` (read after the main plan)."""
-    names = {b.name for b in later}
+    names = {n for b in later for n in b.names}
     return {n: [r for r in rs if r.target not in names] if rs is not None else None for n, rs in routes.items()}
 
 

@@ -27,7 +27,7 @@ the float parameters.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -141,6 +141,7 @@ class RowAbsmax:
     """An int8 destination whose rank holds a column block: read as float, quantized after the all-reduce."""
 
     name: str
+    names: list[str]             # every name of the weight (a tied embedding and LM head: one block)
     target: QuantTarget | None   # the local tensors; None when this rank's block is empty
     rows: int
     cols: int
@@ -157,6 +158,7 @@ def local_quant_targets(model: nn.Module, view) -> tuple[dict[str, QuantTarget],
     from .modules import quant_targets
     local: dict[str, QuantTarget] = {}
     absmax: list[RowAbsmax] = []
+    seen: dict[int, RowAbsmax] = {}
     for name, qt in quant_targets(model).items():
         if not _is_dtensor(qt.weight):
             local[name] = qt
@@ -172,9 +174,13 @@ def local_quant_targets(model: nn.Module, view) -> tuple[dict[str, QuantTarget],
                                                       qt.covers)
         col_dims = [d for d, p in enumerate(qt.weight.placements) if isinstance(p, Shard) and p.dim == 1]
         if qt.scheme == "int8" and col_dims:
-            mesh = qt.weight.device_mesh
-            absmax.append(RowAbsmax(name, target, *block.local_shape, [mesh.get_group(d) for d in col_dims],
-                                    math.prod(qt.shape) * 4))
+            if id(qt.weight) in seen:
+                seen[id(qt.weight)].names.append(name)
+            else:
+                mesh = qt.weight.device_mesh
+                seen[id(qt.weight)] = RowAbsmax(name, [name], target, *block.local_shape,
+                                                [mesh.get_group(d) for d in col_dims], math.prod(qt.shape) * 4)
+                absmax.append(seen[id(qt.weight)])
             for covered in (name, *qt.covers):  # filled by load_int8_columns, not by the plan
                 view.local.pop(covered, None)
         elif target is not None:
@@ -208,7 +214,7 @@ def load_int8_columns(ckpt: Checkpoint, blocks: list[RowAbsmax], routes: dict[st
                 amax = on.cpu()
             if not bool(torch.isfinite(amax).all()):
                 row = int((~torch.isfinite(amax)).nonzero()[0, 0])
-                raise _nan_row(ckpt, routes, b.name, row)
+                raise _nan_row(ckpt, routes, b.names, row)
             if w is not None:
                 for rows in _row_chunks(w):
                     q, s = quantize_int8_absmax(w[rows], amax[rows], b.target.scale.dtype)
@@ -238,8 +244,9 @@ def int8_columns_plan(ckpt: Checkpoint, blocks: list[RowAbsmax], routes: dict[st
                       device: str = "cpu"):
     """The jobs reading ``blocks`` in the checkpoint's float dtype (float32 if their sources differ; on
     ``device``: "meta" to list reads only), and the buffers."""
-    names = {b.name for b in blocks if b.target is not None}
-    wanted = {name: [r for r in rs if r.target in names] if rs is not None else None for name, rs in routes.items()}
+    into = {n: b.name for b in blocks if b.target is not None for n in b.names}
+    wanted = {name: [replace(r, target=into[r.target]) for r in rs if r.target in into] if rs is not None else None
+              for name, rs in routes.items()}
     dtypes: dict[str, set] = {}
     for record in ckpt.records:
         for r in wanted.get(record.name) or ():
@@ -265,13 +272,13 @@ def _batches(blocks: list[RowAbsmax]) -> list[list[RowAbsmax]]:
     return out
 
 
-def _nan_row(ckpt: Checkpoint, routes: dict[str, list[Route] | None], target: str, row: int):
+def _nan_row(ckpt: Checkpoint, routes: dict[str, list[Route] | None], targets: list[str], row: int):
     """The checkpoint tensor and row behind local row ``row`` of ``target`` (found on some rank)."""
     records = {r.name: r for r in ckpt.records}
     for name, rs in routes.items():
         for r in rs or ():
             lo, hi = r.dst_rows or (0, row + 1)
-            if r.target == target and lo <= row < hi:
+            if r.target in targets and lo <= row < hi:
                 return nan_row(records[name].file, name, (r.src_rows[0] if r.src_rows else 0) + row - lo)
-    return GemmaStreamError(f"{ckpt.where}: a row of {target!r} (local row {row} on this rank) holds NaN or "
+    return GemmaStreamError(f"{ckpt.where}: a row of {targets[0]!r} (local row {row} on this rank) holds NaN or "
                             f"infinity on another rank's columns; it cannot be quantized")
