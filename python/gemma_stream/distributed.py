@@ -198,10 +198,10 @@ def _materialize(model: torch.nn.Module, device: torch.device | None) -> list[st
 
 
 def _meshes(model: torch.nn.Module) -> dict:
-    """The device meshes of the model's DTensors, by identity."""
+    """The device meshes of the model's DTensors, by value (two mesh objects over the same ranks are one)."""
     DTensor = _dtensor_class()
-    return {id(t.device_mesh): t.device_mesh for t in model.state_dict(keep_vars=True).values()
-            if isinstance(t, DTensor)}
+    return {(m.device_type, tuple(m.mesh.shape), tuple(m.mesh.flatten().tolist()), m.mesh_dim_names): m
+            for m in (t.device_mesh for t in model.state_dict(keep_vars=True).values() if isinstance(t, DTensor))}
 
 
 def _model_group(model: torch.nn.Module):
