@@ -11,6 +11,10 @@ Gemma-shaped model (hf names) built on meta and tensor-parallelized
 vocabulary; norms replicated):
 
   gs-own     gs.load_into(model, file)                each rank reads its own bytes
+  gs-coalesced  gs-own with every column block read as one strided job, gaps included
+             (plan.COALESCE_WASTE = inf: the rule before NOTES.md section 18)
+  gs-int8    gs.load_into(model, file, quantize="int8")  each rank quantizes its own slice on read
+             (Rowwise weights: the row absmax all-reduced); shard MB counts the int8 shard
   gs-once    gs.load_into(model, file, read="once")   each byte read by one rank, broadcast
   full-slice every rank loads the whole file (safetensors.torch.load_file) and keeps its slice
   dcp        torch.distributed.checkpoint.load from DCP's own format (converted once; time reported)
@@ -43,7 +47,7 @@ import gemma_stream as gs
 from gemma_stream.benchmark.shapes import SIZES, GemmaShaped
 from gemma_stream.benchmark.writers import evict, write_safetensors
 
-LOADERS = ("gs-own", "gs-once", "full-slice", "dcp")
+LOADERS = ("gs-own", "gs-coalesced", "gs-int8", "gs-once", "full-slice", "dcp")
 
 
 def shape_of(size: str):
@@ -135,6 +139,15 @@ def rank_main(rank: int, world: int, port: int, args: dict) -> None:
         report = None
         if args["loader"] == "gs-own":
             report = gs.load_into(model, args["path"], threads=args["threads"])
+        elif args["loader"] == "gs-coalesced":
+            from gemma_stream import plan as plan_mod
+            saved, plan_mod.COALESCE_WASTE = plan_mod.COALESCE_WASTE, float("inf")
+            try:
+                report = gs.load_into(model, args["path"], threads=args["threads"])
+            finally:
+                plan_mod.COALESCE_WASTE = saved
+        elif args["loader"] == "gs-int8":
+            report = gs.load_into(model, args["path"], quantize="int8", threads=args["threads"])
         elif args["loader"] == "gs-once":
             report = gs.load_into(model, args["path"], read="once", threads=args["threads"])
         elif args["loader"] == "full-slice":
@@ -179,7 +192,8 @@ def convert_to_dcp(path: str, directory: str) -> float:
 
 def column_blocks(workdir: str, repeat: int) -> None:
     """One rank's column block of Gemma-2B's row-parallel weights, one job per row against one
-    strided job that reads blocks of rows gaps included (plan.COALESCE_GAP_BYTES); single process."""
+    strided job that reads blocks of rows gaps included (plan.COALESCE_GAP_BYTES and
+    plan.COALESCE_WASTE forced each way; the default rule reads these per row); single process."""
     from safetensors.torch import save_file
 
     from gemma_stream import plan as plan_mod
@@ -202,13 +216,14 @@ def column_blocks(workdir: str, repeat: int) -> None:
                         if temperature == "cold":
                             evict([path])
                         saved, plan_mod.COALESCE_GAP_BYTES = plan_mod.COALESCE_GAP_BYTES, gap
+                        saved_waste, plan_mod.COALESCE_WASTE = plan_mod.COALESCE_WASTE, float(gap > 0) * 1e9
                         try:
                             start = time.perf_counter()
                             gs.load_into(m, path, strict=False, rename=gs.PartialRoutes(
                                 lambda n, w=width: gs.Route(n, src_cols=(w, 2 * w)) if n == name else None))
                             took = time.perf_counter() - start
                         finally:
-                            plan_mod.COALESCE_GAP_BYTES = saved
+                            plan_mod.COALESCE_GAP_BYTES, plan_mod.COALESCE_WASTE = saved, saved_waste
                         best = took if best is None else min(best, took)
                         read = ((rows - 1) * cols + width if mode == "coalesced" else rows * width) * 2
                     print(f"{name:<10}{world:>6}{width * 2:>10}{mode:>10}{temperature:>6}{best:>8.3f}{read / 1e6:>9.1f}")

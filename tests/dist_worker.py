@@ -193,20 +193,18 @@ def run_tp(rank: int, world: int, workdir: str, opts: dict) -> None:
                 assert report.backend == backend and report.rank == rank and report.bytes_received == 0, what
                 assert report.uninitialized == [] and report.missing_keys == [], (what, report.uninitialized)
                 ideal = ideal_bytes(model, ckpt_dtype)
-                # coalesced column blocks read their rows' gaps: at most the column-sharded tensors in full
-                gaps = sum(ref[f"model.layers.{i}.{p}.weight"].numel() * ref[f"model.layers.{i}.{p}.weight"].element_size()
-                           for i in range(LAYERS) for p in ("self_attn.o_proj", "mlp.down_proj"))
-                assert ideal <= report.bytes_read <= ideal + gaps, (what, report.bytes_read, ideal)
-    # one job per row: exactly this rank's bytes
+                # column blocks coalesce rows only while the gaps stay within 1% (plan.COALESCE_WASTE)
+                assert ideal <= report.bytes_read <= ideal * 1.01, (what, report.bytes_read, ideal)
+    # coalesced whatever the gaps cost (strided jobs): the same shards, the gaps counted as read
     paths = write_checkpoints(os.path.join(workdir, f"r{rank}"), torch.float32)
     model = tp_model(mesh, torch.bfloat16)
-    saved, plan_mod.COALESCE_GAP_BYTES = plan_mod.COALESCE_GAP_BYTES, 0
+    saved, plan_mod.COALESCE_WASTE = plan_mod.COALESCE_WASTE, float("inf")
     try:
         report = gs.load_into(model, paths["single"])
     finally:
-        plan_mod.COALESCE_GAP_BYTES = saved
-    assert report.bytes_read == ideal_bytes(model, torch.float32), (report.bytes_read, ideal_bytes(model, torch.float32))
-    check_shards(model, reference_state(torch.float32), torch.bfloat16, "per-row")
+        plan_mod.COALESCE_WASTE = saved
+    assert report.bytes_read > ideal_bytes(model, torch.float32), (report.bytes_read, ideal_bytes(model, torch.float32))
+    check_shards(model, reference_state(torch.float32), torch.bfloat16, "coalesced")
 
 
 def run_fsdp(rank: int, world: int, workdir: str, opts: dict) -> None:
@@ -332,7 +330,7 @@ def run_errors(rank: int, world: int, workdir: str, opts: dict) -> None:
             assert torch.equal(t.full_tensor() if hasattr(t, "full_tensor") else t,
                                ref["model.embed_tokens.weight" if name == "lm_head.weight" else name]), name
     model = tp_model(mesh, torch.float32)
-    for kwargs, match in (({"quantize": "int8"}, "quantize= with DTensor"), ({"mode": "mmap"}, "mmap"),
+    for kwargs, match in (({"quantize": "int8", "read": "once"}, "read='once'"), ({"mode": "mmap"}, "mmap"),
                           ({"read": "twice"}, "read must be")):
         try:
             gs.load_into(model, paths["single"], **kwargs)
@@ -340,6 +338,12 @@ def run_errors(rank: int, world: int, workdir: str, opts: dict) -> None:
             assert match in str(e), (kwargs, e)
         else:
             raise AssertionError(f"{kwargs} accepted")
+    try:
+        gs.load_into(fsdp_model(mesh, torch.float32), paths["single"], quantize="int8")
+    except gs.GemmaStreamError as e:
+        assert "FSDP2" in str(e), e
+    else:
+        raise AssertionError("quantize= on an FSDP2 model accepted")
 
 
 
@@ -375,3 +379,105 @@ def run_fused(rank: int, world: int, workdir: str, opts: dict) -> None:
                 local = getattr(model, fused).to_local()
                 assert torch.equal(local, torch.chunk(want, world, placement.dim)[rank]), (fused, placement)
             assert report.bytes_read >= sum(getattr(model, f).to_local().numel() * 4 for f in rows)
+
+
+def _quant_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantized layers' tensors in the contract layout (int8 weight + weight_scaler; int4 weight +
+    weight_scale + weight_zero), by state-dict name."""
+    keys = ("weight_scaler", "weight_scale", "weight_zero")
+    sd = model.state_dict()
+    return {k: v for k, v in sd.items() if k.endswith(keys) or (k.endswith(".weight") and
+                                                                  k[:-len("weight")] + keys[0] in sd or
+                                                                  k[:-len("weight")] + keys[1] in sd)}
+
+
+def run_quant(rank: int, world: int, workdir: str, opts: dict) -> None:
+    """quantize= on a TP model: every quantized tensor's local slice equals the single-process quantized
+    tensor's slice, bit for bit (int8 Shard(1): the all-reduced row absmax); int4 needs aligned blocks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    mesh = init_device_mesh("cpu", (world,))
+    group_size = 32
+    for ckpt_dtype in (torch.bfloat16, torch.float32):
+        paths = write_checkpoints(os.path.join(workdir, f"r{rank}"), ckpt_dtype)
+        for scheme in ("int8", "int4"):
+            with torch.device("meta"):
+                single = TinyGemma().to(torch.bfloat16)
+            gs.load_into(single, paths["single"], quantize=scheme, group_size=group_size)
+            want = _quant_tensors(single)
+            for fmt in (("single", "zip") if ckpt_dtype == torch.float32 else ("sharded",)):
+                for backend in ("native", "python"):
+                    what = f"{scheme} {fmt} {ckpt_dtype} {backend}"
+                    model = tp_model(mesh, torch.bfloat16)
+                    if scheme == "int4" and (HIDDEN // world) % group_size:
+                        try:
+                            gs.load_into(model, paths[fmt], quantize=scheme, group_size=group_size, backend=backend)
+                        except gs.GemmaStreamError as e:
+                            assert "group size" in str(e) and "o_proj" in str(e), (what, e)
+                        else:
+                            raise AssertionError(f"{what}: unaligned int4 column blocks accepted")
+                        continue
+                    report = gs.load_into(model, paths[fmt], quantize=scheme, group_size=group_size,
+                                          backend=backend)
+                    assert report.missing_keys == [] and report.uninitialized == [], (what, report.missing_keys)
+                    got = _quant_tensors(model)
+                    assert set(got) == set(want), (what, sorted(set(got) ^ set(want)))
+                    sharded = 0
+                    for name, t in got.items():
+                        if isinstance(t, DTensor):
+                            sharded += 1
+                            assert torch.equal(t.full_tensor(), want[name]), (what, name)
+                            assert torch.equal(t.to_local(), _local_slice(t, want[name])), (what, name)
+                        else:
+                            assert torch.equal(t, want[name]), (what, name)
+                    assert sharded >= 4 * LAYERS, (what, sharded)
+                    reads = gs.distributed.rank_reads(model, paths[fmt], ranks=[rank])
+                    assert sum(r.nbytes for r in reads) == report.bytes_read, (what, report.bytes_read)
+    # a tied embedding and LM head split by columns (Shard(1)): one int8 block, its rows' absmax all-reduced
+    from torch.distributed.tensor import Shard, distribute_tensor
+    with torch.device("meta"):
+        single = TinyGemma().to(torch.bfloat16)
+    gs.load_into(single, paths["single"], quantize="int8")
+    want = _quant_tensors(single)
+    model = tp_model(mesh, torch.bfloat16)
+    tied = nn.Parameter(distribute_tensor(model.model.embed_tokens.weight, mesh, [Shard(1)]))
+    model.model.embed_tokens.weight = model.lm_head.weight = tied
+    gs.load_into(model, paths["single"], quantize="int8")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    got = _quant_tensors(model)
+    for name in ("model.embed_tokens.weight", "model.embed_tokens.weight_scaler", "lm_head.weight"):
+        assert torch.equal(got[name].full_tensor(), want[name]), ("tied", name)
+    # the quantized TP model runs: its forward equals the single-process quantized model's (f32 activations)
+    paths = write_checkpoints(os.path.join(workdir, f"r{rank}"), torch.float32)
+    with torch.device("meta"):
+        single = TinyGemma()
+    gs.load_into(single, paths["single"], quantize="int8")
+    model = tp_model(mesh, torch.float32)
+    gs.load_into(model, paths["single"], quantize="int8")
+    ids = torch.arange(12).reshape(2, 6) % VOCAB
+    if INTER % world == 0:  # uneven: RowwiseParallel's input hook takes local x world columns as the global shape
+        with torch.no_grad():
+            got, want_out = model(ids), single(ids)
+        assert torch.allclose(got, want_out, rtol=1e-5, atol=1e-5), (got - want_out).abs().max()
+    # a NaN in one rank's columns of a row: every rank raises, naming the tensor and the row
+    sd = reference_state(torch.float32)
+    bad = "model.layers.1.self_attn.o_proj.weight"
+    sd[bad][3, HIDDEN - 1] = float("nan")
+    path = os.path.join(workdir, f"r{rank}", "nan.safetensors")
+    save_file(sd, path)
+    try:
+        gs.load_into(tp_model(mesh, torch.float32), path, quantize="int8")
+    except gs.CheckpointError as e:
+        assert e.tensor == bad and e.row == 3 and "NaN" in str(e), e
+    else:
+        raise AssertionError("a NaN row was quantized")
+
+
+def _local_slice(t, full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of ``full`` under ``t``'s placements (torch's chunk rule)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    out = full
+    for d, (n, o) in enumerate(zip(shape, offset)):
+        out = out.narrow(d, o, n)
+    return out

@@ -23,8 +23,9 @@ import dist_worker  # noqa: E402
 
 SCENARIOS = {
     2: [("run_tp", {}), ("run_fsdp", {}), ("run_forward", {}), ("run_read_once", {"backend": "native"}),
-        ("run_errors", {}), ("run_fused", {})],
-    4: [("run_tp", {}), ("run_fsdp", {}), ("run_read_once", {"backend": "python"}), ("run_2d", {}), ("run_fused", {})],
+        ("run_errors", {}), ("run_fused", {}), ("run_quant", {})],
+    4: [("run_tp", {}), ("run_fsdp", {}), ("run_read_once", {"backend": "python"}), ("run_2d", {}), ("run_fused", {}),
+        ("run_quant", {})],
 }
 
 
@@ -88,6 +89,13 @@ def test_fused_projections_shard_from_their_checkpoint_tensors(groups, world):
 
 def test_two_dimensional_mesh_and_rank_reads(groups):
     _check(groups, 4, "run_2d")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_quantize_on_read_shards_equal_single_process_quantized_slices(groups, world):
+    # int8 (Shard(1): the all-reduced row absmax) and int4 (aligned at world 2, a clear error at world 4),
+    # both backends, bf16 and f32 checkpoints, all formats; the quantized TP forward; a NaN row on every rank
+    _check(groups, world, "run_quant")
 
 
 def test_mismatch_and_unsupported_options_on_sharded_models(groups):

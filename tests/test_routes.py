@@ -24,6 +24,7 @@ def _module(**buffers: torch.Tensor) -> nn.Module:
 @pytest.mark.parametrize("dst_dtype", [torch.float32, torch.bfloat16])
 def test_column_block_is_the_slice(tmp_path, backend, monkeypatch, gap_bytes, dst_dtype):
     monkeypatch.setattr(plan_mod, "COALESCE_GAP_BYTES", gap_bytes)
+    monkeypatch.setattr(plan_mod, "COALESCE_WASTE", float("inf"))   # "coalesced": whatever the gaps cost
     w = torch.randn(37, 64)
     path = tmp_path / "w.safetensors"
     save_file({"w": w}, str(path))
@@ -150,6 +151,28 @@ def test_per_row_jobs_read_only_the_block(tmp_path):
                               check_splits=False)
     # a 12 KiB gap between rows: one job per row, each reading only its 4 KiB
     assert len(plan.jobs) == 16 and all(j.src_strides is None and j.nbytes == 4096 for j in plan.jobs)
+    # a 2 KiB gap (under a page) but 14% of the 14 KiB segments: still one job per row
     small = plan_mod.make_plan(ckpt, {"w": torch.zeros(16, 3584)}, rename=lambda n: gs.Route("w", src_cols=(0, 3584)),
                                check_splits=False)
-    assert len(small.jobs) == 1 and small.jobs[0].src_strides == (4096, 1)
+    assert len(small.jobs) == 16 and sum(j.nbytes for j in small.jobs) == 16 * 3584 * 4
+    # a 128-byte gap, 0.8% of the segments: one strided job, gaps included
+    tiny = plan_mod.make_plan(ckpt, {"w": torch.zeros(16, 4064)}, rename=lambda n: gs.Route("w", src_cols=(0, 4064)),
+                              check_splits=False)
+    assert len(tiny.jobs) == 1 and tiny.jobs[0].src_strides == (4096, 1)
+
+
+def test_coalesced_gaps_stay_within_one_percent_of_the_plan(tmp_path):
+    # two column blocks whose 512-byte gaps cost 7.7 KB each, in a plan of 1 MB of targets: the
+    # 10 KB budget (plan.COALESCE_WASTE) coalesces the first, the second is read row by row
+    save_file({"a": torch.randn(16, 4096), "b": torch.randn(16, 4096), "c": torch.randn(125_000)},
+              str(tmp_path / "w.safetensors"))
+    ckpt = open_checkpoint(tmp_path / "w.safetensors")
+    targets = {"a": torch.zeros(16, 3968), "b": torch.zeros(16, 3968), "c": torch.zeros(125_000)}
+    plan = plan_mod.make_plan(ckpt, targets, check_splits=False,
+                              rename=lambda n: gs.Route(n, src_cols=(0, 3968)) if n != "c" else n)
+    jobs = {n: [j for j in plan.jobs if j.name == n] for n in targets}
+    assert len(jobs["a"]) == 1 and jobs["a"][0].src_strides == (4096, 1)
+    assert len(jobs["b"]) == 16 and all(j.src_strides is None for j in jobs["b"])
+    useful = sum(t.numel() * 4 for t in targets.values())
+    from gemma_stream.distributed import file_bytes
+    assert useful < sum(file_bytes(j) for j in plan.jobs) <= useful * (1 + plan_mod.COALESCE_WASTE)

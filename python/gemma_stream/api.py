@@ -212,7 +212,8 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     from .distributed import has_dtensors, load_sharded
     if read != "own" or has_dtensors(model):
         return load_sharded(model, ckpt, strict=strict, rename=rename, device=device, threads=threads, backend=backend,
-                            progress=progress, cache=cache, read=read, quantize=quantize, mode=mode)
+                            progress=progress, cache=cache, read=read, quantize=quantize, group_size=group_size,
+                            mode=mode)
     if quantize is not None:
         from .quant import quantize_
         quantize_(model, quantize, group_size=group_size)

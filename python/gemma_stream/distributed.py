@@ -14,7 +14,8 @@ single-process ones.
 checkpoint's bytes into one contiguous run of the files per rank; each rank
 reads its run and broadcasts every piece over the process group, and every
 rank copies its own block out of what it received (distributed_once.py;
-benchmarks/NOTES.md section 16 measures when that wins).
+benchmarks/NOTES.md section 16 measures when that wins).  ``quantize=`` makes the
+DTensor layers quantized ones whose tensors are DTensors (distributed_quant.py).
 """
 
 from __future__ import annotations
@@ -146,6 +147,12 @@ class _Sharded:
         return out
 
 
+def _routes_except(routes: dict[str, list[Route] | None], later) -> dict[str, list[Route] | None]:
+    """``routes`` without those into the int8 column blocks ``later`` (read after the main plan)."""
+    names = {n for b in later for n in b.names}
+    return {n: [r for r in rs if r.target not in names] if rs is not None else None for n, rs in routes.items()}
+
+
 def _sharded_view(model: torch.nn.Module, coordinate=None) -> _Sharded:
     DTensor = _dtensor_class()
     local, shapes, blocks = {}, {}, {}
@@ -191,10 +198,10 @@ def _materialize(model: torch.nn.Module, device: torch.device | None) -> list[st
 
 
 def _meshes(model: torch.nn.Module) -> dict:
-    """The device meshes of the model's DTensors, by identity."""
+    """The device meshes of the model's DTensors, by value (two mesh objects over the same ranks are one)."""
     DTensor = _dtensor_class()
-    return {id(t.device_mesh): t.device_mesh for t in model.state_dict(keep_vars=True).values()
-            if isinstance(t, DTensor)}
+    return {(m.device_type, tuple(m.mesh.shape), tuple(m.mesh.flatten().tolist()), m.mesh_dim_names): m
+            for m in (t.device_mesh for t in model.state_dict(keep_vars=True).values() if isinstance(t, DTensor))}
 
 
 def _model_group(model: torch.nn.Module):
@@ -246,10 +253,9 @@ def file_bytes(job: CopyJob) -> int:
 def _check_args(read: str, quantize: str | None, mode: str) -> None:
     if read not in READ_MODES:
         raise UsageError(f"read must be 'own' or 'once', not {read!r}")
-    if quantize is not None:
-        raise GemmaStreamError(
-            "quantize= with DTensor parameters or read='once' is not supported: quantize a rank's plain local layers "
-            "(gs.QuantLinear) and route rows (or int4 column blocks) into them with gs.PartialRoutes")
+    if quantize is not None and read == "once":
+        raise GemmaStreamError("quantize= with read='once' is not supported: use read='own' (the default), where "
+                               "each rank quantizes its own shard on read")
     if mode != "copy":
         raise GemmaStreamError("mode='mmap' with DTensor parameters or read='once' is not supported; "
                                "use mode='copy'")
@@ -258,19 +264,25 @@ def _check_args(read: str, quantize: str | None, mode: str) -> None:
 def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = True, rename: Rename = None,
                  device=None, threads: int | None = None, backend: str = "auto", progress=None,
                  cache: str = "auto", read: str = "own", group=None, quantize: str | None = None,
-                 mode: str = "copy") -> DistributedLoadReport:
+                 group_size: int = 128, mode: str = "copy") -> DistributedLoadReport:
     """``gs.load_into`` for a model with DTensor parameters (it calls this); one call per rank.
 
     >>> model = parallelize_module(model, mesh, {"proj": ColwiseParallel()})
     >>> report = gs.load_into(model, "model.safetensors")          # on every rank
     >>> report.bytes_read, report.shard_bytes
+
+    ``quantize="int8"|"int4"`` quantizes the DTensor layers on read, each rank
+    its own slice (distributed_quant.py).
     """
     import torch.distributed as dist
 
     from .api import _execute, _unfilled_meta
     from .config import config
+    from .distributed_quant import global_quant_targets, load_int8_columns, local_quant_targets, quantize_layers
     from .modules import run_post_load_hooks
     _check_args(read, quantize, mode)
+    if quantize is not None:
+        quantize_layers(model, quantize, group_size)
     # names, shapes and dtypes against the global (meta) shapes first: a mismatch allocates nothing
     meta: dict[int, torch.Tensor] = {}
     global_targets = {}
@@ -279,13 +291,18 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
         if id(t) not in meta:
             meta[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
         global_targets[name] = meta[id(t)]
-    checked = make_plan(ckpt, global_targets, rename=rename, strict=strict)
+    global_quant = global_quant_targets(model, meta)
+    if global_quant and read == "once":  # read-once copies float pieces; it has no quantizing step
+        raise GemmaStreamError("read='once' cannot fill quantized layers: use read='own' (the default)")
+    checked = make_plan(ckpt, global_targets, rename=rename, quant=global_quant, strict=strict)
     uninitialized = _unfilled_meta(model, checked, state, ckpt.where, strict)
     device = torch.device(device) if device is not None else None
     _materialize(model, device)
     view = _sharded_view(model)
+    quant, int8_columns = local_quant_targets(model, view)
     routes = view.routes(ckpt, rename)
-    plan = make_plan(ckpt, view.local, rename=PartialRoutes(routes), strict=False, check_splits=False)
+    plan = make_plan(ckpt, view.local, rename=PartialRoutes(_routes_except(routes, int8_columns)), quant=quant,
+                     strict=False, check_splits=False)
     known = {m.split(":")[0] for m in checked.mismatched_keys}
     gaps = [m for m in plan.mismatched_keys if m.split(":")[0] not in known] + \
         [n for n in plan.missing_keys if n not in checked.missing_keys]
@@ -305,6 +322,9 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
         _, _, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                              cache=cache, desc=f"gemma_stream load (rank {rank})")
         read_bytes = sum(file_bytes(j) for j in plan.jobs)
+        if int8_columns:
+            read_bytes += load_int8_columns(ckpt, int8_columns, routes, lambda p: _execute(
+                p, threads=threads, backend=backend, progress=False, cache=cache, desc="gemma_stream int8 columns"))
     seconds = time.perf_counter() - start
     run_post_load_hooks(model, threads or config().default_threads)
     return DistributedLoadReport(
@@ -338,6 +358,7 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, key: str 
     >>> for r in gs.distributed.rank_reads(model, "model.safetensors"):
     ...     print(r.rank, r.tensor, r.offset, r.nbytes)
     """
+    from .distributed_quant import int8_columns_plan, local_quant_targets
     from .formats import open_checkpoint
     ckpt = open_checkpoint(path, key=key)
     meshes = _meshes(model)
@@ -349,9 +370,12 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, key: str 
     for rank in ranks if ranks is not None else grid.flatten().tolist():
         coordinate = [int(c) for c in (grid == rank).nonzero()[0]]
         sharded = _sharded_view_meta(model, coordinate)
-        plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(sharded.routes(ckpt, rename)), strict=False,
-                         check_splits=False)
-        out.extend(ReadRange(rank, j.name, plan.files[j.file_index], j.src_offset, file_bytes(j)) for j in plan.jobs)
+        quant, int8_columns = local_quant_targets(model, sharded)
+        routes = sharded.routes(ckpt, rename)
+        plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(_routes_except(routes, int8_columns)),
+                         quant=quant, strict=False, check_splits=False)
+        jobs = plan.jobs + int8_columns_plan(ckpt, int8_columns, routes, "meta")[0].jobs
+        out.extend(ReadRange(rank, j.name, plan.files[j.file_index], j.src_offset, file_bytes(j)) for j in jobs)
     return out
 
 

@@ -99,12 +99,17 @@ def _cols(span: tuple[int, int] | None, shape: tuple[int, ...], what: str) -> tu
     return _rows(span, shape[1], what, "columns")
 
 
-#: A column slice of a row-major tensor is one segment per row.  When the gap
-#: between two rows' segments is under this many bytes, one strided job reads
-#: blocks of rows gaps included (the kernel reads those pages anyway, and one
-#: read per row costs a job each); from this gap up, each row's segment is its
-#: own job, so a rank reads only its bytes (benchmarks/NOTES.md, section 16).
+#: A column slice of a row-major tensor is one segment per row.  One strided job
+#: reads blocks of rows gaps included (one job instead of one per row: 2-5x
+#: faster on 1-2 KiB segments), but the gaps are bytes the rank does not own.
+#: A tensor's rows are coalesced only when the gap is under COALESCE_GAP_BYTES
+#: (the device reads those pages anyway) and its gaps fit in what is left of a
+#: budget of COALESCE_WASTE times the bytes of all the plan's targets, spent in
+#: plan order; so a rank reads at most 1% more than its own bytes.  Otherwise
+#: each row's segment is its own job (benchmarks/NOTES.md, sections 16 and 18).
+#: ``COALESCE_GAP_BYTES = 0`` always reads per row.
 COALESCE_GAP_BYTES = 4096
+COALESCE_WASTE = 0.01
 
 
 def _block_shape(shape: tuple[int, ...], rows: tuple[int, int] | None,
@@ -205,7 +210,8 @@ class _Planner:
 
     def _column_jobs(self, record: TensorRecord, route: Route, rows: tuple[int, int], cols: tuple[int, int],
                      region: torch.Tensor) -> None:
-        """Columns ``cols`` of rows ``rows``: one strided job, or one job per row (COALESCE_GAP_BYTES)."""
+        """Columns ``cols`` of rows ``rows``: one strided job, or one job per row (COALESCE_GAP_BYTES,
+        COALESCE_WASTE)."""
         strides = record.strides or contiguous_strides(record.shape)
         item = record.dtype.itemsize
         offset = record.byte_offset + (rows[0] * strides[0] + cols[0] * strides[1]) * item
@@ -215,7 +221,14 @@ class _Planner:
         gap_bytes = (strides[0] - segment) * item
         base = dict(name=record.name, target=route.target, file_index=self.file_index[record.file],
                     src_dtype=record.dtype)
-        if not inner_contiguous or gap_bytes < COALESCE_GAP_BYTES or shape[0] == 1:
+        budget = getattr(self, "_gap_budget", None)
+        if budget is None:  # once per plan: the bytes the gaps may add up to
+            tensors = {id(t): t for t in self.targets.values()}
+            budget = COALESCE_WASTE * sum(t.numel() * t.element_size() for t in tensors.values())
+        waste = gap_bytes * (shape[0] - 1)
+        coalesce = gap_bytes < COALESCE_GAP_BYTES and waste <= budget
+        self._gap_budget = budget - waste if coalesce else budget
+        if not inner_contiguous or shape[0] == 1 or coalesce:
             self.plan.jobs.append(CopyJob(**base, src_offset=offset, shape=shape, src_strides=tuple(strides),
                                           dst=region, staged=not _is_plain_cpu(region), first_row=rows[0]))
             return

@@ -12,6 +12,7 @@ which modules become these (swap.py).
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -62,6 +63,13 @@ _REPACK_LOCKS: dict[int, threading.Lock] = {}
 def _repack_lock(t: torch.Tensor) -> threading.Lock:
     with _LOCKS_GUARD:
         return _REPACK_LOCKS.setdefault(t.data_ptr(), threading.Lock())
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """A tensor-parallel layer's DTensor (distributed_quant.py): torch's quantized CPU kernels take
+    plain tensors only, so such a layer runs ``dequantized()`` through DTensor ops."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -209,7 +217,7 @@ class QuantLinear(QuantWeight):
 
     def gs_post_load(self) -> None:
         """Called by ``gs.load_into`` after the load: repack int4 for the CPU kernel, once."""
-        if self.scheme == "int4" and not self.weight.is_meta:
+        if self.scheme == "int4" and not self.weight.is_meta and not _is_dtensor(self.weight):
             self._to_cpu_layout_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +226,7 @@ class QuantLinear(QuantWeight):
         out = None
         # torch's CPU kernels are vectorized for bf16 activations only (f32/f16 run a scalar loop)
         if x2.shape[0] and x.device.type == "cpu" and x.dtype == torch.bfloat16 and \
-                not (torch.is_grad_enabled() and x.requires_grad):
+                not (torch.is_grad_enabled() and x.requires_grad) and not _is_dtensor(self.weight):
             scale = self.weight_scaler if self.scheme == "int8" else self.weight_scale
             if not scale.requires_grad:
                 out = self._kernel(x2.contiguous())

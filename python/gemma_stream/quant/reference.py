@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLT_EPSILON", "GROUP_SIZES", "quantize_int8", "quantize_int4", "dequantize", "dequant_int8",
-           "dequant_int4", "split_nibbles", "join_nibbles"]
+__all__ = ["FLT_EPSILON", "GROUP_SIZES", "quantize_int8", "quantize_int8_absmax", "quantize_int4", "dequantize",
+           "dequant_int8", "dequant_int4", "split_nibbles", "join_nibbles"]
 
 FLT_EPSILON = 2.0 ** -23
 #: int4 group sizes (consecutive k per scale and zero point)
@@ -30,7 +30,21 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> 
     torch.Size([4, 64])
     """
     w = w.float()
-    amax = w.abs().amax(dim=1)
+    return quantize_int8_absmax(w, w.abs().amax(dim=1), scale_dtype)
+
+
+def quantize_int8_absmax(w: torch.Tensor, amax: torch.Tensor,
+                         scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_int8`` of columns of rows whose whole-row absmax ``amax`` [N] is known.
+
+    A tensor-parallel rank holding columns [a, b) of every row gets the same
+    bits as ``quantize_int8(full)[:, a:b]`` once ``amax`` is the maximum over
+    all ranks' partial maxima (max is exact, so the reduction order is free).
+
+    >>> w = torch.randn(4, 64)
+    >>> q, s = quantize_int8_absmax(w[:, :32], w.abs().amax(dim=1))
+    """
+    w = w.float()
     s = (amax / 127).to(scale_dtype)
     s = torch.where(amax == 0, torch.ones_like(s), s)
     q = torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
