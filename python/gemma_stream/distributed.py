@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import LoadReport
+from .deprecation import renamed_argument
 from .errors import GemmaStreamError, InternalError, UsageError
 from .formats.records import Checkpoint, TensorRecord
 from .plan import CopyJob, PartialRoutes, Rename, Route, make_plan, normalize_rename
@@ -244,10 +245,7 @@ class DistributedLoadReport(LoadReport):
 
 def file_bytes(job: CopyJob) -> int:
     """Bytes a job asks of its file: a strided job reads whole spans of rows, gaps included."""
-    if job.src_strides is None or not job.shape:
-        return job.nbytes
-    last = sum((n - 1) * s for n, s in zip(job.shape, job.src_strides))
-    return (last + 1) * job.src_dtype.itemsize if math.prod(job.shape) else 0
+    return job.src_span_bytes
 
 
 def _check_args(read: str, quantize: str | None, mode: str) -> None:
@@ -348,8 +346,8 @@ class ReadRange:
     nbytes: int
 
 
-def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, key: str | None = None,
-               ranks: list[int] | None = None) -> list[ReadRange]:
+def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dict_key: str | None = None,
+               ranks: list[int] | None = None, key: str | None = None) -> list[ReadRange]:
     """The file ranges each rank of a sharded (meta or real) model would read with ``read="own"``.
 
     No bytes are read and nothing is allocated; call it on any rank once the
@@ -360,7 +358,8 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, key: str 
     """
     from .distributed_quant import int8_columns_plan, local_quant_targets
     from .formats import open_checkpoint
-    ckpt = open_checkpoint(path, key=key)
+    ckpt = open_checkpoint(path, key=renamed_argument(state_dict_key, key, old="key", new="state_dict_key",
+                                                      where="gs.distributed.rank_reads"))
     meshes = _meshes(model)
     if len(meshes) != 1:
         raise GemmaStreamError(f"rank_reads needs the model's DTensors on one device mesh, found {len(meshes)}")
