@@ -138,6 +138,7 @@ class _Walker:
         push, u32_at, reducers = stack.append, _U32.unpack_from, REDUCERS
         limit, max_opcodes = MAX_WALK_BYTES, MAX_OPCODES
         pos, used, opcodes, nmemo = self.pos, self.used, self.opcodes, len(memo)
+        counting = size - pos + opcodes > max_opcodes
         try:
             while pos < size:
                 code = data[pos]
@@ -259,10 +260,11 @@ class _Walker:
                     pos, used, nmemo = self.pos, self.used, len(memo)
                 if used > limit:
                     break
-                opcodes += 1
-                if opcodes > max_opcodes:
-                    raise self.fail(f"more than {max_opcodes} opcodes (at offset {pos - 1}); a state dict "
-                                    f"takes about 32 per tensor: refusing to walk further")
+                if counting:   # each opcode is at least a byte: a shorter pickle cannot pass the limit
+                    opcodes += 1
+                    if opcodes > max_opcodes:
+                        raise self.fail(f"more than {max_opcodes} opcodes (at offset {pos - 1}); a state dict "
+                                        f"takes about 32 per tensor: refusing to walk further")
         finally:
             self.pos, self.opcodes = pos, opcodes
             self.used = max(self.used, used)

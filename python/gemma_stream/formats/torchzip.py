@@ -26,7 +26,7 @@ from typing import Any
 from .. import fileio
 from ..errors import CheckpointError
 from .pickle_walker import StorageRef, TensorView, describe, walk_pickle
-from .records import Checkpoint, CheckpointFile, TensorRecord, check_shape, contiguous_strides
+from .records import Checkpoint, CheckpointFile, TensorRecord, check_shape, contiguous_strides, gc_paused
 from .safetensors import not_a_checkpoint
 
 __all__ = ["read_torchzip", "ZipEntry", "read_zip_directory", "payload_offset", "STATE_DICT_KEYS"]
@@ -352,7 +352,11 @@ def read_torchzip(path: str, key: str | None = None) -> Checkpoint:
         [(r.name, r.dtype, r.shape) for r in ckpt.records]
         ckpt.extras  # e.g. {"epoch": "3"}
     """
-    path = os.path.abspath(os.fspath(path))
+    with gc_paused():   # tens of objects per tensor and no cycles (records.gc_paused)
+        return _read_torchzip(os.path.abspath(os.fspath(path)), key)
+
+
+def _read_torchzip(path: str, key: str | None) -> Checkpoint:
     try:
         fd = fileio.open_read(path)
     except OSError as e:
