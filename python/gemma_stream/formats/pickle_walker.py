@@ -50,9 +50,10 @@ _MEMO_SLOT = 16           # a memo list slot, list growth included
 class _Walker:
     """Stack machine for the binary pickle opcodes (protocols 2 to 5).
 
-    Handlers are methods named in ``_OPCODES``; each reads its argument bytes
-    with :meth:`take`, which checks lengths *before* slicing, so no length field
-    can make us allocate more than the pickle itself.  The stack is one flat list
+    The opcodes torch.save writes are handled inline in :meth:`run`; the others by
+    methods named in ``_OPCODES``.  Both check lengths *before* slicing (the methods
+    through :meth:`take`), so no length field can make us allocate more than the
+    pickle itself.  The stack is one flat list
     and a MARK is an index into it (a new list per MARK let 10 MiB of MARK
     bytes cost 737 MB and 8.9 s).
     """
