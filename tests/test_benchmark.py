@@ -400,3 +400,12 @@ def test_engine_probe_script_maps_its_cases_onto_the_harness(tmp_path):
     assert spec["env"] == {"GEMMA_STREAM_CHUNK_MB": "8"}
     with pytest.raises(SystemExit, match="unknown suffix"):
         engine_probe.case_spec(args, "gs_native@fast", "x.safetensors")
+
+
+def test_reader_benchmark_measures_both_formats():
+    from gemma_stream.benchmark.readers import run_readers
+    out = run_readers(tensors=60, repeat=1, load=True)
+    assert out["tensors"] == 60 and out["data_pkl_bytes"] > 60 * 50
+    assert all(out[k] > 0 for k in ("walk_seconds", "open_safetensors_seconds", "open_zip_seconds",
+                                    "load_safetensors_seconds", "load_zip_seconds"))
+    assert out["zip_over_safetensors"] == out["open_zip_seconds"] / out["open_safetensors_seconds"]

@@ -184,9 +184,10 @@ def test_pickle_bombs_at_the_size_limit_stay_under_64_mib_and_50_mb_per_s():
 
 
 def test_a_legitimate_pickle_within_the_budget_still_parses(tmp_path):
+    # 30,000 tensors: past the ~18,000 the budget allowed before the memo became a list
     path = tmp_path / "many.pt"
-    torch.save({f"model.layers.{i}.mlp.weight": torch.zeros(1) for i in range(10_000)}, path)
-    assert len(open_checkpoint(path).records) == 10_000
+    torch.save({f"model.layers.{i}.mlp.weight": torch.zeros(1) for i in range(30_000)}, path)
+    assert len(open_checkpoint(path).records) == 30_000
 
 
 # --- 4. zero-sized tensors with huge dimensions -----------------------------------------------

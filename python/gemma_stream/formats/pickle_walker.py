@@ -32,24 +32,28 @@ __all__ = ["Global", "StorageRef", "TensorView", "walk_pickle", "describe", "MAX
 #: records (CPython's sizes, dict growth included).  Nothing is refunded, so it bounds the
 #: peak from above; an adversarial ``data.pkl`` of any size up to the pickle limit is parsed
 #: or refused within about this much extra memory (tests/test_hostile.py measures the
-#: bombs).  A torch.save state dict is charged about 2.8 KB per tensor (1.2 KB real): 48 MiB
-#: is ~18k tensors per file (one file of the largest public checkpoints holds a few thousand).
+#: bombs).  A torch.save state dict is charged about 1.3 KB per tensor (0.7 KB real: memo
+#: entries in a list, records with slots): 48 MiB is ~37k tensors per file (one file of the
+#: largest public checkpoints holds a few thousand).
 MAX_WALK_BYTES = 48 << 20
 #: Opcodes walked before refusing: bounds the time of pickles that allocate nothing
-#: (MARK/POP_MARK loops).  A state dict takes ~32 per tensor: ~45k tensors.
+#: (MARK/POP_MARK loops).  A state dict takes ~32 per tensor: ~47k tensors.
 MAX_OPCODES = 1_500_000
 _SLOT = 8                 # a pointer: a stack or list slot, a tuple item
 _DICT_ITEM = 64           # a dict or set entry, growth included
 _OBJECT = 56              # a new container, float, large int or string header
-_RECORD = 320             # a TensorView or StorageRef with its fields
+_RECORD = 96              # a TensorView or StorageRef (slots) or an empty dict, pymalloc rounding included
+_CONTAINER = 256          # what any other REDUCE builds before its items (an empty set is 216 bytes)
+_MEMO_SLOT = 16           # a memo list slot, list growth included
 
 
 class _Walker:
     """Stack machine for the binary pickle opcodes (protocols 2 to 5).
 
-    Handlers are methods named in ``_OPCODES``; each reads its argument bytes
-    with :meth:`take`, which checks lengths *before* slicing, so no length field
-    can make us allocate more than the pickle itself.  The stack is one flat list
+    The opcodes torch.save writes are handled inline in :meth:`run`; the others by
+    methods named in ``_OPCODES``.  Both check lengths *before* slicing (the methods
+    through :meth:`take`), so no length field can make us allocate more than the
+    pickle itself.  The stack is one flat list
     and a MARK is an index into it (a new list per MARK let 10 MiB of MARK
     bytes cost 737 MB and 8.9 s).
     """
@@ -58,7 +62,10 @@ class _Walker:
         self.data, self.where, self.pos = data, where, 0
         self.stack: list[Any] = []
         self.marks: list[int] = []
-        self.memo: dict[int, Any] = {}  # a dict: a huge LONG_BINPUT index allocates nothing
+        # torch.save numbers memo entries 0, 1, 2, ...: those live in a list (8 bytes each); any
+        # other index goes to a dict, so a huge LONG_BINPUT index allocates nothing
+        self.memo: list[Any] = []
+        self.sparse_memo: dict[int, Any] = {}
         self.used = 0            # estimated bytes of objects created (see MAX_WALK_BYTES)
         self.opcodes = 0
         self.ops = {code: getattr(self, name) for code, name in _OPCODES.items()}
@@ -123,21 +130,148 @@ class _Walker:
         return found
 
     def run(self) -> Any:
+        # The opcodes of torch.save's protocol-2 pickle (30 per tensor) are handled inline, with
+        # the stack, memo, position and budget in locals: a method call per opcode made the walk
+        # 4.5 MB/s.  Every other opcode goes through its method with ``self.pos``/``self.used``
+        # synced around the call.  Each inline branch checks lengths before reading, as ``take``.
         data, ops, size = self.data, self.ops, len(self.data)
-        while self.pos < size:
-            code = data[self.pos]
-            self.pos += 1
-            handler = ops.get(code)
-            if handler is None:
-                raise self.fail(f"opcode {bytes([code])!r} at offset {self.pos - 1} is not supported")
-            if handler() is _STOP:
-                if len(self.stack) != 1 or self.marks:
-                    raise self.fail(f"STOP with {len(self.stack)} values on the stack")
-                return self.stack[0]
-            self.opcodes += 1
-            if self.opcodes > MAX_OPCODES:
-                raise self.fail(f"more than {MAX_OPCODES} opcodes (at offset {self.pos - 1}); a state dict "
-                                f"takes about 32 per tensor: refusing to walk further")
+        stack, marks, memo, sparse = self.stack, self.marks, self.memo, self.sparse_memo
+        push, u32_at, reducers = stack.append, _U32.unpack_from, REDUCERS
+        limit, max_opcodes = MAX_WALK_BYTES, MAX_OPCODES
+        pos, used, opcodes, nmemo = self.pos, self.used, self.opcodes, len(memo)
+        counting = size - pos + opcodes > max_opcodes
+        try:
+            while pos < size:
+                code = data[pos]
+                pos += 1
+                if code == 0x72:  # LONG_BINPUT
+                    if pos + 4 > size:
+                        raise self.fail(f"truncated: needs 4 bytes at offset {pos}, {size} in total")
+                    index = u32_at(data, pos)[0]
+                    pos += 4
+                    if index == nmemo:       # torch.save numbers its memo 0, 1, 2, ...: a list slot
+                        memo.append(stack[-1])
+                        nmemo += 1
+                        used += _MEMO_SLOT
+                    else:
+                        used += self.put_at(index, stack[-1])
+                elif code == 0x4B:  # BININT1
+                    if pos >= size:
+                        raise self.fail(f"truncated: needs 1 bytes at offset {pos}, {size} in total")
+                    push(data[pos])
+                    pos += 1
+                    used += _SLOT
+                elif code == 0x68:  # BINGET
+                    if pos >= size:
+                        raise self.fail(f"truncated: needs 1 bytes at offset {pos}, {size} in total")
+                    index = data[pos]
+                    pos += 1
+                    push(memo[index] if index < nmemo else self.get_at(index, pos))
+                    used += _SLOT
+                elif code == 0x28:  # MARK
+                    used += _OBJECT   # the int index and its slot
+                    marks.append(len(stack))
+                elif code == 0x58 or code == 0x8C:  # BINUNICODE, SHORT_BINUNICODE
+                    width = 4 if code == 0x58 else 1
+                    if pos + width > size:
+                        raise self.fail(f"truncated: needs {width} bytes at offset {pos}, {size} in total")
+                    length = u32_at(data, pos)[0] if width == 4 else data[pos]
+                    pos += width
+                    used += _SLOT + _OBJECT + length
+                    if used > limit:
+                        break   # refused below, before the string is made
+                    end = pos + length
+                    if end > size:
+                        raise self.fail(f"truncated: needs {length} bytes at offset {pos}, {size} in total")
+                    raw = data[pos:end]
+                    pos = end
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise self.fail(f"string at offset {pos - length} is not valid UTF-8") from None
+                    if not text.isascii():  # a non-ASCII str may be up to 4x the bytes
+                        used += max(0, sys.getsizeof(text) - _OBJECT - length)
+                    push(text)
+                elif code == 0x74 or code == 0x85 or code == 0x86 or code == 0x87:  # TUPLE, TUPLE1/2/3
+                    if code == 0x74:
+                        if not marks:
+                            raise self.fail(f"opcode at offset {pos - 1} needs a MARK and there is none")
+                        start = marks.pop()
+                    else:
+                        start = len(stack) - (code - 0x84)
+                        if start < 0:
+                            raise self.fail(f"TUPLE{code - 0x84} at offset {pos - 1} needs {code - 0x84} values "
+                                            f"on the stack")
+                    items = tuple(stack[start:])
+                    del stack[start:]
+                    used += _SLOT + _OBJECT + _SLOT * len(items)
+                    push(items)
+                elif code == 0x71:  # BINPUT
+                    if pos >= size:
+                        raise self.fail(f"truncated: needs 1 bytes at offset {pos}, {size} in total")
+                    index = data[pos]
+                    pos += 1
+                    if index == nmemo:
+                        memo.append(stack[-1])
+                        nmemo += 1
+                        used += _MEMO_SLOT
+                    else:
+                        used += self.put_at(index, stack[-1])
+                elif code == 0x6A:  # LONG_BINGET
+                    if pos + 4 > size:
+                        raise self.fail(f"truncated: needs 4 bytes at offset {pos}, {size} in total")
+                    index = u32_at(data, pos)[0]
+                    pos += 4
+                    push(memo[index] if index < nmemo else self.get_at(index, pos))
+                    used += _SLOT
+                elif code == 0x89 or code == 0x88 or code == 0x4E or code == 0x29:  # NEWFALSE/TRUE, NONE, ()
+                    push(_CONSTANTS[code])
+                    used += _SLOT
+                elif code == 0x52 and len(stack) >= 2 and type(stack[-2]) is Global and type(stack[-1]) is tuple \
+                        and len(stack[-1]) != 1 and stack[-2].qualname in _RECORD_REDUCERS:
+                    # REDUCE building a tensor record or an empty dict; other calls (which may copy
+                    # an argument) are charged by ``reduce``
+                    used += _RECORD + _SLOT + _OBJECT
+                    if used > limit:
+                        break
+                    args = stack.pop()
+                    self.pos, self.used = pos, used
+                    stack[-1] = reducers[stack[-1].qualname](self, args)
+                    used = self.used
+                elif code == 0x51 and stack and type(stack[-1]) is tuple and len(stack[-1]) == 5:  # BINPERSID
+                    tag, storage_type, key, location, numel = stack[-1]
+                    if not (tag == "storage" and type(storage_type) is Global and storage_type.is_storage_type
+                            and storage_type.dtype and type(key) is str and type(location) is str
+                            and type(numel) is int and numel >= 0):
+                        self.pos = pos
+                        self.binpersid()   # raises, naming what is wrong
+                    used += _RECORD
+                    if used > limit:
+                        break
+                    stack[-1] = StorageRef(key, storage_type.dtype, location, numel)
+                else:
+                    self.pos, self.used = pos, used
+                    handler = ops.get(code)
+                    if handler is None:
+                        raise self.fail(f"opcode {bytes([code])!r} at offset {pos - 1} is not supported")
+                    if handler() is _STOP:
+                        if len(stack) != 1 or marks:
+                            raise self.fail(f"STOP with {len(stack)} values on the stack")
+                        return stack[0]
+                    pos, used, nmemo = self.pos, self.used, len(memo)
+                if used > limit:
+                    break
+                if counting:   # each opcode is at least a byte: a shorter pickle cannot pass the limit
+                    opcodes += 1
+                    if opcodes > max_opcodes:
+                        raise self.fail(f"more than {max_opcodes} opcodes (at offset {pos - 1}); a state dict "
+                                        f"takes about 32 per tensor: refusing to walk further")
+        finally:
+            self.pos, self.opcodes = pos, opcodes
+            self.used = max(self.used, used)
+        if used > limit:
+            self.used = 0
+            self.charge(used)  # raises the budget's refusal, naming the offset
         raise self.fail("pickle ends without a STOP opcode (truncated)")
 
     # -- framing, stack and constants ------------------------------------------------
@@ -166,10 +300,6 @@ class _Walker:
         self.charge(_SLOT)
         self.push(self.stack[-1])
 
-    def constant(self) -> None:  # NONE, NEWTRUE, NEWFALSE, EMPTY_TUPLE
-        self.charge(_SLOT)
-        self.push(_CONSTANTS[self.data[self.pos - 1]])
-
     def number(self) -> None:  # BININT, BININT1, BININT2, BINFLOAT
         value = self.unpack(_NUMBER_FORMATS[self.data[self.pos - 1]])
         self.charge(_SLOT if type(value) is int and -5 <= value <= 256 else _SLOT + _OBJECT)  # small ints are shared
@@ -193,19 +323,6 @@ class _Walker:
             self.stack.append(raw)
 
     # -- containers ------------------------------------------------------------------
-    def tuple_op(self) -> None:
-        items = self.pop_mark()
-        self.charge(_SLOT * len(items))
-        self.push(tuple(items), container=True)
-
-    def tuple_n(self) -> None:  # TUPLE1, TUPLE2, TUPLE3
-        n = self.data[self.pos - 1] - 0x84
-        if len(self.stack) < n:
-            raise self.fail(f"TUPLE{n} at offset {self.pos - 1} needs {n} values on the stack")
-        items = tuple(self.stack[-n:])
-        del self.stack[-n:]
-        self.push(items, container=True)
-
     def empty_container(self) -> None:  # EMPTY_LIST, EMPTY_DICT, EMPTY_SET
         self.push(_EMPTY[self.data[self.pos - 1]](), container=True)
 
@@ -243,21 +360,25 @@ class _Walker:
             raise self.fail(f"opcode {bytes([code])!r} adds items to a {type(target).__name__}")
 
     # -- memo --------------------------------------------------------------------------
-    def put(self) -> None:  # BINPUT, LONG_BINPUT
-        index = self.unpack(_U8 if self.data[self.pos - 1] == 0x71 else _U32)  # BINPUT "q"
-        self.charge(_DICT_ITEM + _OBJECT)   # the entry and its int key
-        self.memo[index] = self.stack[-1]
+    def put_at(self, index: int, value: Any) -> int:
+        """A memo store out of sequence; returns the bytes to charge."""
+        if index < len(self.memo):
+            self.memo[index] = value
+            return 0
+        self.sparse_memo[index] = value
+        return _DICT_ITEM + _OBJECT
 
-    def memoize(self) -> None:
-        self.charge(_DICT_ITEM + _OBJECT)
-        self.memo[len(self.memo)] = self.stack[-1]
+    def get_at(self, index: int, pos: int) -> Any:
+        """A memo read past the sequential entries."""
+        if index in self.sparse_memo:
+            return self.sparse_memo[index]
+        raise self.fail(f"memo entry {index} read at offset {pos} was never stored")
 
-    def get(self) -> None:  # BINGET, LONG_BINGET
-        index = self.unpack(_U8 if self.data[self.pos - 1] == 0x68 else _U32)  # BINGET "h"
-        if index not in self.memo:
-            raise self.fail(f"memo entry {index} read at offset {self.pos} was never stored")
-        self.charge(_SLOT)
-        self.push(self.memo[index])
+    def memoize(self) -> None:  # MEMOIZE (protocol 4): the next index
+        if self.sparse_memo:
+            raise self.fail(f"MEMOIZE at offset {self.pos - 1} after a memo index out of sequence")
+        self.charge(_MEMO_SLOT)
+        self.memo.append(self.stack[-1])
 
     # -- globals, calls, persistent ids ------------------------------------------------
     def global_op(self) -> None:
@@ -298,7 +419,7 @@ class _Walker:
             raise self.fail(f"arguments of {func.qualname} are a {type(args).__name__}, not a tuple")
         # what a handler builds: a record, or a copy of its argument (a dict, set, tuple or bytes)
         source = args[0] if len(args) == 1 and isinstance(args[0], (dict, list, tuple, str)) else ()
-        self.charge(_RECORD + _DICT_ITEM * len(source) + (len(source) if isinstance(source, str) else 0))
+        self.charge(_CONTAINER + _DICT_ITEM * len(source) + (len(source) if isinstance(source, str) else 0))
         self.push(handler(self, args), container=True)
 
     def build(self) -> None:
@@ -313,6 +434,9 @@ class _Walker:
 
 
 _STOP = object()
+#: REDUCE targets whose result is a record (or an empty dict, or its argument): within _RECORD
+_RECORD_REDUCERS = frozenset(name for name in REDUCERS if name.startswith("torch.") and name != "torch.Size") | {
+    "collections.OrderedDict"}
 _U8, _U16, _U32, _I32, _U64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<i", "<Q"))
 _LENGTH_FORMATS = {ord("X"): _U32, 0x8C: _U8, 0x8D: _U64, ord("B"): _U32, ord("C"): _U8, 0x8E: _U64,
                    0x96: _U64, 0x8A: _U8, 0x8B: _I32}
@@ -323,10 +447,10 @@ _EMPTY: dict[int, Callable[[], Any]] = {ord("]"): list, ord("}"): dict, 0x8F: se
 _OPCODES: dict[int, str] = {}  # opcode -> name of the _Walker method that handles it
 for _method, _codes in {
     "proto": b"\x80", "frame": b"\x95", "stop": b".", "mark": b"(", "pop": b"0", "pop_mark": b"1", "dup": b"2",
-    "constant": b"N\x88\x89)", "number": b"JKMG", "long": b"\x8a\x8b", "string": b"X\x8c\x8dBC\x8e\x96",
-    "tuple_op": b"t", "tuple_n": b"\x85\x86\x87", "empty_container": b"]}\x8f", "frozenset_op": b"\x91",
-    "setitem": b"s", "setitems": b"u", "append": b"ae\x90", "put": b"qr", "memoize": b"\x94",
-    "get": b"hj", "global_op": b"c", "stack_global": b"\x93", "binpersid": b"Q", "reduce": b"R", "build": b"b",
+    "number": b"JMG", "long": b"\x8a\x8b", "string": b"\x8dBC\x8e\x96",
+    "empty_container": b"]}\x8f", "frozenset_op": b"\x91",
+    "setitem": b"s", "setitems": b"u", "append": b"ae\x90", "memoize": b"\x94",
+    "global_op": b"c", "stack_global": b"\x93", "binpersid": b"Q", "reduce": b"R", "build": b"b",
 }.items():
     _OPCODES.update(dict.fromkeys(_codes, _method))
 

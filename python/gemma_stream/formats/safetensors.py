@@ -14,7 +14,7 @@ import struct
 
 from ..dtypes import from_safetensors
 from ..errors import CheckpointError
-from .records import Checkpoint, CheckpointFile, TensorRecord, check_shape
+from .records import Checkpoint, CheckpointFile, TensorRecord, check_shape, gc_paused
 from .torch_globals import describe
 
 __all__ = ["read_safetensors", "read_header", "read_header_file", "parse_json", "check_text", "not_a_checkpoint",
@@ -141,6 +141,11 @@ def _record(path: str, name: str, entry, data_start: int, data_len: int) -> tupl
 
 def read_safetensors(path: str) -> Checkpoint:
     """Parse and validate one safetensors file."""
+    with gc_paused():
+        return _read_safetensors(path)
+
+
+def _read_safetensors(path: str) -> Checkpoint:
     header, data_start, file_size, path = read_header_file(os.path.abspath(path))
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata   # an empty list or string is refused, as safetensors does

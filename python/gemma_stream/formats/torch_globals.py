@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 __all__ = ["Global", "StorageRef", "TensorView", "ALLOWED", "REDUCERS", "SCALARS", "Interpreter", "describe"]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Global:
     """An allowlisted global, by qualified name; ``dtype`` for storage types and dtypes."""
 
@@ -34,7 +34,7 @@ class Global:
     is_storage_type: bool = False
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class StorageRef:
     """A persistent id ``('storage', type, key, location, numel)``: bytes in ``data/<key>``.
 
@@ -47,7 +47,7 @@ class StorageRef:
     numel: int
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class TensorView:
     """What ``_rebuild_tensor_v2/v3`` would build: a strided view of one storage.
 
@@ -138,11 +138,17 @@ class Interpreter(Protocol):
 
     def hashable(self, key: Any) -> Any: ...
 
+    def charge(self, nbytes: int) -> None: ...
+
 
 # -- REDUCE handlers: our own code computing inert values, one per allowlisted callable --
 def _int_tuple(w: Interpreter, value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int for v in value):
+    # map/count run in C: a generator over the items cost as much as the rest of the rebuild
+    if not isinstance(value, (tuple, list)) or tuple(map(type, value)).count(int) != len(value):
         raise w.fail(f"tensor {what} {describe(value)} is not a tuple of integers")
+    if type(value) is tuple:
+        return value
+    w.charge(64 + 8 * len(value))   # the copy of a list
     return tuple(value)
 
 
@@ -204,6 +210,7 @@ def _codecs_encode(w: Interpreter, args: tuple) -> bytes:
     # protocol 2 pickles bytes as _codecs.encode(text, "latin1")
     if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
         raise w.fail(f"_codecs.encode called with {describe(args)}")
+    w.charge(48 + len(args[0]))   # the bytes copy of the text
     return args[0].encode("latin1")
 
 

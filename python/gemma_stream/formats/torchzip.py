@@ -15,7 +15,9 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import os
 import struct
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import Any
 from .. import fileio
 from ..errors import CheckpointError
 from .pickle_walker import StorageRef, TensorView, describe, walk_pickle
-from .records import Checkpoint, CheckpointFile, TensorRecord, check_shape, contiguous_strides
+from .records import Checkpoint, CheckpointFile, TensorRecord, check_shape, contiguous_strides, gc_paused
 from .safetensors import not_a_checkpoint
 
 __all__ = ["read_torchzip", "ZipEntry", "read_zip_directory", "payload_offset", "STATE_DICT_KEYS"]
@@ -245,8 +247,39 @@ def _flatten(node: dict, prefix: str, depth: int, tensors: dict[str, TensorView]
 
 def _record(path: str, name: str, view: TensorView, payload: int) -> TensorRecord:
     """The record of one view, after checking it lies inside its storage's declared numel."""
+    size, stride, offset = view.size, view.stride, view.storage_offset
+    ndim = len(size)
+    # min/max over the tuples run in C: generator checks per dimension were a third of a
+    # many-tensor read.  The messages below are built only on failure.
+    if ndim != len(stride) or offset < 0 or offset >= 1 << 63 or (ndim and (
+            min(size) < 0 or min(stride) < 0 or max(stride) >= 1 << 63 or max(size) >= 1 << 63)):
+        _refuse_view(path, name, view)
+    itemsize = view.dtype.itemsize
+    numel = math.prod(size)
+    if ndim > 1 or numel * itemsize >= 1 << 63:
+        check_shape(size, itemsize, f"{path}: tensor {name!r}", path, name)
+    capacity = view.storage.numel * view.storage.dtype.itemsize // itemsize
+    if numel == 0:
+        byte_offset = payload  # nothing is read; keep the offset inside the file for range checks
+    else:
+        needed = offset + 1 + (sum(map(operator.mul, map(operator.sub, size, _ONES), stride)) if ndim else 0)
+        if needed > capacity:
+            raise CheckpointError(
+                f"{path}: tensor {name!r}: storage {view.storage.key!r} holds {capacity} elements but the view "
+                f"needs {needed}", path=path, tensor=name)
+        byte_offset = payload + offset * itemsize
+    contiguous = numel == 0 or ndim <= 1 and (not ndim or stride[0] == 1 or size[0] == 1) or \
+        all(s == w or n == 1 for n, s, w in zip(size, stride, contiguous_strides(size)))
+    return TensorRecord(name=name, dtype=view.dtype, shape=size, file=path, byte_offset=byte_offset,
+                        strides=None if contiguous else stride, storage=view.storage.key)
+
+
+_ONES = itertools.repeat(1)   # map() stops at the shortest iterable
+
+
+def _refuse_view(path: str, name: str, view: TensorView) -> None:
     where = f"{path}: tensor {name!r}"
-    key, size, stride, offset = view.storage.key, view.size, view.stride, view.storage_offset
+    size, stride, offset = view.size, view.stride, view.storage_offset
     if len(size) != len(stride):
         raise CheckpointError(f"{where}: size {describe(list(size))} and stride {describe(list(stride))} differ in length",
                               path=path, tensor=name)
@@ -254,26 +287,9 @@ def _record(path: str, name: str, view: TensorView, payload: int) -> TensorRecor
         raise CheckpointError(f"{where}: negative size, stride or storage offset "
                               f"(size {describe(list(size))}, stride {describe(list(stride))}, offset {describe(offset)})",
                               path=path, tensor=name)
-    itemsize = view.dtype.itemsize
-    numel = math.prod(size)
-    check_shape(size, itemsize, where, path, name)
-    if any(s >= 1 << 63 for s in stride) or offset >= 1 << 63:
-        raise CheckpointError(f"{where}: stride {describe(list(stride))} or storage offset {describe(offset)} is beyond "
-                              f"64 bits", path=path, tensor=name)
-    capacity = view.storage.numel * view.storage.dtype.itemsize // itemsize
-    if numel == 0:
-        byte_offset = payload  # nothing is read; keep the offset inside the file for range checks
-    else:
-        needed = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
-        if needed > capacity:
-            raise CheckpointError(
-                f"{where}: storage {key!r} holds {capacity} elements but the view needs {needed}", path=path,
-                tensor=name)
-        byte_offset = payload + offset * itemsize
-    want = contiguous_strides(size)
-    contiguous = numel == 0 or all(s == w or n == 1 for n, s, w in zip(size, stride, want))
-    return TensorRecord(name=name, dtype=view.dtype, shape=size, file=path, byte_offset=byte_offset,
-                        strides=None if contiguous else stride, storage=key)
+    check_shape(size, view.dtype.itemsize, where, path, name)
+    raise CheckpointError(f"{where}: stride {describe(list(stride))} or storage offset {describe(offset)} is beyond "
+                          f"64 bits", path=path, tensor=name)
 
 
 def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: str,
@@ -336,7 +352,11 @@ def read_torchzip(path: str, key: str | None = None) -> Checkpoint:
         [(r.name, r.dtype, r.shape) for r in ckpt.records]
         ckpt.extras  # e.g. {"epoch": "3"}
     """
-    path = os.path.abspath(os.fspath(path))
+    with gc_paused():   # tens of objects per tensor and no cycles (records.gc_paused)
+        return _read_torchzip(os.path.abspath(os.fspath(path)), key)
+
+
+def _read_torchzip(path: str, key: str | None) -> Checkpoint:
     try:
         fd = fileio.open_read(path)
     except OSError as e:
