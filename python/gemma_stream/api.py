@@ -20,6 +20,7 @@ from .executors import RunResult, get_executor, run_plan_jobs
 from .mapped import FileViews, Prefetch
 from .fileio import platform_cache_policy
 from .formats import Checkpoint, open_checkpoint
+from .formats.records import gc_paused
 from .modules import materialize, meta_tensors, quant_targets, run_post_load_hooks, same_kind, swap_tensors
 from .plan import CACHE_POLICIES, Plan, Rename, Route, choose_cache, make_plan, normalize_rename, zero_copy_jobs
 from .progress import Progress, progress_callback
@@ -166,6 +167,7 @@ def _unfilled_meta(model: torch.nn.Module, plan: Plan, targets: dict[str, torch.
 
 # ---------------------------------------------------------------- public API
 
+@gc_paused()  # a load makes many acyclic objects (records, jobs): no collections during it
 def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, rename: Rename = None,
               device: str | torch.device | None = None, threads: int | None = None, backend: str = "auto",
               progress: Progress = None, state_dict_key: str | None = None, quantize: str | None = None,
@@ -255,6 +257,7 @@ class StateDict(dict):
     report: LoadReport
 
 
+@gc_paused()
 def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", keys=None, rename: Rename = None,
                     threads: int | None = None, backend: str = "auto", progress: Progress = False,

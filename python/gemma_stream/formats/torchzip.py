@@ -225,7 +225,7 @@ def _select_state_dict(path: str, tree: Any, key: str | None) -> tuple[dict, str
         if isinstance(tree.get(candidate), dict):
             return tree[candidate], candidate
     raise CheckpointError(f"{path}: no state dict found (no tensors at the top level and none of "
-                          f"{', '.join(STATE_DICT_KEYS)}); top-level keys: {available}; pass key=")
+                          f"{', '.join(STATE_DICT_KEYS)}); top-level keys: {available}; pass state_dict_key=")
 
 
 def _flatten(node: dict, prefix: str, depth: int, tensors: dict[str, TensorView], extras: dict[str, str],
