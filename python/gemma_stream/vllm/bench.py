@@ -103,6 +103,7 @@ def _child(model_dir: str, load_format: str, extra: dict) -> dict:
             figures["load_s"] = time.perf_counter() - start
             figures["peak_mib"] = (status("VmHWM") - before) / 2**20
             figures["path"] = getattr(self, "last_path", "") or "default"
+            figures.update(getattr(self, "last_split", {}))
         return wrapper
 
     DefaultModelLoader.load_weights = timed(DefaultModelLoader.load_weights)
