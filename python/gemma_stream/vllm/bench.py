@@ -7,7 +7,10 @@ Each measurement is a fresh process running ``LLM(...)`` with the engine in-proc
 * ``llm_s``: the whole ``LLM()`` construction (model init, load, profiling, KV cache),
 * ``peak_mib``: the process's peak RSS during ``load_weights`` above its RSS just before
   (``VmHWM`` reset through ``/proc/self/clear_refs``): the parameters written plus what
-  the loader keeps mapped or loaded besides them.
+  the loader keeps mapped or loaded besides them;
+* streaming only, the split of ``load_s``: ``read_wait_s``, the time vLLM's ``load_weights``
+  waited for gemma_stream's next window, and ``load_weights_s``, the rest (vLLM's own work:
+  its weight loaders copying each tensor into its parameter).
 
 The checkpoint is a Gemma-shaped random model (bf16, vocabulary 32000, hidden 2048,
 MQA with head_dim 256, MLP 8192), saved as safetensors and as a torch zip ``.bin``.
@@ -149,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         for loader in args.loaders.split(","):
             runs = [_run_child(model_dir, loader) for _ in range(args.repeat)]
             row = {"format": fmt, "loader": loader, "path": runs[0]["path"], "gb": size / 1e9, "runs": runs}
-            for key in ("load_s", "llm_s", "peak_mib"):
-                row[key] = statistics.median(r[key] for r in runs)
+            for key in ("load_s", "llm_s", "peak_mib", "read_wait_s", "load_weights_s"):
+                if all(key in r for r in runs):
+                    row[key] = statistics.median(r[key] for r in runs)
             rows.append(row)
+            split = (f"   (waiting for reads {row['read_wait_s']:.2f} s, vLLM load_weights {row['load_weights_s']:.2f} s)"
+                     if "read_wait_s" in row else "")
             print(f"{fmt:12s} {loader:10s} load {row['load_s']:6.2f} s   LLM() {row['llm_s']:6.2f} s   "
-                  f"peak +{row['peak_mib']:7.0f} MiB   ({row['gb']:.2f} GB, {len(runs)} run(s))", flush=True)
+                  f"peak +{row['peak_mib']:7.0f} MiB   ({row['gb']:.2f} GB, {len(runs)} run(s)){split}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"layers": args.layers, "rows": rows}, f, indent=1)
