@@ -295,10 +295,16 @@ def test_mmap_mode_torch_zip_views_and_shared_storage(tmp_path, backend):
     path = tmp_path / "pytorch_model.bin"
     torch.save(state, path)
     reference = torch.load(path, weights_only=True)
-    got = list(gs.iter_tensors(path, mode="mmap", window_bytes=2048, backend=backend))
-    assert {n for n, _ in got} == set(reference)
-    for name, tensor in got:   # the strided view is copied (contiguous), the others are views
-        assert tensor.is_contiguous() and torch.equal(tensor, reference[name]), name
+    # windows of one tensor each, and one window for all: "rows" ends before "weight", which precedes it
+    for window in (2048, 1 << 20):
+        got = list(gs.iter_tensors(path, mode="mmap", window_bytes=window, backend=backend))
+        assert {n for n, _ in got} == set(reference)
+        for name, tensor in got:   # the strided view is copied (contiguous), the others are views
+            assert tensor.is_contiguous() and torch.equal(tensor, reference[name]), name
+    # the last tensor of the window is not the one that ends last: the mapping must still cover both
+    torch.save({"weight": base, "rows": base[10:20]}, path)
+    got = dict(gs.iter_tensors(path, mode="mmap", backend=backend))
+    assert torch.equal(got["weight"], base) and torch.equal(got["rows"], base[10:20])
 
 
 def test_mmap_mode_file_truncated_after_validation(tmp_path, backend):

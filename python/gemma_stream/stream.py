@@ -193,8 +193,9 @@ def _windows(items: list[_Item], slab_bytes: int) -> list[list[_Item]]:
     size = 0
     for item in items:
         if out and item.mapped and out[-1][0].mapped and out[-1][0].record.file == item.record.file:
-            first = out[-1][0].record.byte_offset
-            grown = item.record.byte_offset + item.nbytes - first
+            # items come by offset, but a torch zip view may end before the storage that precedes it
+            start, end = _span(out[-1])
+            grown = max(end, item.record.byte_offset + item.nbytes) - start
             if grown <= slab_bytes:
                 out[-1].append(item)
                 size = grown
@@ -206,6 +207,11 @@ def _windows(items: list[_Item], slab_bytes: int) -> list[list[_Item]]:
         out.append([item])
         size = item.nbytes if item.mapped else _aligned(item.nbytes)
     return out
+
+
+def _span(window: list[_Item]) -> tuple[int, int]:
+    """The file bytes ``[start, end)`` a mapped window covers (its items are in offset order)."""
+    return window[0].record.byte_offset, max(item.record.byte_offset + item.nbytes for item in window)
 
 
 def _items(ckpt: Checkpoint, *, dtype: torch.dtype | None, keys, rename: Rename, mapped: bool) -> list[_Item]:
@@ -267,8 +273,7 @@ class _Reader(threading.Thread):
     def _map(self, window: list[_Item]) -> list[tuple[str, torch.Tensor]] | None:
         """The window's tensors as views of one private mapping of their bytes (None when closed)."""
         path = window[0].record.file
-        start = window[0].record.byte_offset
-        end = window[-1].record.byte_offset + window[-1].nbytes
+        start, end = _span(window)
         base = start - start % mmap.ALLOCATIONGRANULARITY
         fd = open_validated(path)     # the validated file, not one renamed over it since
         try:
