@@ -118,6 +118,45 @@ def _child(model_dir: str, load_format: str, extra: dict) -> dict:
     return figures
 
 
+def _reloads(model_dir: str, rounds: int) -> dict:
+    """In one process, after ``LLM()`` has loaded the model once (direct path): load it again
+    ``rounds`` times each way, interleaved, into the same (already touched) parameters, timing
+    ``direct``, ``streaming`` (mapped windows), ``streaming_copy`` (windows read into buffers) and
+    ``vllm_only``: vLLM's ``load_weights`` fed tensors already in memory, the floor of any loader that
+    goes through it.  Returns seconds per way, per round."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    from ..formats import open_checkpoint
+    from ..stream import stream_checkpoint
+    from .loader import GemmaStreamLoader
+
+    times: dict[str, list[float]] = {}
+    load_weights = GemmaStreamLoader.load_weights
+
+    def reload(self, model, model_config):
+        load_weights(self, model, model_config)
+        ckpt = open_checkpoint(model_dir)
+        for _ in range(rounds):
+            for way in ("direct", "streaming", "streaming_copy", "vllm_only"):
+                start = time.perf_counter()
+                if way == "direct":
+                    self._load_direct(model, ckpt)
+                elif way == "vllm_only":
+                    ready = [(name, tensor.clone()) for name, tensor in stream_checkpoint(ckpt)]
+                    start = time.perf_counter()
+                    model.load_weights(iter(ready))
+                    del ready
+                else:
+                    model.load_weights(stream_checkpoint(ckpt, mode="mmap" if way == "streaming" else "copy"))
+                times.setdefault(way, []).append(time.perf_counter() - start)
+
+    GemmaStreamLoader.load_weights = reload
+    LLM(model=model_dir, load_format="gemma_stream", model_loader_extra_config={"path": "direct"}, dtype="bfloat16",
+        skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=2, seed=0)
+    return times
+
+
 def _run_child(model_dir: str, loader: str) -> dict:
     load_format, extra = LOADERS[loader]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
@@ -139,8 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--root", default="benchmarks/out/vllm", help="where the checkpoints are written (kept)")
     parser.add_argument("--json", default="benchmarks/out/vllm_bench.json")
+    parser.add_argument("--reloads", type=int, default=0, metavar="N",
+                        help="instead: per format, one process reloads the model N times each way (direct, "
+                             "streaming mapped / copied, vLLM's load_weights from memory) and prints medians")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.reloads:
+        for fmt in args.formats.split(","):
+            times = _reloads(make_checkpoint(args.root, args.layers, fmt), args.reloads)
+            print(f"{fmt:12s} " + "   ".join(f"{way} {statistics.median(t):.3f} s" for way, t in times.items()) +
+                  f"   (medians of {args.reloads})", flush=True)
+            print("RELOADS " + json.dumps({"format": fmt, "layers": args.layers, "seconds": times}), flush=True)
+        return 0
     if args.child:
         figures = _child(args.child[0], args.child[1], json.loads(args.child[2]))
         print("FIGURES " + json.dumps(figures), flush=True)
