@@ -14,8 +14,8 @@ freed: gemma_stream copies nothing, and the caller's own copy (vLLM's weight
 loaders copy every tensor into its parameter) is the only pass over the bytes.
 
 Memory: the tensors of a window are views of one buffer of half of
-``window_bytes`` (or of one mapping of at most that size), counted from the moment it is taken until the last of its
-tensors is freed (a finalizer), so tensors the caller drops promptly give the
+``window_bytes`` (or of one mapping of at most that size), counted from the
+moment it is taken until the last of its tensors is freed (a finalizer), so tensors the caller drops promptly give the
 buffer back at once (it is reused for a later window, without fresh page
 faults) and tensors the caller keeps stall the read-ahead.  One window is read
 while the previous one is consumed.  A tensor larger than half the window is
@@ -190,22 +190,21 @@ def _windows(items: list[_Item], slab_bytes: int) -> list[list[_Item]]:
     """Consecutive items that fit one slab each (a larger item is a window of its own).  A mapped
     window holds mapped items of one file only, and its size is the span of the file it maps."""
     out: list[list[_Item]] = []
-    size = 0
+    size = end = 0       # bytes of the current window; for a mapped one, the file offset where it ends
     for item in items:
+        item_end = item.record.byte_offset + item.nbytes
         if out and item.mapped and out[-1][0].mapped and out[-1][0].record.file == item.record.file:
             # items come by offset, but a torch zip view may end before the storage that precedes it
-            start, end = _span(out[-1])
-            grown = max(end, item.record.byte_offset + item.nbytes) - start
-            if grown <= slab_bytes:
+            if max(end, item_end) - out[-1][0].record.byte_offset <= slab_bytes:
                 out[-1].append(item)
-                size = grown
+                end = max(end, item_end)
                 continue
         elif out and not item.mapped and not out[-1][0].mapped and size + _aligned(item.nbytes) <= slab_bytes:
             out[-1].append(item)
             size += _aligned(item.nbytes)
             continue
         out.append([item])
-        size = item.nbytes if item.mapped else _aligned(item.nbytes)
+        size, end = _aligned(item.nbytes), item_end
     return out
 
 
