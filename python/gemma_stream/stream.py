@@ -334,6 +334,9 @@ def iter_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None, k
     this saves one pass over the checkpoint.  The window bound holds the same
     way: a window's mapping is unmapped when its last tensor is freed.
 
+    The returned :class:`TensorStream` also says, as ``waited_seconds``, how
+    long the caller waited for reads (what the read-ahead did not hide).
+
     >>> for name, tensor in gs.iter_tensors("model.safetensors", dtype=torch.bfloat16):
     ...     print(name, tensor.shape)
     >>> total = sum(t.numel() for _, t in gs.iter_tensors("model.safetensors", mode="mmap"))
@@ -366,7 +369,12 @@ def stream_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, key
 
 class TensorStream:
     """The iterator ``iter_tensors`` returns; ``waited_seconds`` says how long the caller waited for
-    reads (the part of the stream's time its read-ahead did not hide)."""
+    reads (the part of the stream's time its read-ahead did not hide).
+
+    >>> stream = gs.iter_tensors("model.safetensors")
+    >>> model.load_weights(stream)
+    >>> print(f"waited {stream.waited_seconds:.2f} s for reads")
+    """
 
     def __init__(self, reader: _Reader, budget: _Budget):
         self._budget = budget
