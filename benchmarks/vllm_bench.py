@@ -2,6 +2,7 @@
 
     python benchmarks/vllm_bench.py                  # 0.97 GB Gemma shape, safetensors and .bin
     python benchmarks/vllm_bench.py --layers 18      # 2.28 GB
+    python benchmarks/vllm_bench.py --reloads 7      # in one process: direct vs streaming vs vLLM alone
 """
 
 import sys

@@ -187,12 +187,12 @@ CHILD = textwrap.dedent("""
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
 
-    path, backend, window, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    path, backend, window, how, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
     base = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:   # VmHWM := VmRSS now
         f.write("5")
     count, kept = 0, []
-    for name, tensor in gs.iter_tensors(path, window_bytes=window, backend=backend):
+    for name, tensor in gs.iter_tensors(path, window_bytes=window, backend=backend, mode=mode):
         assert float(tensor.sum()) == float(tensor.sum()), name   # touches every byte (not NaN)
         count += 1
         if how == "keep":
@@ -214,21 +214,23 @@ def window_checkpoints(tmp_path_factory):
     return {"small": str(small), "mixed": str(mixed)}
 
 
-def _peak(path, backend, window, how="stream") -> dict:
+def _peak(path, backend, window, how="stream", mode="copy") -> dict:
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(gs.__file__)))
-    out = subprocess.run([sys.executable, "-c", CHILD, path, backend, str(window), how], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, path, backend, str(window), how, mode], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_peak_memory_within_the_window(window_checkpoints, backend):
+@pytest.mark.parametrize("mode", ["copy", "mmap"])
+def test_peak_memory_within_the_window(window_checkpoints, backend, mode):
     window = 16 << 20
-    result = _peak(window_checkpoints["small"], backend, window)
+    result = _peak(window_checkpoints["small"], backend, window, mode=mode)
     assert result["count"] == 16
     assert result["peak"] <= window + (64 << 20), result
-    # the measurement can see a violation: keeping every tensor holds the whole 128 MiB file
-    kept = _peak(window_checkpoints["small"], backend, window, how="keep")
+    # the measurement can see a violation: keeping every tensor holds the whole 128 MiB file (mapped
+    # pages count in the resident set as allocated ones do)
+    kept = _peak(window_checkpoints["small"], backend, window, how="keep", mode=mode)
     assert kept["peak"] >= 120 << 20, kept
 
 
@@ -250,3 +252,84 @@ def test_window_buffers_are_reused(tmp_path, backend, monkeypatch):
         assert float(tensor[0, 0]) == float(name[1:])
     # 8 windows of 4 x 1 MiB: two buffers, each refilled once the caller has dropped its tensors
     assert len(allocations) == 2, allocations
+
+
+# ---------------------------------------------------------------- mode="mmap"
+
+def test_mmap_mode_views_the_file_and_copies_what_needs_work(tmp_path, backend):
+    sd = mixed_state()
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    for window in (1, 64 << 10, 64 << 20):
+        got = list(gs.iter_tensors(path, mode="mmap", window_bytes=window, backend=backend))
+        assert [n for n, _ in got] == by_offset(path)
+        for name, tensor in got:
+            assert tensor.dtype == sd[name].dtype and torch.equal(tensor, sd[name]), name
+    # a write to a mapped tensor stays in this process: the file is unchanged
+    stream = gs.iter_tensors(path, mode="mmap", keys=["y.big"], backend=backend)
+    (_, big), = list(stream)
+    big.fill_(7.0)
+    assert torch.equal(load_file(str(path))["y.big"], sd["y.big"])
+    # converted tensors are copies: only the float ones change dtype, and the values are torch's
+    for name, tensor in gs.iter_tensors(path, mode="mmap", dtype=torch.float16, backend=backend):
+        want = sd[name].to(torch.float16) if sd[name].is_floating_point() else sd[name]
+        assert tensor.dtype == want.dtype and torch.equal(tensor, want), name
+
+
+def test_mmap_mode_shares_no_pages_with_the_next_window(tmp_path, backend):
+    """Mapped windows are unmapped as their tensors go: what the caller keeps stays correct while
+    later windows are mapped and dropped."""
+    sd = {f"t{i:02d}": torch.full((128, 128), float(i)) for i in range(12)}   # 64 KiB each
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    kept = [t for i, (_, t) in enumerate(gs.iter_tensors(path, mode="mmap", window_bytes=160 << 10,
+                                                          backend=backend)) if i % 3 == 0]
+    assert [float(t.mean()) for t in kept] == [0.0, 3.0, 6.0, 9.0]
+
+
+def test_mmap_mode_torch_zip_views_and_shared_storage(tmp_path, backend):
+    torch.manual_seed(1)
+    base = torch.randn(40, 30)
+    state = {"weight": base, "tied": base, "transposed": base.t(), "rows": base[10:20],
+             "half": torch.randn(7, 3).half()}
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path)
+    reference = torch.load(path, weights_only=True)
+    # windows of one tensor each, and one window for all: "rows" ends before "weight", which precedes it
+    for window in (2048, 1 << 20):
+        got = list(gs.iter_tensors(path, mode="mmap", window_bytes=window, backend=backend))
+        assert {n for n, _ in got} == set(reference)
+        for name, tensor in got:   # the strided view is copied (contiguous), the others are views
+            assert tensor.is_contiguous() and torch.equal(tensor, reference[name]), name
+    # the last tensor of the window is not the one that ends last: the mapping must still cover both
+    torch.save({"weight": base, "rows": base[10:20]}, path)
+    got = dict(gs.iter_tensors(path, mode="mmap", backend=backend))
+    assert torch.equal(got["weight"], base) and torch.equal(got["rows"], base[10:20])
+
+
+def test_mmap_mode_file_truncated_after_validation(tmp_path, backend):
+    sd = {f"t{i}": torch.randn(256, 256) for i in range(8)}
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    stream = gs.iter_tensors(path, mode="mmap", window_bytes=512 << 10, backend=backend)
+    os.truncate(path, os.path.getsize(path) - (3 << 18))
+    with pytest.raises(gs.CheckpointError, match="m.safetensors"):
+        for _ in stream:
+            pass
+    assert not [t for t in threading.enumerate() if t.name == "gemma_stream_iter"]
+
+
+def test_mmap_mode_bad_arguments(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(mixed_state(), str(path))
+    with pytest.raises(ValueError, match="mode must be"):
+        gs.iter_tensors(path, mode="mapped")
+    with pytest.raises(ValueError, match="cache='drop' cannot be combined with mode='mmap'"):
+        gs.iter_tensors(path, mode="mmap", cache="drop")
+
+
+def test_waited_seconds_counts_the_callers_waits(tmp_path, backend):
+    save_file({f"t{i}": torch.randn(256, 256) for i in range(8)}, str(tmp_path / "m.safetensors"))
+    stream = gs.iter_tensors(tmp_path / "m.safetensors", window_bytes=256 << 10, backend=backend)
+    assert stream.waited_seconds == 0.0
+    assert len(list(stream)) == 8 and stream.waited_seconds > 0.0   # the first window is always waited for

@@ -7,9 +7,15 @@ current one (the native engine releases the GIL while it copies; the Python
 executor's reads and conversions release it too).  This is what an engine with
 a ``load_weights(iterable)`` API (vLLM, SGLang) consumes.
 
+With ``mode="mmap"`` a window of tensors that need no conversion is instead
+a private (copy-on-write) mapping of its bytes in the file, faulted in by the
+reader thread (``MADV_POPULATE_READ``) and unmapped when its last tensor is
+freed: gemma_stream copies nothing, and the caller's own copy (vLLM's weight
+loaders copy every tensor into its parameter) is the only pass over the bytes.
+
 Memory: the tensors of a window are views of one buffer of half of
-``window_bytes``, counted from the moment it is taken until the last of its
-tensors is freed (a finalizer), so tensors the caller drops promptly give the
+``window_bytes`` (or of one mapping of at most that size), counted from the
+moment it is taken until the last of its tensors is freed (a finalizer), so tensors the caller drops promptly give the
 buffer back at once (it is reused for a later window, without fresh page
 faults) and tensors the caller keeps stall the read-ahead.  One window is read
 while the previous one is consumed.  A tensor larger than half the window is
@@ -22,8 +28,10 @@ the caller keeps is the caller's.
 from __future__ import annotations
 
 import collections
+import mmap
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Iterator
@@ -31,20 +39,23 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from . import pagecache
 from .config import config, mem_available
-from .dtypes import FLOAT_DTYPES
-from .errors import GemmaStreamError, UsageError
+from .deprecation import renamed_argument
+from .dtypes import CONVERTIBLE, FLOAT_DTYPES
+from .errors import CheckpointError, GemmaStreamError, UsageError
+from .fileio import close as close_fd
 from .fileio import platform_cache_policy
 from .executors import get_executor, run_plan_jobs
 from .formats import Checkpoint, TensorRecord, open_checkpoint
-from .plan import CACHE_POLICIES, Rename, choose_cache, make_plan
+from .formats.records import open_validated
+from .plan import Rename, choose_cache, make_plan
 
-__all__ = ["iter_tensors", "stream_checkpoint", "DEFAULT_WINDOW_BYTES"]
+__all__ = ["iter_tensors", "stream_checkpoint", "TensorStream", "DEFAULT_WINDOW_BYTES"]
 
 #: 256 MiB: two 128 MiB reads in flight keep 2 engine threads busy (16 MiB chunks) and stay small
 #: next to any model worth streaming
 DEFAULT_WINDOW_BYTES = 256 << 20
-_FLOATS = ("f16", "bf16", "f32")
 _ALIGN = 64   # each tensor of a window starts on a cache line of the window's buffer
 
 
@@ -53,6 +64,7 @@ class _Item:
     record: TensorRecord
     name: str
     dtype: torch.dtype
+    mapped: bool = False   # served as a view of a private mapping of the file (mode="mmap")
 
     @property
     def nbytes(self) -> int:
@@ -87,8 +99,29 @@ class _Budget:
         self.free: list[np.ndarray] = []
         self.ready: collections.deque = collections.deque()
         self.consumer_waiting = False
+        self.waited_seconds = 0.0      # the caller's time blocked in take(): reads it did not overlap
         self.stopped = False
         self.cond = threading.Condition(threading.RLock())
+
+    def _release_mapped(self, nbytes: int) -> None:
+        with self.cond:
+            self.alive -= nbytes
+            self.cond.notify_all()
+
+    def reserve_mapped(self, array: np.ndarray) -> bool:
+        """Count a window's mapping (``array`` views it) once it fits, as ``buffer`` does; the count
+        drops when the array, kept alive by the window's tensors alone, is freed.  False when closed."""
+        with self.cond:
+            while not self.stopped and self.alive and self.alive + array.nbytes > self.limit and \
+                    not self._starving():
+                self.cond.wait()
+            if self.stopped:
+                return False
+            if self.alive + len(self.free) * self.slab_bytes + array.nbytes > self.limit:
+                self.free.clear()
+            self.alive += array.nbytes
+        weakref.finalize(array, self._release_mapped, array.nbytes)
+        return True
 
     def _release(self, buffer: np.ndarray) -> None:
         with self.cond:
@@ -132,8 +165,11 @@ class _Budget:
         with self.cond:
             self.consumer_waiting = True
             self.cond.notify_all()
-            while not self.ready:
-                self.cond.wait()
+            if not self.ready:
+                start = time.perf_counter()
+                while not self.ready:
+                    self.cond.wait()
+                self.waited_seconds += time.perf_counter() - start
             self.consumer_waiting = False
             return self.ready.popleft()
 
@@ -150,19 +186,33 @@ def _aligned(nbytes: int) -> int:
 
 
 def _windows(items: list[_Item], slab_bytes: int) -> list[list[_Item]]:
-    """Consecutive items that fit one slab each (a larger item is a window of its own)."""
+    """Consecutive items that fit one slab each (a larger item is a window of its own).  A mapped
+    window holds mapped items of one file only, and its size is the span of the file it maps."""
     out: list[list[_Item]] = []
-    size = 0
+    size = end = 0       # bytes of the current window; for a mapped one, the file offset where it ends
     for item in items:
-        if not out or size + _aligned(item.nbytes) > slab_bytes:
-            out.append([])
-            size = 0
-        out[-1].append(item)
-        size += _aligned(item.nbytes)
+        item_end = item.record.byte_offset + item.nbytes
+        if out and item.mapped and out[-1][0].mapped and out[-1][0].record.file == item.record.file:
+            # items come by offset, but a torch zip view may end before the storage that precedes it
+            if max(end, item_end) - out[-1][0].record.byte_offset <= slab_bytes:
+                out[-1].append(item)
+                end = max(end, item_end)
+                continue
+        elif out and not item.mapped and not out[-1][0].mapped and size + _aligned(item.nbytes) <= slab_bytes:
+            out[-1].append(item)
+            size += _aligned(item.nbytes)
+            continue
+        out.append([item])
+        size, end = _aligned(item.nbytes), item_end
     return out
 
 
-def _items(ckpt: Checkpoint, *, dtype: torch.dtype | None, keys, rename: Rename) -> list[_Item]:
+def _span(window: list[_Item]) -> tuple[int, int]:
+    """The file bytes ``[start, end)`` a mapped window covers (its items are in offset order)."""
+    return window[0].record.byte_offset, max(item.record.byte_offset + item.nbytes for item in window)
+
+
+def _items(ckpt: Checkpoint, *, dtype: torch.dtype | None, keys, rename: Rename, mapped: bool) -> list[_Item]:
     from .api import _select, normalize_names
 
     if rename is not None and not (isinstance(rename, dict) or callable(rename)):
@@ -179,8 +229,11 @@ def _items(ckpt: Checkpoint, *, dtype: torch.dtype | None, keys, rename: Rename)
             raise GemmaStreamError(f"{record.file}: rename gives {name!r} to both {seen[name]!r} and "
                                    f"{record.name!r}")
         seen[name] = record.name
-        out = dtype if dtype is not None and record.dtype.name in _FLOATS else record.dtype.torch
-        items.append(_Item(record, name, out))
+        out = dtype if dtype is not None and record.dtype.name in CONVERTIBLE else record.dtype.torch
+        # a view needs the stored dtype, contiguous bytes, an aligned start and some bytes to map
+        as_view = mapped and out == record.dtype.torch and record.is_contiguous and record.numel > 0 and \
+            record.byte_offset % record.dtype.itemsize == 0
+        items.append(_Item(record, name, out, as_view))
     return items
 
 
@@ -197,6 +250,13 @@ class _Reader(threading.Thread):
     def run(self) -> None:
         try:
             for window in self.windows:
+                if window[0].mapped:
+                    tensors = self._map(window)
+                    if tensors is None:
+                        return
+                    self.budget.put(tensors)
+                    del tensors
+                    continue
                 buffer = self.budget.buffer(sum(_aligned(item.nbytes) for item in window))
                 if buffer is None:
                     return
@@ -207,6 +267,36 @@ class _Reader(threading.Thread):
             self.budget.put(None)
         except BaseException as e:  # re-raised on the caller's thread
             self.budget.put(e)
+
+    def _map(self, window: list[_Item]) -> list[tuple[str, torch.Tensor]] | None:
+        """The window's tensors as views of one private mapping of their bytes (None when closed)."""
+        path = window[0].record.file
+        start, end = _span(window)
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        fd = open_validated(path)     # the validated file, not one renamed over it since
+        try:
+            mapping = mmap.mmap(fd, end - base, access=mmap.ACCESS_COPY, offset=base)
+        except (OSError, ValueError) as e:   # ValueError: the file is shorter than its header says now
+            raise CheckpointError(f"{path}: cannot map bytes [{base}, {end}) of tensor "
+                                  f"{window[-1].record.name!r}: {e}", path=path) from e
+        finally:
+            close_fd(fd)
+        array = np.frombuffer(mapping, dtype=np.uint8)   # keeps the mapping open, and unmaps it when freed
+        del mapping
+        if not self.budget.reserve_mapped(array):
+            return None
+        # fault the pages in here, on the reader's thread (reading them from disk if they are not
+        # cached), while the caller consumes the previous window: its copies then find them mapped
+        # (a hint: errors, such as a kernel older than 5.14, leave the faults to the caller)
+        pagecache.populate_read(array.ctypes.data, array.nbytes)
+        storage = torch.from_numpy(array).untyped_storage()
+        del array      # from here the window's tensors alone keep the mapping alive
+        tensors = []
+        for item in window:
+            offset = (item.record.byte_offset - base) // item.dtype.itemsize
+            view = torch.empty(0, dtype=item.dtype).set_(storage, offset, item.record.shape)
+            tensors.append((item.name, view))
+        return tensors
 
     def _read(self, window: list[_Item], buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         tensors, offset = {}, 0
@@ -223,7 +313,8 @@ class _Reader(threading.Thread):
 
 def iter_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None, keys=None, rename: Rename = None,
                  window_bytes: int = DEFAULT_WINDOW_BYTES, threads: int | None = None, backend: str = "auto",
-                 cache: str = "auto", key: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 cache: str = "auto", state_dict_key: str | None = None, mode: str = "copy",
+                 key: str | None = None) -> "TensorStream":
     """Yield ``(name, tensor)`` for each tensor of a checkpoint, in file order, reading ahead.
 
     At most ``window_bytes`` of tensors are allocated and not yet freed at any
@@ -231,28 +322,41 @@ def iter_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None, k
     works on the current one.  A tensor larger than half the window is read on
     its own.  ``dtype`` converts floating-point tensors (f16/bf16/f32),
     ``keys`` selects tensors, ``rename`` (dict or callable, a name or None to
-    skip) renames them; ``cache``, ``threads``, ``backend`` and ``key`` as in
+    skip) renames them; ``cache``, ``threads``, ``backend`` and ``state_dict_key`` as in
     ``load_state_dict``.  The tensors are new CPU tensors the caller owns;
     breaking out of the loop stops the read-ahead.
 
+    ``mode="mmap"``: a tensor that needs no conversion is a view of a private
+    (copy-on-write) mapping of the file instead of a copy, its pages faulted in
+    ahead by the reader; a write to it stays in this process.  For a caller
+    that copies each tensor anyway (``load_weights`` of an inference engine),
+    this saves one pass over the checkpoint.  The window bound holds the same
+    way: a window's mapping is unmapped when its last tensor is freed.
+
+    The returned :class:`TensorStream` also says, as ``waited_seconds``, how
+    long the caller waited for reads (what the read-ahead did not hide).
+
     >>> for name, tensor in gs.iter_tensors("model.safetensors", dtype=torch.bfloat16):
     ...     print(name, tensor.shape)
+    >>> total = sum(t.numel() for _, t in gs.iter_tensors("model.safetensors", mode="mmap"))
     """
-    return stream_checkpoint(open_checkpoint(path, key=key), dtype=dtype, keys=keys, rename=rename,
-                             window_bytes=window_bytes, threads=threads, backend=backend, cache=cache)
+    state_dict_key = renamed_argument(state_dict_key, key, old="key", new="state_dict_key", where="gs.iter_tensors")
+    return stream_checkpoint(open_checkpoint(path, key=state_dict_key), dtype=dtype, keys=keys, rename=rename,
+                             window_bytes=window_bytes, threads=threads, backend=backend, cache=cache, mode=mode)
 
 
 def stream_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, keys=None, rename: Rename = None,
                       window_bytes: int = DEFAULT_WINDOW_BYTES, threads: int | None = None, backend: str = "auto",
-                      cache: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+                      cache: str = "auto", mode: str = "copy") -> "TensorStream":
     """``iter_tensors`` of a checkpoint already opened (and validated) by ``open_checkpoint``."""
+    from .api import _check_mode
+
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise UsageError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
     if not isinstance(window_bytes, int) or window_bytes <= 0:
         raise UsageError(f"window_bytes must be a positive number of bytes, not {window_bytes!r}")
-    if cache not in CACHE_POLICIES:
-        raise UsageError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
-    items = _items(ckpt, dtype=dtype, keys=keys, rename=rename)
+    cache = _check_mode(mode, cache)     # mode="mmap": the copied tensors keep the page cache too
+    items = _items(ckpt, dtype=dtype, keys=keys, rename=rename, mapped=mode == "mmap")
     total = sum(item.record.nbytes for item in items)
     policy = platform_cache_policy(
         choose_cache(_Totals(total, min(window_bytes, total)), cache,  # type: ignore[arg-type]
@@ -260,7 +364,35 @@ def stream_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, key
     budget = _Budget(window_bytes)
     reader = _Reader(ckpt, _windows(items, budget.slab_bytes), budget, backend=backend,
                      threads=threads or config().default_threads, drop_cache=policy == "drop")
-    return _consume(reader, budget)
+    return TensorStream(reader, budget)
+
+
+class TensorStream:
+    """The iterator ``iter_tensors`` returns; ``waited_seconds`` says how long the caller waited for
+    reads (the part of the stream's time its read-ahead did not hide).
+
+    >>> stream = gs.iter_tensors("model.safetensors")
+    >>> model.load_weights(stream)
+    >>> print(f"waited {stream.waited_seconds:.2f} s for reads")
+    """
+
+    def __init__(self, reader: _Reader, budget: _Budget):
+        self._budget = budget
+        self._tensors = _consume(reader, budget)
+
+    def __iter__(self) -> "TensorStream":
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        return next(self._tensors)
+
+    def close(self) -> None:
+        """Stop the read-ahead (as breaking out of a ``for`` loop over the stream does)."""
+        self._tensors.close()
+
+    @property
+    def waited_seconds(self) -> float:
+        return self._budget.waited_seconds
 
 
 def _consume(reader: _Reader, budget: _Budget) -> Iterator[tuple[str, torch.Tensor]]:

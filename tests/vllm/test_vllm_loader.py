@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,6 +41,9 @@ def runs(tmp_path_factory):
         "gemma3": save_tiny(str(root / "gemma3"), "gemma3", dtype=torch.bfloat16),
         # 390 is no multiple of 64: vLLM pads the embedding and the untied lm_head to 448 rows
         "llama": save_tiny(str(root / "llama"), "llama", vocab=390),
+        # for tensor parallelism 2: one k/v head (both ranks keep it), and 390 rows split 224 + 166
+        # over the ranks' 224-row embedding shards (the second padded)
+        "gemma_tp": save_tiny(str(root / "gemma_tp"), "gemma", vocab=390, num_key_value_heads=1),
     }
     assert len([f for f in os.listdir(models["gemma_sharded"]) if f.endswith(".safetensors")]) > 1
     specs = {
@@ -59,6 +63,7 @@ def runs(tmp_path_factory):
         "gemma3_direct": ("gemma3", "gemma_stream", {}, "bfloat16"),
         "llama_default": ("llama", "auto", {}, "float32"),
         "llama_direct": ("llama", "gemma_stream", {}, "float32"),
+        "tp_reference": ("gemma_tp", "auto", {}, "float32"),
     }
     argv = [[models[m], fmt, extra, dtype] for m, fmt, extra, dtype in specs.values()]
     results, _ = _child(argv)
@@ -118,17 +123,35 @@ def test_other_architectures_direct(runs, arch):
     _same(runs, f"{arch}_direct", f"{arch}_default", "direct")
 
 
-def test_tensor_parallel_2_streams_through_vllm_weight_loaders(runs):
+def test_tensor_parallel_2_each_worker_reads_its_slices(runs):
     """TP=2 on vLLM's CPU backend (one core per worker): the plugin loads in each spawned worker through
-    the entry point, takes the streaming path, and the greedy tokens equal the TP=1 default loader's
-    (float32; the engine is deterministic, so equal once is equal always on this machine)."""
+    the entry point; the direct path reads each worker's slices only (LoadReport's bytes in its log
+    line), the streaming path reads everything; the greedy tokens of both equal the TP=1 default
+    loader's (float32; the engine is deterministic, so equal once is equal always on this machine)."""
     cores = sorted(os.sched_getaffinity(0))[:2]
     if len(cores) < 2:
         pytest.skip("tensor parallelism 2 needs two cores")
-    (result,), stdout = _child([[runs["models"]["gemma"], "gemma_stream", {}, "float32", 2]],
-                               VLLM_CPU_OMP_THREADS_BIND=f"{cores[0]}|{cores[1]}")
-    assert stdout.count("gemma_stream: streaming into model.load_weights (tensor parallel size 2") == 2
-    assert result["tokens"] == runs["default"]["tokens"]
+    model = runs["models"]["gemma_tp"]
+    (direct, streaming), stdout = _child([[model, "gemma_stream", {}, "float32", 2],
+                                          [model, "gemma_stream", STREAM, "float32", 2]],
+                                         VLLM_CPU_OMP_THREADS_BIND=f"{cores[0]}|{cores[1]}")
+    assert direct["tokens"] == runs["tp_reference"]["tokens"]
+    assert streaming["tokens"] == runs["tp_reference"]["tokens"]
+    assert stdout.count("gemma_stream: streaming split") == 2
+    read = sorted((int(rank), int(nbytes)) for nbytes, rank in
+                  re.findall(r"gemma_stream: direct path, (\d+) bytes .* tensor parallel rank (\d) of 2", stdout))
+    assert [rank for rank, _ in read] == [0, 1], stdout[-3000:]
+    # what each rank must read: its half of every sharded weight (its 224 or 166 vocabulary rows of the
+    # embedding), the k/v heads whole (one head, kept by both ranks), the norms whole
+    ckpt = {info.name: info for info in gs.inspect(model)}
+    replicated = sum(i.nbytes for n, i in ckpt.items() if "norm" in n or "k_proj" in n or "v_proj" in n)
+    embed = ckpt["model.embed_tokens.weight"]
+    row = embed.nbytes // embed.shape[0]
+    halved = sum(i.nbytes for n, i in ckpt.items() if "layers" in n and "norm" not in n and "k_proj" not in n
+                 and "v_proj" not in n) // 2
+    assert halved > replicated
+    assert read == [(0, halved + replicated + 224 * row), (1, halved + replicated + 166 * row)]
+    assert sum(nbytes for _, nbytes in read) < 2 * sum(i.nbytes for i in ckpt.values())
 
 
 def test_plugin_registers_the_load_format():

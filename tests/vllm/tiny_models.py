@@ -21,10 +21,10 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidd
               pad_token_id=0)
 
 
-def _config(arch: str, vocab: int):
+def _config(arch: str, vocab: int, **overrides):
     import transformers
 
-    common = dict(COMMON, vocab_size=vocab)
+    common = dict(COMMON, vocab_size=vocab, **overrides)
     if arch == "gemma":
         return transformers.GemmaConfig(**common, hidden_activation="gelu_pytorch_tanh")
     if arch == "gemma2":
@@ -57,10 +57,11 @@ def write_tokenizer(directory: str, vocab: int = VOCAB) -> None:
 
 
 def save_tiny(directory: str, arch: str = "gemma", *, dtype: torch.dtype = torch.float32, fmt: str = "safetensors",
-              shard_size: str | None = None, vocab: int = VOCAB, seed: int = 0) -> str:
-    """Save a tiny random ``arch`` model in ``fmt`` ("safetensors" or "bin"); returns the directory."""
+              shard_size: str | None = None, vocab: int = VOCAB, seed: int = 0, **overrides) -> str:
+    """Save a tiny random ``arch`` model in ``fmt`` ("safetensors" or "bin"); returns the directory.
+    ``overrides`` replace config fields (``num_key_value_heads=1``)."""
     torch.manual_seed(seed)
-    model = _model_class(arch)(_config(arch, vocab)).to(dtype)
+    model = _model_class(arch)(_config(arch, vocab, **overrides)).to(dtype)
     with torch.no_grad():   # the init leaves norms at 0 or 1: make every tensor distinct
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.3)

@@ -7,7 +7,10 @@ Each measurement is a fresh process running ``LLM(...)`` with the engine in-proc
 * ``llm_s``: the whole ``LLM()`` construction (model init, load, profiling, KV cache),
 * ``peak_mib``: the process's peak RSS during ``load_weights`` above its RSS just before
   (``VmHWM`` reset through ``/proc/self/clear_refs``): the parameters written plus what
-  the loader keeps mapped or loaded besides them.
+  the loader keeps mapped or loaded besides them;
+* streaming only, the split of ``load_s``: ``read_wait_s``, the time vLLM's ``load_weights``
+  waited for gemma_stream's next window, and ``load_weights_s``, the rest (vLLM's own work:
+  its weight loaders copying each tensor into its parameter).
 
 The checkpoint is a Gemma-shaped random model (bf16, vocabulary 32000, hidden 2048,
 MQA with head_dim 256, MLP 8192), saved as safetensors and as a torch zip ``.bin``.
@@ -103,15 +106,57 @@ def _child(model_dir: str, load_format: str, extra: dict) -> dict:
             figures["load_s"] = time.perf_counter() - start
             figures["peak_mib"] = (status("VmHWM") - before) / 2**20
             figures["path"] = getattr(self, "last_path", "") or "default"
+            figures.update(getattr(self, "last_split", {}))
         return wrapper
 
     DefaultModelLoader.load_weights = timed(DefaultModelLoader.load_weights)
     GemmaStreamLoader.load_weights = timed(GemmaStreamLoader.load_weights)
     start = time.perf_counter()
     LLM(model=model_dir, load_format=load_format, model_loader_extra_config=extra, dtype="bfloat16",
-        skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=2, seed=0)
+        skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=2, seed=0,
+        gpu_memory_utilization=0.5)   # on CPU: the share of memory vLLM checks is free at start
     figures["llm_s"] = time.perf_counter() - start
     return figures
+
+
+def _reloads(model_dir: str, rounds: int) -> dict:
+    """In one process, after ``LLM()`` has loaded the model once (direct path): load it again
+    ``rounds`` times each way, interleaved, into the same (already touched) parameters, timing
+    ``direct``, ``streaming`` (mapped windows), ``streaming_copy`` (windows read into buffers) and
+    ``vllm_only``: vLLM's ``load_weights`` fed tensors already in memory, the floor of any loader that
+    goes through it.  Returns seconds per way, per round."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    from ..formats import open_checkpoint
+    from ..stream import stream_checkpoint
+    from .loader import GemmaStreamLoader
+
+    times: dict[str, list[float]] = {}
+    load_weights = GemmaStreamLoader.load_weights
+
+    def reload(self, model, model_config):
+        load_weights(self, model, model_config)
+        ckpt = open_checkpoint(model_dir)
+        for _ in range(rounds):
+            for way in ("direct", "streaming", "streaming_copy", "vllm_only"):
+                start = time.perf_counter()
+                if way == "direct":
+                    self._load_direct(model, ckpt)
+                elif way == "vllm_only":
+                    ready = [(name, tensor.clone()) for name, tensor in stream_checkpoint(ckpt)]
+                    start = time.perf_counter()
+                    model.load_weights(iter(ready))
+                    del ready
+                else:
+                    model.load_weights(stream_checkpoint(ckpt, mode="mmap" if way == "streaming" else "copy"))
+                times.setdefault(way, []).append(time.perf_counter() - start)
+
+    GemmaStreamLoader.load_weights = reload
+    LLM(model=model_dir, load_format="gemma_stream", model_loader_extra_config={"path": "direct"}, dtype="bfloat16",
+        skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=2, seed=0,
+        gpu_memory_utilization=0.5)   # on CPU: the share of memory vLLM checks is free at start
+    return times
 
 
 def _run_child(model_dir: str, loader: str) -> dict:
@@ -135,8 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--root", default="benchmarks/out/vllm", help="where the checkpoints are written (kept)")
     parser.add_argument("--json", default="benchmarks/out/vllm_bench.json")
+    parser.add_argument("--reloads", type=int, default=0, metavar="N",
+                        help="instead: per format, one process reloads the model N times each way (direct, "
+                             "streaming mapped / copied, vLLM's load_weights from memory) and prints medians")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.reloads:
+        for fmt in args.formats.split(","):
+            times = _reloads(make_checkpoint(args.root, args.layers, fmt), args.reloads)
+            print(f"{fmt:12s} " + "   ".join(f"{way} {statistics.median(t):.3f} s" for way, t in times.items()) +
+                  f"   (medians of {args.reloads})", flush=True)
+            print("RELOADS " + json.dumps({"format": fmt, "layers": args.layers, "seconds": times}), flush=True)
+        return 0
     if args.child:
         figures = _child(args.child[0], args.child[1], json.loads(args.child[2]))
         print("FIGURES " + json.dumps(figures), flush=True)
@@ -148,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         for loader in args.loaders.split(","):
             runs = [_run_child(model_dir, loader) for _ in range(args.repeat)]
             row = {"format": fmt, "loader": loader, "path": runs[0]["path"], "gb": size / 1e9, "runs": runs}
-            for key in ("load_s", "llm_s", "peak_mib"):
-                row[key] = statistics.median(r[key] for r in runs)
+            for key in ("load_s", "llm_s", "peak_mib", "read_wait_s", "load_weights_s"):
+                if all(key in r for r in runs):
+                    row[key] = statistics.median(r[key] for r in runs)
             rows.append(row)
+            split = (f"   (waiting for reads {row['read_wait_s']:.2f} s, vLLM load_weights {row['load_weights_s']:.2f} s)"
+                     if "read_wait_s" in row else "")
             print(f"{fmt:12s} {loader:10s} load {row['load_s']:6.2f} s   LLM() {row['llm_s']:6.2f} s   "
-                  f"peak +{row['peak_mib']:7.0f} MiB   ({row['gb']:.2f} GB, {len(runs)} run(s))", flush=True)
+                  f"peak +{row['peak_mib']:7.0f} MiB   ({row['gb']:.2f} GB, {len(runs)} run(s)){split}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"layers": args.layers, "rows": rows}, f, indent=1)

@@ -8,10 +8,18 @@ shard id becomes a row range of the fused parameter, read from the vLLM
 module itself (its heads and ``output_sizes``), so the engine writes each
 checkpoint tensor into its rows with no intermediate tensor.
 
+With tensor parallelism each rank plans only its own slices, as vLLM's weight
+loaders would narrow them: rows of column-parallel weights (a q/k/v or gate/up
+shard's rows of the checkpoint tensor into the rank's rows of the fused
+parameter; k/v replicated when there are fewer heads than ranks), columns of
+row-parallel weights, the rank's vocabulary rows of an embedding; replicated
+parameters whole.  So each worker reads about its share of the sharded weights
+plus the replicated ones.
+
 Anything this module does not know (another architecture, a quantized layer,
-a parameter with its own ``weight_loader``, tensor parallelism, a name the
-mapper leaves unmatched) raises :class:`NotDirect` before a byte is read, and
-the loader streams into ``model.load_weights`` instead.
+a parameter with its own ``weight_loader``, a fused projection stored fused, a
+name the mapper leaves unmatched) raises :class:`NotDirect` before a byte is
+read, and the loader streams into ``model.load_weights`` instead.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch
 from torch import nn
 
 from ..formats import Checkpoint
-from ..plan import Plan, Route, make_plan
+from ..plan import PartialRoutes, Plan, Route, make_plan
 
 __all__ = ["DIRECT_ARCHITECTURES", "NotDirect", "plan_direct"]
 
@@ -45,20 +53,59 @@ def _layers():
     return linear, VocabParallelEmbedding, default_weight_loader, plain_methods
 
 
-def _fused_rows(module: nn.Module, shard_id, linear) -> tuple[int, int]:
-    """Rows of a fused parameter (tensor parallel size 1) that a q/k/v or gate/up shard fills."""
-    if isinstance(module, linear.QKVParallelLinear):
-        q = module.num_heads * module.head_size
-        kv = module.num_kv_heads * module.head_size
-        v = module.num_kv_heads * module.v_head_size
-        spans = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + kv + v)}
-        if shard_id not in spans:
-            raise NotDirect(f"{type(module).__name__}: unknown shard id {shard_id!r}")
-        return spans[shard_id]
-    if isinstance(module, linear.MergedColumnParallelLinear) and isinstance(shard_id, int):
-        start = sum(module.output_sizes[:shard_id])
-        return start, start + module.output_sizes[shard_id]
-    raise NotDirect(f"shard id {shard_id!r} of a {type(module).__name__}")
+def _shard_route(target: str, module: nn.Module, param: torch.Tensor, shard_id, linear, embedding_cls,
+                 padding: dict[str, torch.Tensor]) -> Route:
+    """The rows (and columns) of one checkpoint tensor that this tensor-parallel rank keeps, and where
+    they go in its parameter: what vLLM's weight loader for ``module`` would narrow and copy (vLLM 0.32
+    ``linear.py`` / ``parameter.py`` / ``vocab_parallel_embedding.py``).  At tensor parallel size 1 the
+    ranges are whole tensors, and only a fused projection's ``dst_rows`` remain."""
+    kind = type(module)
+    rank, size = getattr(module, "tp_rank", 0), getattr(module, "tp_size", 1)
+    if shard_id is not None:
+        if kind is linear.QKVParallelLinear and shard_id in ("q", "k", "v"):
+            q = module.num_heads * module.head_size
+            kv = module.num_kv_heads * module.head_size
+            offset, rows = {"q": (0, q), "k": (q, kv), "v": (q + kv, module.num_kv_heads * module.v_head_size)}[shard_id]
+            # k and v heads are replicated when there are fewer of them than ranks
+            shard_rank = rank if shard_id == "q" else rank // module.num_kv_head_replicas
+        elif kind is linear.MergedColumnParallelLinear and isinstance(shard_id, int) and \
+                0 <= shard_id < len(module.output_sizes):
+            offset = sum(module.output_sizes[:shard_id]) // size
+            rows = module.output_sizes[shard_id] // size
+            shard_rank = rank
+        else:
+            raise NotDirect(f"{target}: shard id {shard_id!r} of a {kind.__name__}")
+        if getattr(param, "output_dim", 0) != 0:
+            raise NotDirect(f"{target}: output dimension {param.output_dim} (the direct path splits rows)")
+        return Route(target, src_rows=(shard_rank * rows, (shard_rank + 1) * rows), dst_rows=(offset, offset + rows))
+    if issubclass(kind, embedding_cls) and getattr(param, "output_dim", None) is not None:
+        indices = module.shard_indices
+        if indices.num_added_elements or param.output_dim != 0:
+            raise NotDirect(f"{target}: an embedding with added vocabulary or sharded along dim {param.output_dim}")
+        rows = indices.org_vocab_end_index - indices.org_vocab_start_index
+        if rows < param.shape[0]:
+            padding[target] = param[rows:]      # vLLM zeroes the padding rows
+        if rows == param.shape[0] and size == 1:
+            return Route(target)
+        return Route(target, src_rows=(indices.org_vocab_start_index, indices.org_vocab_end_index),
+                     dst_rows=(0, rows))
+    if size == 1 or getattr(param, "is_sharded_weight", False):
+        return Route(target)
+    if kind in (linear.ColumnParallelLinear, linear.MergedColumnParallelLinear, linear.QKVParallelLinear):
+        if kind is not linear.ColumnParallelLinear:
+            raise NotDirect(f"{target}: a fused {kind.__name__} stored fused in the checkpoint")
+        if getattr(param, "output_dim", None) is None:
+            return Route(target)
+        if param.output_dim != 0:
+            raise NotDirect(f"{target}: output dimension {param.output_dim} (the direct path splits rows)")
+        rows = param.shape[0]
+        return Route(target, src_rows=(rank * rows, (rank + 1) * rows))
+    if kind is linear.RowParallelLinear and getattr(param, "input_dim", None) is not None:
+        if param.input_dim != 1 or param.dim() != 2:
+            raise NotDirect(f"{target}: input dimension {param.input_dim} of a {param.dim()}-d parameter")
+        cols = param.shape[1]
+        return Route(target, src_cols=(rank * cols, (rank + 1) * cols))
+    return Route(target)     # replicated: norms, ReplicatedLinear, a row-parallel bias
 
 
 def _check_parameters(model: nn.Module, linear, embedding_cls, default_loader, plain_methods) -> None:
@@ -99,8 +146,6 @@ def plan_direct(model: nn.Module, ckpt: Checkpoint, *, tp_size: int) -> tuple[Pl
     arch = type(model).__name__
     if arch not in DIRECT_ARCHITECTURES:
         raise NotDirect(f"architecture {arch} is not one the direct path knows")
-    if tp_size != 1:
-        raise NotDirect(f"tensor parallel size {tp_size} (the direct path plans whole tensors)")
     linear, embedding_cls, default_loader, plain_methods = _layers()
     _check_parameters(model, linear, embedding_cls, default_loader, plain_methods)
     from vllm.model_executor.models.utils import AutoWeightsLoader
@@ -126,15 +171,11 @@ def plan_direct(model: nn.Module, ckpt: Checkpoint, *, tp_size: int) -> tuple[Pl
                 return None                      # vLLM ignores unexpected biases (GPTQ leftovers)
             raise NotDirect(f"checkpoint tensor {name!r} -> {target!r}: no such parameter")
         module = modules.get(target.rsplit(".", 1)[0])
-        if shard_id is not None:
-            return Route(target, dst_rows=_fused_rows(module, shard_id, linear))
-        if isinstance(module, embedding_cls) and module.org_vocab_size < params[target].shape[0]:
-            padding[target] = params[target][module.org_vocab_size:]
-            return Route(target, dst_rows=(0, module.org_vocab_size))
-        return Route(target)
+        return _shard_route(target, module, params[target], shard_id, linear, embedding_cls, padding)
 
     targets = {name: param for name, param in params.items() if name not in aliases}
-    plan = make_plan(ckpt, targets, rename=route, strict=False)
+    # with tensor parallelism a rank reads its slices only: the routes leave the other ranks' rows unread
+    plan = make_plan(ckpt, targets, rename=route if tp_size == 1 else PartialRoutes(route), strict=False)
     missing = [n for n in plan.missing_keys if n not in padding]
     problems = missing + plan.unexpected_keys + plan.mismatched_keys
     if problems:

@@ -5,9 +5,10 @@ Two paths, chosen per model:
 * **direct**: the model's own parameters are the destinations of one plan
   (fused q/k/v and gate/up as row ranges, see :mod:`.direct`) and the engine
   copies the checkpoint straight into them, converting dtypes on the way;
+  With tensor parallelism each worker reads only its own slices.
 * **streaming**: ``model.load_weights(stream)`` with the tensors read ahead by
-  :func:`gemma_stream.iter_tensors` (every other architecture, quantized
-  checkpoints vLLM processes itself, tensor parallelism).
+  :func:`gemma_stream.iter_tensors` as views of the mapped file (every other
+  architecture, quantized checkpoints vLLM processes itself).
 
 ``.bin`` / ``.pt`` checkpoints are read by gemma_stream's pickle-free torch
 zip reader on both paths; nothing is unpickled and ``torch.load`` never runs.
@@ -93,6 +94,10 @@ class GemmaStreamLoader(BaseModelLoader):
         #: what the last ``load_weights`` did: "direct" or "streaming", and why when it streamed
         self.last_path = ""
         self.last_reason = ""
+        #: direct: the bytes this worker read (with tensor parallelism, its slices and the replicated tensors)
+        self.last_bytes_read = 0
+        #: streaming: seconds waiting for reads ("read_wait_s") and in vLLM's load_weights otherwise
+        self.last_split: dict[str, float] = {}
 
     def _checkpoint_dir(self, model_config: ModelConfig) -> str:
         if os.path.isdir(model_config.model):
@@ -110,10 +115,11 @@ class GemmaStreamLoader(BaseModelLoader):
         ckpt = open_checkpoint(self._checkpoint_dir(model_config))
         if self.options.path != "streaming":
             try:
-                nbytes = self._load_direct(model, ckpt)
-                self.last_path, self.last_reason = "direct", ""
-                logger.info("gemma_stream: direct path, %.2f GB from %d file(s) in %.2f s", nbytes / 1e9,
-                            len(ckpt.files), time.perf_counter() - start)
+                nbytes, rank, size = self._load_direct(model, ckpt)
+                self.last_path, self.last_reason, self.last_bytes_read = "direct", "", nbytes
+                logger.info("gemma_stream: direct path, %d bytes (%.2f GB) from %d file(s) in %.2f s, tensor "
+                            "parallel rank %d of %d", nbytes, nbytes / 1e9, len(ckpt.files),
+                            time.perf_counter() - start, rank, size)
                 return
             except NotDirect as why:
                 if self.options.path == "direct":
@@ -125,21 +131,32 @@ class GemmaStreamLoader(BaseModelLoader):
         logger.info("gemma_stream: streaming path, %d file(s) in %.2f s", len(ckpt.files),
                     time.perf_counter() - start)
 
-    def _load_direct(self, model: nn.Module, ckpt) -> int:
-        from vllm.distributed import get_tensor_model_parallel_world_size
+    def _load_direct(self, model: nn.Module, ckpt) -> tuple[int, int, int]:
+        """Bytes read, tensor parallel rank and size."""
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-        plan, padding, _ = plan_direct(model, ckpt, tp_size=get_tensor_model_parallel_world_size())
+        size, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        plan, padding, _ = plan_direct(model, ckpt, tp_size=size)
         done, _, _, _ = _execute(plan, threads=self.options.threads, backend=self.options.backend,
                                  progress=None, cache=self.options.cache, desc="gemma_stream load")
         with torch.no_grad():
             for rows in padding:
                 rows.zero_()
-        return done.bytes_read
+        return done.bytes_read, rank, size
 
     def _load_streaming(self, model: nn.Module, model_config: ModelConfig, ckpt) -> None:
+        # vLLM's weight loaders copy every tensor into its parameter: hand them views of the mapped file
+        # (no copy of ours) unless the pages are to be dropped, which copies through the engine
+        mode = "copy" if self.options.cache == "drop" else "mmap"
         stream = stream_checkpoint(ckpt, window_bytes=self.options.window_mb << 20, threads=self.options.threads,
-                                   backend=self.options.backend, cache=self.options.cache)
+                                   backend=self.options.backend, cache=self.options.cache, mode=mode)
+        start = time.perf_counter()
         loaded = model.load_weights(stream)
+        # the split of the streaming time: waiting for gemma_stream's reads, and vLLM's load_weights
+        self.last_split = {"read_wait_s": stream.waited_seconds,
+                           "load_weights_s": time.perf_counter() - start - stream.waited_seconds}
+        logger.info("gemma_stream: streaming split: %.2f s waiting for reads, %.2f s in vLLM's load_weights",
+                    self.last_split["read_wait_s"], self.last_split["load_weights_s"])
         if model_config.quantization is None and loaded is not None:
             # the check vLLM's default loader makes for unquantized models
             absent = sorted({name for name, _ in model.named_parameters()} - set(loaded))
