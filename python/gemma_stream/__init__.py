@@ -17,7 +17,7 @@ from .executors import BACKEND, native_available
 from .modules import init_empty
 from .plan import PartialRoutes, Route
 from .quant import QuantEmbedding, QuantLinear, quantize_
-from .stream import iter_tensors
+from .stream import TensorStream, iter_tensors
 
 from ._version import __version__
 from .deprecation import alias_module
@@ -32,7 +32,7 @@ logging.getLogger("gemma_stream").addHandler(logging.NullHandler())
 
 __all__ = [
     "BACKEND", "CheckpointError", "GemmaStreamError", "InternalError", "LoadReport", "MismatchError", "PartialRoutes",
-    "QuantEmbedding", "QuantLinear", "Route", "StateDict", "TensorInfo", "UninitializedWarning", "UsageError",
+    "QuantEmbedding", "QuantLinear", "Route", "StateDict", "TensorInfo", "TensorStream", "UninitializedWarning", "UsageError",
     "__version__", "convert", "distributed", "hf", "init_empty", "inspect", "iter_tensors", "maps", "load_into", "load_state_dict",
     "native_available", "quantize_",
 ]
