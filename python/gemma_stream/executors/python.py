@@ -38,8 +38,8 @@ def _read_into(fd: int, path: str, view: memoryview, offset: int) -> None:
 
 
 _bounce = threading.local()
-_PAGE = 4096
-_FOLIO = 2 << 20  # the largest page-cache folio on x86-64
+_PAGE = fileio.PAGE_BYTES
+_FOLIO = fileio.FOLIO_BYTES
 
 
 def _read(fd: int, path: str, nbytes: int, offset: int) -> memoryview:
@@ -87,7 +87,7 @@ class _Run:
         if drop_cache:
             for fd in self.fds:
                 fileio.bypass_cache(fd)  # macOS: F_NOCACHE; the drops below are no-ops there
-        self.chunk_bytes = max(chunk_bytes, 4096)
+        self.chunk_bytes = max(chunk_bytes, _PAGE)
         self.drop_cache = drop_cache
 
     def close(self) -> None:
