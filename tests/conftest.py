@@ -1,5 +1,6 @@
 """Shared fixtures: every behaviour test runs on both executors; small checkpoints and the command
-line for the CLI and verify tests (``from conftest import run_cli, call_cli``).
+line for the CLI and verify tests (``from conftest import run_cli, call_cli``); page-cache probes
+and a 24 MiB file for the engine's cache and mmap tests (``from conftest import cached_bytes``).
 
 The pure-Python executor runs twice: as it runs here, and as it runs on
 Windows and macOS ("python-portable"), with the ``os`` functions those systems
@@ -8,7 +9,9 @@ lack removed for the test.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -142,3 +145,61 @@ def bytes_at(path: str, offset: int, n: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(n)
+
+
+# ---------------------------------------------------------------- the page cache (test_engine_cache, _mmap)
+
+MiB = 1 << 20
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+def cached_bytes(path) -> int:
+    """Bytes of the file in the page cache, from mincore on a mapping that is never read."""
+    libc, size = _libc(), os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        pages = (ctypes.c_ubyte * ((size + 4095) // 4096))()
+        try:
+            assert libc.mincore(addr, size, pages) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(p & 1 for p in bytes(pages)) * 4096
+
+
+def set_cached(path, cached: bool) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cached:
+            # small reads leave large folios that straddle the engine's chunk edges
+            while os.read(fd, 64 << 10):
+                pass
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory):
+    """24 MiB over tensors of mixed sizes and dtypes; skips where the page cache cannot be observed."""
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("cache") / "w.safetensors"
+    sd = {"embed": torch.randn(2048, 2048), "small": torch.randn(7, 3),
+          "mid": torch.randn(1000, 1024).bfloat16(), "tail": torch.randn(4_000_000).half()}
+    save_file(sd, str(path))
+    set_cached(path, False)
+    if cached_bytes(path) > 2 * MiB:
+        pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
+    return path, sd

@@ -1,0 +1,166 @@
+"""load_into(mode="mmap") on both executors: same-dtype tensors become copy-on-write views of the
+file, the rest are copied; the mapped ranges are read ahead in the background."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import gemma_stream as gs
+
+from conftest import MiB, cached_bytes, set_cached
+
+def mapped_from(path, tensor: torch.Tensor) -> bool:
+    """True when the tensor's memory lies in a private (copy-on-write) mapping of ``path``."""
+    real = os.path.realpath(path)
+    with open("/proc/self/maps") as maps:
+        lines = maps.read().splitlines()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == real:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= tensor.data_ptr() < hi:
+                return fields[1][3] == "p"
+    return False
+
+
+class TiedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32, dtype=torch.bfloat16)
+        self.head = nn.Linear(32, 64, bias=False, dtype=torch.bfloat16)
+        self.head.weight = self.embed.weight
+        self.proj = nn.Linear(32, 32, dtype=torch.bfloat16)  # stored as f32: converted, so copied
+        self.register_buffer("steps", torch.zeros(3, dtype=torch.int64))
+        self.proj.bias.requires_grad_(False)
+
+
+def test_mmap_mode_maps_same_dtype_tensors_and_copies_the_rest(tmp_path, backend):
+    torch.manual_seed(9)
+    sd = {"embed.weight": torch.randn(64, 32).bfloat16(), "proj.weight": torch.randn(32, 32),
+          "proj.bias": torch.randn(32).bfloat16(), "steps": torch.arange(3)}
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    with torch.device("meta"):
+        model = TiedModel()
+    report = gs.load_into(model, path, backend=backend, mode="mmap")
+    assert sorted(report.mapped) == ["embed.weight", "proj.bias", "steps"]
+    assert model.head.weight is model.embed.weight and isinstance(model.embed.weight, nn.Parameter)
+    assert model.embed.weight.requires_grad and not model.proj.bias.requires_grad
+    assert mapped_from(path, model.embed.weight) and mapped_from(path, model.steps)
+    assert not mapped_from(path, model.proj.weight) and model.proj.weight.dtype == torch.bfloat16
+    assert torch.equal(model.proj.weight, sd["proj.weight"].bfloat16())
+    for name in ("embed.weight", "proj.bias", "steps"):
+        assert torch.equal(model.state_dict()[name], sd[name]), name
+    # copy-on-write: the model may write its weights; the file never changes
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.embed.weight.mul_(2)
+    assert path.read_bytes() == before
+    assert torch.equal(model.head.weight, sd["embed.weight"] * 2)
+
+
+def test_mmap_views_keep_their_mapping_alive(tmp_path, backend):
+    sd = {"a": torch.randn(1000), "b": torch.randn(10, 10)}
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    out = gs.load_state_dict(path, backend=backend, mode="mmap")
+    converted = gs.load_state_dict(path, backend=backend, mode="mmap", dtype=torch.bfloat16, keys=["b"])
+    a = out.pop("a")
+    del out
+    import gc
+    gc.collect()
+    assert mapped_from(path, a) and torch.equal(a, sd["a"])
+    assert not mapped_from(path, converted["b"]) and torch.equal(converted["b"], sd["b"].bfloat16())
+
+
+def test_mmap_mode_refuses_drop_and_checks_before_remapping(tmp_path, backend):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(path))
+    model = nn.Linear(4, 4, bias=False)
+    with pytest.raises(ValueError, match="mmap"):
+        gs.load_into(model, path, backend=backend, mode="mmap", cache="drop")
+    with pytest.raises(ValueError, match="mode"):
+        gs.load_state_dict(path, backend=backend, mode="zero-copy")
+    weight = model.weight
+    with pytest.raises(gs.MismatchError):
+        gs.load_into(model, path, backend=backend, mode="mmap")  # the model wants "weight", not "w"
+    assert model.weight is weight
+
+
+@pytest.mark.page_cache
+@pytest.mark.parametrize("method", ["fault", "willneed"])
+def test_mmap_mode_reads_the_mapped_ranges_ahead_in_the_background(big_file, backend, monkeypatch, method):
+    """Cold, mode="mmap" starts a read-ahead of the mapped bytes in file order (touching weights in
+    the model's order would read the file piecemeal): after ``report.prefetch.wait()`` the file comes
+    into the page cache without a single weight being touched. GEMMA_STREAM_PREFETCH=off turns it off.
+    "fault" touches one page per readahead window (the kernel reads the window around it); with a
+    small window, "willneed" asks for the ranges instead."""
+    import time
+
+    from gemma_stream.executors import mapped
+
+    path, sd = big_file
+    size = os.path.getsize(path)
+    window = mapped.readahead_window(str(path))
+    if method == "fault" and (window is None or window < MiB):
+        pytest.skip(f"this device's readahead window is {window} bytes: faults would read too little")
+    if method == "willneed":
+        monkeypatch.setattr(mapped, "readahead_window", lambda path: 128 << 10)
+
+    def fresh_model():
+        with torch.device("meta"):
+            model = nn.Module()
+            for name, tensor in sd.items():
+                model.register_buffer(name, torch.empty_like(tensor))
+        return model
+
+    monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "off")
+    set_cached(path, False)
+    model = fresh_model()
+    report = gs.load_into(model, path, backend=backend, mode="mmap")
+    assert report.prefetch is None and report.cache == "keep"
+    assert cached_bytes(path) < 0.5 * size                   # nothing read ahead, nothing touched
+    assert all(torch.equal(getattr(model, name), tensor) for name, tensor in sd.items())
+
+    monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "auto")
+    set_cached(path, False)
+    model = fresh_model()
+    report = gs.load_into(model, path, backend=backend, mode="mmap")
+    assert sorted(report.mapped) == sorted(sd)
+    assert report.prefetch is not None and report.prefetch.wait(timeout=30)
+    assert report.prefetch.method == method
+    assert report.prefetch.nbytes >= size - 4096              # every tensor's bytes, joined into ranges
+    deadline = time.monotonic() + 30
+    while cached_bytes(path) < 0.9 * size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cached_bytes(path) >= 0.9 * size
+    assert all(torch.equal(getattr(model, name), tensor) for name, tensor in sd.items())
+
+
+def test_mmap_prefetch_joins_ranges_in_file_order_and_respects_memory(tmp_path, monkeypatch):
+    from gemma_stream.executors import mapped
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(1024), "b": torch.zeros(2048), "c": torch.zeros(10)}, str(path))
+    views = mapped.FileViews([str(path)])
+    views.view(0, 4096 + 8192, torch.float32, (10,), None)       # made out of order
+    views.view(0, 4096, torch.float32, (1024,), None)
+    views.view(0, 4096 + 4096, torch.float32, (1024,), None)     # adjacent: joined
+    views.view(0, 4096, torch.float32, (4, 4), (1, 4))           # transposed, inside the first range
+    views.view(0, 100_000, torch.float32, (0,), None)            # empty: no range
+    (file, start, end, base), = views._merged()
+    assert (file, start, end) == (str(path), 4096, 4096 + 8192 + 40)
+    assert base == views._storages[0].data_ptr()                 # where the file is mapped
+    monkeypatch.setattr(mapped, "mem_available", lambda: 100)
+    assert views.prefetch("auto") is None                        # does not fit with a fifth to spare
+    assert views.prefetch("off") is None
+    started = views.prefetch("on")
+    assert started is not None and started.wait(10) and started.done
+    monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "sometimes")
+    with pytest.raises(ValueError, match="GEMMA_STREAM_PREFETCH"):
+        gs.load_state_dict(path, mode="mmap")
