@@ -140,3 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
