@@ -168,14 +168,14 @@ def cached_bytes(path) -> int:
     try:
         addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        pages = (ctypes.c_ubyte * ((size + 4095) // 4096))()
+        pages = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
         try:
             assert libc.mincore(addr, size, pages) == 0, os.strerror(ctypes.get_errno())
         finally:
             libc.munmap(addr, size)
     finally:
         os.close(fd)
-    return sum(p & 1 for p in bytes(pages)) * 4096
+    return sum(p & 1 for p in bytes(pages)) * mmap.PAGESIZE
 
 
 def set_cached(path, cached: bool) -> None:
@@ -203,3 +203,17 @@ def big_file(tmp_path_factory):
     if cached_bytes(path) > 2 * MiB:
         pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
     return path, sd
+
+
+def mapped_from(path, tensor: torch.Tensor) -> bool:
+    """True when the tensor's memory lies in a private (copy-on-write) mapping of ``path``."""
+    real = os.path.realpath(path)
+    with open("/proc/self/maps") as maps:
+        lines = maps.read().splitlines()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == real:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= tensor.data_ptr() < hi:
+                return fields[1][3] == "p"
+    return False

@@ -12,20 +12,7 @@ from torch import nn
 
 import gemma_stream as gs
 
-from conftest import MiB, cached_bytes, set_cached
-
-def mapped_from(path, tensor: torch.Tensor) -> bool:
-    """True when the tensor's memory lies in a private (copy-on-write) mapping of ``path``."""
-    real = os.path.realpath(path)
-    with open("/proc/self/maps") as maps:
-        lines = maps.read().splitlines()
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 6 and fields[5] == real:
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if lo <= tensor.data_ptr() < hi:
-                return fields[1][3] == "p"
-    return False
+from conftest import MiB, cached_bytes, mapped_from, set_cached
 
 
 class TiedModel(nn.Module):

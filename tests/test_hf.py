@@ -110,7 +110,7 @@ def test_cache_policy_reaches_the_loader(sharded_f32, cache, backend):
 
 
 def test_mmap_mode_maps_same_dtype_weights_and_keeps_ties(tmp_path, backend):
-    from test_engine import mapped_from
+    from conftest import mapped_from
 
     random_model("gemma").to(torch.bfloat16).save_pretrained(tmp_path)
     model, report = gs_hf.from_pretrained(tmp_path, backend=backend, mode="mmap", return_report=True)
