@@ -29,7 +29,7 @@ def _plain_cpu(t) -> bool:
 
 
 def encode(jobs: list[CopyJob]) -> _native.JobBatch:
-    """The jobs as the engine's typed batch, in one pass (about 1 us a job; tests/test_native_binding.py).
+    """The jobs as the engine's typed batch, one column per field, filled in one pass.
 
     Raises ``InternalError`` for a destination the engine cannot write through a raw pointer
     (not contiguous, not on the CPU): the planner stages those.
