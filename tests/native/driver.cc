@@ -1,7 +1,9 @@
 // The engine's test driver, without Python: runs copy, f32 -> bf16, int8 and
 // int4 jobs on a generated file and checks the bytes against expected.h
-// (computed by torch and the reference quantizers; tests/native/make_expected.py),
-// then checks the errors for a truncated file, a missing file and a NaN row.
+// (computed by torch and the reference quantizers; tests/native/make_expected.py)
+// and the int4 kernel-layout round trip, then checks the errors for a truncated
+// file, a missing file and a NaN row. GEMMA_STREAM_NO_AVX2=1 runs the
+// quantizers' portable loops (read here and passed in, as config.py does).
 // Built with -DGEMMA_STREAM_DRIVER=ON, natively or cross-compiled for Windows:
 //
 //   cmake -S . -B build-driver -DGEMMA_STREAM_PYTHON_MODULE=OFF -DGEMMA_STREAM_DRIVER=ON
