@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import gemma_stream as gs
-from gemma_stream import _native
+from gemma_stream.executors.native import quant_kernels
 
 PATH = os.path.join(tempfile.gettempdir(), "gemma_stream_kernel_timing.safetensors")
 ROWS = K = 4096
@@ -37,4 +37,4 @@ for case, make in [("f32->bf16", lambda: model(torch.bfloat16)), ("int8", lambda
         gs.load_into(m, PATH, backend="native", threads=1)
         times.append(time.perf_counter() - start)
     out[case] = statistics.median(times)
-print(_native.quant_kernels(), {k: round(v, 4) for k, v in out.items()})
+print(quant_kernels(), {k: round(v, 4) for k, v in out.items()})

@@ -83,7 +83,7 @@ def child(directory: str, variant: str) -> None:
             state = dict(model.state_dict())
     else:
         import gemma_stream as gs
-        from gemma_stream.executors import mapped
+        from gemma_stream import mapped
         threads = None
         if variant in ("t1", "t4"):
             threads = int(variant[1:])

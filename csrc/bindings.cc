@@ -1,4 +1,4 @@
-// pybind11 only: Python job tuples -> C++ CopyJob structs, GIL released while copying.
+// pybind11 only: the typed Job (gs::CopyJob) and the engine's entry points; the GIL is released while copying.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -7,56 +7,123 @@
 #include "convert.h"
 #include "executor.h"
 #include "file.h"
+#include "int4_layout.h"
 #include "quant.h"
 
 namespace py = pybind11;
 
 namespace {
 
-gs::DType to_dtype(int code) {
-  if (!gs::dtype_valid(code)) throw gs::JobError("unknown dtype code " + std::to_string(code));
+gs::DType to_dtype(int code, const char* field) {
+  if (!gs::dtype_valid(code)) throw gs::JobError(std::string("unknown ") + field + " code " + std::to_string(code));
   return static_cast<gs::DType>(code);
 }
 
-// (op, file, src_offset, src_dtype, shape, src_strides, dst_ptr, dst_dtype,
-//  scale_ptr, zero_ptr, scale_dtype, group_size, name, first_row)
-using JobTuple = std::tuple<int, int, uint64_t, int, std::vector<int64_t>, std::vector<int64_t>, uintptr_t, int,
-                            uintptr_t, uintptr_t, int, int64_t, std::string, int64_t>;
+// _native.JobBatch(...): a batch of copy jobs as one column per CopyJob field
+// (executor.h), named and typed. executors/native.py fills the columns in one
+// pass over its jobs and one call converts them all. A bound object per job
+// was measured slower than the old 14-field tuple: 2.4 us to build one from
+// positional arguments, 5-8 us from keywords (benchmarks/NOTES.md, "Per-job cost").
+struct JobBatch {
+  std::vector<int> op, file, src_dtype, dst_dtype, scale_dtype;
+  std::vector<uint64_t> src_offset;
+  std::vector<std::vector<int64_t>> shape, src_strides;  // src_strides: [] = C-contiguous
+  std::vector<uintptr_t> dst, scale, zero;               // addresses; 0 = none
+  std::vector<int64_t> group_size, first_row;
+  std::vector<std::string> name;
 
-gs::CopyJob to_job(const JobTuple& t) {
-  gs::CopyJob job;
-  const int op = std::get<0>(t);
-  if (op < 0 || op > 2) throw gs::JobError("unknown op code " + std::to_string(op));
-  job.op = static_cast<gs::Op>(op);
-  job.file = std::get<1>(t);
-  job.src_offset = std::get<2>(t);
-  job.src_dtype = to_dtype(std::get<3>(t));
-  job.shape = std::get<4>(t);
-  job.src_strides = std::get<5>(t);
-  job.dst = reinterpret_cast<void*>(std::get<6>(t));
-  job.dst_dtype = to_dtype(std::get<7>(t));
-  job.scale = reinterpret_cast<void*>(std::get<8>(t));
-  job.zero = reinterpret_cast<void*>(std::get<9>(t));
-  job.scale_dtype = to_dtype(std::get<10>(t));
-  job.group_size = std::get<11>(t);
-  job.name = std::get<12>(t);
-  job.first_row = std::get<13>(t);
-  return job;
+  std::size_t size() const { return op.size(); }
+
+  // The engine's jobs; JobError when a column has the wrong length or a code is unknown.
+  std::vector<gs::CopyJob> jobs() const {
+    const std::size_t n = size();
+    const std::size_t lengths[] = {file.size(), src_dtype.size(), dst_dtype.size(), scale_dtype.size(),
+                                   src_offset.size(), shape.size(), src_strides.size(), dst.size(), scale.size(),
+                                   zero.size(), group_size.size(), first_row.size(), name.size()};
+    for (std::size_t len : lengths)
+      if (len != n) throw gs::JobError("JobBatch columns differ in length");
+    std::vector<gs::CopyJob> out(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      gs::CopyJob& job = out[i];
+      if (op[i] < 0 || op[i] > 2) throw gs::JobError("unknown op code " + std::to_string(op[i]));
+      job.op = static_cast<gs::Op>(op[i]);
+      job.file = file[i];
+      job.src_offset = src_offset[i];
+      job.src_dtype = to_dtype(src_dtype[i], "src_dtype");
+      job.shape = shape[i];
+      job.src_strides = src_strides[i];
+      job.dst = reinterpret_cast<void*>(dst[i]);
+      job.dst_dtype = to_dtype(dst_dtype[i], "dst_dtype");
+      job.scale = reinterpret_cast<void*>(scale[i]);
+      job.zero = reinterpret_cast<void*>(zero[i]);
+      job.scale_dtype = to_dtype(scale_dtype[i], "scale_dtype");
+      job.group_size = group_size[i];
+      job.name = name[i];
+      job.first_row = first_row[i];
+    }
+    return out;
+  }
+};
+
+void bind_job_batch(py::module_& m) {
+  py::class_<JobBatch>(m, "JobBatch", "Copy jobs, one column (list) per field; see _native.pyi.")
+      .def(py::init([](std::vector<int> op, std::vector<int> file, std::vector<uint64_t> src_offset,
+                       std::vector<int> src_dtype, std::vector<std::vector<int64_t>> shape,
+                       std::vector<std::vector<int64_t>> src_strides, std::vector<uintptr_t> dst,
+                       std::vector<int> dst_dtype, std::vector<uintptr_t> scale, std::vector<uintptr_t> zero,
+                       std::vector<int> scale_dtype, std::vector<int64_t> group_size, std::vector<std::string> name,
+                       std::vector<int64_t> first_row) {
+             return JobBatch{std::move(op), std::move(file), std::move(src_dtype), std::move(dst_dtype),
+                             std::move(scale_dtype), std::move(src_offset), std::move(shape), std::move(src_strides),
+                             std::move(dst), std::move(scale), std::move(zero), std::move(group_size),
+                             std::move(first_row), std::move(name)};
+           }),
+           py::kw_only(), py::arg("op"), py::arg("file"), py::arg("src_offset"), py::arg("src_dtype"), py::arg("shape"),
+           py::arg("src_strides"), py::arg("dst"), py::arg("dst_dtype"), py::arg("scale"), py::arg("zero"),
+           py::arg("scale_dtype"), py::arg("group_size"), py::arg("name"), py::arg("first_row"))
+      .def("__len__", &JobBatch::size)
+      .def_readonly("op", &JobBatch::op)
+      .def_readonly("file", &JobBatch::file)
+      .def_readonly("src_offset", &JobBatch::src_offset)
+      .def_readonly("src_dtype", &JobBatch::src_dtype)
+      .def_readonly("shape", &JobBatch::shape)
+      .def_readonly("src_strides", &JobBatch::src_strides)
+      .def_readonly("dst", &JobBatch::dst)
+      .def_readonly("dst_dtype", &JobBatch::dst_dtype)
+      .def_readonly("scale", &JobBatch::scale)
+      .def_readonly("zero", &JobBatch::zero)
+      .def_readonly("scale_dtype", &JobBatch::scale_dtype)
+      .def_readonly("group_size", &JobBatch::group_size)
+      .def_readonly("name", &JobBatch::name)
+      .def_readonly("first_row", &JobBatch::first_row);
+  m.attr("OPS") = py::dict(py::arg("copy") = static_cast<int>(gs::Op::Copy),
+                           py::arg("int8") = static_cast<int>(gs::Op::QuantInt8),
+                           py::arg("int4") = static_cast<int>(gs::Op::QuantInt4));
+}
+
+// (name, code, itemsize, convertible) for every dtype the engine knows: the
+// tests compare it with python/gemma_stream/dtypes.py.
+std::vector<std::tuple<std::string, int, std::size_t, bool>> dtype_table() {
+  std::vector<std::tuple<std::string, int, std::size_t, bool>> out;
+  for (int code = 0; gs::dtype_valid(code); ++code) {
+    const auto d = static_cast<gs::DType>(code);
+    out.emplace_back(gs::dtype_name(d), code, gs::itemsize(d), gs::can_convert(d, gs::DType::F32));
+  }
+  return out;
 }
 
 // (st_dev, st_ino, st_size, st_mtime_ns) of each validated file, or an empty list
 using IdentityTuple = std::tuple<uint64_t, uint64_t, uint64_t, int64_t>;
 
-py::tuple run(const std::vector<std::string>& files, const std::vector<JobTuple>& job_tuples, int threads,
+py::tuple run(const std::vector<std::string>& files, const JobBatch& batch, int threads,
               std::size_t chunk_bytes, bool drop_cache, const py::object& progress,
-              const std::vector<IdentityTuple>& identities) {
-  std::vector<gs::CopyJob> jobs;
-  jobs.reserve(job_tuples.size());
-  for (const auto& t : job_tuples) jobs.push_back(to_job(t));
+              const std::vector<IdentityTuple>& identities, bool allow_avx2) {
+  const std::vector<gs::CopyJob> jobs = batch.jobs();
   gs::Options options;
   options.threads = threads;
   options.chunk_bytes = chunk_bytes;
   options.drop_cache = drop_cache;
+  options.allow_avx2 = allow_avx2;
   for (const auto& id : identities)
     options.identities.push_back({std::get<0>(id), std::get<1>(id), std::get<2>(id), std::get<3>(id)});
   // Called on this (the calling) thread only, with the GIL taken back briefly.
@@ -91,11 +158,15 @@ PYBIND11_MODULE(_native, m) {
       PyErr_SetObject(data_error.ptr(), py::make_tuple(e.what(), e.path, e.tensor, row).ptr());
     }
   });
+  bind_job_batch(m);
   m.def("run", &run, py::arg("files"), py::arg("jobs"), py::arg("threads"), py::arg("chunk_bytes"),
         py::arg("drop_cache"), py::arg("progress"), py::arg("identities") = std::vector<IdentityTuple>(),
-        "Run copy jobs; returns (bytes_read, completed).");
+        py::arg("allow_avx2") = true, "Run copy jobs; returns (bytes_read, completed).");
+  m.def("dtype_table", &dtype_table, "(name, code, itemsize, convertible) of every dtype code the engine knows.");
+  m.attr("PAGE_BYTES") = gs::kPageBytes;
+  m.attr("FOLIO_BYTES") = gs::kFolioBytes;
   // In-place int4 repack between the stored layout and torch's CPU kernel layout
-  // (quant.h); QuantLinear calls it once per layer after a load.
+  // (int4_layout.h); QuantLinear calls it once per layer after a load.
   m.def("int4_to_cpu_kernel_layout", [](uintptr_t data, int64_t rows, int64_t K, int64_t block, bool halves) {
     py::gil_scoped_release release;
     return gs::int4_to_cpu_kernel_layout(reinterpret_cast<uint8_t*>(data), rows, K, block, halves);
@@ -104,7 +175,8 @@ PYBIND11_MODULE(_native, m) {
     py::gil_scoped_release release;
     return gs::int4_from_cpu_kernel_layout(reinterpret_cast<uint8_t*>(data), rows, K, block, halves);
   });
-  m.def("quant_kernels", &gs::quant_kernels, "Which quantizer loops run here: \"avx2\" or \"portable\".");
+  m.def("quant_kernels", &gs::quant_kernels, py::arg("allow_avx2"),
+        "Which quantizer loops run here with this allow_avx2: \"avx2\" or \"portable\".");
   m.def("cache_drop", []() { return gs::cache_drop_name(gs::cache_drop_support()); },
         "How this OS drops pages from the page cache: \"fadvise_dontneed\", \"f_nocache\" or \"none\".");
   m.def("hardware_threads", []() { return static_cast<int>(std::thread::hardware_concurrency()); });

@@ -180,4 +180,8 @@ void convert(const void* src, DType s, void* dst, DType d, std::size_t n) {
   else bf16_to_f16_n(s16, d16, n);
 }
 
+void normalize_bool(char* data, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) data[i] = data[i] != 0;
+}
+
 }  // namespace gs

@@ -22,6 +22,11 @@ bool can_convert(DType src, DType dst);
 // one of f16/bf16/f32 (checked by the caller with can_convert).
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::size_t n);
 
+// torch's copy_ stores a bool as 0 or 1 whatever byte the file holds; so does
+// the engine, on every path, so both executors and
+// model.load_state_dict(torch.load(..)) agree.
+void normalize_bool(char* data, std::size_t n);
+
 // Upcasts n elements of f16/bf16/f32 to float (exact).
 void to_float(const void* src, DType src_dtype, float* dst, std::size_t n);
 // Rounds one float to f16/bf16/f32 storage (round-to-nearest-even), writing dst[i].

@@ -5,11 +5,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <numeric>
 
 #include "file.h"
 #include "quant.h"
-#include "thread_pool.h"
+#include "strided.h"
+#include "parallel_for.h"
 
 namespace gs {
 namespace {
@@ -18,7 +18,7 @@ struct AlignedDeleter { void operator()(void* p) const noexcept { free_aligned(p
 using Buffer = std::unique_ptr<char, AlignedDeleter>;
 
 Buffer allocate(std::size_t bytes) {
-  void* p = allocate_aligned(4096, bytes);
+  void* p = allocate_aligned(kPageBytes, bytes);
   if (!p) throw std::bad_alloc();
   return Buffer(static_cast<char*>(p));
 }
@@ -35,18 +35,6 @@ uint64_t checked_add(uint64_t a, uint64_t b, const CopyJob& job) {
   return out;
 }
 
-// A strided source read block by block in storage order: dims are permuted by
-// decreasing source stride; a block is a run of `group` indices of dim
-// `split - 1` times all of dims [split, ndim), whose storage span fits a chunk.
-struct StridedLayout {
-  std::vector<int64_t> shape, src_strides, dst_strides;  // permuted
-  int split = 0;           // first dim wholly inside a block
-  int64_t group = 1;       // indices of dim split-1 per block
-  int64_t groups = 1;      // blocks along dim split-1
-  int64_t outer = 1;       // product of shape[0, split-1)
-  int64_t inner_span = 1;  // elements spanned by dims [split, ndim)
-};
-
 struct Item {
   std::size_t job;
   uint64_t begin, end;  // elements (copy), rows (quant) or blocks (strided)
@@ -56,15 +44,17 @@ struct Item {
 // Conversions read the source in pieces this size, so the bounce buffer stays
 // in L2 between the read and the conversion (one DRAM pass fewer per byte).
 constexpr std::size_t kStageBytes = 512u << 10;
-constexpr uint64_t kPageBytes = 4096;
-constexpr uint64_t kFolioBytes = 2u << 20;  // the largest page-cache folio on x86-64 (PMD size)
+// Copies smaller than this go without the page-cache probe and the prefault:
+// 8,000 tensors of 4-128 KiB loaded 2.5-3.5 us a job faster (benchmarks/NOTES.md,
+// "Per-job cost").
+constexpr uint64_t kPrefaultMinBytes = 64u << 10;
 
 struct Batch {
   const std::vector<CopyJob>& jobs;
   const Options& options;
   std::vector<File> files;
   std::vector<std::pair<uint64_t, uint64_t>> spans;  // per file: [first, end) byte read, for the final drop
-  std::vector<std::unique_ptr<Mapping>> maps;        // per file: which pages are in the page cache
+  std::vector<std::unique_ptr<PageCacheProbe>> probes;  // per file: which pages are in the page cache
   std::vector<StridedLayout> strided;  // per job; empty shape when contiguous
   std::vector<Item> items;
   std::size_t bounce_bytes = 0;
@@ -132,76 +122,6 @@ void validate(const CopyJob& job, Batch& batch) {
     const int64_t K = job.shape[1];
     if (job.group_size <= 0 || K % job.group_size != 0 || job.group_size % 2 != 0 || !job.zero)
       throw JobError(where + ": int4 needs an even group size dividing K and a zero-point buffer");
-  }
-}
-
-StridedLayout make_strided(const CopyJob& job, std::size_t chunk_elems) {
-  const std::size_t nd = job.shape.size();
-  std::vector<std::size_t> order(nd);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](std::size_t a, std::size_t b) { return job.src_strides[a] > job.src_strides[b]; });
-  std::vector<int64_t> dst_strides(nd);
-  int64_t step = 1;
-  for (std::size_t d = nd; d-- > 0;) { dst_strides[d] = step; step *= job.shape[d]; }
-  StridedLayout L;
-  for (std::size_t i : order) {
-    L.shape.push_back(job.shape[i]);
-    L.src_strides.push_back(job.src_strides[i]);
-    L.dst_strides.push_back(dst_strides[i]);
-  }
-  // smallest split such that dims [split, nd) span at most one chunk
-  int split = static_cast<int>(nd);
-  int64_t span = 1;
-  while (split > 0) {
-    const int64_t wider = span + (L.shape[split - 1] - 1) * L.src_strides[split - 1];
-    if (static_cast<std::size_t>(wider) > chunk_elems) break;
-    span = wider;
-    --split;
-  }
-  L.split = split;
-  L.inner_span = span;
-  if (split > 0) {
-    const int64_t stride = std::max<int64_t>(L.src_strides[split - 1], 1);
-    const int64_t fit = (static_cast<int64_t>(chunk_elems) - span) / stride + 1;
-    L.group = std::max<int64_t>(1, std::min(fit, L.shape[split - 1]));
-    L.groups = (L.shape[split - 1] + L.group - 1) / L.group;
-    for (int d = 0; d < split - 1; ++d) L.outer *= L.shape[d];
-  }
-  return L;
-}
-
-// torch's copy_ stores a bool as 0 or 1 whatever byte the file holds; so do we,
-// on every path, so both executors and model.load_state_dict(torch.load(..)) agree.
-void normalize_bool(char* data, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) data[i] = data[i] != 0;
-}
-
-// Elementwise copy of one block from a staged storage span to the destination.
-void scatter(const char* src, DType sd, char* dst, DType dd, const StridedLayout& L, int first_dim,
-             const std::vector<int64_t>& extent) {
-  const std::size_t nd = L.shape.size();
-  const std::size_t si = itemsize(sd), di = itemsize(dd);
-  std::vector<int64_t> idx(nd, 0);
-  const bool inner_runs = nd > 0 && L.src_strides[nd - 1] == 1 && L.dst_strides[nd - 1] == 1;
-  const int64_t run = inner_runs ? extent[nd - 1] : 1;
-  const int last_loop = inner_runs ? static_cast<int>(nd) - 1 : static_cast<int>(nd);
-  while (true) {
-    int64_t so = 0, doff = 0;
-    for (std::size_t d = static_cast<std::size_t>(first_dim); d < nd; ++d) {
-      so += idx[d] * L.src_strides[d];
-      doff += idx[d] * L.dst_strides[d];
-    }
-    convert(src + so * static_cast<int64_t>(si), sd, dst + doff * static_cast<int64_t>(di), dd,
-            static_cast<std::size_t>(run));
-    if (dd == DType::Bool) normalize_bool(dst + doff * static_cast<int64_t>(di), static_cast<std::size_t>(run));
-    int d = last_loop - 1;
-    while (d >= first_dim) {
-      if (++idx[static_cast<std::size_t>(d)] < extent[static_cast<std::size_t>(d)]) break;
-      idx[static_cast<std::size_t>(d)] = 0;
-      --d;
-    }
-    if (d < first_dim) return;
   }
 }
 
@@ -284,8 +204,10 @@ void run_copy(Batch& batch, Worker& worker, const CopyJob& job, const Item& item
   if (job.src_dtype == job.dst_dtype) {
     // Prefault only when the bytes are cached (a CPU-bound copy): on a cold
     // chunk the pages zeroed ahead go cold in the CPU caches during the device
-    // wait, and cold loads measured 20% slower with it.
-    if (batch.maps[static_cast<std::size_t>(job.file)]->cached(offset, n * si)) populate_writable(dst, n * si);
+    // wait, and cold loads measured 20% slower with it. Small pieces skip both
+    // syscalls (mincore, madvise): they cost more than the few faults they save.
+    if (n * si >= kPrefaultMinBytes && batch.probes[static_cast<std::size_t>(job.file)]->cached(offset, n * si))
+      populate_writable(dst, n * si);
     read_source(batch, worker, job.file, offset, n * si, dst);  // straight into the parameter
   } else {
     const uint64_t per = std::max<uint64_t>(1, kStageBytes / si);  // L2-sized pieces
@@ -324,14 +246,15 @@ void run_quant(Batch& batch, Worker& worker, const CopyJob& job, const Item& ite
       bad = quantize_int8_rows(src, job.src_dtype, static_cast<int64_t>(rows), K,
                                static_cast<int8_t*>(job.dst) + r0 * K,
                                static_cast<char*>(job.scale) + r0 * static_cast<int64_t>(itemsize(job.scale_dtype)),
-                               job.scale_dtype, scratch);
+                               job.scale_dtype, scratch, batch.options.allow_avx2);
     } else {
       const int64_t groups = K / job.group_size;
       const int64_t scale_row = groups * static_cast<int64_t>(itemsize(job.scale_dtype));
       bad = quantize_int4_rows(src, job.src_dtype, static_cast<int64_t>(rows), K, job.group_size,
                                static_cast<uint8_t*>(job.dst) + r0 * (K / 2),
                                static_cast<char*>(job.scale) + r0 * scale_row,
-                               static_cast<char*>(job.zero) + r0 * scale_row, job.scale_dtype, scratch);
+                               static_cast<char*>(job.zero) + r0 * scale_row, job.scale_dtype, scratch,
+                               batch.options.allow_avx2);
     }
     if (bad >= 0) throw_bad_row(batch.files[static_cast<std::size_t>(job.file)].path(), job, job.first_row + r0 + bad);
     batch.bytes_done += rows * row_bytes;
@@ -352,7 +275,7 @@ void run_item(Batch& batch, Worker& worker, const Item& item) {
 }
 
 void plan_items(Batch& batch) {
-  const std::size_t chunk = std::max<std::size_t>(batch.options.chunk_bytes, 4096);
+  const std::size_t chunk = std::max<std::size_t>(batch.options.chunk_bytes, kPageBytes);
   batch.bounce_bytes = 0;
   for (std::size_t j = 0; j < batch.jobs.size(); ++j) {
     const CopyJob& job = batch.jobs[j];
@@ -413,7 +336,7 @@ RunResult run_jobs(const std::vector<std::string>& paths, const std::vector<Copy
   }
   batch.spans.assign(paths.size(), {UINT64_MAX, 0});
   for (const auto& job : jobs) validate(job, batch);
-  for (const File& f : batch.files) batch.maps.emplace_back(new Mapping(f));
+  for (const File& f : batch.files) batch.probes.emplace_back(new PageCacheProbe(f));
   batch.strided.resize(jobs.size());
   plan_items(batch);
 
@@ -435,7 +358,7 @@ RunResult run_jobs(const std::vector<std::string>& paths, const std::vector<Copy
   }
   std::vector<uint64_t> weights(batch.items.size());
   for (std::size_t i = 0; i < weights.size(); ++i) weights[i] = batch.items[i].bytes;
-  result.completed = ThreadPool::run(weights, threads, work, on_wait);
+  result.completed = weighted_parallel_for(weights, threads, work, on_wait);
   result.bytes_read = batch.bytes_done.load();
   if (options.drop_cache) {
     // Per-chunk drops leave the pages that straddle chunk edges and whatever

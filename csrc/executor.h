@@ -1,5 +1,5 @@
 // Runs a batch of copy jobs: validates them against the files, splits them into
-// chunks, and copies / converts / quantizes each chunk on the thread pool.
+// chunks, and copies / converts / quantizes the chunks in parallel (parallel_for.h).
 #pragma once
 
 #include <cstddef>
@@ -38,6 +38,7 @@ struct Options {
   int threads = 2;
   std::size_t chunk_bytes = 16u << 20;
   bool drop_cache = false;  // keep the file out of the page cache (file.h: CacheDrop says how, per OS)
+  bool allow_avx2 = true;   // the quantizers may use their AVX2 loops (quant.h); Python: GEMMA_STREAM_NO_AVX2
   // Per file, the identity of the file whose header was validated; every open
   // (the batch's and each worker's) is checked against it. Empty: sizes only.
   std::vector<FileIdentity> identities;

@@ -1,5 +1,5 @@
 // One section per platform: the POSIX one (Linux, macOS, BSD) and the Windows
-// one. Each defines File, Mapping and populate_writable; the helpers at the
+// one. Each defines File, PageCacheProbe and populate_writable; the helpers at the
 // end are shared. A function that needs to know more about an open file (its
 // identity, say) goes next to the constructor of each section, which is where
 // fstat / GetFileInformationByHandle already run.
@@ -37,8 +37,6 @@
 #endif
 
 namespace gs {
-
-static constexpr uint64_t kPage = 4096;
 
 const char* cache_drop_name(CacheDrop how) noexcept {
   switch (how) {
@@ -152,9 +150,9 @@ void File::drop_cache(uint64_t, std::size_t) const noexcept {}
 void File::bypass_cache() const noexcept {}
 void File::advise_sequential() const noexcept {}
 
-Mapping::Mapping(const File&) {}
-Mapping::~Mapping() noexcept {}
-bool Mapping::cached(uint64_t, std::size_t) const { return false; }
+PageCacheProbe::PageCacheProbe(const File&) {}
+PageCacheProbe::~PageCacheProbe() noexcept {}
+bool PageCacheProbe::cached(uint64_t, std::size_t) const { return false; }
 
 void populate_writable(void*, std::size_t) noexcept {}
 
@@ -262,7 +260,7 @@ void File::advise_sequential() const noexcept {
 #endif
 }
 
-Mapping::Mapping(const File& file) {
+PageCacheProbe::PageCacheProbe(const File& file) {
   if (file.size() == 0) return;
   void* p = ::mmap(nullptr, file.size(), PROT_READ, MAP_SHARED, file.fd_, 0);
   if (p == MAP_FAILED) return;
@@ -270,20 +268,20 @@ Mapping::Mapping(const File& file) {
   length_ = file.size();
 }
 
-Mapping::~Mapping() noexcept {
+PageCacheProbe::~PageCacheProbe() noexcept {
   if (addr_) ::munmap(addr_, length_);
 }
 
-bool Mapping::cached(uint64_t offset, std::size_t n) const {
+bool PageCacheProbe::cached(uint64_t offset, std::size_t n) const {
   if (!addr_ || offset >= length_) return false;
-  const uint64_t first = offset / kPage * kPage;
+  const uint64_t first = offset / kPageBytes * kPageBytes;
   const uint64_t end = std::min<uint64_t>(offset + n, length_);
 #ifdef __APPLE__
   using PageState = char;  // Apple's mincore takes char *, Linux's unsigned char *
 #else
   using PageState = unsigned char;
 #endif
-  std::vector<PageState> pages((end - first + kPage - 1) / kPage);
+  std::vector<PageState> pages((end - first + kPageBytes - 1) / kPageBytes);
   if (pages.empty()) return true;
   if (::mincore(static_cast<char*>(addr_) + first, end - first, pages.data()) != 0) return false;
   for (PageState p : pages)
@@ -296,8 +294,8 @@ void populate_writable(void* addr, std::size_t n) noexcept {
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(addr) + kPage - 1) / kPage * kPage;
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(addr) + n) / kPage * kPage;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(addr) + kPageBytes - 1) / kPageBytes * kPageBytes;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(addr) + n) / kPageBytes * kPageBytes;
   if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
 #else
   (void)addr;

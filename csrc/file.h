@@ -2,8 +2,8 @@
 // lives here (and in file.cc), never in the engine's loops.
 //  - File: a read-only handle with positional reads (pread / ReadFile with an
 //    OVERLAPPED offset), its size, and page-cache advice where the OS has it.
-//  - Mapping: a never-touched mapping that tells which pages are cached
-//    (mincore; nothing on Windows).
+//  - PageCacheProbe: tells which pages of a file are in the page cache, through
+//    a never-touched mapping (mincore; nothing on Windows).
 //  - populate_writable: prefaults a destination before a read (Linux).
 //  - Portable helpers the engine needs: aligned allocation, overflow-checked
 //    arithmetic, and which CPU features the quantizer may use.
@@ -15,6 +15,13 @@
 #include <string>
 
 namespace gs {
+
+// The page and the largest page-cache folio (x86-64's PMD size) the engine
+// rounds to: page-aligned buffers and cache drops, folio-aligned per-chunk
+// drops. The one statement of each on the C++ side; Python's are in
+// fileio.py (PAGE_BYTES, FOLIO_BYTES), checked equal by the tests.
+constexpr uint64_t kPageBytes = 4096;
+constexpr uint64_t kFolioBytes = 2u << 20;
 
 // An I/O failure: carries the path, offset and errno text in its message.
 class IoError : public std::runtime_error {
@@ -68,7 +75,7 @@ class File {
   const std::string& path() const { return path_; }
 
  private:
-  friend class Mapping;
+  friend class PageCacheProbe;
   std::string path_;
 #ifdef _WIN32
   void* handle_ = nullptr;  // HANDLE; nullptr when moved from
@@ -78,15 +85,16 @@ class File {
   uint64_t size_ = 0;
 };
 
-// A read-only shared mapping of a whole file that is never read through: it
-// only answers mincore() questions, which costs no I/O and no memory. On
-// Windows nothing is mapped and every range reads as not cached.
-class Mapping {
+// Which pages of a file are in the page cache. Holds a read-only shared
+// mapping of the whole file that is never read through: it only answers
+// mincore() questions, which costs no I/O and no memory. On Windows nothing
+// is mapped and every range reads as not cached.
+class PageCacheProbe {
  public:
-  explicit Mapping(const File& file);  // an empty or unmappable file maps nothing
-  ~Mapping() noexcept;
-  Mapping(const Mapping&) = delete;
-  Mapping& operator=(const Mapping&) = delete;
+  explicit PageCacheProbe(const File& file);  // an empty or unmappable file maps nothing
+  ~PageCacheProbe() noexcept;
+  PageCacheProbe(const PageCacheProbe&) = delete;
+  PageCacheProbe& operator=(const PageCacheProbe&) = delete;
 
   // True when every page of [offset, offset + n) is in the page cache; false
   // when some page is not or the file could not be mapped.

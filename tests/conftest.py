@@ -1,5 +1,6 @@
 """Shared fixtures: every behaviour test runs on both executors; small checkpoints and the command
-line for the CLI and verify tests (``from conftest import run_cli, call_cli``).
+line for the CLI and verify tests (``from conftest import run_cli, call_cli``); page-cache probes
+and a 24 MiB file for the engine's cache and mmap tests (``from conftest import cached_bytes``).
 
 The pure-Python executor runs twice: as it runs here, and as it runs on
 Windows and macOS ("python-portable"), with the ``os`` functions those systems
@@ -142,3 +143,58 @@ def bytes_at(path: str, offset: int, n: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(n)
+
+
+# ---------------------------------------------------------------- the page cache (test_engine_cache, _mmap)
+
+MiB = 1 << 20
+
+
+def cached_bytes(path) -> int:
+    """Bytes of the file in the page cache (mincore, through the package's one door to it)."""
+    from gemma_stream import pagecache
+
+    resident = pagecache.resident_bytes(path)
+    assert resident is not None, "no mincore on this platform"
+    return resident
+
+
+def set_cached(path, cached: bool) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cached:
+            # small reads leave large folios that straddle the engine's chunk edges
+            while os.read(fd, 64 << 10):
+                pass
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory):
+    """24 MiB over tensors of mixed sizes and dtypes; skips where the page cache cannot be observed."""
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("cache") / "w.safetensors"
+    sd = {"embed": torch.randn(2048, 2048), "small": torch.randn(7, 3),
+          "mid": torch.randn(1000, 1024).bfloat16(), "tail": torch.randn(4_000_000).half()}
+    save_file(sd, str(path))
+    set_cached(path, False)
+    if cached_bytes(path) > 2 * MiB:
+        pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
+    return path, sd
+
+
+def mapped_from(path, tensor: torch.Tensor) -> bool:
+    """True when the tensor's memory lies in a private (copy-on-write) mapping of ``path``."""
+    real = os.path.realpath(path)
+    with open("/proc/self/maps") as maps:
+        lines = maps.read().splitlines()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == real:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= tensor.data_ptr() < hi:
+                return fields[1][3] == "p"
+    return False

@@ -15,6 +15,8 @@ transformers = pytest.importorskip("transformers")
 import gemma_stream as gs  # noqa: E402
 import gemma_stream.hf as gs_hf  # noqa: E402
 
+from conftest import mapped_from  # noqa: E402
+
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             head_dim=16, max_position_embeddings=128)
 FAMILIES = {
@@ -110,8 +112,6 @@ def test_cache_policy_reaches_the_loader(sharded_f32, cache, backend):
 
 
 def test_mmap_mode_maps_same_dtype_weights_and_keeps_ties(tmp_path, backend):
-    from test_engine import mapped_from
-
     random_model("gemma").to(torch.bfloat16).save_pretrained(tmp_path)
     model, report = gs_hf.from_pretrained(tmp_path, backend=backend, mode="mmap", return_report=True)
     files = report.files

@@ -33,5 +33,6 @@ def test_native_stub_names_what_the_extension_defines():
     from gemma_stream import _native
     stub = ast.parse((Path(gs.__file__).parent / "_native.pyi").read_text())
     stubbed = {node.name for node in stub.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    stubbed |= {node.target.id for node in stub.body if isinstance(node, ast.AnnAssign)}   # OPS, PAGE_BYTES, ...
     defined = {name for name in dir(_native) if not name.startswith("_")}
     assert stubbed == defined

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from gemma_stream import pagecache
+from gemma_stream import fileio, pagecache
 from gemma_stream.benchmark.writers import evict
 
 MiB = 1 << 20
@@ -61,6 +61,6 @@ def test_populate_read_brings_mapped_pages_in_without_touching_them(cold_file):
 
 def test_madvise_reports_errno_instead_of_raising(cold_file):
     storage = torch.UntypedStorage.from_file(str(cold_file), shared=False, nbytes=os.path.getsize(cold_file))
-    assert pagecache.madvise(storage.data_ptr() + 1, pagecache.PAGE_BYTES, 4) == 0    # MADV_DONTNEED, rounded
-    assert pagecache.madvise(storage.data_ptr(), pagecache.PAGE_BYTES, 12345) == errno.EINVAL
-    assert pagecache.PAGE_BYTES > 0 and pagecache.FOLIO_BYTES % pagecache.PAGE_BYTES == 0
+    assert pagecache.madvise(storage.data_ptr() + 1, pagecache.KERNEL_PAGE_BYTES, 4) == 0    # MADV_DONTNEED, rounded
+    assert pagecache.madvise(storage.data_ptr(), pagecache.KERNEL_PAGE_BYTES, 12345) == errno.EINVAL
+    assert pagecache.KERNEL_PAGE_BYTES > 0 and fileio.FOLIO_BYTES % pagecache.KERNEL_PAGE_BYTES == 0

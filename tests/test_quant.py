@@ -146,7 +146,7 @@ def test_executors_agree_on_random_rows(tmp_path, k, scale_dtype):
 def test_portable_quant_kernels_agree(tmp_path):
     """The native quantizers' portable loops (what non-AVX2 machines run) pass the same tests."""
     env = dict(os.environ, GEMMA_STREAM_NO_AVX2="1")
-    probe = "from gemma_stream import _native; print(_native.quant_kernels())"
+    probe = "from gemma_stream.executors.native import quant_kernels; print(quant_kernels())"
     kernels = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert kernels.stdout.strip() == "portable"
     test = f"{__file__}::test_executors_agree_on_random_rows"

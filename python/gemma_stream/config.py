@@ -18,6 +18,7 @@ class Config:
     prefetch: str = "auto"   # GEMMA_STREAM_PREFETCH: "auto" | "on" | "off" (mode="mmap" read-ahead)
     staging_bytes: int | None = None  # GEMMA_STREAM_STAGING_MB: the staging ring (default 4 x chunk x threads)
     force_staging: bool = False       # GEMMA_STREAM_FORCE_STAGING=1: stage contiguous CPU destinations too (tests)
+    avx2: bool = True        # GEMMA_STREAM_NO_AVX2=1 sets False: the engine's quantizers use their portable loops
 
     @property
     def default_threads(self) -> int:
@@ -93,6 +94,8 @@ def config() -> Config:
     if staging_mb is not None and staging_mb <= 0:
         raise UsageError(f"GEMMA_STREAM_STAGING_MB={staging_mb}: expected a positive number of MiB")
     force = os.environ.get("GEMMA_STREAM_FORCE_STAGING", "").strip().lower() in ("1", "true", "yes", "on")
+    # set to anything but 0/false/no/off (the driver, tests/native/driver.cc, reads it the same way)
+    no_avx2 = os.environ.get("GEMMA_STREAM_NO_AVX2", "").strip().lower() not in ("", "0", "false", "no", "off")
     return Config(backend=None if backend == "auto" else backend, threads=_int_env("GEMMA_STREAM_THREADS"),
                   chunk_bytes=chunk_mb << 20, prefetch=prefetch,
-                  staging_bytes=staging_mb << 20 if staging_mb else None, force_staging=force)
+                  staging_bytes=staging_mb << 20 if staging_mb else None, force_staging=force, avx2=not no_avx2)

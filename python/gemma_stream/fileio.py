@@ -26,7 +26,15 @@ import threading
 from .errors import InternalError
 
 __all__ = ["open_read", "close", "read_into", "pread", "write_at", "open_flags", "drop_cache",
-           "advise_sequential", "advise_willneed", "bypass_cache", "cache_drop_support", "platform_cache_policy"]
+           "advise_sequential", "advise_willneed", "bypass_cache", "cache_drop_support", "platform_cache_policy",
+           "PAGE_BYTES", "FOLIO_BYTES"]
+
+#: The page the executors round cache drops and buffers to, and the largest page-cache folio
+#: (x86-64's PMD size; DONTNEED keeps a folio a range only partly covers). Stated once here; the
+#: C++ engine's are csrc/file.h's kPageBytes / kFolioBytes (_native.PAGE_BYTES, FOLIO_BYTES),
+#: checked equal by tests/test_native_binding.py.
+PAGE_BYTES = 4096
+FOLIO_BYTES = 2 << 20
 
 # The os functions are looked up at call time (getattr), not at import: tests
 # remove them to run the fallback as it runs on Windows and macOS.

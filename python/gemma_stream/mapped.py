@@ -123,7 +123,7 @@ class Prefetch:
             offsets = list(range(start + step // 2, end, step))
             if not offsets or offsets[-1] + step // 2 < end:
                 offsets.append(end - 1)
-            steps += [base + offset - (base + offset) % pagecache.PAGE_BYTES for offset in offsets]
+            steps += [base + offset - (base + offset) % pagecache.KERNEL_PAGE_BYTES for offset in offsets]
         return steps
 
     def _fault(self, addresses: list[int]) -> None:

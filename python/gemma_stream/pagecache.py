@@ -19,13 +19,13 @@ import errno
 import mmap
 import os
 
-__all__ = ["PAGE_BYTES", "FOLIO_BYTES", "MADV_POPULATE_READ", "has_madvise", "madvise", "populate_read", "resident_bytes",
+__all__ = ["KERNEL_PAGE_BYTES", "MADV_POPULATE_READ", "has_madvise", "madvise", "populate_read", "resident_bytes",
            "resident_fraction"]
 
-#: the kernel's page: madvise and mincore work in whole pages from a page-aligned address
-PAGE_BYTES = mmap.PAGESIZE
-#: the largest page-cache folio on x86-64: dropping part of one keeps all of it
-FOLIO_BYTES = 2 << 20
+#: the kernel's page, as this process sees it: madvise and mincore work in whole pages from an
+#: address aligned to it.  The engine's page and folio (``fileio.PAGE_BYTES`` / ``FOLIO_BYTES``, equal
+#: to csrc/file.h's) are fixed numbers; this one is the running kernel's (16 KiB on Apple silicon).
+KERNEL_PAGE_BYTES = mmap.PAGESIZE
 #: ``madvise`` advice that faults the range in and returns once it is read (Linux 5.14+; older: EINVAL)
 MADV_POPULATE_READ = 22
 
@@ -67,13 +67,13 @@ def madvise(address: int, nbytes: int, advice: int) -> int | None:
     libc = _load()
     if libc is None:
         return None
-    start = address - address % PAGE_BYTES
+    start = address - address % KERNEL_PAGE_BYTES
     if libc.madvise(start, nbytes + (address - start), advice) == 0:
         return 0
     return ctypes.get_errno() or errno.EIO
 
 
-def populate_read(address: int, nbytes: int = PAGE_BYTES) -> int | None:
+def populate_read(address: int, nbytes: int = KERNEL_PAGE_BYTES) -> int | None:
     """Fault in the mapped pages of ``[address, address + nbytes)`` and return once they are read.
 
     The kernel reads its readahead window around a faulting page, so one page per
@@ -97,7 +97,7 @@ def _resident_pages(libc, path: str) -> tuple[int, int]:
             error = ctypes.get_errno()
             raise OSError(error, f"mmap {path}: {os.strerror(error)}")
         try:
-            pages = (size + PAGE_BYTES - 1) // PAGE_BYTES
+            pages = (size + KERNEL_PAGE_BYTES - 1) // KERNEL_PAGE_BYTES
             vector = (ctypes.c_ubyte * pages)()
             if libc.mincore(address, size, vector) != 0:
                 error = ctypes.get_errno()
@@ -112,13 +112,13 @@ def _resident_pages(libc, path: str) -> tuple[int, int]:
 def resident_bytes(path: str) -> int | None:
     """Bytes of the file now in the page cache (whole pages; None where there is no ``mincore``).
 
-    >>> resident_bytes("model.safetensors") >= os.path.getsize("model.safetensors") - PAGE_BYTES  # warm
+    >>> resident_bytes("model.safetensors") >= os.path.getsize("model.safetensors") - KERNEL_PAGE_BYTES  # warm
     """
     libc = _load()
     if libc is None:
         return None
     resident, _ = _resident_pages(libc, path)
-    return min(resident * PAGE_BYTES, os.path.getsize(path))
+    return min(resident * KERNEL_PAGE_BYTES, os.path.getsize(path))
 
 
 def resident_fraction(paths) -> float | None:

@@ -1,7 +1,9 @@
 // The engine's test driver, without Python: runs copy, f32 -> bf16, int8 and
 // int4 jobs on a generated file and checks the bytes against expected.h
-// (computed by torch and the reference quantizers; tests/native/make_expected.py),
-// then checks the errors for a truncated file, a missing file and a NaN row.
+// (computed by torch and the reference quantizers; tests/native/make_expected.py)
+// and the int4 kernel-layout round trip, then checks the errors for a truncated
+// file, a missing file and a NaN row. GEMMA_STREAM_NO_AVX2=1 runs the
+// quantizers' portable loops (read here and passed in, as config.py does).
 // Built with -DGEMMA_STREAM_DRIVER=ON, natively or cross-compiled for Windows:
 //
 //   cmake -S . -B build-driver -DGEMMA_STREAM_PYTHON_MODULE=OFF -DGEMMA_STREAM_DRIVER=ON
@@ -10,6 +12,7 @@
 // Exit status 0 when every check passed; one line per check on stdout.
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -19,11 +22,29 @@
 #include "executor.h"
 #include "expected.h"
 #include "file.h"
+#include "int4_layout.h"
 #include "quant.h"
 
 namespace {
 
 int failures = 0;
+
+// GEMMA_STREAM_NO_AVX2 set (to anything but 0/false/no/off) turns the quantizers'
+// AVX2 loops off, as python/gemma_stream/config.py reads it for the package;
+// the engine itself reads no environment.
+bool allow_avx2() {
+  const char* v = std::getenv("GEMMA_STREAM_NO_AVX2");
+  if (!v || !*v) return true;
+  for (const char* off : {"0", "false", "no", "off"})
+    if (std::strcmp(v, off) == 0) return true;
+  return false;
+}
+
+gs::Options driver_options() {
+  gs::Options options;
+  options.allow_avx2 = allow_avx2();
+  return options;
+}
 
 void report(const std::string& check, bool ok, const std::string& detail = "") {
   std::printf("%s %s%s%s\n", ok ? "ok  " : "FAIL", check.c_str(), detail.empty() ? "" : ": ", detail.c_str());
@@ -82,7 +103,7 @@ gs::CopyJob job(gs::Op op, uint64_t offset, gs::DType src, std::vector<int64_t> 
 template <typename E>
 void expect_error(const std::string& check, const std::vector<std::string>& files, const std::vector<gs::CopyJob>& jobs,
                   const std::string& needle) {
-  gs::Options options;
+  gs::Options options = driver_options();
   try {
     gs::run_jobs(files, jobs, options, nullptr);
     report(check, false, "no error raised");
@@ -100,7 +121,7 @@ int main(int argc, char** argv) {
   const std::string dir = argc > 1 ? std::string(argv[1]) + "/" : std::string();
   const std::string input = dir + "gemma_stream_driver_input.bin";
   const std::string truncated = dir + "gemma_stream_driver_truncated.bin";
-  std::printf("quantizer loops: %s; page-cache drop: %s\n", gs::quant_kernels(),
+  std::printf("quantizer loops: %s; page-cache drop: %s\n", gs::quant_kernels(allow_avx2()),
               gs::cache_drop_name(gs::cache_drop_support()));
 
   // Layout: 8 bytes of header, the special f32 values, the [kRows, kK] f32
@@ -123,7 +144,7 @@ int main(int argc, char** argv) {
     std::vector<uint8_t> expected_pattern(bytes.begin() + static_cast<std::ptrdiff_t>(pattern_at), bytes.end());
     for (bool drop : {false, true}) {
       std::vector<uint8_t> out(pattern_bytes);
-      gs::Options options;
+      gs::Options options = driver_options();
       options.threads = 2;
       options.chunk_bytes = 4096;
       options.drop_cache = drop;
@@ -138,7 +159,7 @@ int main(int argc, char** argv) {
       check_bytes(name, out.data(), expected_pattern.data(), pattern_bytes);
     }
 
-    gs::Options options;
+    gs::Options options = driver_options();
     {
       std::vector<uint16_t> out(n_special);
       gs::run_jobs(files, {job(gs::Op::Copy, special_at, gs::DType::F32, {static_cast<int64_t>(n_special)}, out.data(),
@@ -177,6 +198,12 @@ int main(int argc, char** argv) {
       check_bytes("int4 weights", q.data(), kInt4Q, sizeof kInt4Q);
       check_bytes("int4 scales (f32)", scale.data(), kInt4ScaleF32, sizeof kInt4ScaleF32);
       check_bytes("int4 zero points (f32)", zero.data(), kInt4ZeroF32, sizeof kInt4ZeroF32);
+      // torch's CPU kernel layout and back (int4_layout.h) gives the stored bytes again
+      const bool packed = gs::int4_to_cpu_kernel_layout(q.data(), kRows, kK, 4, true);
+      report("int4 kernel layout repacks", packed && std::memcmp(q.data(), kInt4Q, sizeof kInt4Q) != 0);
+      const bool unpacked = gs::int4_from_cpu_kernel_layout(q.data(), kRows, kK, 4, true);
+      report("int4 kernel layout unpacks", unpacked);
+      check_bytes("int4 kernel layout round trip", q.data(), kInt4Q, sizeof kInt4Q);
     }
 
     // Errors: a file cut short, a file that is not there, a row holding NaN.

@@ -1,25 +1,67 @@
-"""The C++ executor: turns jobs into plain tuples of ints for gemma_stream._native."""
+"""The C++ executor: encodes the jobs as one ``_native.JobBatch`` (a column per field) and runs them."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 from .. import _native
-from ..dtypes import from_torch
+from ..config import config
+from ..dtypes import DTYPES, from_torch
 from ..errors import CheckpointError, InternalError, nan_row
 from ..formats.records import CheckpointFile
 from ..plan import CopyJob
 
-_OPS = {"copy": 0, "int8": 1, "int4": 2}
+_native_run = _native.run   # one name, so the job-overhead benchmark can time the engine call
+#: the engine's op codes by CopyJob.op ("copy", "int8", "int4")
+_OPS: dict[str, int] = dict(_native.OPS)
+#: torch dtype -> engine dtype code: dtypes.py's table, which the tests compare with _native.dtype_table()
+_CODES = {d.torch: d.code for d in DTYPES.values() if d.torch is not None}
+_NO_SCALE = DTYPES["f32"].code   # scale_dtype of a job without scales (never read)
 
 
-def _as_tuple(job: CopyJob) -> tuple:
-    scale_code = from_torch(job.scale.dtype).code if job.scale is not None else 11
-    return (_OPS[job.op], job.file_index, job.src_offset, job.src_dtype.code, list(job.shape),
-            list(job.src_strides) if job.src_strides is not None else [], job.dst.data_ptr(),
-            from_torch(job.dst.dtype).code, job.scale.data_ptr() if job.scale is not None else 0,
-            job.zero.data_ptr() if job.zero is not None else 0, scale_code, job.group_size, job.name,
-            job.first_row)
+def _code(dtype) -> int:
+    code = _CODES.get(dtype)
+    return code if code is not None else from_torch(dtype).code   # from_torch names the unknown dtype
+
+
+def _plain_cpu(t) -> bool:
+    return t.device.type == "cpu" and t.is_contiguous()
+
+
+def encode(jobs: list[CopyJob]) -> _native.JobBatch:
+    """The jobs as the engine's typed batch, one column per field, filled in one pass.
+
+    Raises ``InternalError`` for a destination the engine cannot write through a raw pointer
+    (not contiguous, not on the CPU): the planner stages those.
+    """
+    op, file, src_offset, src_dtype, shape, src_strides = [], [], [], [], [], []
+    dst, dst_dtype, scale, zero, scale_dtype, group_size, name, first_row = [], [], [], [], [], [], [], []
+    for job in jobs:
+        d, s, z = job.dst, job.scale, job.zero
+        if not _plain_cpu(d) or (s is not None and not _plain_cpu(s)) or (z is not None and not _plain_cpu(z)):
+            raise InternalError(f"tensor {job.name!r}: native executor needs contiguous CPU destinations")
+        op.append(_OPS[job.op])
+        file.append(job.file_index)
+        src_offset.append(job.src_offset)
+        src_dtype.append(job.src_dtype.code)
+        shape.append(job.shape)
+        src_strides.append(job.src_strides or ())
+        dst.append(d.data_ptr())
+        dst_dtype.append(_code(d.dtype))
+        scale.append(s.data_ptr() if s is not None else 0)
+        zero.append(z.data_ptr() if z is not None else 0)
+        scale_dtype.append(_code(s.dtype) if s is not None else _NO_SCALE)
+        group_size.append(job.group_size)
+        name.append(job.name)
+        first_row.append(job.first_row)
+    return _native.JobBatch(op=op, file=file, src_offset=src_offset, src_dtype=src_dtype, shape=shape,
+                            src_strides=src_strides, dst=dst, dst_dtype=dst_dtype, scale=scale, zero=zero,
+                            scale_dtype=scale_dtype, group_size=group_size, name=name, first_row=first_row)
+
+
+def quant_kernels() -> str:
+    """Which quantizer loops the engine runs here: ``"avx2"`` or ``"portable"`` (``GEMMA_STREAM_NO_AVX2=1``)."""
+    return _native.quant_kernels(config().avx2)
 
 
 class NativeExecutor:
@@ -27,15 +69,12 @@ class NativeExecutor:
 
     def run(self, files: list[str], jobs: list[CopyJob], *, threads: int, chunk_bytes: int,
             drop_cache: bool, progress: Callable[[int], bool] | None) -> tuple[int, bool]:
-        for job in jobs:  # the C++ side writes through raw pointers: insist on plain CPU memory
-            for t in (job.dst, job.scale, job.zero):
-                if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
-                    raise InternalError(f"tensor {job.name!r}: native executor needs contiguous CPU destinations")
+        batch = encode(jobs)   # the C++ side writes through raw pointers: encode insists on plain CPU memory
         # every byte must come from the file whose header was validated: the engine checks each open
         identities = [f.identity for f in files] if all(isinstance(f, CheckpointFile) for f in files) else []
         try:
-            read, completed = _native.run(files, [_as_tuple(j) for j in jobs], threads, chunk_bytes,
-                                          drop_cache, progress, identities)
+            read, completed = _native_run(files, batch, threads, chunk_bytes, drop_cache, progress, identities,
+                                          config().avx2)
         except _native.DataError as e:
             message, path, tensor, row = e.args
             if row is not None:

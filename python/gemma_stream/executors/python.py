@@ -20,7 +20,6 @@ from .. import fileio
 from ..errors import CheckpointError, InternalError, nan_row
 from ..formats.records import open_validated
 from ..layout import span_elements
-from ..pagecache import FOLIO_BYTES, PAGE_BYTES
 from ..plan import CopyJob
 from ..quant.reference import quantize_int4, quantize_int8
 
@@ -81,7 +80,7 @@ class _Run:
         if drop_cache:
             for fd in self.fds:
                 fileio.bypass_cache(fd)  # macOS: F_NOCACHE; the drops below are no-ops there
-        self.chunk_bytes = max(chunk_bytes, 4096)
+        self.chunk_bytes = max(chunk_bytes, fileio.PAGE_BYTES)
         self.drop_cache = drop_cache
 
     def close(self) -> None:
@@ -99,8 +98,8 @@ class _Run:
             lo, hi = spans.get(job.file_index, (job.src_offset, _source_end(job)))
             spans[job.file_index] = (min(lo, job.src_offset), max(hi, _source_end(job)))
         for index, (lo, hi) in spans.items():
-            lo -= lo % PAGE_BYTES
-            hi += -hi % PAGE_BYTES
+            lo -= lo % fileio.PAGE_BYTES
+            hi += -hi % fileio.PAGE_BYTES
             if hi > lo:
                 fileio.drop_cache(self.fds[index], lo, hi - lo)
 
@@ -108,8 +107,8 @@ class _Run:
         if self.drop_cache:
             # between 2 MiB boundaries, as the C++ engine does: DONTNEED keeps
             # every large folio that the range only partly covers
-            lo = offset - offset % FOLIO_BYTES
-            hi = offset + nbytes - (offset + nbytes) % FOLIO_BYTES
+            lo = offset - offset % fileio.FOLIO_BYTES
+            hi = offset + nbytes - (offset + nbytes) % fileio.FOLIO_BYTES
             if hi > lo:
                 fileio.drop_cache(fd, lo, hi - lo)
 

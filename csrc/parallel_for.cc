@@ -1,4 +1,4 @@
-#include "thread_pool.h"
+#include "parallel_for.h"
 
 #include <algorithm>
 #include <atomic>
@@ -71,9 +71,9 @@ class Shares {
 
 }  // namespace
 
-bool ThreadPool::run(const std::vector<uint64_t>& item_weights, int threads,
-                     const std::function<void(int, std::size_t)>& work,
-                     const std::function<bool()>& on_wait, int wait_ms) {
+bool weighted_parallel_for(const std::vector<uint64_t>& item_weights, int threads,
+                           const std::function<void(int, std::size_t)>& work,
+                           const std::function<bool()>& on_wait, int wait_ms) {
   const std::size_t n_items = item_weights.size();
   if (threads < 1) threads = 1;
   if (static_cast<std::size_t>(threads) > n_items) threads = static_cast<int>(n_items > 0 ? n_items : 1);

@@ -1,0 +1,115 @@
+"""The contract between executors/native.py and csrc/bindings.cc: the typed job batch, and the
+facts both sides state (dtype codes, op codes, page and folio sizes, the AVX2 switch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import gemma_stream as gs
+from gemma_stream import fileio
+from gemma_stream.config import config
+from gemma_stream.dtypes import CONVERTIBLE, DTYPES
+from gemma_stream.errors import InternalError
+from gemma_stream.formats import open_checkpoint
+from gemma_stream.modules import quant_targets
+from gemma_stream.plan import make_plan
+
+pytestmark = pytest.mark.skipif(not gs.native_available(), reason="native extension not built")
+
+if gs.native_available():
+    from gemma_stream import _native
+    from gemma_stream.executors import native
+
+
+def test_dtype_codes_match_the_engine():
+    """Every code the engine knows has the same name, size and convertibility in dtypes.py, and
+    every Python dtype's code names an engine dtype of its size (the byte-moved ones are u8)."""
+    table = _native.dtype_table()
+    assert [code for _, code, _, _ in table] == list(range(len(table)))
+    for name, code, itemsize, convertible in table:
+        assert DTYPES[name].code == code, name
+        assert DTYPES[name].itemsize == itemsize, name
+        assert (name in CONVERTIBLE) == convertible, name
+    for dtype in DTYPES.values():
+        engine_name, _, engine_itemsize, _ = table[dtype.code]
+        assert engine_itemsize == dtype.itemsize, dtype.name
+        assert engine_name in (dtype.name, "u8"), dtype.name
+
+
+def test_op_codes_page_and_folio_sizes_match_the_engine():
+    assert native._OPS == _native.OPS == {"copy": 0, "int8": 1, "int4": 2}
+    assert (fileio.PAGE_BYTES, fileio.FOLIO_BYTES) == (_native.PAGE_BYTES, _native.FOLIO_BYTES)
+
+
+def _plan(tmp_path, tensors, model_tensors, rename=None, quant=None):
+    path = str(tmp_path / "m.safetensors")
+    save_file(tensors, path)
+    return make_plan(open_checkpoint(path), model_tensors, rename=rename, quant=quant)
+
+
+def test_encode_names_every_field(tmp_path):
+    """Columns 1-3 of a matrix (a strided job, converted) and a plain tensor: each column holds the job's field."""
+    tensors = {"a": torch.arange(5, dtype=torch.int32), "t": torch.randn(6, 4)}
+    dst = {"a": torch.empty(5, dtype=torch.int32), "t": torch.empty(6, 2, dtype=torch.bfloat16)}
+    rename = gs.PartialRoutes(lambda n: gs.Route("t", src_cols=(1, 3)) if n == "t" else n)
+    plan = _plan(tmp_path, tensors, dst, rename)
+    batch = native.encode(plan.jobs)
+    assert len(batch) == len(plan.jobs) == 2 and any(job.src_strides for job in plan.jobs)
+    for i, job in enumerate(plan.jobs):
+        assert batch.name[i] == job.name and batch.file[i] == job.file_index
+        assert batch.src_offset[i] == job.src_offset and batch.src_dtype[i] == job.src_dtype.code
+        assert tuple(batch.shape[i]) == job.shape
+        assert tuple(batch.src_strides[i]) == (job.src_strides or ())
+        assert batch.dst[i] == job.dst.data_ptr() and batch.dst_dtype[i] == DTYPES[job.dst_dtype.name].code
+        assert batch.op[i] == _native.OPS["copy"] and batch.scale[i] == batch.zero[i] == 0
+        assert batch.first_row[i] == job.first_row and batch.group_size[i] == 0
+
+
+def test_quant_jobs_carry_scales(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False))
+    gs.quantize_(model, "int4", group_size=32)
+    plan = _plan(tmp_path, {"0.weight": torch.randn(8, 64)}, model.state_dict(keep_vars=True),
+                 quant=quant_targets(model))
+    (job,) = plan.jobs
+    batch = native.encode(plan.jobs)
+    assert batch.op == [_native.OPS["int4"]] and batch.group_size == [32]
+    assert batch.scale == [job.scale.data_ptr()] and batch.zero == [job.zero.data_ptr()]
+    assert batch.scale_dtype == [DTYPES[{torch.bfloat16: "bf16", torch.float32: "f32"}[job.scale.dtype]].code]
+
+
+def test_encode_refuses_a_non_contiguous_destination(tmp_path):
+    plan = _plan(tmp_path, {"w": torch.randn(4, 6)}, {"w": torch.empty(6, 4).t()})
+    plan.jobs[0].dst = torch.empty(6, 4).t()
+    with pytest.raises(InternalError, match="contiguous CPU destinations"):
+        native.encode(plan.jobs)
+
+
+def _batch(**changes):
+    columns = dict(op=[0], file=[0], src_offset=[0], src_dtype=[1], shape=[[4]], src_strides=[[]], dst=[1],
+                   dst_dtype=[1], scale=[0], zero=[0], scale_dtype=[11], group_size=[0], name=["x"], first_row=[0])
+    columns.update(changes)
+    return _native.JobBatch(**columns)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"src_dtype": [99]}, "unknown src_dtype code 99"),
+    ({"dst_dtype": [-1]}, "unknown dst_dtype code -1"),
+    ({"op": [3]}, "unknown op code 3"),
+    ({"name": ["x", "y"]}, "columns differ in length"),
+])
+def test_the_engine_refuses_a_malformed_batch(tmp_path, changes, message):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(16))
+    with pytest.raises(_native.JobError, match=message):
+        _native.run([str(path)], _batch(**changes), 1, 1 << 20, False, None)
+
+
+def test_avx2_switch_comes_from_config(monkeypatch):
+    """GEMMA_STREAM_NO_AVX2 is read by config.py; the engine reads no environment."""
+    monkeypatch.setenv("GEMMA_STREAM_NO_AVX2", "1")
+    assert config().avx2 is False and native.quant_kernels() == "portable"
+    monkeypatch.setenv("GEMMA_STREAM_NO_AVX2", "0")
+    assert config().avx2 is True and native.quant_kernels() == _native.quant_kernels(True)
+    assert _native.quant_kernels(False) == "portable"
