@@ -49,8 +49,10 @@ def _plan(tmp_path, tensors, model_tensors, rename=None, quant=None):
     return make_plan(open_checkpoint(path), model_tensors, rename=rename, quant=quant)
 
 
-def test_encode_names_every_field(tmp_path):
+def test_encode_names_every_field(tmp_path, monkeypatch):
     """Columns 1-3 of a matrix (a strided job, converted) and a plain tensor: each column holds the job's field."""
+    from gemma_stream import plan as plan_module
+    monkeypatch.setattr(plan_module, "COALESCE_WASTE", float("inf"))   # one strided job, not one per row
     tensors = {"a": torch.arange(5, dtype=torch.int32), "t": torch.randn(6, 4)}
     dst = {"a": torch.empty(5, dtype=torch.int32), "t": torch.empty(6, 2, dtype=torch.bfloat16)}
     rename = gs.PartialRoutes(lambda n: gs.Route("t", src_cols=(1, 3)) if n == "t" else n)

@@ -4,7 +4,7 @@ The Python side calls libc through ctypes here and nowhere else (a ctypes call
 releases the GIL, so read-ahead threads run beside the loader): the mmap
 read-ahead (:mod:`gemma_stream.mapped`), the benchmark's cache probe
 (:mod:`gemma_stream.benchmark.writers`) and the tests.  The C++ file layer
-(``csrc/file.h``/``file.cc``: ``Mapping``, its ``madvise`` and residency probe)
+(``csrc/file.h``/``file.cc``: ``PageCacheProbe``, its ``madvise`` and residency probe)
 is the native counterpart; the engine never comes through here.  Where libc
 has no such call (Windows) the functions say so (``None``) instead of raising.
 
