@@ -27,12 +27,9 @@ the caller keeps is the caller's.
 
 from __future__ import annotations
 
-import collections
 import mmap
 import os
 import threading
-import time
-import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -50,13 +47,13 @@ from .executors import get_executor, run_plan_jobs
 from .formats import Checkpoint, TensorRecord, open_checkpoint
 from .formats.records import open_validated
 from .plan import Rename, choose_cache, make_plan
+from .stream_budget import WindowBudget, aligned
 
 __all__ = ["iter_tensors", "stream_checkpoint", "TensorStream", "DEFAULT_WINDOW_BYTES"]
 
 #: 256 MiB: two 128 MiB reads in flight keep 2 engine threads busy (16 MiB chunks) and stay small
 #: next to any model worth streaming
 DEFAULT_WINDOW_BYTES = 256 << 20
-_ALIGN = 64   # each tensor of a window starts on a cache line of the window's buffer
 
 
 @dataclass(frozen=True)
@@ -79,112 +76,6 @@ class _Totals:
     dst_nbytes: int
 
 
-class _Budget:
-    """Buffers for windows (``slab_bytes`` each, recycled), and the windows handed from reader to caller.
-
-    A window's tensors are views of one buffer.  The buffer comes back when the
-    last of them is freed (a finalizer on the array the storage holds, run in
-    whichever thread drops the last reference, usually the caller's) and is
-    kept for the next window while buffers in use and kept fit in ``limit``:
-    reused pages need no fresh page faults, which cost as much as the copy on
-    a busy machine.  The lock is reentrant because a finalizer may run while
-    this thread already holds it; the caller takes windows under the same lock,
-    so "the caller is waiting and nothing is ready" is seen atomically.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.slab_bytes = max(_ALIGN, limit // 2 // _ALIGN * _ALIGN)
-        self.alive = 0                 # bytes of buffers with live tensors
-        self.free: list[np.ndarray] = []
-        self.ready: collections.deque = collections.deque()
-        self.consumer_waiting = False
-        self.waited_seconds = 0.0      # the caller's time blocked in take(): reads it did not overlap
-        self.stopped = False
-        self.cond = threading.Condition(threading.RLock())
-
-    def _release_mapped(self, nbytes: int) -> None:
-        with self.cond:
-            self.alive -= nbytes
-            self.cond.notify_all()
-
-    def reserve_mapped(self, array: np.ndarray) -> bool:
-        """Count a window's mapping (``array`` views it) once it fits, as ``buffer`` does; the count
-        drops when the array, kept alive by the window's tensors alone, is freed.  False when closed."""
-        with self.cond:
-            while not self.stopped and self.alive and self.alive + array.nbytes > self.limit and \
-                    not self._starving():
-                self.cond.wait()
-            if self.stopped:
-                return False
-            if self.alive + len(self.free) * self.slab_bytes + array.nbytes > self.limit:
-                self.free.clear()
-            self.alive += array.nbytes
-        weakref.finalize(array, self._release_mapped, array.nbytes)
-        return True
-
-    def _release(self, buffer: np.ndarray) -> None:
-        with self.cond:
-            self.alive -= buffer.nbytes
-            if buffer.nbytes == self.slab_bytes and self.alive + (len(self.free) + 1) * self.slab_bytes <= self.limit:
-                self.free.append(buffer)
-            self.cond.notify_all()
-
-    def _starving(self) -> bool:
-        return self.consumer_waiting and not self.ready
-
-    def buffer(self, nbytes: int) -> torch.Tensor | None:
-        """A uint8 tensor of at least ``nbytes`` (a slab, or its own buffer when larger), once it fits:
-        a free slab, room under ``limit``, nothing of ours alive (a larger tensor is read alone), or
-        the caller waiting for a window while it holds all that is alive.  None when closed."""
-        size = self.slab_bytes if nbytes <= self.slab_bytes else nbytes
-        with self.cond:
-            while not self.stopped and not (size == self.slab_bytes and self.free) and self.alive and \
-                    self.alive + len(self.free) * self.slab_bytes + size > self.limit and not self._starving():
-                self.cond.wait()
-            if self.stopped:
-                return None
-            if size == self.slab_bytes and self.free:
-                slab = self.free.pop()
-            else:
-                self.free.clear()      # over the limit (a large tensor, a caller keeping tensors): no spares
-                slab = np.empty(size, dtype=np.uint8)
-            self.alive += slab.nbytes
-        # the storage holds the only reference to this view of the slab: its finalizer says when the
-        # window's last tensor is gone, and the slab itself lives on in the callback's arguments
-        view = slab[:]
-        weakref.finalize(view, self._release, slab)
-        return torch.from_numpy(view)
-
-    def put(self, window) -> None:
-        with self.cond:
-            self.ready.append(window)
-            self.cond.notify_all()
-
-    def take(self):
-        with self.cond:
-            self.consumer_waiting = True
-            self.cond.notify_all()
-            if not self.ready:
-                start = time.perf_counter()
-                while not self.ready:
-                    self.cond.wait()
-                self.waited_seconds += time.perf_counter() - start
-            self.consumer_waiting = False
-            return self.ready.popleft()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.ready.clear()
-            self.free.clear()
-            self.cond.notify_all()
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
-
-
 def _windows(items: list[_Item], slab_bytes: int) -> list[list[_Item]]:
     """Consecutive items that fit one slab each (a larger item is a window of its own).  A mapped
     window holds mapped items of one file only, and its size is the span of the file it maps."""
@@ -198,12 +89,12 @@ def _windows(items: list[_Item], slab_bytes: int) -> list[list[_Item]]:
                 out[-1].append(item)
                 end = max(end, item_end)
                 continue
-        elif out and not item.mapped and not out[-1][0].mapped and size + _aligned(item.nbytes) <= slab_bytes:
+        elif out and not item.mapped and not out[-1][0].mapped and size + aligned(item.nbytes) <= slab_bytes:
             out[-1].append(item)
-            size += _aligned(item.nbytes)
+            size += aligned(item.nbytes)
             continue
         out.append([item])
-        size, end = _aligned(item.nbytes), item_end
+        size, end = aligned(item.nbytes), item_end
     return out
 
 
@@ -240,7 +131,7 @@ def _items(ckpt: Checkpoint, *, dtype: torch.dtype | None, keys, rename: Rename,
 class _Reader(threading.Thread):
     """Plans and reads one window after the other into ``ready`` (None ends the stream)."""
 
-    def __init__(self, ckpt: Checkpoint, windows: list[list[_Item]], budget: _Budget, *, backend: str,
+    def __init__(self, ckpt: Checkpoint, windows: list[list[_Item]], budget: WindowBudget, *, backend: str,
                  threads: int, drop_cache: bool):
         super().__init__(name="gemma_stream_iter", daemon=True)
         self.ckpt, self.windows, self.budget = ckpt, windows, budget
@@ -257,7 +148,7 @@ class _Reader(threading.Thread):
                     self.budget.put(tensors)
                     del tensors
                     continue
-                buffer = self.budget.buffer(sum(_aligned(item.nbytes) for item in window))
+                buffer = self.budget.buffer(sum(aligned(item.nbytes) for item in window))
                 if buffer is None:
                     return
                 tensors = self._read(window, buffer)
@@ -302,7 +193,7 @@ class _Reader(threading.Thread):
         tensors, offset = {}, 0
         for item in window:
             tensors[item.record.name] = buffer[offset:offset + item.nbytes].view(item.dtype).view(item.record.shape)
-            offset += _aligned(item.nbytes)
+            offset += aligned(item.nbytes)
         part = Checkpoint(self.ckpt.format, self.ckpt.files, [item.record for item in window])
         plan = make_plan(part, tensors, strict=True)
         keep_going = lambda _done: not self.budget.stopped   # closing the iterator cancels the read
@@ -361,7 +252,7 @@ def stream_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, key
     policy = platform_cache_policy(
         choose_cache(_Totals(total, min(window_bytes, total)), cache,  # type: ignore[arg-type]
                      mem_available() if cache == "auto" else None), explicit=cache == "drop")
-    budget = _Budget(window_bytes)
+    budget = WindowBudget(window_bytes)
     reader = _Reader(ckpt, _windows(items, budget.slab_bytes), budget, backend=backend,
                      threads=threads or config().default_threads, drop_cache=policy == "drop")
     return TensorStream(reader, budget)
@@ -376,7 +267,7 @@ class TensorStream:
     >>> print(f"waited {stream.waited_seconds:.2f} s for reads")
     """
 
-    def __init__(self, reader: _Reader, budget: _Budget):
+    def __init__(self, reader: _Reader, budget: WindowBudget):
         self._budget = budget
         self._tensors = _consume(reader, budget)
 
@@ -395,7 +286,7 @@ class TensorStream:
         return self._budget.waited_seconds
 
 
-def _consume(reader: _Reader, budget: _Budget) -> Iterator[tuple[str, torch.Tensor]]:
+def _consume(reader: _Reader, budget: WindowBudget) -> Iterator[tuple[str, torch.Tensor]]:
     reader.start()
     try:
         while True:
