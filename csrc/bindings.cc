@@ -29,7 +29,7 @@ struct JobBatch {
   std::vector<uint64_t> src_offset;
   std::vector<std::vector<int64_t>> shape, src_strides;  // src_strides: [] = C-contiguous
   std::vector<uintptr_t> dst, scale, zero;               // addresses; 0 = none
-  std::vector<int64_t> group_size, first_row;
+  std::vector<int64_t> group_size, first_row, block_rows;
   std::vector<std::string> name;
 
   std::size_t size() const { return op.size(); }
@@ -39,7 +39,7 @@ struct JobBatch {
     const std::size_t n = size();
     const std::size_t lengths[] = {file.size(), src_dtype.size(), dst_dtype.size(), scale_dtype.size(),
                                    src_offset.size(), shape.size(), src_strides.size(), dst.size(), scale.size(),
-                                   zero.size(), group_size.size(), first_row.size(), name.size()};
+                                   zero.size(), group_size.size(), first_row.size(), name.size(), block_rows.size()};
     for (std::size_t len : lengths)
       if (len != n) throw gs::JobError("JobBatch columns differ in length");
     std::vector<gs::CopyJob> out(n);
@@ -60,6 +60,8 @@ struct JobBatch {
       job.group_size = group_size[i];
       job.name = name[i];
       job.first_row = first_row[i];
+      if (block_rows[i] < 0) throw gs::JobError("negative block_rows");
+      job.block_rows = block_rows[i];
     }
     return out;
   }
@@ -72,15 +74,16 @@ void bind_job_batch(py::module_& m) {
                        std::vector<std::vector<int64_t>> src_strides, std::vector<uintptr_t> dst,
                        std::vector<int> dst_dtype, std::vector<uintptr_t> scale, std::vector<uintptr_t> zero,
                        std::vector<int> scale_dtype, std::vector<int64_t> group_size, std::vector<std::string> name,
-                       std::vector<int64_t> first_row) {
+                       std::vector<int64_t> first_row, std::vector<int64_t> block_rows) {
              return JobBatch{std::move(op), std::move(file), std::move(src_dtype), std::move(dst_dtype),
                              std::move(scale_dtype), std::move(src_offset), std::move(shape), std::move(src_strides),
                              std::move(dst), std::move(scale), std::move(zero), std::move(group_size),
-                             std::move(first_row), std::move(name)};
+                             std::move(first_row), std::move(block_rows), std::move(name)};
            }),
            py::kw_only(), py::arg("op"), py::arg("file"), py::arg("src_offset"), py::arg("src_dtype"), py::arg("shape"),
            py::arg("src_strides"), py::arg("dst"), py::arg("dst_dtype"), py::arg("scale"), py::arg("zero"),
-           py::arg("scale_dtype"), py::arg("group_size"), py::arg("name"), py::arg("first_row"))
+           py::arg("scale_dtype"), py::arg("group_size"), py::arg("name"), py::arg("first_row"),
+           py::arg("block_rows"))
       .def("__len__", &JobBatch::size)
       .def_readonly("op", &JobBatch::op)
       .def_readonly("file", &JobBatch::file)
@@ -95,7 +98,8 @@ void bind_job_batch(py::module_& m) {
       .def_readonly("scale_dtype", &JobBatch::scale_dtype)
       .def_readonly("group_size", &JobBatch::group_size)
       .def_readonly("name", &JobBatch::name)
-      .def_readonly("first_row", &JobBatch::first_row);
+      .def_readonly("first_row", &JobBatch::first_row)
+      .def_readonly("block_rows", &JobBatch::block_rows);
   m.attr("OPS") = py::dict(py::arg("copy") = static_cast<int>(gs::Op::Copy),
                            py::arg("int8") = static_cast<int>(gs::Op::QuantInt8),
                            py::arg("int4") = static_cast<int>(gs::Op::QuantInt4));

@@ -32,6 +32,9 @@ struct CopyJob {
   int64_t group_size = 0;            // int4 only
   std::string name;                  // tensor name, for error messages
   int64_t first_row = 0;             // the source view's first row in its tensor (error messages)
+  // Strided jobs: at most this many indices of the outermost (largest-stride) dim per read;
+  // 0 = as many as a chunk holds (gaps between them read too), 1 = each row's segment alone.
+  int64_t block_rows = 0;
 };
 
 struct Options {

@@ -23,7 +23,9 @@ StridedLayout make_strided(const CopyJob& job, std::size_t chunk_elems) {
   // smallest split such that dims [split, nd) span at most one chunk
   int split = static_cast<int>(nd);
   int64_t span = 1;
-  while (split > 0) {
+  // block_rows caps the outermost dim's indices per block: never one block over all of it
+  const int min_split = job.block_rows > 0 && nd > 0 ? 1 : 0;
+  while (split > min_split) {
     const int64_t wider = span + (L.shape[split - 1] - 1) * L.src_strides[split - 1];
     if (static_cast<std::size_t>(wider) > chunk_elems) break;
     span = wider;
@@ -35,6 +37,7 @@ StridedLayout make_strided(const CopyJob& job, std::size_t chunk_elems) {
     const int64_t stride = std::max<int64_t>(L.src_strides[split - 1], 1);
     const int64_t fit = (static_cast<int64_t>(chunk_elems) - span) / stride + 1;
     L.group = std::max<int64_t>(1, std::min(fit, L.shape[split - 1]));
+    if (job.block_rows > 0 && split == 1) L.group = std::min(L.group, job.block_rows);
     L.groups = (L.shape[split - 1] + L.group - 1) / L.group;
     for (int d = 0; d < split - 1; ++d) L.outer *= L.shape[d];
   }

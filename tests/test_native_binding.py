@@ -49,10 +49,12 @@ def _plan(tmp_path, tensors, model_tensors, rename=None, quant=None):
     return make_plan(open_checkpoint(path), model_tensors, rename=rename, quant=quant)
 
 
-def test_encode_names_every_field(tmp_path, monkeypatch):
-    """Columns 1-3 of a matrix (a strided job, converted) and a plain tensor: each column holds the job's field."""
+@pytest.mark.parametrize("waste, block_rows", [(float("inf"), 0), (0.0, 1)])
+def test_encode_names_every_field(tmp_path, monkeypatch, waste, block_rows):
+    """Columns 1-3 of a matrix (a strided job, converted) and a plain tensor: each column holds the job's
+    field.  With no gap budget the strided job reads its rows apart (block_rows=1)."""
     from gemma_stream import plan as plan_module
-    monkeypatch.setattr(plan_module, "COALESCE_WASTE", float("inf"))   # one strided job, not one per row
+    monkeypatch.setattr(plan_module, "COALESCE_WASTE", waste)
     tensors = {"a": torch.arange(5, dtype=torch.int32), "t": torch.randn(6, 4)}
     dst = {"a": torch.empty(5, dtype=torch.int32), "t": torch.empty(6, 2, dtype=torch.bfloat16)}
     rename = gs.PartialRoutes(lambda n: gs.Route("t", src_cols=(1, 3)) if n == "t" else n)
@@ -67,6 +69,7 @@ def test_encode_names_every_field(tmp_path, monkeypatch):
         assert batch.dst[i] == job.dst.data_ptr() and batch.dst_dtype[i] == DTYPES[job.dst_dtype.name].code
         assert batch.op[i] == _native.OPS["copy"] and batch.scale[i] == batch.zero[i] == 0
         assert batch.first_row[i] == job.first_row and batch.group_size[i] == 0
+        assert batch.block_rows[i] == job.block_rows == (block_rows if job.src_strides else 0)
 
 
 def test_quant_jobs_carry_scales(tmp_path):
@@ -90,7 +93,8 @@ def test_encode_refuses_a_non_contiguous_destination(tmp_path):
 
 def _batch(**changes):
     columns = dict(op=[0], file=[0], src_offset=[0], src_dtype=[1], shape=[[4]], src_strides=[[]], dst=[1],
-                   dst_dtype=[1], scale=[0], zero=[0], scale_dtype=[11], group_size=[0], name=["x"], first_row=[0])
+                   dst_dtype=[1], scale=[0], zero=[0], scale_dtype=[11], group_size=[0], name=["x"], first_row=[0],
+                   block_rows=[0])
     columns.update(changes)
     return _native.JobBatch(**columns)
 
@@ -100,6 +104,7 @@ def _batch(**changes):
     ({"dst_dtype": [-1]}, "unknown dst_dtype code -1"),
     ({"op": [3]}, "unknown op code 3"),
     ({"name": ["x", "y"]}, "columns differ in length"),
+    ({"block_rows": [-1]}, "negative block_rows"),
 ])
 def test_the_engine_refuses_a_malformed_batch(tmp_path, changes, message):
     path = tmp_path / "f.bin"

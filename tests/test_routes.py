@@ -142,28 +142,48 @@ def test_int4_unaligned_and_int8_column_blocks_are_clear_errors(tmp_path, backen
                      rename=gs.PartialRoutes(lambda n: gs.Route(n, src_cols=(0, 64))))
 
 
-def test_per_row_jobs_read_only_the_block(tmp_path):
+def test_rows_apart_read_only_the_block(tmp_path):
     w = torch.randn(16, 4096)
     save_file({"w": w}, str(tmp_path / "w.safetensors"))
     ckpt = open_checkpoint(tmp_path / "w.safetensors")
     dst = torch.zeros(16, 1024)
     plan = plan_mod.make_plan(ckpt, {"w": dst}, rename=lambda n: gs.Route("w", src_cols=(1024, 2048)),
                               check_splits=False)
-    # a 12 KiB gap between rows: one job per row, each reading only its 4 KiB
-    assert len(plan.jobs) == 16 and all(j.src_strides is None and j.nbytes == 4096 for j in plan.jobs)
-    # a 2 KiB gap (under a page) but 14% of the 14 KiB segments: still one job per row
+    # a 12 KiB gap between rows: one strided job whose rows are read apart, each read only its 4 KiB
+    (job,) = plan.jobs
+    assert job.src_strides == (4096, 1) and job.block_rows == 1 and job.file_bytes == 16 * 4096
+    assert job.file_ranges() == [(job.src_offset + i * 4096 * 4, 4096) for i in range(16)]
+    # a 2 KiB gap (under a page) but 14% of the 14 KiB segments: still read apart
     small = plan_mod.make_plan(ckpt, {"w": torch.zeros(16, 3584)}, rename=lambda n: gs.Route("w", src_cols=(0, 3584)),
                                check_splits=False)
-    assert len(small.jobs) == 16 and sum(j.nbytes for j in small.jobs) == 16 * 3584 * 4
-    # a 128-byte gap, 0.8% of the segments: one strided job, gaps included
+    assert [j.block_rows for j in small.jobs] == [1] and small.jobs[0].file_bytes == 16 * 3584 * 4
+    # a 128-byte gap, 0.8% of the segments: rows read in blocks, gaps included
     tiny = plan_mod.make_plan(ckpt, {"w": torch.zeros(16, 4064)}, rename=lambda n: gs.Route("w", src_cols=(0, 4064)),
                               check_splits=False)
-    assert len(tiny.jobs) == 1 and tiny.jobs[0].src_strides == (4096, 1)
+    assert len(tiny.jobs) == 1 and tiny.jobs[0].src_strides == (4096, 1) and tiny.jobs[0].block_rows == 0
+    assert tiny.jobs[0].file_bytes == (15 * 4096 + 4064) * 4
+
+
+def test_rows_apart_load_the_same_bytes_and_read_only_their_segments(tmp_path, backend):
+    """A column block read apart (block_rows=1) fills the same values as one read gaps included, and the
+    engine's bytes read are the segments only."""
+    torch.manual_seed(3)
+    w = torch.randn(300, 700)
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    for waste, apart in ((0.0, True), (float("inf"), False)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(plan_mod, "COALESCE_WASTE", waste)
+            model = torch.nn.Module()
+            model.register_buffer("w", torch.zeros(300, 300, dtype=torch.bfloat16))
+            report = gs.load_into(model, tmp_path / "w.safetensors", backend=backend, threads=2,
+                                  rename=gs.PartialRoutes(lambda n: gs.Route(n, src_cols=(200, 500))))
+        assert torch.equal(model.w, w[:, 200:500].bfloat16())
+        assert report.bytes_read == 300 * 300 * 4 if apart else report.bytes_read >= 300 * 300 * 4
 
 
 def test_coalesced_gaps_stay_within_one_percent_of_the_plan(tmp_path):
     # two column blocks whose 512-byte gaps cost 7.7 KB each, in a plan of 1 MB of targets: the
-    # 10 KB budget (plan.COALESCE_WASTE) coalesces the first, the second is read row by row
+    # 10 KB budget (plan.COALESCE_WASTE) coalesces the first, the second's rows are read apart
     save_file({"a": torch.randn(16, 4096), "b": torch.randn(16, 4096), "c": torch.randn(125_000)},
               str(tmp_path / "w.safetensors"))
     ckpt = open_checkpoint(tmp_path / "w.safetensors")
@@ -171,8 +191,8 @@ def test_coalesced_gaps_stay_within_one_percent_of_the_plan(tmp_path):
     plan = plan_mod.make_plan(ckpt, targets, check_splits=False,
                               rename=lambda n: gs.Route(n, src_cols=(0, 3968)) if n != "c" else n)
     jobs = {n: [j for j in plan.jobs if j.name == n] for n in targets}
-    assert len(jobs["a"]) == 1 and jobs["a"][0].src_strides == (4096, 1)
-    assert len(jobs["b"]) == 16 and all(j.src_strides is None for j in jobs["b"])
+    assert len(jobs["a"]) == 1 and jobs["a"][0].src_strides == (4096, 1) and jobs["a"][0].block_rows == 0
+    assert len(jobs["b"]) == 1 and jobs["b"][0].block_rows == 1
     useful = sum(t.numel() * 4 for t in targets.values())
     from gemma_stream.distributed import file_bytes
     assert useful < sum(file_bytes(j) for j in plan.jobs) <= useful * (1 + plan_mod.COALESCE_WASTE)

@@ -29,7 +29,7 @@ class JobBatch:
                  src_dtype: Sequence[int], shape: Sequence[Sequence[int]], src_strides: Sequence[Sequence[int]],
                  dst: Sequence[int], dst_dtype: Sequence[int], scale: Sequence[int], zero: Sequence[int],
                  scale_dtype: Sequence[int], group_size: Sequence[int], name: Sequence[str],
-                 first_row: Sequence[int]) -> None: ...
+                 first_row: Sequence[int], block_rows: Sequence[int]) -> None: ...
     def __len__(self) -> int: ...
     op: list[int]              # OPS
     file: list[int]            # index into run()'s files
@@ -45,6 +45,7 @@ class JobBatch:
     group_size: list[int]      # int4 only
     name: list[str]            # tensor names, for error messages
     first_row: list[int]       # the source view's first row in its tensor (error messages)
+    block_rows: list[int]      # strided: outermost indices per read (0 = a chunk's worth, 1 = each row alone)
 
 # (st_dev, st_ino, st_size, st_mtime_ns) of each validated file
 _IdentityTuple = tuple[int, int, int, int]

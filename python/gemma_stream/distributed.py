@@ -244,8 +244,9 @@ class DistributedLoadReport(LoadReport):
 
 
 def file_bytes(job: CopyJob) -> int:
-    """Bytes a job asks of its file: a strided job reads whole spans of rows, gaps included."""
-    return job.src_span_bytes
+    """Bytes a job asks of its file: a strided job reads whole spans of rows, gaps included, unless
+    its rows are read apart (``block_rows``)."""
+    return job.file_bytes
 
 
 def _check_args(read: str, quantize: str | None, mode: str) -> None:
@@ -374,7 +375,8 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dic
         plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(_routes_except(routes, int8_columns)),
                          quant=quant, strict=False, check_splits=False)
         jobs = plan.jobs + int8_columns_plan(ckpt, int8_columns, routes, "meta")[0].jobs
-        out.extend(ReadRange(rank, j.name, plan.files[j.file_index], j.src_offset, file_bytes(j)) for j in jobs)
+        out.extend(ReadRange(rank, j.name, plan.files[j.file_index], offset, nbytes)
+                   for j in jobs for offset, nbytes in j.file_ranges())
     return out
 
 

@@ -55,6 +55,9 @@ class CopyJob:
     group_size: int = 0
     staged: bool = False
     first_row: int = 0           # the source view's first row in the checkpoint tensor (error messages)
+    #: strided jobs: at most this many rows (indices of the largest-stride dim, dim 0) per read; 0: as
+    #: many as a chunk holds, the gaps between them read too; 1: each row's segment alone, no gaps
+    block_rows: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -65,6 +68,26 @@ class CopyJob:
         """Bytes from ``src_offset`` to the end of the last element read: a strided job's span,
         gaps between its rows included (``nbytes`` for a contiguous one, 0 for an empty one)."""
         return span_elements(self.shape, self.src_strides) * self.src_dtype.itemsize
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes the executors read from the file for this job: the span, or with ``block_rows``
+        the span of each block of rows (the gaps between blocks are skipped)."""
+        if not self.block_rows or self.src_strides is None or len(self.shape) < 2:
+            return self.src_span_bytes
+        rows, per = self.shape[0], self.block_rows
+        full, rest = divmod(rows, per)
+        block = lambda n: span_elements((n, *self.shape[1:]), self.src_strides)  # noqa: E731
+        return (full * block(per) + (block(rest) if rest else 0)) * self.src_dtype.itemsize
+
+    def file_ranges(self) -> list[tuple[int, int]]:
+        """(offset, bytes) of each read this job makes: one span, or one per block of ``block_rows``."""
+        if not self.block_rows or self.src_strides is None or len(self.shape) < 2:
+            return [(self.src_offset, self.src_span_bytes)]
+        item, step = self.src_dtype.itemsize, self.src_strides[0] * self.src_dtype.itemsize
+        return [(self.src_offset + first * step,
+                 span_elements((min(self.block_rows, self.shape[0] - first), *self.shape[1:]), self.src_strides) * item)
+                for first in range(0, self.shape[0], self.block_rows)]
 
     @property
     def dst_dtype(self) -> DType:

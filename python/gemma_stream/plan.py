@@ -99,15 +99,14 @@ def _cols(span: tuple[int, int] | None, shape: tuple[int, ...], what: str) -> tu
     return _rows(span, shape[1], what, "columns")
 
 
-#: A column slice of a row-major tensor is one segment per row.  One strided job
-#: reads blocks of rows gaps included (one job instead of one per row: 2-5x
-#: faster on 1-2 KiB segments), but the gaps are bytes the rank does not own.
-#: A tensor's rows are coalesced only when the gap is under COALESCE_GAP_BYTES
-#: (the device reads those pages anyway) and its gaps fit in what is left of a
-#: budget of COALESCE_WASTE times the bytes of all the plan's targets, spent in
-#: plan order; so a rank reads at most 1% more than its own bytes.  Otherwise
-#: each row's segment is its own job (benchmarks/NOTES.md, sections 16 and 18).
-#: ``COALESCE_GAP_BYTES = 0`` always reads per row.
+#: A column slice of a row-major tensor is one segment per row, planned as one
+#: strided job.  Its rows are read in blocks, gaps included (fewest reads), only
+#: when the gap is under COALESCE_GAP_BYTES (the device reads those pages anyway)
+#: and the gaps fit in what is left of a budget of COALESCE_WASTE times the bytes
+#: of all the plan's targets, spent in plan order: a rank reads at most 1% more
+#: than its own bytes.  Otherwise the job has ``block_rows=1`` and the executors
+#: read each row's segment alone, skipping the gaps (benchmarks/NOTES.md,
+#: sections 16, 18 and 21).  ``COALESCE_GAP_BYTES = 0`` always reads per row.
 COALESCE_GAP_BYTES = 4096
 COALESCE_WASTE = 0.01
 
@@ -210,8 +209,8 @@ class _Planner:
 
     def _column_jobs(self, record: TensorRecord, route: Route, rows: tuple[int, int], cols: tuple[int, int],
                      region: torch.Tensor) -> None:
-        """Columns ``cols`` of rows ``rows``: one strided job, or one job per row (COALESCE_GAP_BYTES,
-        COALESCE_WASTE)."""
+        """Columns ``cols`` of rows ``rows``: one strided job, its rows read in blocks or apart
+        (COALESCE_GAP_BYTES, COALESCE_WASTE)."""
         strides = record.strides or contiguous_strides(record.shape)
         item = record.dtype.itemsize
         offset = record.byte_offset + (rows[0] * strides[0] + cols[0] * strides[1]) * item
@@ -228,15 +227,12 @@ class _Planner:
         waste = gap_bytes * (shape[0] - 1)
         coalesce = gap_bytes < COALESCE_GAP_BYTES and waste <= budget
         self._gap_budget = budget - waste if coalesce else budget
-        if not inner_contiguous or shape[0] == 1 or coalesce:
-            self.plan.jobs.append(CopyJob(**base, src_offset=offset, shape=shape, src_strides=tuple(strides),
-                                          dst=region, staged=not _is_plain_cpu(region), first_row=rows[0]))
-            return
-        for i in range(shape[0]):
-            row = region[i]
-            self.plan.jobs.append(CopyJob(**base, src_offset=offset + i * strides[0] * item, shape=shape[1:],
-                                          src_strides=None, dst=row, staged=not _is_plain_cpu(row),
-                                          first_row=rows[0] + i))
+        # one strided job either way; apart, the executors read each row's segment on its own (one
+        # pread per row in the engine, no job per row: benchmarks/NOTES.md, section 21)
+        apart = inner_contiguous and shape[0] > 1 and not coalesce
+        self.plan.jobs.append(CopyJob(**base, src_offset=offset, shape=shape, src_strides=tuple(strides),
+                                      dst=region, staged=not _is_plain_cpu(region), first_row=rows[0],
+                                      block_rows=1 if apart else 0))
 
     def _source(self, record: TensorRecord, first_row: int) -> tuple[int, tuple[int, ...] | None]:
         if record.is_contiguous:

@@ -35,7 +35,7 @@ def encode(jobs: list[CopyJob]) -> _native.JobBatch:
     (not contiguous, not on the CPU): the planner stages those.
     """
     op, file, src_offset, src_dtype, shape, src_strides = [], [], [], [], [], []
-    dst, dst_dtype, scale, zero, scale_dtype, group_size, name, first_row = [], [], [], [], [], [], [], []
+    dst, dst_dtype, scale, zero, scale_dtype, group_size, name, first_row, block_rows = [], [], [], [], [], [], [], [], []
     for job in jobs:
         d, s, z = job.dst, job.scale, job.zero
         if not _plain_cpu(d) or (s is not None and not _plain_cpu(s)) or (z is not None and not _plain_cpu(z)):
@@ -54,9 +54,11 @@ def encode(jobs: list[CopyJob]) -> _native.JobBatch:
         group_size.append(job.group_size)
         name.append(job.name)
         first_row.append(job.first_row)
+        block_rows.append(job.block_rows)
     return _native.JobBatch(op=op, file=file, src_offset=src_offset, src_dtype=src_dtype, shape=shape,
                             src_strides=src_strides, dst=dst, dst_dtype=dst_dtype, scale=scale, zero=zero,
-                            scale_dtype=scale_dtype, group_size=group_size, name=name, first_row=first_row)
+                            scale_dtype=scale_dtype, group_size=group_size, name=name, first_row=first_row,
+                            block_rows=block_rows)
 
 
 def quant_kernels() -> str:

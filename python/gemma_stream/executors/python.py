@@ -156,6 +156,8 @@ class _Run:
         dst = job.dst.permute(*order) if order else job.dst
         inner = span_elements(shape[1:], strides[1:])
         per = max(1, (self.chunk_bytes // item - inner) // max(strides[0], 1) + 1) if shape else 1
+        if job.block_rows:   # the planner's cap: rows read apart, the gaps between them skipped
+            per = min(per, job.block_rows)
         total = 0
         for first in range(0, shape[0] if shape else 1, per):
             count = min(per, shape[0] - first) if shape else 1
