@@ -243,10 +243,15 @@ class FileViews:
     def prefetch(self, policy: str = "auto", threads: int = 2) -> Prefetch | None:
         """Start reading what the views cover, in file order, in the background, if
         :func:`~gemma_stream.plan.choose_readahead` says so for ``policy`` ("auto": when
-        it fits in ``MemAvailable`` with a fifth to spare; "on"; "off"), or None."""
+        it fits in ``MemAvailable`` with a fifth to spare and is not already in the page
+        cache; "on"; "off"), or None."""
         ranges = self.ranges()
         mapped_bytes = sum(end - start for _, start, end, _ in ranges)
         available = mem_available() if policy == "auto" and mapped_bytes else None
-        if not choose_readahead(policy, mapped_bytes, available, supported=hasattr(os, "posix_fadvise")):
+        # warm or cold: mincore on the mapped files (no I/O; None where the platform cannot say)
+        cached = pagecache.resident_fraction(sorted({path for path, *_ in ranges})) \
+            if policy == "auto" and mapped_bytes else None
+        if not choose_readahead(policy, mapped_bytes, available, supported=hasattr(os, "posix_fadvise"),
+                                cached_fraction=cached):
             return None
         return Prefetch(ranges, threads, keep_alive=tuple(self._storages.values()))

@@ -55,7 +55,12 @@ def choose_cache(plan: Plan, cache: str, available: int | None) -> str:
 READAHEAD_POLICIES = ("auto", "on", "off")
 
 
-def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, supported: bool = True) -> bool:
+#: a mapped file this much in the page cache is warm: "auto" does not read it ahead
+WARM_FRACTION = 0.95
+
+
+def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, supported: bool = True,
+                     cached_fraction: float | None = None) -> bool:
     """Whether ``mode="mmap"`` reads its mapped bytes ahead in the background (GEMMA_STREAM_PREFETCH).
 
     ``mapped_bytes``: the views' byte ranges joined; ``available``: MemAvailable
@@ -63,8 +68,11 @@ def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, s
     (``posix_fadvise``; macOS and Windows cannot).  "auto" reads ahead only when
     the ranges fit in ``available`` with a fifth to spare: otherwise the
     read-ahead would push out its own first pages, or the rest of the
-    system's, before they are used.  "on" always, "off" never; nothing mapped,
-    nothing to read.
+    system's, before they are used; and not when ``cached_fraction`` (of the
+    mapped files' bytes in the page cache, None where unknown) says the file is
+    already in memory (measured: a warm read-ahead only competes with the first
+    touches, 0.91x on a warm many-small zip).  "on" always, "off" never; nothing
+    mapped, nothing to read.
 
     >>> choose_readahead("auto", mapped_bytes=5 << 30, available=16 << 30)
     True
@@ -77,6 +85,8 @@ def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, s
         return False
     if policy == "on":
         return True
+    if cached_fraction is not None and cached_fraction >= WARM_FRACTION:
+        return False
     return available is not None and mapped_bytes <= 0.8 * available
 
 
