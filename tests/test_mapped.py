@@ -17,18 +17,7 @@ from gemma_stream.benchmark.writers import evict
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def big_file(tmp_path_factory):
-    """16 MiB over tensors of mixed sizes and dtypes; skips where the page cache cannot be observed."""
-    torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("mapped") / "w.safetensors"
-    sd = {"embed": torch.randn(1024, 2048), "small": torch.randn(7, 3),
-          "mid": torch.randn(1000, 1024).bfloat16(), "tail": torch.randn(2_000_000).half()}
-    save_file(sd, str(path))
-    evict([path])
-    if not hasattr(os, "posix_fadvise") or (pagecache.resident_bytes(path) or 0) > 2 * MiB:
-        pytest.skip("the page cache cannot be dropped or observed here (tmpfs? no posix_fadvise?)")
-    return path, sd
+# big_file: conftest.py's 24 MiB file of mixed tensors (skips where the page cache cannot be observed)
 
 
 @pytest.mark.page_cache
