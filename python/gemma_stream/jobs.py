@@ -71,14 +71,8 @@ class CopyJob:
 
     @property
     def file_bytes(self) -> int:
-        """Bytes the executors read from the file for this job: the span, or with ``block_rows``
-        the span of each block of rows (the gaps between blocks are skipped)."""
-        if not self.block_rows or self.src_strides is None or len(self.shape) < 2:
-            return self.src_span_bytes
-        rows, per = self.shape[0], self.block_rows
-        full, rest = divmod(rows, per)
-        block = lambda n: span_elements((n, *self.shape[1:]), self.src_strides)  # noqa: E731
-        return (full * block(per) + (block(rest) if rest else 0)) * self.src_dtype.itemsize
+        """Bytes the executors read from the file for this job (the sum of ``file_ranges``)."""
+        return sum(nbytes for _, nbytes in self.file_ranges())
 
     def file_ranges(self) -> list[tuple[int, int]]:
         """(offset, bytes) of each read this job makes: one span, or one per block of ``block_rows``."""
