@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from ..errors import CheckpointError
+from .pickle_fast import take_entries
 from .pickle_ops import (CONSTANTS, MEMO_SLOT, OBJECT, OPCODES, RECORD, RECORD_REDUCERS, SLOT, STOP, U32,
                          OpcodeHandlers)
 from .records import gc_paused
@@ -54,8 +55,9 @@ class _Walker(OpcodeHandlers):
     bytes cost 737 MB and 8.9 s).
     """
 
-    def __init__(self, data: bytes, where: str) -> None:
+    def __init__(self, data: bytes, where: str, fast: bool = True) -> None:
         self.data, self.where, self.pos = data, where, 0
+        self.fast = fast         # take torch.save's regular tensor entries whole (pickle_fast.py)
         self.stack: list[Any] = []
         self.marks: list[int] = []
         # torch.save numbers memo entries 0, 1, 2, ...: those live in a list (8 bytes each); any
@@ -75,7 +77,7 @@ class _Walker(OpcodeHandlers):
         data, ops, size = self.data, self.ops, len(self.data)
         stack, marks, memo = self.stack, self.marks, self.memo
         push, u32_at, reducers = stack.append, U32.unpack_from, REDUCERS
-        limit, max_opcodes = MAX_WALK_BYTES, MAX_OPCODES
+        limit, max_opcodes, fast = MAX_WALK_BYTES, MAX_OPCODES, self.fast
         pos, used, opcodes, nmemo = self.pos, self.used, self.opcodes, len(memo)
         counting = size - pos + opcodes > max_opcodes
         try:
@@ -110,6 +112,14 @@ class _Walker(OpcodeHandlers):
                     used += OBJECT   # the int index and its slot
                     marks.append(len(stack))
                 elif code == 0x58 or code == 0x8C:  # BINUNICODE, SHORT_BINUNICODE
+                    if fast and code == 0x58:   # maybe torch.save's tensor entries: taken whole (pickle_fast.py)
+                        taken = take_entries(data, pos - 1, stack, memo, used, limit,
+                                             max_opcodes - opcodes if counting else None)
+                        if taken is not None:
+                            pos, used, walked = taken
+                            nmemo = len(memo)
+                            opcodes += walked if counting else 0
+                            continue
                     width = 4 if code == 0x58 else 1
                     if pos + width > size:
                         raise self.fail(f"truncated: needs {width} bytes at offset {pos}, {size} in total")
@@ -222,7 +232,12 @@ def walk_pickle(data: bytes, where: str = "data.pkl") -> Any:
 
         walk_pickle(zip_entry_bytes, where="model.ckpt: data.pkl")
     """
-    walker = _Walker(bytes(data), where)
+    return _walk(data, where, fast=True)
+
+
+def _walk(data: bytes, where: str, fast: bool) -> Any:
+    """``walk_pickle``; ``fast=False`` walks every opcode one by one (the tests compare both paths)."""
+    walker = _Walker(bytes(data), where, fast)
     with gc_paused():  # the walk makes ~30 objects per tensor and no garbage: the collector only costs time
         try:
             return walker.run()
