@@ -20,8 +20,7 @@ import math
 import operator
 import os
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import fileio
 from ..errors import CheckpointError
@@ -50,9 +49,9 @@ _LEGACY_HINT = (
     "torch.save(torch.load(path, weights_only=True), new_path)")
 
 
-@dataclass(frozen=True)
-class ZipEntry:
-    """One central directory entry of a STORED (uncompressed) archive member."""
+class ZipEntry(NamedTuple):
+    """One central directory entry of a STORED (uncompressed) archive member (immutable; a tuple
+    because a checkpoint has one per tensor and a frozen dataclass took 3x as long to build)."""
 
     name: str
     raw_name: bytes
@@ -181,7 +180,10 @@ def read_zip_directory(fd: int, path: str, file_size: int) -> tuple[dict[str, Zi
 def payload_offset(fd: int, path: str, entry: ZipEntry, end_limit: int) -> int:
     """Absolute offset of an entry's bytes, from its local header; checked to end by ``end_limit``."""
     n = _LOCAL.size + len(entry.raw_name)
-    header = _pread(fd, path, n, entry.local_header_offset, f"local header of {entry.name!r}")
+    offset = entry.local_header_offset
+    header = fileio.pread(fd, n, offset) if 0 <= offset < 1 << 62 else b""   # one per storage: no message built
+    if len(header) != n:   # short, or at an offset no file has: _pread says which
+        header = _pread(fd, path, n, offset, f"local header of {entry.name!r}")
     sig, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(header)
     if sig != b"PK\x03\x04" or method != 0 or header[_LOCAL.size:] != entry.raw_name:
         raise CheckpointError(
@@ -245,33 +247,55 @@ def _flatten(node: dict, prefix: str, depth: int, tensors: dict[str, TensorView]
             extras[name] = describe(value)
 
 
-def _record(path: str, name: str, view: TensorView, payload: int) -> TensorRecord:
-    """The record of one view, after checking it lies inside its storage's declared numel."""
-    size, stride, offset = view.size, view.stride, view.storage_offset
+def _shape_facts(path: str, name: str, view: TensorView) -> tuple[int, int, bool]:
+    """(numel, elements the view spans from its offset, C-contiguous) of a view's size and stride,
+    after refusing sizes and strides torch cannot hold."""
+    size, stride = view.size, view.stride
     ndim = len(size)
     # min/max over the tuples run in C: generator checks per dimension were a third of a
     # many-tensor read.  The messages below are built only on failure.
-    if ndim != len(stride) or offset < 0 or offset >= 1 << 63 or (ndim and (
+    if ndim != len(stride) or (ndim and (
             min(size) < 0 or min(stride) < 0 or max(stride) >= 1 << 63 or max(size) >= 1 << 63)):
         _refuse_view(path, name, view)
     itemsize = view.dtype.itemsize
     numel = math.prod(size)
     if ndim > 1 or numel * itemsize >= 1 << 63:
         check_shape(size, itemsize, f"{path}: tensor {name!r}", path, name)
-    capacity = view.storage.numel * view.storage.dtype.itemsize // itemsize
+    span = 1 + (sum(map(operator.mul, map(operator.sub, size, _ONES), stride)) if ndim else 0)
+    contiguous = numel == 0 or ndim <= 1 and (not ndim or stride[0] == 1 or size[0] == 1) or \
+        all(s == w or n == 1 for n, s, w in zip(size, stride, contiguous_strides(size)))
+    return numel, span, contiguous
+
+
+def _record(path: str, name: str, view: TensorView, payload: int,
+            facts_of: dict[tuple, tuple[int, int, bool]] | None = None) -> TensorRecord:
+    """The record of one view, after checking it lies inside its storage's declared numel.
+
+    ``facts_of`` caches :func:`_shape_facts` by (size, stride, itemsize) across one checkpoint's
+    views: most tensors share a handful of shapes, and the checks were a fifth of reading a zip.
+    """
+    offset = view.storage_offset
+    if offset < 0 or offset >= 1 << 63:
+        _refuse_view(path, name, view)
+    itemsize = view.dtype.itemsize
+    key = (view.size, view.stride, itemsize)
+    facts = facts_of.get(key) if facts_of is not None else None
+    if facts is None:
+        facts = _shape_facts(path, name, view)
+        if facts_of is not None:
+            facts_of[key] = facts
+    numel, span, contiguous = facts
     if numel == 0:
         byte_offset = payload  # nothing is read; keep the offset inside the file for range checks
     else:
-        needed = offset + 1 + (sum(map(operator.mul, map(operator.sub, size, _ONES), stride)) if ndim else 0)
-        if needed > capacity:
+        capacity = view.storage.numel * view.storage.dtype.itemsize // itemsize
+        if offset + span > capacity:
             raise CheckpointError(
                 f"{path}: tensor {name!r}: storage {view.storage.key!r} holds {capacity} elements but the view "
-                f"needs {needed}", path=path, tensor=name)
+                f"needs {offset + span}", path=path, tensor=name)
         byte_offset = payload + offset * itemsize
-    contiguous = numel == 0 or ndim <= 1 and (not ndim or stride[0] == 1 or size[0] == 1) or \
-        all(s == w or n == 1 for n, s, w in zip(size, stride, contiguous_strides(size)))
-    return TensorRecord(name=name, dtype=view.dtype, shape=size, file=path, byte_offset=byte_offset,
-                        strides=None if contiguous else stride, storage=view.storage.key)
+    return TensorRecord(name=name, dtype=view.dtype, shape=view.size, file=path, byte_offset=byte_offset,
+                        strides=None if contiguous else view.stride, storage=view.storage.key)
 
 
 _ONES = itertools.repeat(1)   # map() stops at the shortest iterable
@@ -297,10 +321,15 @@ def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: st
     """Payload offset of each storage used; each data/<key> holds at least the declared bytes."""
     ranges: dict[str, tuple[int, int]] = {}
     declared_as: dict[str, tuple[str, StorageRef]] = {}
+    data_prefix = f"{prefix}data/"
     for name, view in tensors.items():
         ref = view.storage
-        first_name, first = declared_as.setdefault(ref.key, (name, ref))
-        if (first.dtype, first.numel) != (ref.dtype, ref.numel):
+        key = ref.key
+        if key in ranges:   # another view of a storage already placed: only its type must agree
+            first_name, first = declared_as[key]
+        else:
+            first_name, first = declared_as[key] = name, ref
+        if first is not ref and (first.dtype, first.numel) != (ref.dtype, ref.numel):
             # torch.load types a storage by its first reference and would rebuild this tensor in that
             # dtype; torch.save never writes this ("Cannot save multiple tensors or storages that view
             # the same data as different types"): refuse rather than reinterpret the bytes
@@ -308,15 +337,15 @@ def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: st
                 f"{path}: tensor {name!r}: storage {ref.key!r} is declared as {ref.numel} x {ref.dtype.name} "
                 f"here and as {first.numel} x {first.dtype.name} by tensor {first_name!r}; torch.save never "
                 f"writes one storage with two types", path=path, tensor=name)
-        entry = entries.get(f"{prefix}data/{ref.key}")
+        entry = entries.get(data_prefix + key)
         if entry is None:
             raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} has no 'data/{ref.key}' entry")
         declared = ref.numel * ref.dtype.itemsize
         if entry.size < declared:
             raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} declares {declared} bytes "
                                   f"but data/{ref.key} holds {entry.size}")
-        if ref.key not in ranges:
-            ranges[ref.key] = (payload_offset(fd, path, entry, end_limit), entry.size)
+        if key not in ranges:
+            ranges[key] = (payload_offset(fd, path, entry, end_limit), entry.size)
     spans = sorted((start, start + size, key) for key, (start, size) in ranges.items())
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:  # a forged directory could alias two storages
@@ -390,7 +419,8 @@ def _read_torchzip(path: str, key: str | None) -> Checkpoint:
         for k, value in tree.items():
             if k != top_key:
                 extras[f"{k}" if f"{k}" not in extras else f"[top level] {k}"] = describe(value)
-    records = [_record(path, name, view, offsets[view.storage.key]) for name, view in tensors.items()]
+    facts_of: dict[tuple, tuple[int, int, bool]] = {}
+    records = [_record(path, name, view, offsets[view.storage.key], facts_of) for name, view in tensors.items()]
     records.sort(key=lambda r: (r.byte_offset, r.name))
     metadata = {"state_dict_key": top_key} if top_key is not None else {}
     return Checkpoint(format="torchzip", files=[path], records=records, metadata=metadata, extras=extras)
