@@ -162,3 +162,31 @@ def test_missing_path_and_empty_directory(tmp_path):
         gs.inspect(tmp_path / "nope.safetensors")
     with pytest.raises(gs.CheckpointError, match="no checkpoint found"):
         gs.inspect(tmp_path)
+
+
+def _record_or_error(fn, *args):
+    from gemma_stream.errors import CheckpointError
+    try:
+        record, begin, end = fn(*args)
+        return ("record", record, begin, end)
+    except CheckpointError as e:
+        return ("error", str(e), e.path, e.tensor)
+
+
+@pytest.mark.parametrize("name", ["w", "\ud800"])
+def test_plain_entries_fast_check_agrees_with_the_full_check(name):
+    """The reader takes plainly valid entries with C-level checks (safetensors._record) and sends
+    the rest to _checked_record: both give the same record or the same error for every entry here."""
+    from gemma_stream.formats import safetensors as st
+    values = [0, 1, 2, 3, 4, 8, 12, 24, -1, 2 ** 62, 2 ** 64, True, 1.0, "2", None, [2]]
+    entries = [entry(), entry("BF16", (2, 3), 0, 12), entry("F4", (2, 4), 0, 4), entry("F4", (2, 8), 0, 16),
+               entry("F32", (-2, -3), 0, 24), entry("F32", (0, 3), 0, 0),
+               entry("F32", (0, 2 ** 62, 2 ** 62), 0, 0), entry("XX"), entry(3), entry(None), "not an object",
+               {"dtype": "F32", "shape": (2,), "data_offsets": [0, 8]}, {"dtype": "F32", "data_offsets": [0, 8]},
+               {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}, {"dtype": "F32", "shape": [2]}]
+    entries += [entry("F32", (v,), 0, 8) for v in values] + [entry("F32", (2, v), 0, 24) for v in values]
+    entries += [entry("F32", (2,), v, 8) for v in values] + [entry("F32", (2,), 4, v) for v in values]
+    for e in entries:
+        for data_len in (8, 24, 2 ** 63):
+            args = ("model.safetensors", name, e, 100, data_len)
+            assert _record_or_error(st._record, *args) == _record_or_error(st._checked_record, *args), (e, data_len)
