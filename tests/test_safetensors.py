@@ -190,3 +190,21 @@ def test_plain_entries_fast_check_agrees_with_the_full_check(name):
         for data_len in (8, 24, 2 ** 63):
             args = ("model.safetensors", name, e, 100, data_len)
             assert _record_or_error(st._record, *args) == _record_or_error(st._checked_record, *args), (e, data_len)
+
+
+def test_index_checks_every_name_though_each_shard_is_resolved_once(tmp_path):
+    """read_index resolves a shard name once; every tensor name is still checked, and a bad shard
+    is reported at the first tensor that names it."""
+    save_file({"a": torch.zeros(2), "b": torch.zeros(2)}, str(tmp_path / "s1.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    cases = [({"a": "s1.safetensors", "b": "s1.safetensors", "\ud800": "s1.safetensors"}, "not valid Unicode"),
+             ({"a": "s1.safetensors", "b": "gone.safetensors", "c": "gone.safetensors"},
+              r"tensor 'b': shard file 'gone\.safetensors' does not exist"),
+             ({"a": "s1.safetensors", "b": ["s1.safetensors"]}, r"tensor 'b': shard \['s1\.safetensors'\] is not"),
+             ({"a": "s1.safetensors", "b": "../s1.safetensors"}, r"tensor 'b': shard '\.\./s1\.safetensors' escapes")]
+    for weight_map, message in cases:
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(gs.CheckpointError, match=message):
+            gs.inspect(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "./s1.safetensors"}}))
+    assert [r.name for r in open_checkpoint(tmp_path).records] == ["a", "b"]
