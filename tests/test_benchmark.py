@@ -408,5 +408,6 @@ def test_reader_benchmark_measures_both_formats():
     assert out["tensors"] == 60 and out["data_pkl_bytes"] > 60 * 50
     assert all(out[k] > 0 for k in ("walk_seconds", "walk_general_seconds", "open_safetensors_seconds",
                                     "open_sharded_seconds", "open_zip_seconds", "load_safetensors_seconds",
-                                    "load_zip_seconds"))
+                                    "load_zip_seconds", "load_into_main_thread_safetensors_seconds",
+                                    "load_into_main_thread_sharded_seconds", "load_into_main_thread_zip_seconds"))
     assert out["zip_over_safetensors"] == out["open_zip_seconds"] / out["open_safetensors_seconds"]

@@ -33,6 +33,25 @@ def _best_cpu_seconds(fn: Callable[[], Any], repeat: int) -> float:
     return best
 
 
+def _best_thread_seconds(path: str, repeat: int) -> float:
+    """Best calling-thread CPU seconds of ``gs.load_into`` of ``path`` into a model built on meta."""
+    import torch
+
+    import gemma_stream as gs
+    from gemma_stream.formats import open_checkpoint
+    from .shapes import module_from_specs
+
+    specs = [(r.name, r.shape, r.dtype.torch) for r in open_checkpoint(path).records]
+    best = float("inf")
+    for _ in range(repeat + 1):   # the first builds the caches of a first load
+        with torch.device("meta"):
+            model = module_from_specs(specs)
+        start = time.thread_time()
+        gs.load_into(model, path, progress=False)
+        best = min(best, time.thread_time() - start)
+    return best
+
+
 def _write(directory: str, tensors: int) -> tuple[str, str, str]:
     import torch
     from safetensors.torch import save_file
@@ -77,6 +96,10 @@ def run_readers(tensors: int = 8000, repeat: int = 5, load: bool = False) -> dic
         out["open_zip_seconds"] = _best_cpu_seconds(lambda: open_checkpoint(pt), repeat)
         out["zip_over_safetensors"] = out["open_zip_seconds"] / out["open_safetensors_seconds"]
         if load:
+            # load_into a model built on meta: the calling thread's CPU (time.thread_time) is the
+            # serial Python part of a load (read, plan, allocate); the copy runs on the engine's threads
+            for fmt, path in (("safetensors", st), ("sharded", sharded), ("zip", pt)):
+                out[f"load_into_main_thread_{fmt}_seconds"] = _best_thread_seconds(path, repeat)
             out["load_safetensors_seconds"] = _best_cpu_seconds(lambda: gs.load_state_dict(st), repeat)
             out["load_zip_seconds"] = _best_cpu_seconds(lambda: gs.load_state_dict(pt), repeat)
     return out
@@ -86,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_readers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tensors", type=int, default=8000, help="tensors in the checkpoint (default 8000)")
     parser.add_argument("--repeat", type=int, default=5, help="best of this many (default 5)")
-    parser.add_argument("--load", action="store_true", help="also time load_state_dict on each format")
+    parser.add_argument("--load", action="store_true",
+                        help="also time load_into (calling thread) and load_state_dict on each format")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     args = parser.parse_args(argv)
     out = run_readers(args.tensors, args.repeat, args.load)
@@ -101,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     row("open 4 shards + index", "open_sharded_seconds")
     row("open torch zip", "open_zip_seconds", f"  ({out['zip_over_safetensors']:.2f}x safetensors)")
     if args.load:
+        for fmt in ("safetensors", "sharded", "zip"):
+            row(f"load_into, {fmt}", f"load_into_main_thread_{fmt}_seconds", "  (calling thread)")
         row("load safetensors", "load_safetensors_seconds")
         row("load torch zip", "load_zip_seconds")
     if args.json:
