@@ -7,13 +7,13 @@ from the memo, the persistent id, offset, size, stride, an empty ``OrderedDict``
     X <name> q  h<rebuild> ( ( h<'storage'> h<storage type> X <key> q X <location> q <numel> t q Q
     <offset>  <size...> TUPLEn q  <stride...> TUPLEn q  \\x89 h<OrderedDict> ) R q  t q  R q
 
-:func:`match_entry` recognises that run after the name with one compiled bytes pattern and
-returns everything the general walker would have made of it (the same objects, memo entries,
-budget charge and opcode count), or ``None``.  It raises nothing: anything irregular (a
-GLOBAL instead of a memo read, a memo index out of sequence, a negative numel, a memo entry of
-an unexpected type, four or more dimensions, a budget or opcode limit that the run would
-cross) returns ``None`` and the general walker walks the run opcode by opcode, with every
-check and every error message it has.  The fast path therefore changes only the speed:
+:func:`take_entries` recognises such runs with one compiled bytes pattern (the location is
+a fresh string or, as torch.save writes real tensors, read back from the memo) and does to the
+stack, the memo, the budget and the opcode count exactly what the general walker would.  It
+raises nothing: anything irregular (a GLOBAL instead of a memo read, a memo index out of
+sequence, a negative numel, a memo entry of an unexpected type, four or more dimensions, a
+budget or opcode limit that the run would cross) stops it, and the general walker walks that
+run opcode by opcode, with every check and every error message it has.  The fast path therefore changes only the speed:
 tests/test_pickle_walker.py runs both paths on mutated pickles and compares results and errors.
 """
 
