@@ -264,19 +264,24 @@ def _read_once_matrix(rank: int, world: int, workdir: str, opts: dict, mesh) -> 
                 model = build(mesh, torch.bfloat16)
                 report = gs.load_into(model, paths[fmt], read="once", backend=opts.get("backend", "auto"))
                 check_shards(model, ref, torch.bfloat16, f"once {fmt} {build.__name__}")
-                counts = torch.tensor([report.bytes_read, report.bytes_received], dtype=torch.int64)
+                counts = torch.tensor([report.bytes_read], dtype=torch.int64)
                 dist.all_reduce(counts)
-                assert int(counts[0]) == total, (fmt, int(counts[0]), total)
-                assert int(counts[1]) == total * (world - 1), (fmt, int(counts[1]), total)
+                # each byte once; a column block's rows may be read with their gaps within plan.COALESCE_WASTE
+                assert total <= int(counts[0]) <= total * (1 + plan_mod.COALESCE_WASTE), (fmt, int(counts[0]), total)
+                # a rank receives what it needs and did not read itself: its shard, not the checkpoint
+                ideal = ideal_bytes(model, ckpt_dtype)
+                assert ideal - report.bytes_read <= report.bytes_received <= ideal < total, \
+                    (fmt, build.__name__, report.bytes_received, report.bytes_read, ideal, total)
 
 
 def run_2d(rank: int, world: int, workdir: str, opts: dict) -> None:
-    for backend in ("native", "python"):
-        _run_2d(rank, world, workdir, backend)
+    for backend, read in (("native", "own"), ("python", "own"), ("native", "once")):
+        _run_2d(rank, world, workdir, backend, read)
 
 
-def _run_2d(rank: int, world: int, workdir: str, backend: str) -> None:
-    """A 2-D mesh: distribute_tensor placements (Shard(0), Shard(1)), (Replicate(), Shard(0)) on meta params."""
+def _run_2d(rank: int, world: int, workdir: str, backend: str, read: str) -> None:
+    """A 2-D mesh: distribute_tensor placements (Shard(0), Shard(1)), (Replicate(), Shard(0)) on meta params
+    (read-once: blocks that two ranks both need, and blocks of rows and columns)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     mesh = init_device_mesh("cpu", (2, world // 2))
@@ -289,7 +294,7 @@ def _run_2d(rank: int, world: int, workdir: str, backend: str) -> None:
         module = model.get_submodule(name.rsplit(".", 1)[0])
         setattr(module, name.rsplit(".", 1)[1], nn.Parameter(distribute_tensor(param, mesh, placements)))
     model.lm_head.weight = model.model.embed_tokens.weight
-    report = gs.load_into(model, paths["sharded"], backend=backend)
+    report = gs.load_into(model, paths["sharded"], backend=backend, read=read)
     for name, t in model.state_dict(keep_vars=True).items():
         want = ref["model.embed_tokens.weight" if name == "lm_head.weight" else name]
         assert torch.equal(t.full_tensor(), want), name
@@ -300,6 +305,9 @@ def _run_2d(rank: int, world: int, workdir: str, backend: str) -> None:
             assert torch.equal(t.to_local(), cols[mesh.get_coordinate()[1]]), name
         else:
             assert torch.equal(t.to_local(), torch.chunk(want, world // 2, 0)[mesh.get_coordinate()[1]]), name
+    if read == "once":
+        assert report.bytes_received <= ideal_bytes(model, torch.float32), report.bytes_received
+        return
     assert report.bytes_read >= ideal_bytes(model, torch.float32)
     # the helper lists every rank's reads; this rank's own agree with its report
     reads = gs.distributed.rank_reads(model, paths["sharded"])
