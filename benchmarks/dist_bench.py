@@ -280,7 +280,7 @@ def main() -> None:
         write_safetensors(path, shape, torch.bfloat16)
     dcp_dir = os.path.join(workdir, f"{args.size}.dcp")
     conversion = None
-    if "dcp" in args.loaders and not os.path.exists(dcp_dir):
+    if "dcp" in args.loaders and not os.path.exists(os.path.join(dcp_dir, ".metadata")):  # not just the folder
         conversion = convert_to_dcp(path, dcp_dir)
     os.makedirs(dcp_dir, exist_ok=True)
     out_dir = tempfile.mkdtemp(prefix="dist_bench_rows_")

@@ -106,13 +106,19 @@ def run_all(rank: int, world: int, port: int, workdir: str, scenarios: list[tupl
     The first failure ends the run (mp.spawn then stops the other ranks, which
     may be waiting in a collective); the scenarios after it are left unrun.
     """
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    _run_scenarios(workdir, scenarios)
+
+
+def _run_scenarios(workdir: str, scenarios: list[tuple[str, dict]]) -> None:
+    """Join the group the environment describes (env://: MASTER_ADDR/PORT, RANK, WORLD_SIZE) and run."""
     import datetime
     import traceback
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     if os.path.exists("/sys/class/net/lo"):  # gloo's own sockets on loopback too, not the host's address
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank, world = dist.get_rank(), dist.get_world_size()
     results = os.path.join(workdir, "results")
     os.makedirs(results, exist_ok=True)
     for name, opts in scenarios:
@@ -126,6 +132,36 @@ def run_all(rank: int, world: int, port: int, workdir: str, scenarios: list[tupl
             f.write("ok")
     dist.barrier()  # no rank closes its sockets while another still talks to it
     dist.destroy_process_group()
+
+
+def run_torchrun(rank: int, world: int, workdir: str, opts: dict) -> None:
+    """Under torchrun, one rank per node: a TP load (read "own" and "once") of the sharded safetensors
+    checkpoint that this node wrote for itself; shards against the single-process load, bytes per rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    assert os.environ["LOCAL_WORLD_SIZE"] == "1" and int(os.environ["GROUP_RANK"]) == rank, dict(os.environ)
+    mesh = init_device_mesh("cpu", (world,))
+    paths = write_checkpoints(os.path.join(workdir, f"node{os.environ['GROUP_RANK']}"), torch.float32)
+    ref = reference_state(torch.float32)
+    total = sum(t.numel() * t.element_size() for t in ref.values())
+    with torch.device("meta"):
+        single = TinyGemma().to(torch.bfloat16)
+    gs.load_into(single, paths["sharded"])
+    want = {k: v for k, v in single.state_dict().items() if k != "lm_head.weight"}
+    for read in ("own", "once"):
+        model = tp_model(mesh, torch.bfloat16)
+        report = gs.load_into(model, paths["sharded"], read=read)
+        check_shards(model, want, torch.bfloat16, f"torchrun read={read}")
+        ideal = ideal_bytes(model, torch.float32)
+        assert report.rank == rank and report.world_size == world and report.read == read, report
+        if read == "own":
+            assert report.bytes_read == ideal and report.bytes_received == 0, (report.bytes_read, ideal)
+            reads = gs.distributed.rank_reads(model, paths["sharded"], ranks=[rank])
+            assert sum(r.nbytes for r in reads) == report.bytes_read
+        else:
+            counts = torch.tensor([report.bytes_read], dtype=torch.int64)
+            dist.all_reduce(counts)
+            assert total <= int(counts[0]) <= total * (1 + plan_mod.COALESCE_WASTE), (int(counts[0]), total)
+            assert ideal - report.bytes_read <= report.bytes_received <= ideal, (report.bytes_received, ideal)
 
 
 def tp_model(mesh, dtype: torch.dtype) -> nn.Module:
@@ -402,6 +438,15 @@ def _quant_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def run_quant(rank: int, world: int, workdir: str, opts: dict) -> None:
     """quantize= on a TP model: every quantized tensor's local slice equals the single-process quantized
     tensor's slice, bit for bit (int8 Shard(1): the all-reduced row absmax); int4 needs aligned blocks."""
+    import gemma_stream.distributed_quant as gsq
+    saved, gsq.QUANTIZE_CHUNK_BYTES = gsq.QUANTIZE_CHUNK_BYTES, 1000  # int8 column blocks in blocks of 2-3 rows
+    try:
+        _run_quant(rank, world, workdir, opts)
+    finally:
+        gsq.QUANTIZE_CHUNK_BYTES = saved
+
+
+def _run_quant(rank: int, world: int, workdir: str, opts: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
     mesh = init_device_mesh("cpu", (world,))
@@ -489,3 +534,8 @@ def _local_slice(t, full: torch.Tensor) -> torch.Tensor:
     for d, (n, o) in enumerate(zip(shape, offset)):
         out = out.narrow(d, o, n)
     return out
+
+
+if __name__ == "__main__":  # torchrun ... dist_worker.py WORKDIR SCENARIO...
+    import sys
+    _run_scenarios(sys.argv[1], [(name, {}) for name in sys.argv[2:]])

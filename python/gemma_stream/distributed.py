@@ -357,7 +357,7 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dic
     >>> for r in gs.distributed.rank_reads(model, "model.safetensors"):
     ...     print(r.rank, r.tensor, r.offset, r.nbytes)
     """
-    from .distributed_quant import int8_columns_plan, local_quant_targets
+    from .distributed_quant import int8_columns_jobs, local_quant_targets
     from .formats import open_checkpoint
     ckpt = open_checkpoint(path, key=renamed_argument(state_dict_key, key, old="key", new="state_dict_key",
                                                       where="gs.distributed.rank_reads"))
@@ -374,7 +374,7 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dic
         routes = sharded.routes(ckpt, rename)
         plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(_routes_except(routes, int8_columns)),
                          quant=quant, strict=False, check_splits=False)
-        jobs = plan.jobs + int8_columns_plan(ckpt, int8_columns, routes, "meta")[0].jobs
+        jobs = plan.jobs + int8_columns_jobs(ckpt, int8_columns, routes)
         out.extend(ReadRange(rank, j.name, plan.files[j.file_index], offset, nbytes)
                    for j in jobs for offset, nbytes in j.file_ranges())
     return out
