@@ -42,8 +42,7 @@ def _free_port() -> int:
 def _launch(rendezvous: str, node: int, port: int) -> list[str]:
     if rendezvous == "static":
         return ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    return ["--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--rdzv-id", "gemma-stream-test"]
+    return ["--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
 
 
 @pytest.mark.parametrize("rendezvous", ["static", "c10d"])

@@ -11,10 +11,11 @@ single-process ones.
 
 ``read="own"`` (the default) has every rank read its own bytes from the file
 (replicated tensors are read by every rank).  ``read="once"`` splits the
-checkpoint's bytes into one contiguous run of the files per rank; each rank
-reads its run and broadcasts every piece over the process group, and every
-rank copies its own block out of what it received (distributed_once.py;
-benchmarks/NOTES.md section 16 measures when that wins).  ``quantize=`` makes the
+checkpoint's bytes into one contiguous run of the files per rank; the ranks
+read their runs at the same time, a step at a time, and each sends every other
+rank only that rank's blocks (one all_to_all per step; replicated tensors are
+broadcast), so a rank receives about its shard (distributed_once.py;
+benchmarks/NOTES.md sections 16, 18 and 22 measure when that wins).  ``quantize=`` makes the
 DTensor layers quantized ones whose tensors are DTensors (distributed_quant.py).
 """
 

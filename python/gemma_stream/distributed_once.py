@@ -59,8 +59,8 @@ class _Piece:
         return f"{self.record.name}[{self.lo}:{self.hi}]"
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.hi - self.lo, *self.record.shape[1:]) if self.record.shape else ()
+    def full(self) -> Box:
+        return (self.lo, self.hi, 0, _cols(self.record))
 
     def cut(self, box: Box | None) -> Box | None:
         """The part of this piece inside ``box`` (None: nothing)."""
@@ -70,7 +70,7 @@ class _Piece:
         return (r0, r1, box[2], box[3]) if r0 < r1 and box[2] < box[3] else None
 
     def whole(self, box: Box | None) -> bool:
-        return box is not None and box[0] <= self.lo and box[1] >= self.hi and (box[2], box[3]) == (0, _cols(self.record))
+        return self.cut(box) == self.full
 
     def block_bytes(self, box: Box) -> int:
         r = self.record
@@ -212,9 +212,9 @@ def _stream_bytes(blocks: list[tuple[_Piece, Box, int]]) -> int:
 
 def _view(buffer: torch.Tensor, offset: int, piece: _Piece, box: Box | None = None) -> torch.Tensor:
     """The bytes at ``offset`` of ``buffer`` as the piece (or its block ``box``) in the checkpoint's dtype."""
-    shape = piece.shape if box is None else piece.block_shape(box)
-    n = piece.nbytes if box is None else piece.block_bytes(box)
-    return buffer[offset:offset + n].view(piece.record.dtype.torch).reshape(shape)
+    box = box or piece.full
+    n = piece.block_bytes(box)
+    return buffer[offset:offset + n].view(piece.record.dtype.torch).reshape(piece.block_shape(box))
 
 
 def _routes_in(piece: _Piece, routes: list[Route] | None, view: _Sharded) -> dict[str, tuple[Route, torch.Tensor]]:
@@ -252,7 +252,8 @@ def read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[s
     boxes: list[dict[str, Box]] = [{} for _ in range(world)]
     dist.all_gather_object(boxes, _boxes(records, routes, view), group=group)
     pieces = _pieces(records, max(1, ONCE_BATCH_BYTES // 4))  # finer than a batch: the runs come out even
-    comm = torch.device("cpu") if dist.get_backend(group) == "gloo" else _comm_device()
+    comm = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
+        torch.device("cuda", torch.cuda.current_device())  # nccl moves device tensors only
     read_bytes = received = 0
     backend_name, used_cache = backend, cache
     pending: _Exchange | None = None
@@ -272,8 +273,7 @@ def read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[s
                                                       cache=cache, desc="gemma_stream read once")
             read_bytes += sum(file_bytes(j) for j in plan.jobs)
         for p in mine.replicated + [p for p in mine.scattered if p.key in mine.staged]:
-            _copy_blocks(p, (p.lo, p.hi, 0, _cols(p.record)), _view(buffer, mine.offsets[p.key], p),
-                         routes.get(p.record.name), view)
+            _copy_blocks(p, p.full, _view(buffer, mine.offsets[p.key], p), routes.get(p.record.name), view)
         # this step's exchange runs (gloo's threads) while the last one's blocks are copied out
         # and the next step is read: one in flight, so about two steps of buffers are alive
         exchange = _start_exchange(steps, boxes, sends, buffer, packed, me, comm, group)
@@ -288,8 +288,7 @@ def read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[s
             if s != me:
                 flat = flat.cpu()
                 for p in step.replicated:
-                    _copy_blocks(p, (p.lo, p.hi, 0, _cols(p.record)), _view(flat, step.offsets[p.key], p),
-                                 routes.get(p.record.name), view)
+                    _copy_blocks(p, p.full, _view(flat, step.offsets[p.key], p), routes.get(p.record.name), view)
                     received += p.nbytes
     received += _finish_exchange(pending, routes, view)
     return read_bytes, received, backend_name, used_cache
@@ -370,10 +369,6 @@ def _finish_exchange(x: _Exchange | None, routes: Mapping[str, list[Route] | Non
             got += p.block_bytes(box)
         base += x.recv_sizes[s]
     return got
-
-
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _copy_blocks(piece: _Piece, box: Box, source: torch.Tensor, routes: list[Route] | None, view: _Sharded) -> None:
