@@ -231,8 +231,8 @@ def _row_absmax(w: torch.Tensor) -> torch.Tensor:
     """Per-row max of ``|w|``; a row holding NaN or infinity gets infinity (then every rank raises)."""
     if w.shape[1] == 0:
         return torch.zeros(w.shape[0], dtype=torch.float32)
-    block = w.float()
-    return torch.where(torch.isfinite(block).all(dim=1), block.abs().amax(dim=1), torch.inf)
+    # abs and max are exact in the block's own dtype: no float32 copy of the block
+    return torch.where(torch.isfinite(w).all(dim=1), w.abs().amax(dim=1).float(), torch.inf)
 
 
 def _cut_rows(route: Route, lo: int, hi: int, rows: int) -> Route | None:
