@@ -110,14 +110,15 @@ def run_all(rank: int, world: int, port: int, workdir: str, scenarios: list[tupl
     _run_scenarios(workdir, scenarios)
 
 
-def _run_scenarios(workdir: str, scenarios: list[tuple[str, dict]]) -> None:
-    """Join the group the environment describes (env://: MASTER_ADDR/PORT, RANK, WORLD_SIZE) and run."""
+def _run_scenarios(workdir: str, scenarios: list[tuple[str, dict]], backend: str | None = "gloo") -> None:
+    """Join the group the environment describes (env://: MASTER_ADDR/PORT, RANK, WORLD_SIZE) and run.
+    ``backend=None``: torch's default, "cpu:gloo,cuda:nccl" (``get_backend`` then says "undefined")."""
     import datetime
     import traceback
     if os.path.exists("/sys/class/net/lo"):  # gloo's own sockets on loopback too, not the host's address
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     results = os.path.join(workdir, "results")
     os.makedirs(results, exist_ok=True)
@@ -162,6 +163,15 @@ def run_torchrun(rank: int, world: int, workdir: str, opts: dict) -> None:
             dist.all_reduce(counts)
             assert total <= int(counts[0]) <= total * (1 + plan_mod.COALESCE_WASTE), (int(counts[0]), total)
             assert ideal - report.bytes_read <= report.bytes_received <= ideal, (report.bytes_received, ideal)
+    # int8 on read: the Rowwise blocks all-reduce their rows' absmax over the two nodes
+    with torch.device("meta"):
+        single = TinyGemma().to(torch.bfloat16)
+    gs.load_into(single, paths["sharded"], quantize="int8")
+    model = tp_model(mesh, torch.bfloat16)
+    gs.load_into(model, paths["sharded"], quantize="int8")
+    want = _quant_tensors(single)
+    for name, t in _quant_tensors(model).items():
+        assert torch.equal(t.full_tensor() if hasattr(t, "full_tensor") else t, want[name]), ("torchrun int8", name)
 
 
 def tp_model(mesh, dtype: torch.dtype) -> nn.Module:
@@ -538,4 +548,4 @@ def _local_slice(t, full: torch.Tensor) -> torch.Tensor:
 
 if __name__ == "__main__":  # torchrun ... dist_worker.py WORKDIR SCENARIO...
     import sys
-    _run_scenarios(sys.argv[1], [(name, {}) for name in sys.argv[2:]])
+    _run_scenarios(sys.argv[1], [(name, {}) for name in sys.argv[2:]], backend=None)  # as init_device_mesh does

@@ -31,6 +31,7 @@ from typing import Mapping
 import torch
 
 from .distributed import _Sharded, file_bytes
+from .distributed_quant import comm_device
 from .formats.records import Checkpoint, TensorRecord
 from .plan import PartialRoutes, Plan, Route, make_plan
 
@@ -252,8 +253,7 @@ def read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[s
     boxes: list[dict[str, Box]] = [{} for _ in range(world)]
     dist.all_gather_object(boxes, _boxes(records, routes, view), group=group)
     pieces = _pieces(records, max(1, ONCE_BATCH_BYTES // 4))  # finer than a batch: the runs come out even
-    comm = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
-        torch.device("cuda", torch.cuda.current_device())  # nccl moves device tensors only
+    comm = comm_device(group)
     read_bytes = received = 0
     backend_name, used_cache = backend, cache
     pending: _Exchange | None = None

@@ -38,7 +38,7 @@ from .formats.records import Checkpoint
 from .plan import PartialRoutes, QuantTarget, Route, make_plan
 
 __all__ = ["quantize_layers", "global_quant_targets", "local_quant_targets", "RowAbsmax", "load_int8_columns",
-           "int8_rows_plan", "int8_columns_jobs"]
+           "int8_rows_plan", "int8_columns_jobs", "comm_device"]
 
 #: an int8 column block is read, all-reduced and quantized a block of rows at a time: rows of this many
 #: float32 bytes of the *global* tensor (the same row blocks on every rank; a rank's share is smaller)
@@ -46,6 +46,16 @@ QUANTIZE_CHUNK_BYTES = 8 << 20
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def comm_device(group) -> torch.device:
+    """Where tensors for ``group``'s collectives live: the CPU when gloo carries CPU tensors ("gloo", or
+    "cpu:gloo,cuda:nccl" from ``init_process_group()`` without a backend, whose ``get_backend`` is
+    "undefined"), else the GPU."""
+    import torch.distributed as dist
+    if "gloo" in str(getattr(dist, "get_backend_config", dist.get_backend)(group)):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _is_dtensor(t) -> bool:
@@ -214,7 +224,7 @@ def load_int8_columns(ckpt: Checkpoint, blocks: list[RowAbsmax], routes: dict[st
                 read += sum(file_bytes(j) for j in plan.jobs)
             amax = _row_absmax(w) if w is not None else torch.zeros(hi - lo, dtype=torch.float32)
             for group in b.groups:  # nccl reduces device tensors only
-                on = amax if dist.get_backend(group) == "gloo" else amax.to(torch.cuda.current_device())
+                on = amax.to(comm_device(group))
                 dist.all_reduce(on, op=dist.ReduceOp.MAX, group=group)
                 amax = on.cpu()
             if not bool(torch.isfinite(amax).all()):
