@@ -27,7 +27,8 @@ vocabulary; norms replicated):
 Per rank: bytes read (the loader's report for gs; /proc/self/io rchar for all,
 which misses mmap reads, so full-slice is given the file size), peak RSS over
 the RSS before the load (VmHWM, reset before each load), the rank's shard bytes, wall time (the
-slowest rank).  Sizes: "tiny" (a few MB), "small" (2 layers of Gemma-2B,
+slowest rank), CPU seconds (process time, threads included; the table sums the ranks: other
+sessions' load distorts it less than wall time).  Sizes: "tiny" (a few MB), "small" (2 layers of Gemma-2B,
 32000-token vocabulary, ~0.56 GB bf16), "2b" (Gemma-2B, 5.0 GB bf16: needs
 world x 5 GB for full-slice).
 """
