@@ -4,6 +4,10 @@ One command:
 
     python benchmarks/dist_bench.py --size small --worlds 1 2 4 --out /tmp/dist_bench.json
 
+``--rounds N`` repeats the whole matrix N times, interleaved (round 1 runs every
+world and loader, then round 2 ...); the table gives each round's wall time and
+the median.
+
 For each world size, each loader runs in a fresh group of ranks (spawned on
 127.0.0.1), cold (the files evicted from the page cache) then warm, on a
 Gemma-shaped model (hf names) built on meta and tensor-parallelized
@@ -15,14 +19,16 @@ vocabulary; norms replicated):
              (plan.COALESCE_WASTE = inf: the rule before NOTES.md section 18)
   gs-int8    gs.load_into(model, file, quantize="int8")  each rank quantizes its own slice on read
              (Rowwise weights: the row absmax all-reduced); shard MB counts the int8 shard
-  gs-once    gs.load_into(model, file, read="once")   each byte read by one rank, broadcast
+  gs-once    gs.load_into(model, file, read="once")   each byte read by one rank, sent to the ranks
+             that need it (all_to_all of each rank's blocks; replicated tensors broadcast)
   full-slice every rank loads the whole file (safetensors.torch.load_file) and keeps its slice
   dcp        torch.distributed.checkpoint.load from DCP's own format (converted once; time reported)
 
 Per rank: bytes read (the loader's report for gs; /proc/self/io rchar for all,
 which misses mmap reads, so full-slice is given the file size), peak RSS over
 the RSS before the load (VmHWM, reset before each load), the rank's shard bytes, wall time (the
-slowest rank).  Sizes: "tiny" (a few MB), "small" (2 layers of Gemma-2B,
+slowest rank), CPU seconds (process time, threads included; the table sums the ranks: other
+sessions' load distorts it less than wall time).  Sizes: "tiny" (a few MB), "small" (2 layers of Gemma-2B,
 32000-token vocabulary, ~0.56 GB bf16), "2b" (Gemma-2B, 5.0 GB bf16: needs
 world x 5 GB for full-slice).
 """
@@ -135,7 +141,7 @@ def rank_main(rank: int, world: int, port: int, args: dict) -> None:
         dist.barrier()
         _reset_peak()
         rss0, rchar0 = _rss(), _rchar()
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         report = None
         if args["loader"] == "gs-own":
             report = gs.load_into(model, args["path"], threads=args["threads"])
@@ -154,11 +160,11 @@ def rank_main(rank: int, world: int, port: int, args: dict) -> None:
             full_slice(model, args["path"])
         else:
             dcp_load(model, args["dcp"])
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
         dist.barrier()
         wall = time.perf_counter() - start
-        rows.append(dict(loader=args["loader"], world=world, rank=rank, temperature=temperature,
-                         seconds=seconds, wall_seconds=wall, shard_bytes=shard_bytes(model),
+        rows.append(dict(loader=args["loader"], world=world, rank=rank, temperature=temperature, round=args["round"],
+                         seconds=seconds, wall_seconds=wall, cpu_seconds=cpu, shard_bytes=shard_bytes(model),
                          bytes_read=report.bytes_read if report else (os.path.getsize(args["path"])
                                                                       if args["loader"] == "full-slice"
                                                                       else _rchar() - rchar0),
@@ -166,7 +172,7 @@ def rank_main(rank: int, world: int, port: int, args: dict) -> None:
                          rchar=_rchar() - rchar0, rss_before=rss0,
                          peak_rss=_peak_rss()))
         del model
-    with open(os.path.join(args["out_dir"], f"{args['loader']}.{world}.{rank}.json"), "w") as f:
+    with open(os.path.join(args["out_dir"], f"{args['loader']}.{world}.{args['round']}.{rank}.json"), "w") as f:
         json.dump(rows, f)
     dist.barrier()
     dist.destroy_process_group()
@@ -229,6 +235,29 @@ def column_blocks(workdir: str, repeat: int) -> None:
                     print(f"{name:<10}{world:>6}{width * 2:>10}{mode:>10}{temperature:>6}{best:>8.3f}{read / 1e6:>9.1f}")
 
 
+def print_table(rows: list[dict], worlds: list[int], loaders: list[str], rounds: int) -> None:
+    """One line per loader, world and temperature: the slowest rank's wall time per round and their
+    median, the CPU seconds of all ranks together (median over rounds: process time, which other
+    sessions' load distorts less than wall time), bytes per rank (the most), peak over shard (the most)."""
+    import statistics
+    width = max(18, 7 * rounds + 2)
+    print(f"{'loader':<11}{'world':>6}{'temp':>6}{'wall s per round':>{width}}{'median':>8}{'cpu s':>7}"
+          f"{'read/rank MB':>14}{'recv/rank MB':>14}{'shard MB':>10}{'peak/shard':>11}")
+    for world in worlds:
+        for loader in loaders:
+            for temperature in ("cold", "warm"):
+                rs = [r for r in rows if r["loader"] == loader and r["world"] == world and r["temperature"] == temperature]
+                if not rs:
+                    continue
+                walls = [max(r["wall_seconds"] for r in rs if r["round"] == i) for i in range(rounds)]
+                cpus = [sum(r["cpu_seconds"] for r in rs if r["round"] == i) for i in range(rounds)]
+                peak = max((r["peak_rss"] - r["rss_before"]) / max(r["shard_bytes"], 1) for r in rs)
+                print(f"{loader:<11}{world:>6}{temperature:>6}{' '.join(f'{w:6.2f}' for w in walls):>{width}}"
+                      f"{statistics.median(walls):>8.2f}{statistics.median(cpus):>7.2f}"
+                      f"{max(r['bytes_read'] for r in rs) / 1e6:>14.1f}{max(r['bytes_received'] for r in rs) / 1e6:>14.1f}"
+                      f"{max(r['shard_bytes'] for r in rs) / 1e6:>10.1f}{peak:>11.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--columns", action="store_true",
@@ -239,9 +268,11 @@ def main() -> None:
     ap.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
     ap.add_argument("--threads", type=int, default=None, help="gemma_stream threads per rank (default: config)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint is written (default: a temp dir)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the matrix, interleaved; median wall time")
     ap.add_argument("--out", default="dist_bench.json")
     args = ap.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="dist_bench_")
+    os.makedirs(workdir, exist_ok=True)
     if args.columns:
         return column_blocks(workdir, args.repeat)
     shape = shape_of(args.size)
@@ -250,33 +281,24 @@ def main() -> None:
         write_safetensors(path, shape, torch.bfloat16)
     dcp_dir = os.path.join(workdir, f"{args.size}.dcp")
     conversion = None
-    if "dcp" in args.loaders and not os.path.exists(dcp_dir):
+    if "dcp" in args.loaders and not os.path.exists(os.path.join(dcp_dir, ".metadata")):  # not just the folder
         conversion = convert_to_dcp(path, dcp_dir)
     os.makedirs(dcp_dir, exist_ok=True)
     out_dir = tempfile.mkdtemp(prefix="dist_bench_rows_")
     rows = []
-    for world in args.worlds:
-        for loader in args.loaders:
-            spec = dict(size=args.size, path=path, dcp=dcp_dir, loader=loader, threads=args.threads, out_dir=out_dir)
-            mp.spawn(rank_main, args=(world, _free_port(), spec), nprocs=world, join=True)
-            for rank in range(world):
-                with open(os.path.join(out_dir, f"{loader}.{world}.{rank}.json")) as f:
-                    rows.extend(json.load(f))
+    for round_ in range(args.rounds):
+        for world in args.worlds:
+            for loader in args.loaders:
+                spec = dict(size=args.size, path=path, dcp=dcp_dir, loader=loader, threads=args.threads,
+                            out_dir=out_dir, round=round_)
+                mp.spawn(rank_main, args=(world, _free_port(), spec), nprocs=world, join=True)
+                for rank in range(world):
+                    with open(os.path.join(out_dir, f"{loader}.{world}.{round_}.{rank}.json")) as f:
+                        rows.extend(json.load(f))
     file_bytes = os.path.getsize(path)
     print(f"{args.size}: {file_bytes / 1e9:.3f} GB bf16, {os.cpu_count()} cores; "
           f"DCP conversion {conversion:.2f} s" if conversion is not None else "")
-    print(f"{'loader':<11}{'world':>6}{'temp':>6}{'wall s':>8}{'read/rank MB':>14}{'recv/rank MB':>14}"
-          f"{'shard MB':>10}{'peak/shard':>11}")
-    for world in args.worlds:
-        for loader in args.loaders:
-            for temperature in ("cold", "warm"):
-                rs = [r for r in rows if r["loader"] == loader and r["world"] == world and r["temperature"] == temperature]
-                if not rs:
-                    continue
-                peak = max((r["peak_rss"] - r["rss_before"]) / max(r["shard_bytes"], 1) for r in rs)
-                print(f"{loader:<11}{world:>6}{temperature:>6}{max(r['wall_seconds'] for r in rs):>8.2f}"
-                      f"{max(r['bytes_read'] for r in rs) / 1e6:>14.1f}{max(r['bytes_received'] for r in rs) / 1e6:>14.1f}"
-                      f"{max(r['shard_bytes'] for r in rs) / 1e6:>10.1f}{peak:>11.2f}")
+    print_table(rows, args.worlds, args.loaders, args.rounds)
     with open(args.out, "w") as f:
         json.dump(dict(size=args.size, shape=shape.as_dict(), file_bytes=file_bytes, dcp_conversion_seconds=conversion,
                        machine=dict(cpus=os.cpu_count(), python=sys.version.split()[0], torch=torch.__version__,

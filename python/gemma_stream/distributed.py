@@ -11,10 +11,11 @@ single-process ones.
 
 ``read="own"`` (the default) has every rank read its own bytes from the file
 (replicated tensors are read by every rank).  ``read="once"`` splits the
-checkpoint's bytes into one contiguous run of the files per rank; each rank
-reads its run and broadcasts every piece over the process group, and every
-rank copies its own block out of what it received (distributed_once.py;
-benchmarks/NOTES.md section 16 measures when that wins).  ``quantize=`` makes the
+checkpoint's bytes into one contiguous run of the files per rank; the ranks
+read their runs at the same time, a step at a time, and each sends every other
+rank only that rank's blocks (one all_to_all per step; replicated tensors are
+broadcast), so a rank receives about its shard (distributed_once.py;
+benchmarks/NOTES.md sections 16, 18 and 22 measure when that wins).  ``quantize=`` makes the
 DTensor layers quantized ones whose tensors are DTensors (distributed_quant.py).
 """
 
@@ -357,7 +358,7 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dic
     >>> for r in gs.distributed.rank_reads(model, "model.safetensors"):
     ...     print(r.rank, r.tensor, r.offset, r.nbytes)
     """
-    from .distributed_quant import int8_columns_plan, local_quant_targets
+    from .distributed_quant import int8_columns_jobs, local_quant_targets
     from .formats import open_checkpoint
     ckpt = open_checkpoint(path, key=renamed_argument(state_dict_key, key, old="key", new="state_dict_key",
                                                       where="gs.distributed.rank_reads"))
@@ -374,7 +375,7 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dic
         routes = sharded.routes(ckpt, rename)
         plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(_routes_except(routes, int8_columns)),
                          quant=quant, strict=False, check_splits=False)
-        jobs = plan.jobs + int8_columns_plan(ckpt, int8_columns, routes, "meta")[0].jobs
+        jobs = plan.jobs + int8_columns_jobs(ckpt, int8_columns, routes)
         out.extend(ReadRange(rank, j.name, plan.files[j.file_index], offset, nbytes)
                    for j in jobs for offset, nbytes in j.file_ranges())
     return out

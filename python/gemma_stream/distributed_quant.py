@@ -38,15 +38,24 @@ from .formats.records import Checkpoint
 from .plan import PartialRoutes, QuantTarget, Route, make_plan
 
 __all__ = ["quantize_layers", "global_quant_targets", "local_quant_targets", "RowAbsmax", "load_int8_columns",
-           "int8_columns_plan"]
+           "int8_rows_plan", "int8_columns_jobs", "comm_device"]
 
-#: float32 bytes (of the global tensors) read per batch of int8 column blocks (at least one tensor)
-ABSMAX_BATCH_BYTES = 64 << 20
-#: float32 bytes of rows quantized at a time
+#: an int8 column block is read, all-reduced and quantized a block of rows at a time: rows of this many
+#: float32 bytes of the *global* tensor (the same row blocks on every rank; a rank's share is smaller)
 QUANTIZE_CHUNK_BYTES = 8 << 20
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def comm_device(group) -> torch.device:
+    """Where tensors for ``group``'s collectives live: the CPU when gloo carries CPU tensors ("gloo", or
+    "cpu:gloo,cuda:nccl" from ``init_process_group()`` without a backend, whose ``get_backend`` is
+    "undefined"), else the GPU."""
+    import torch.distributed as dist
+    if "gloo" in str(getattr(dist, "get_backend_config", dist.get_backend)(group)):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _is_dtensor(t) -> bool:
@@ -146,7 +155,11 @@ class RowAbsmax:
     rows: int
     cols: int
     groups: list                 # process groups of the mesh dims that split the columns
-    global_bytes: int            # float32 bytes of the whole tensor (the same batches on every rank)
+    row_bytes: int               # float32 bytes of one global row (the same row blocks on every rank)
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        step = max(1, QUANTIZE_CHUNK_BYTES // max(1, self.row_bytes))
+        return [(lo, min(self.rows, lo + step)) for lo in range(0, self.rows, step)]
 
 
 def local_quant_targets(model: nn.Module, view) -> tuple[dict[str, QuantTarget], list[RowAbsmax]]:
@@ -179,7 +192,7 @@ def local_quant_targets(model: nn.Module, view) -> tuple[dict[str, QuantTarget],
             else:
                 mesh = qt.weight.device_mesh
                 seen[id(qt.weight)] = RowAbsmax(name, [name], target, *block.local_shape,
-                                                [mesh.get_group(d) for d in col_dims], math.prod(qt.shape) * 4)
+                                                [mesh.get_group(d) for d in col_dims], math.prod(qt.shape[1:]) * 4)
                 absmax.append(seen[id(qt.weight)])
             for covered in (name, *qt.covers):  # filled by load_int8_columns, not by the plan
                 view.local.pop(covered, None)
@@ -190,86 +203,82 @@ def local_quant_targets(model: nn.Module, view) -> tuple[dict[str, QuantTarget],
 
 def load_int8_columns(ckpt: Checkpoint, blocks: list[RowAbsmax], routes: dict[str, list[Route] | None],
                       execute: Callable) -> int:
-    """Read each int8 column block as float32, all-reduce the rows' absmax, quantize; returns bytes read.
+    """Read each int8 column block as float, a block of rows at a time: all-reduce those rows' absmax,
+    quantize them; returns bytes read.
 
-    Every rank runs the same batches and collectives in the same order (decided
-    by the global shapes), also a rank whose block is empty.
+    Only one block of rows of float data is alive at a time, so the float
+    block of a whole layer never is (peak: the int8 shard plus a few MiB).
+    Every rank runs the same row blocks and collectives in the same order
+    (decided by the global shapes), also a rank whose block is empty.
     """
     import torch.distributed as dist
 
     from .distributed import file_bytes
     from .quant.reference import quantize_int8_absmax
     read = 0
-    for batch in _batches(blocks):
-        plan, buffers = int8_columns_plan(ckpt, batch, routes)
-        if buffers:
-            execute(plan)
-            read += sum(file_bytes(j) for j in plan.jobs)
-        for b in batch:
-            w = buffers.get(b.name)
-            amax = _row_absmax(w) if w is not None else torch.zeros(b.rows, dtype=torch.float32)
+    for b in blocks:
+        for lo, hi in b.row_blocks():
+            plan, w = int8_rows_plan(ckpt, b, routes, lo, hi)
+            if w is not None:
+                execute(plan)
+                read += sum(file_bytes(j) for j in plan.jobs)
+            amax = _row_absmax(w) if w is not None else torch.zeros(hi - lo, dtype=torch.float32)
             for group in b.groups:  # nccl reduces device tensors only
-                on = amax if dist.get_backend(group) == "gloo" else amax.to(torch.cuda.current_device())
+                on = amax.to(comm_device(group))
                 dist.all_reduce(on, op=dist.ReduceOp.MAX, group=group)
                 amax = on.cpu()
             if not bool(torch.isfinite(amax).all()):
                 row = int((~torch.isfinite(amax)).nonzero()[0, 0])
-                raise _nan_row(ckpt, routes, b.names, row)
+                raise _nan_row(ckpt, routes, b.names, lo + row)
             if w is not None:
-                for rows in _row_chunks(w):
-                    q, s = quantize_int8_absmax(w[rows], amax[rows], b.target.scale.dtype)
-                    b.target.weight[rows].copy_(q)
-                    b.target.scale[rows].copy_(s)
+                q, s = quantize_int8_absmax(w, amax, b.target.scale.dtype)
+                b.target.weight[lo:hi].copy_(q)
+                b.target.scale[lo:hi].copy_(s)
     return read
-
-
-def _row_chunks(w: torch.Tensor) -> list[slice]:
-    """Rows a few MiB at a time: the float temporaries of quantizing stay small."""
-    step = max(1, QUANTIZE_CHUNK_BYTES // max(1, 4 * w.shape[1]))
-    return [slice(r, r + step) for r in range(0, w.shape[0], step)]
 
 
 def _row_absmax(w: torch.Tensor) -> torch.Tensor:
     """Per-row max of ``|w|``; a row holding NaN or infinity gets infinity (then every rank raises)."""
-    amax = torch.zeros(w.shape[0], dtype=torch.float32)
     if w.shape[1] == 0:
-        return amax
-    for rows in _row_chunks(w):
-        block = w[rows].float()
-        amax[rows] = torch.where(torch.isfinite(block).all(dim=1), block.abs().amax(dim=1), torch.inf)
-    return amax
+        return torch.zeros(w.shape[0], dtype=torch.float32)
+    # abs and max are exact in the block's own dtype: no float32 copy of the block
+    return torch.where(torch.isfinite(w).all(dim=1), w.abs().amax(dim=1).float(), torch.inf)
 
 
-def int8_columns_plan(ckpt: Checkpoint, blocks: list[RowAbsmax], routes: dict[str, list[Route] | None],
-                      device: str = "cpu"):
-    """The jobs reading ``blocks`` in the checkpoint's float dtype (float32 if their sources differ; on
-    ``device``: "meta" to list reads only), and the buffers."""
-    into = {n: b.name for b in blocks if b.target is not None for n in b.names}
-    wanted = {name: [replace(r, target=into[r.target]) for r in rs if r.target in into] if rs is not None else None
-              for name, rs in routes.items()}
-    dtypes: dict[str, set] = {}
+def _cut_rows(route: Route, lo: int, hi: int, rows: int) -> Route | None:
+    """``route`` cut to rows [lo, hi) of its target, whose rows then count from ``lo``."""
+    dst = route.dst_rows or (0, rows)
+    src = route.src_rows or dst
+    a, b = max(dst[0], lo), min(dst[1], hi)
+    if a >= b:
+        return None
+    return replace(route, src_rows=(src[0] + a - dst[0], src[0] + b - dst[0]), dst_rows=(a - lo, b - lo))
+
+
+def int8_rows_plan(ckpt: Checkpoint, block: RowAbsmax, routes: dict[str, list[Route] | None], lo: int, hi: int,
+                   device: str = "cpu"):
+    """The jobs reading rows [lo, hi) of an int8 column block in the checkpoint's float dtype (float32 if
+    its sources differ; on ``device``: "meta" to list reads only), and the buffer (None: empty block)."""
+    if block.target is None:
+        return None, None
+    wanted: dict[str, list[Route]] = {}
+    kinds = set()
     for record in ckpt.records:
-        for r in wanted.get(record.name) or ():
-            dtypes.setdefault(r.target, set()).add(record.dtype.torch)
-    buffers = {}
-    for b in blocks:
-        if b.target is not None:
-            kinds = dtypes.get(b.name, set())
-            dtype = next(iter(kinds)) if len(kinds) == 1 and next(iter(kinds)).is_floating_point else torch.float32
-            buffers[b.name] = torch.empty(b.rows, b.cols, dtype=dtype, device=device)
-    return make_plan(ckpt, buffers, rename=PartialRoutes(wanted), strict=False, check_splits=False), buffers
+        for r in routes.get(record.name) or ():
+            cut = _cut_rows(replace(r, target=block.name), lo, hi, block.rows) if r.target in block.names else None
+            if cut is not None:
+                wanted.setdefault(record.name, []).append(cut)
+                kinds.add(record.dtype.torch)
+    dtype = next(iter(kinds)) if len(kinds) == 1 and next(iter(kinds)).is_floating_point else torch.float32
+    buffer = torch.empty(hi - lo, block.cols, dtype=dtype, device=device)
+    return make_plan(ckpt, {block.name: buffer}, rename=PartialRoutes(wanted), strict=False,
+                     check_splits=False), buffer
 
 
-def _batches(blocks: list[RowAbsmax]) -> list[list[RowAbsmax]]:
-    out: list[list[RowAbsmax]] = []
-    size = 0
-    for b in blocks:
-        if not out or size + b.global_bytes > ABSMAX_BATCH_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(b)
-        size += b.global_bytes
-    return out
+def int8_columns_jobs(ckpt: Checkpoint, blocks: list[RowAbsmax], routes: dict[str, list[Route] | None]) -> list:
+    """Every job ``load_int8_columns`` runs, planned on meta (``rank_reads``)."""
+    return [j for b in blocks if b.target is not None for lo, hi in b.row_blocks()
+            for j in int8_rows_plan(ckpt, b, routes, lo, hi, "meta")[0].jobs]
 
 
 def _nan_row(ckpt: Checkpoint, routes: dict[str, list[Route] | None], targets: list[str], row: int):
