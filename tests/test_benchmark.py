@@ -286,6 +286,21 @@ def test_mix_cell_files_hold_the_same_tensors_in_three_formats(tmp_path):
     assert write_cell_files(str(tmp_path / "cell"), "many_small", parse_mix_size("tiny")) == formats   # reused
 
 
+def test_mix_cell_files_follow_the_write_order(tmp_path):
+    from gemma_stream.benchmark.matrix import write_cell_files
+    from gemma_stream.benchmark.mixes import parse_mix_size
+
+    formats = write_cell_files(str(tmp_path / "cell"), "many_small", parse_mix_size("tiny"),
+                               ("zip", "sharded", "safetensors"))
+    written = {fmt: min(os.stat(p).st_mtime_ns for p in f["data"]) for fmt, f in formats.items()}
+    assert written["zip"] <= written["sharded"] <= written["safetensors"]
+    # files written in another order are not reused as this order's
+    again = write_cell_files(str(tmp_path / "cell"), "many_small", parse_mix_size("tiny"))
+    assert min(os.stat(p).st_mtime_ns for p in again["safetensors"]["data"]) > written["safetensors"]
+    with pytest.raises(SystemExit, match="write-order"):
+        write_cell_files(str(tmp_path / "other"), "many_small", parse_mix_size("tiny"), ("zip", "zip", "sharded"))
+
+
 def _cell(runs_a, runs_b, state="cold"):
     def entry(loader, fmt, runs):
         return {"loader": loader, "format": fmt, "label": loader, "errors": [], "skipped": None,

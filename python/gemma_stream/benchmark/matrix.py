@@ -116,13 +116,21 @@ def shard_limit(specs: list) -> int:
     return max(1, min(sum(sizes) // (_MIN_SHARDS + 1), (sum(sizes) - max(sizes)) // (_MIN_SHARDS - 1)))
 
 
-def write_cell_files(folder: str, mix: str, nbytes: int) -> dict[str, dict]:
+#: the order the three formats are written in by default (``--write-order``)
+WRITE_ORDER = ("safetensors", "sharded", "zip")
+
+
+def write_cell_files(folder: str, mix: str, nbytes: int, order: tuple[str, ...] = WRITE_ORDER) -> dict[str, dict]:
     """The mix in every format under ``folder`` (reused when a previous run finished writing it).
 
-    Returns format -> {"path": what a loader opens, "data": the files holding tensor bytes}.
+    ``order`` is the order the formats are written in: on a virtual disk a file's cold speed can
+    depend on where and when it was written, which ``--write-order`` lets a run tell apart from
+    the format.  Returns format -> {"path": what a loader opens, "data": the files holding tensor bytes}.
     """
+    if sorted(order) != sorted(WRITE_ORDER):
+        raise SystemExit(f"bench_mixes: --write-order must name {', '.join(WRITE_ORDER)} once each, not {order}")
     manifest_path = os.path.join(folder, "manifest.json")
-    key = {"mix": mix, "nbytes": nbytes, "schema": 1}
+    key = {"mix": mix, "nbytes": nbytes, "schema": 1, "order": list(order)}
     try:
         with open(manifest_path) as f:
             found = json.load(f)
@@ -136,13 +144,18 @@ def write_cell_files(folder: str, mix: str, nbytes: int) -> dict[str, dict]:
     started = time.perf_counter()
     _log(f"writing {mix} at {size_name(nbytes)} ({len(specs)} tensors) in 3 formats to {folder}/ ...")
     single = os.path.join(folder, "model.safetensors")
-    writers.write_safetensors(single, None, dtype, specs=specs)
     sharded = os.path.join(folder, "hf")
-    os.makedirs(sharded, exist_ok=True)
-    data_bytes = sum(math.prod(s) for _, s in specs) * ITEMSIZE
-    shards = writers.write_sharded(sharded, None, dtype, specs=specs, max_shard_bytes=shard_limit(specs))
     zipped = os.path.join(folder, "model.pt")
-    writers.write_ckpt(zipped, None, dtype, specs=specs, key=None)
+    data_bytes = sum(math.prod(s) for _, s in specs) * ITEMSIZE
+    shards: list[str] = []
+    for fmt in order:
+        if fmt == "safetensors":
+            writers.write_safetensors(single, None, dtype, specs=specs)
+        elif fmt == "sharded":
+            os.makedirs(sharded, exist_ok=True)
+            shards = writers.write_sharded(sharded, None, dtype, specs=specs, max_shard_bytes=shard_limit(specs))
+        else:
+            writers.write_ckpt(zipped, None, dtype, specs=specs, key=None)
     formats = {"safetensors": {"path": single, "data": [single]},
                "sharded": {"path": sharded, "data": shards},
                "zip": {"path": zipped, "data": [zipped]}}
@@ -257,6 +270,8 @@ def add_matrix_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="comma-separated LOADER@FORMAT (formats: safetensors, sharded, zip)")
     parser.add_argument("--threads", type=int, default=None, help="gemma_stream threads (default: its own)")
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary folder)")
+    parser.add_argument("--write-order", default=",".join(WRITE_ORDER),
+                        help="the order the three formats are written in (default %(default)s)")
     parser.add_argument("--keep", action="store_true", help="keep each cell's files (default: removed after it)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each load, wait up to SECONDS for the CPUs to be idle")
@@ -309,7 +324,7 @@ def run_matrix(args: argparse.Namespace) -> int:
         for mix in mixes:
             for nbytes in sizes:
                 folder = os.path.join(workdir, f"{mix}-{size_name(nbytes)}")
-                formats = write_cell_files(folder, mix, nbytes)
+                formats = write_cell_files(folder, mix, nbytes, tuple(args.write_order.split(",")))
                 for state in states:
                     doc["cells"].append(run_cell(mix, nbytes, state, formats, entries, args.rounds,
                                                  threads=args.threads, timeout=args.timeout,
