@@ -144,14 +144,14 @@ def _map_zero_copy(plan: Plan, targets: dict[str, torch.Tensor], device: torch.d
     return mapped, views.prefetch(config().prefetch, threads or config().default_threads)
 
 
-def _unfilled_meta(model: torch.nn.Module, plan: Plan, targets: dict[str, torch.Tensor], where: str,
-                   strict: bool) -> list[str]:
+def _unfilled_meta(metas: dict[int, tuple[str, torch.Tensor]], plan: Plan, targets: dict[str, torch.Tensor],
+                   where: str, strict: bool) -> list[str]:
     """Tensors on ``meta`` that the load would allocate but no job fills (their memory would be
     garbage): a ``MismatchError`` under ``strict``, a warning otherwise.  Non-persistent buffers
     (rotary ``inv_freq``) are in no state dict and no checkpoint, and a map's "computed" names
     (gemma_pytorch's ``freqs_cis``) are computed only by a model built for real."""
     filled = plan.filled(targets)
-    names = [name for key, (name, _) in meta_tensors(model).items() if key not in filled]
+    names = [name for key, (name, _) in metas.items() if key not in filled]
     if not names:
         return []
     shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
@@ -212,21 +212,23 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     cache = _check_mode(mode, cache, device)
     ckpt = _open(path, renamed_argument(state_dict_key, key, old="key", new="state_dict_key", where="gs.load_into"))
     from .distributed import has_dtensors, load_sharded
-    if read != "own" or has_dtensors(model):
+    targets = model.state_dict(keep_vars=True)   # one walk of the model serves the check and the plan
+    if read != "own" or has_dtensors(model, targets.values()):
         return load_sharded(model, ckpt, strict=strict, rename=rename, device=device, threads=threads, backend=backend,
                             progress=progress, cache=cache, read=read, quantize=quantize, group_size=group_size,
                             mode=mode)
     if quantize is not None:
         from .quant import quantize_
         quantize_(model, quantize, group_size=group_size)
+        targets = model.state_dict(keep_vars=True)
     device = torch.device(device) if device is not None else torch.device("cpu")
     # one plan, on the model as built: a mismatch is raised before anything is allocated or mapped
-    targets = model.state_dict(keep_vars=True)
     plan = make_plan(ckpt, targets, rename=rename, quant=quant_targets(model), strict=strict)
-    uninitialized = _unfilled_meta(model, plan, targets, ckpt.where, strict)
+    metas = meta_tensors(model)
+    uninitialized = _unfilled_meta(metas, plan, targets, ckpt.where, strict)
     mapped, prefetch = _map_zero_copy(plan, targets, device, threads) if mode == "mmap" else ({}, None)
     swap_tensors(model, {key: view for key, (_, view) in mapped.items()})
-    plan.rebind(materialize(model, device))
+    plan.rebind(materialize(model, device, {k: v for k, v in metas.items() if k not in mapped}))
     done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                                   cache=cache, desc="gemma_stream load")
     run_post_load_hooks(model, threads or config().default_threads)

@@ -6,17 +6,15 @@ rank by rank: each rank turns its shard of every DTensor into a block of rows
 and columns of the global tensor (torch's own uneven-chunk rule,
 ``compute_local_shape_and_global_offset``), intersects the checkpoint's routes
 with that block, and runs the usual plan into ``param.to_local()``.  Only the
-planner's routes change; reading, conversion and the executors are the
-single-process ones.
+planner's routes change; reading, conversion and executors are the single-process ones.
 
 ``read="own"`` (the default) has every rank read its own bytes from the file
 (replicated tensors are read by every rank).  ``read="once"`` splits the
 checkpoint's bytes into one contiguous run of the files per rank; the ranks
 read their runs at the same time, a step at a time, and each sends every other
 rank only that rank's blocks (one all_to_all per step; replicated tensors are
-broadcast), so a rank receives about its shard (distributed_once.py;
-benchmarks/NOTES.md sections 16, 18 and 22 measure when that wins).  ``quantize=`` makes the
-DTensor layers quantized ones whose tensors are DTensors (distributed_quant.py).
+broadcast), so a rank receives about its shard (distributed_once.py; NOTES.md 16, 18, 22).
+``quantize=`` makes the DTensor layers quantized ones of DTensors (distributed_quant.py).
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -47,12 +46,13 @@ def _dtensor_class():
     return DTensor
 
 
-def has_dtensors(model: torch.nn.Module) -> bool:
-    """True when any parameter or buffer of ``model`` is a DTensor."""
+def has_dtensors(model: torch.nn.Module, tensors: Iterable[torch.Tensor] | None = None) -> bool:
+    """True when any parameter or buffer of ``model`` (or of ``tensors``, its state dict's values) is a DTensor."""
     if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist; spare every load the import
         return False
     DTensor = _dtensor_class()
-    return DTensor is not None and any(isinstance(t, DTensor) for t in model.state_dict(keep_vars=True).values())
+    tensors = model.state_dict(keep_vars=True).values() if tensors is None else tensors
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
 
 
 @dataclass
@@ -279,7 +279,7 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
     from .api import _execute, _unfilled_meta
     from .config import config
     from .distributed_quant import global_quant_targets, load_int8_columns, local_quant_targets, quantize_layers
-    from .modules import run_post_load_hooks
+    from .modules import meta_tensors, run_post_load_hooks
     _check_args(read, quantize, mode)
     if quantize is not None:
         quantize_layers(model, quantize, group_size)
@@ -295,7 +295,7 @@ def load_sharded(model: torch.nn.Module, ckpt: Checkpoint, *, strict: bool = Tru
     if global_quant and read == "once":  # read-once copies float pieces; it has no quantizing step
         raise GemmaStreamError("read='once' cannot fill quantized layers: use read='own' (the default)")
     checked = make_plan(ckpt, global_targets, rename=rename, quant=global_quant, strict=strict)
-    uninitialized = _unfilled_meta(model, checked, state, ckpt.where, strict)
+    uninitialized = _unfilled_meta(meta_tensors(model), checked, state, ckpt.where, strict)
     device = torch.device(device) if device is not None else None
     _materialize(model, device)
     view = _sharded_view(model)

@@ -130,6 +130,8 @@ class Plan:
             if new is None:
                 raise InternalError(f"gemma_stream bug: a job writes a meta tensor that was not allocated "
                                    f"({list(region.shape)})")
+            if base is region and region.is_contiguous():   # the whole tensor: materialize made it contiguous
+                return new
             return new.as_strided(region.size(), region.stride(), region.storage_offset())
 
         for job in self.jobs:

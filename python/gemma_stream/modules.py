@@ -124,11 +124,15 @@ def swap_tensors(model: torch.nn.Module, replacement: dict[int, torch.Tensor]) -
                     slot[attr] = replacement[id(old)]
 
 
-def materialize(model: torch.nn.Module, device: torch.device) -> dict[int, torch.Tensor]:
+def materialize(model: torch.nn.Module, device: torch.device,
+                metas: dict[int, tuple[str, torch.Tensor]] | None = None) -> dict[int, torch.Tensor]:
     """Allocate (uninitialized) every tensor still on ``meta`` on ``device``, keeping ties and
-    Parameter classes; returns ``id(meta tensor) -> its replacement`` for ``Plan.rebind``."""
+    Parameter classes; returns ``id(meta tensor) -> its replacement`` for ``Plan.rebind``.
+    ``metas``: :func:`meta_tensors` of the model, when the caller already holds it."""
+    if metas is None:
+        metas = meta_tensors(model)
     replacement = {key: same_kind(old, torch.empty(old.shape, dtype=old.dtype, device=device))
-                   for key, (_, old) in meta_tensors(model).items()}
+                   for key, (_, old) in metas.items()}
     swap_tensors(model, replacement)
     return replacement
 
