@@ -66,12 +66,22 @@ class _Block:
         return math.prod(self.local_shape) == 0
 
 
+def _shard_types() -> tuple[type, ...]:
+    """``Shard`` and, where torch has it, ``_StridedShard`` (FSDP2 over a tensor-parallel dim; no subclass)."""
+    from torch.distributed.tensor import Shard
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:
+        return (Shard,)
+    return (Shard, _StridedShard)
+
+
 def _placements_supported(name: str, dt) -> None:
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate
     for p in dt.placements:
         if type(p) is Replicate:
             continue
-        if type(p) is Shard and p.dim in (0, 1):
+        if isinstance(p, _shard_types()) and p.dim in (0, 1):   # _StridedShard: _block checks it gives one block
             continue
         raise GemmaStreamError(
             f"model tensor {name!r}: placement {p} is not supported (Shard(0), Shard(1) and Replicate() are; "
@@ -85,10 +95,34 @@ def _block(name: str, dt, coordinate=None) -> _Block:
     _placements_supported(name, dt)
     if coordinate is None:
         shape, offset = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
+        coordinate = dt.device_mesh.get_coordinate()
     else:
         shape, offset = _compute_local_shape_and_global_offset(dt.shape, dt.device_mesh.shape, list(coordinate),
                                                                dt.placements)
+    if coordinate is not None and any(type(p) in _shard_types()[1:] for p in dt.placements):
+        _check_one_block(name, dt, list(coordinate), tuple(shape), tuple(offset))
     return _Block(tuple(shape), tuple(offset))
+
+
+def _check_one_block(name: str, dt, coordinate: list[int], shape: tuple[int, ...], offset: tuple[int, ...]) -> None:
+    """A ``_StridedShard`` (FSDP2 over a tensor-parallel dim: ``(_StridedShard(0), Shard(0))``) gives a
+    rank one block when the later ``Shard`` of the same dim picks one of its strided chunks; other
+    orders interleave rows.  The rank's global indices per dim, as torch derives them, must be a run."""
+    from torch.distributed.tensor._utils import _get_shard_size_and_offsets
+    size = list(dt.shape)
+    indices: dict[int, torch.Tensor] = {}
+    for mesh_dim, p in enumerate(dt.placements):
+        if not isinstance(p, _shard_types()):
+            continue
+        size[p.dim], indices[p.dim] = _get_shard_size_and_offsets(
+            size[p.dim], dt.device_mesh.shape[mesh_dim], coordinate[mesh_dim], p, indices.get(p.dim),
+            dt.shape[p.dim], False)
+    for d, index in indices.items():
+        if shape[d] and not torch.equal(index, torch.arange(offset[d], offset[d] + shape[d])):
+            raise GemmaStreamError(
+                f"model tensor {name!r}: placements {tuple(dt.placements)} give this rank dim-{d} indices that "
+                f"are not one run ({index[:8].tolist()}...); a rank's shard must be one block of rows and "
+                f"columns of the checkpoint tensor")
 
 
 def _intersect(span: tuple[int, int], lo: int, n: int) -> tuple[int, int] | None:
@@ -361,15 +395,13 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dic
     from .formats import open_checkpoint
     ckpt = open_checkpoint(path, key=renamed_argument(state_dict_key, key, old="key", new="state_dict_key",
                                                       where="gs.distributed.rank_reads"))
-    meshes = _meshes(model)
-    if len(meshes) != 1:
-        raise GemmaStreamError(f"rank_reads needs the model's DTensors on one device mesh, found {len(meshes)}")
-    mesh = next(iter(meshes.values()))
-    grid = mesh.mesh
+    meshes = list(_meshes(model).values())
+    if not meshes:
+        raise GemmaStreamError("rank_reads needs a model with DTensor parameters (none found)")
     out = []
-    for rank in ranks if ranks is not None else grid.flatten().tolist():
-        coordinate = [int(c) for c in (grid == rank).nonzero()[0]]
-        sharded = _sharded_view_meta(model, coordinate)
+    # a 2-D model (TP then FSDP2) also has tensors on a 1-D sub-mesh: each tensor's coordinate is its own mesh's
+    for rank in ranks if ranks is not None else sorted({r for m in meshes for r in m.mesh.flatten().tolist()}):
+        sharded = _sharded_view_meta(model, lambda mesh: _coordinate(mesh, rank))
         quant, int8_columns = local_quant_targets(model, sharded)
         routes = sharded.routes(ckpt, rename)
         plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(_routes_except(routes, int8_columns)),
@@ -380,15 +412,23 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dic
     return out
 
 
-def _sharded_view_meta(model: torch.nn.Module, coordinate) -> _Sharded:
-    """Like ``_sharded_view`` for another rank: meta tensors of that rank's local shapes."""
+def _coordinate(mesh, rank: int) -> list[int] | None:
+    """``rank``'s coordinate in ``mesh``; None when the mesh does not include it."""
+    hits = (mesh.mesh == rank).nonzero()
+    return [int(c) for c in hits[0]] if len(hits) else None
+
+
+def _sharded_view_meta(model: torch.nn.Module, coordinate_in) -> _Sharded:
+    """Like ``_sharded_view`` for another rank (``coordinate_in(mesh)``: its coordinate there, or None):
+    meta tensors of that rank's local shapes."""
     DTensor = _dtensor_class()
     local, shapes, blocks, seen = {}, {}, {}, {}
     for name, t in model.state_dict(keep_vars=True).items():
         shapes[name] = tuple(t.shape)
         shape = tuple(t.shape)
         if isinstance(t, DTensor):
-            blocks[name] = _block(name, t, coordinate)
+            coordinate = coordinate_in(t.device_mesh)
+            blocks[name] = _block(name, t, coordinate) if coordinate is not None else _Block((0,), (0,))
             if blocks[name].empty:
                 continue
             shape = blocks[name].local_shape
