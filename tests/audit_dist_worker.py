@@ -280,3 +280,59 @@ def run_hf_gemma_tp(rank: int, world: int, workdir: str, opts: dict) -> None:
         with torch.no_grad():
             got, want = model(ids).logits.float(), single(ids).logits.float()
         assert torch.allclose(got, want, rtol=tol, atol=tol), (dtype, (got - want).abs().max())
+
+
+# ---------------------------------------------------------------- plain local tensors (an engine's own layers)
+
+def run_plain_local_once(rank: int, world: int, workdir: str, opts: dict) -> None:
+    """An engine's own column/row-parallel layers as plain local tensors (gs.Route column/row ranges
+    inside gs.PartialRoutes): read='own' and read='once' give each rank its slices; read='once' reads
+    each byte once over the world group, also when the ranks need different tensors (rank r only the
+    layers r, r + world, ...: a pipeline stage)."""
+    ref = reference_state(torch.float32)
+    paths = write_checkpoints(os.path.join(workdir, f"r{rank}"), torch.float32)
+    cols = {}   # row-parallel (o/down): this rank's columns; everything else: this rank's rows
+    local = {}
+    for name, t in ref.items():
+        dim = 1 if name.endswith(("o_proj.weight", "down_proj.weight")) else 0
+        chunks = torch.chunk(torch.arange(t.shape[dim]), world)
+        span = (int(chunks[rank][0]), int(chunks[rank][-1]) + 1) if rank < len(chunks) else (0, 0)
+        cols[name] = (dim, span)
+        local[name] = t.narrow(dim, span[0], span[1] - span[0])
+
+    def route(name):
+        dim, span = cols[name]
+        return gs.Route(name, **({"src_cols": span} if dim else {"src_rows": span}))
+
+    total = sum(t.numel() * t.element_size() for t in ref.values())
+    for read in ("own", "once"):
+        for fmt in ("single", "zip"):
+            model = nn.Module()
+            for name, t in local.items():
+                model.register_buffer(name.replace(".", "_"), torch.zeros_like(t))
+            report = gs.load_into(model, paths[fmt], read=read,
+                                  rename=gs.PartialRoutes(lambda n: gs.Route(n.replace(".", "_"), **_spans(route(n)))))
+            for name, t in local.items():
+                assert torch.equal(getattr(model, name.replace(".", "_")), t), (read, fmt, name)
+            counts = torch.tensor([report.bytes_read], dtype=torch.int64)
+            dist.all_reduce(counts)
+            if read == "once":
+                assert int(counts[0]) == total, (fmt, int(counts[0]), total)
+    # a pipeline stage: rank r needs only its layers; read='once' must still agree on what is sent
+    mine = {n: t for n, t in ref.items() if not n.startswith("model.layers.") or int(n.split(".")[2]) % world == rank}
+    for read in ("own", "once"):
+        model = nn.Module()
+        for name, t in mine.items():
+            model.register_buffer(name.replace(".", "_"), torch.zeros_like(t))
+        report = gs.load_into(model, paths["single"], read=read, strict=False,
+                              rename=lambda n: n.replace(".", "_") if n in mine else None)
+        for name, t in mine.items():
+            assert torch.equal(getattr(model, name.replace(".", "_")), t), (read, "pipeline", name)
+        if read == "once":   # every tensor is some rank's: the ranks together read each byte once
+            counts = torch.tensor([report.bytes_read], dtype=torch.int64)
+            dist.all_reduce(counts)
+            assert int(counts[0]) == total, ("pipeline", int(counts[0]), total)
+
+
+def _spans(route: gs.Route) -> dict:
+    return {k: v for k, v in (("src_rows", route.src_rows), ("src_cols", route.src_cols)) if v is not None}

@@ -1,6 +1,7 @@
 """Issue 16 placements and clients beyond tests/test_distributed.py: biases and embeddings under
 parallelize_module, empty shards (torch.chunk gives fewer chunks than ranks), HSDP and TP+FSDP2 on a
-2-D mesh (``_StridedShard``), transformers' own Gemma under tensor parallelism; gloo on 127.0.0.1.
+2-D mesh (``_StridedShard``), transformers' own Gemma under tensor parallelism, an engine's plain local
+shards under read='once' (ranks that need different tensors); gloo on 127.0.0.1.
 
 Rank-side code in audit_dist_worker.py; one spawned group per world size runs every scenario.
 """
@@ -19,8 +20,8 @@ import audit_dist_worker  # noqa: E402
 from test_distributed import _check, _free_port  # noqa: E402
 
 SCENARIOS = {
-    2: [("run_biases_embeddings", {}), ("run_hf_gemma_tp", {})],
-    4: [("run_biases_embeddings", {}), ("run_hsdp", {}), ("run_tp_fsdp", {})],
+    2: [("run_biases_embeddings", {}), ("run_hf_gemma_tp", {}), ("run_plain_local_once", {})],
+    4: [("run_biases_embeddings", {}), ("run_hsdp", {}), ("run_tp_fsdp", {}), ("run_plain_local_once", {})],
 }
 
 
@@ -63,3 +64,10 @@ def test_tensor_parallel_then_fsdp2_on_a_two_dimensional_mesh(groups):
 def test_transformers_gemma_tensor_parallel_equals_single_process(groups):
     pytest.importorskip("transformers")
     _check(groups, 2, "run_hf_gemma_tp")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_plain_local_shards_and_read_once_when_ranks_need_different_tensors(groups, world):
+    # gs.Route rows/columns in gs.PartialRoutes, read='own' and 'once'; a pipeline stage per rank under
+    # read='once' (the ranks' needed tensors differ: the broadcast pieces must still agree)
+    _check(groups, world, "run_plain_local_once")

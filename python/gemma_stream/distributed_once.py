@@ -69,10 +69,15 @@ def read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[s
     import torch.distributed as dist
 
     from .api import _execute
-    needed = {j.name for j in checked.jobs}
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    mine = {j.name for j in checked.jobs}
+    # every rank must walk the same pieces: ranks of plain models (a pipeline stage, an engine's own
+    # layers) may need different tensors, so the pieces cover what any rank needs
+    wanted: list = [None] * world
+    dist.all_gather_object(wanted, sorted(mine), group=group)
+    needed = set().union(*wanted)
     order = {f: i for i, f in enumerate(ckpt.files)}
     records = sorted((r for r in ckpt.records if r.name in needed), key=lambda r: (order[r.file], r.byte_offset))
-    world, me = dist.get_world_size(group), dist.get_rank(group)
     pieces = _pieces(records, max(1, ONCE_BATCH_BYTES // 4))  # finer than a batch: the runs come out even
     owners = _owners(pieces, world)
     comm = torch.device("cpu") if dist.get_backend(group) == "gloo" else _comm_device()
@@ -83,12 +88,12 @@ def read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[s
 
     def flush() -> None:
         nonlocal read_bytes, received, backend_name, used_cache, batch, size
-        mine = [p for p, owner in batch if owner == me]
+        to_read = [p for p, owner in batch if owner == me]
         buffers = {p.key: torch.empty((p.hi - p.lo, *p.record.shape[1:]), dtype=p.record.dtype.torch)
-                   for p in mine}
-        if mine:
+                   for p in to_read}
+        if to_read:
             piece_routes: dict[str, list[Route]] = {}
-            for p in mine:
+            for p in to_read:
                 piece_routes.setdefault(p.record.name, []).append(
                     Route(p.key, src_rows=(p.lo, p.hi)) if p.record.shape else Route(p.key))
             own_plan = make_plan(Checkpoint(ckpt.format, ckpt.files, [r for r in records if r.name in piece_routes]),
@@ -107,7 +112,8 @@ def read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[s
             if buffer is None:
                 received += p.nbytes
             source = flat.cpu().view(p.record.dtype.torch).reshape((p.hi - p.lo, *p.record.shape[1:]))
-            _copy_blocks(p, source, routes.get(p.record.name) or [], view)
+            if p.record.name in mine:
+                _copy_blocks(p, source, routes.get(p.record.name) or [], view)
         batch, size = [], 0
 
     for piece, owner in zip(pieces, owners):
