@@ -126,3 +126,22 @@ def test_file_cut_short_mid_stream_names_file_and_tensor(tmp_path, backend, mode
     e = info.value
     assert e.path == str(path) and e.tensor in sd, (str(e), e.path, e.tensor)
     assert str(path) in str(e) and repr(e.tensor) in str(e), str(e)
+
+
+@pytest.mark.parametrize("cache", ["drop", "keep"])
+@pytest.mark.page_cache
+def test_cache_policy_applies_to_the_stream(big_file, backend, monkeypatch, cache):
+    """cache='drop' leaves at most a chunk of the file in the page cache after the stream, 'keep' (the
+    control: the same measurement sees a kept file) leaves it cached; the values are the file's."""
+    from conftest import MiB, cached_bytes, set_cached
+
+    monkeypatch.setenv("GEMMA_STREAM_CHUNK_MB", "1")
+    path, sd = big_file
+    set_cached(path, False)
+    for name, tensor in gs.iter_tensors(path, cache=cache, window_bytes=8 * MiB, backend=backend):
+        assert torch.equal(tensor, sd[name]), name
+    left = cached_bytes(path)
+    if cache == "drop":
+        assert left <= 1 * MiB, f"{left} bytes of {os.path.getsize(path)} still cached"
+    else:
+        assert left >= 0.9 * os.path.getsize(path), left
