@@ -336,3 +336,30 @@ def run_plain_local_once(rank: int, world: int, workdir: str, opts: dict) -> Non
 
 def _spans(route: gs.Route) -> dict:
     return {k: v for k, v in (("src_rows", route.src_rows), ("src_cols", route.src_cols)) if v is not None}
+
+
+def run_fsdp_small_dims(rank: int, world: int, workdir: str, opts: dict) -> None:
+    """FSDP2 fully_shard where a dim-0 size is below the world size (a 3-row weight and its bias: the last
+    rank's shard is empty) and uneven (90, 50 rows): shards, bytes and forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    ref = {k: torch.randn(v.shape) for k, v in Biased().state_dict().items()}
+    path = os.path.join(workdir, f"r{rank}", "b.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(ref, path)
+    for backend in ("native", "python"):
+        with torch.device("meta"):
+            model = Biased()
+        fully_shard(model.tiny, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        report = gs.load_into(model, path, backend=backend)
+        assert _check_every_local(model, ref, f"fsdp small {backend}", lookup=ref.__getitem__) == 9
+        own = sum(t.to_local().numel() * 4 for t in model.state_dict(keep_vars=True).values())
+        assert report.bytes_read == own, (backend, report.bytes_read, own)
+    single = Biased()
+    single.load_state_dict(ref)
+    ids = torch.arange(10).reshape(2, 5)
+    with torch.no_grad():
+        assert torch.allclose(model(ids), single(ids), rtol=1e-5, atol=1e-5)

@@ -21,7 +21,8 @@ from test_distributed import _check, _free_port  # noqa: E402
 
 SCENARIOS = {
     2: [("run_biases_embeddings", {}), ("run_hf_gemma_tp", {}), ("run_plain_local_once", {})],
-    4: [("run_biases_embeddings", {}), ("run_hsdp", {}), ("run_tp_fsdp", {}), ("run_plain_local_once", {})],
+    4: [("run_biases_embeddings", {}), ("run_hsdp", {}), ("run_tp_fsdp", {}), ("run_plain_local_once", {}),
+        ("run_fsdp_small_dims", {})],
 }
 
 
@@ -50,6 +51,11 @@ def test_biases_embeddings_replicate_and_empty_shards(groups, world):
     # embeddings, distribute_tensor(Replicate()) on 1-D, a 3-row weight (rank 3 of 4 holds nothing),
     # built on meta and on cpu; bytes equal the shard; forward; a global shape mismatch
     _check(groups, world, "run_biases_embeddings")
+
+
+def test_fsdp2_dim_smaller_than_the_world(groups):
+    # a 3-row weight and bias over 4 ranks (the last shard empty), uneven 90/50 rows, forward
+    _check(groups, 4, "run_fsdp_small_dims")
 
 
 def test_hsdp_two_dimensional_fully_shard(groups):
