@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import gemma_stream as gs
+from conftest import MiB, cached_bytes, set_cached
 from test_iter_tensors import _peak
 
 WINDOW = 16 << 20
@@ -133,8 +134,6 @@ def test_file_cut_short_mid_stream_names_file_and_tensor(tmp_path, backend, mode
 def test_cache_policy_applies_to_the_stream(big_file, backend, monkeypatch, cache):
     """cache='drop' leaves at most a chunk of the file in the page cache after the stream, 'keep' (the
     control: the same measurement sees a kept file) leaves it cached; the values are the file's."""
-    from conftest import MiB, cached_bytes, set_cached
-
     monkeypatch.setenv("GEMMA_STREAM_CHUNK_MB", "1")
     path, sd = big_file
     set_cached(path, False)
