@@ -19,7 +19,6 @@ broadcast), so a rank receives about its shard (distributed_once.py; NOTES.md 16
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ import torch
 from .api import LoadReport
 from .deprecation import renamed_argument
 from .errors import GemmaStreamError, InternalError, UsageError
-from .formats.records import Checkpoint, TensorRecord
+from .distributed_blocks import _Block, _block, _local_route
+from .formats.records import Checkpoint
 from .plan import CopyJob, PartialRoutes, Rename, Route, make_plan, normalize_rename
 
 __all__ = ["DistributedLoadReport", "ReadRange", "has_dtensors", "load_sharded", "rank_reads"]
@@ -53,71 +53,6 @@ def has_dtensors(model: torch.nn.Module, tensors: Iterable[torch.Tensor] | None 
     DTensor = _dtensor_class()
     tensors = model.state_dict(keep_vars=True).values() if tensors is None else tensors
     return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
-
-
-@dataclass
-class _Block:
-    """Where a rank's local tensor sits in the global one: rows [row0, row0 + rows) x cols [col0, col0 + cols)."""
-
-    local_shape: tuple[int, ...]
-    offset: tuple[int, ...]
-
-    @property
-    def empty(self) -> bool:
-        return math.prod(self.local_shape) == 0
-
-
-def _placements_supported(name: str, dt) -> None:
-    from torch.distributed.tensor import Replicate, Shard
-    for p in dt.placements:
-        if type(p) is Replicate:
-            continue
-        if type(p) is Shard and p.dim in (0, 1):
-            continue
-        raise GemmaStreamError(
-            f"model tensor {name!r}: placement {p} is not supported (Shard(0), Shard(1) and Replicate() are; "
-            f"a rank's shard must be one block of rows and columns of the checkpoint tensor)")
-
-
-def _block(name: str, dt, coordinate=None) -> _Block:
-    """The rank's block of ``dt`` (``coordinate``: another rank's mesh coordinate, for ``rank_reads``)."""
-    from torch.distributed.tensor._utils import (_compute_local_shape_and_global_offset,
-                                                 compute_local_shape_and_global_offset)
-    _placements_supported(name, dt)
-    if coordinate is None:
-        shape, offset = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
-    else:
-        shape, offset = _compute_local_shape_and_global_offset(dt.shape, dt.device_mesh.shape, list(coordinate),
-                                                               dt.placements)
-    return _Block(tuple(shape), tuple(offset))
-
-
-def _intersect(span: tuple[int, int], lo: int, n: int) -> tuple[int, int] | None:
-    a, b = max(span[0], lo), min(span[1], lo + n)
-    return (a, b) if a < b else None
-
-
-def _local_route(record: TensorRecord, route: Route, global_shape: tuple[int, ...], block: _Block) -> Route | None:
-    """``route`` (in global coordinates) cut to ``block`` and moved to the local tensor's; None if disjoint."""
-    if not global_shape:
-        return route
-    dst_rows = route.dst_rows or (0, global_shape[0])
-    src_rows = route.src_rows or (0, record.shape[0] if record.shape else 1)
-    rows = _intersect(dst_rows, block.offset[0], block.local_shape[0])
-    if rows is None:
-        return None
-    out = dict(target=route.target,
-               src_rows=(src_rows[0] + rows[0] - dst_rows[0], src_rows[0] + rows[1] - dst_rows[0]),
-               dst_rows=(rows[0] - block.offset[0], rows[1] - block.offset[0]))
-    if len(global_shape) >= 2:
-        dst_cols = route.dst_cols or (0, global_shape[1])
-        src_cols = route.src_cols or (0, record.shape[1] if len(record.shape) >= 2 else 1)
-        cols = _intersect(dst_cols, block.offset[1], block.local_shape[1])
-        if cols is None:
-            return None
-        out.update(src_cols=(src_cols[0] + cols[0] - dst_cols[0], src_cols[0] + cols[1] - dst_cols[0]),
-                   dst_cols=(cols[0] - block.offset[1], cols[1] - block.offset[1]))
-    return Route(**out)
 
 
 @dataclass
@@ -362,15 +297,13 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dic
     from .formats import open_checkpoint
     ckpt = open_checkpoint(path, key=renamed_argument(state_dict_key, key, old="key", new="state_dict_key",
                                                       where="gs.distributed.rank_reads"))
-    meshes = _meshes(model)
-    if len(meshes) != 1:
-        raise GemmaStreamError(f"rank_reads needs the model's DTensors on one device mesh, found {len(meshes)}")
-    mesh = next(iter(meshes.values()))
-    grid = mesh.mesh
+    meshes = list(_meshes(model).values())
+    if not meshes:
+        raise GemmaStreamError("rank_reads needs a model with DTensor parameters (none found)")
     out = []
-    for rank in ranks if ranks is not None else grid.flatten().tolist():
-        coordinate = [int(c) for c in (grid == rank).nonzero()[0]]
-        sharded = _sharded_view_meta(model, coordinate)
+    # a 2-D model (TP then FSDP2) also has tensors on a 1-D sub-mesh: each tensor's coordinate is its own mesh's
+    for rank in ranks if ranks is not None else sorted({r for m in meshes for r in m.mesh.flatten().tolist()}):
+        sharded = _sharded_view_meta(model, lambda mesh: _coordinate(mesh, rank))
         quant, int8_columns = local_quant_targets(model, sharded)
         routes = sharded.routes(ckpt, rename)
         plan = make_plan(ckpt, sharded.local, rename=PartialRoutes(_routes_except(routes, int8_columns)),
@@ -381,15 +314,23 @@ def rank_reads(model: torch.nn.Module, path, *, rename: Rename = None, state_dic
     return out
 
 
-def _sharded_view_meta(model: torch.nn.Module, coordinate) -> _Sharded:
-    """Like ``_sharded_view`` for another rank: meta tensors of that rank's local shapes."""
+def _coordinate(mesh, rank: int) -> list[int] | None:
+    """``rank``'s coordinate in ``mesh``; None when the mesh does not include it."""
+    hits = (mesh.mesh == rank).nonzero()
+    return [int(c) for c in hits[0]] if len(hits) else None
+
+
+def _sharded_view_meta(model: torch.nn.Module, coordinate_in) -> _Sharded:
+    """Like ``_sharded_view`` for another rank (``coordinate_in(mesh)``: its coordinate there, or None):
+    meta tensors of that rank's local shapes."""
     DTensor = _dtensor_class()
     local, shapes, blocks, seen = {}, {}, {}, {}
     for name, t in model.state_dict(keep_vars=True).items():
         shapes[name] = tuple(t.shape)
         shape = tuple(t.shape)
         if isinstance(t, DTensor):
-            blocks[name] = _block(name, t, coordinate)
+            coordinate = coordinate_in(t.device_mesh)
+            blocks[name] = _block(name, t, coordinate) if coordinate is not None else _Block((0,), (0,))
             if blocks[name].empty:
                 continue
             shape = blocks[name].local_shape

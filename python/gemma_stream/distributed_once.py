@@ -1,7 +1,7 @@
 """read="once": each checkpoint byte read by one rank, and sent only to the ranks that need it.
 
-The checkpoint's tensors (those the load needs) are cut into row pieces and
-split, in file order, into one contiguous run per rank.  First the ranks
+The tensors any rank needs are cut into row pieces and split, in file order,
+into one contiguous run per rank.  First the ranks
 exchange, once (``all_gather_object``), the block of every checkpoint tensor
 each of them copies from: its rows x columns, the bounding box of its routes.
 Then the load runs in steps; in each step every rank reads the next
@@ -15,11 +15,10 @@ Then the load runs in steps; in each step every rank reads the next
   ``all_to_all_single`` per step delivers them: a rank receives its shard's
   bytes, not the checkpoint.
 
-Each rank copies its own blocks out of what it read and what it received
-(converting the dtype on the way).  A step's all_to_all runs while the
-previous step's blocks are copied out and the next step is read.  Peak memory
-per rank: its shard plus about four batches (two steps of packed and received
-blocks).
+Each rank copies its own blocks out of what it read and received (converting
+the dtype on the way); a step's all_to_all runs while the previous step's blocks
+are copied out and the next step is read.  Peak memory per rank: its shard plus
+about four batches (two steps of packed and received blocks).
 """
 
 from __future__ import annotations
@@ -246,10 +245,13 @@ def read_once(ckpt: Checkpoint, checked: Plan, view: _Sharded, routes: Mapping[s
     import torch.distributed as dist
 
     from .api import _execute
-    needed = {j.name for j in checked.jobs}
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    # the same pieces on every rank, though ranks (pipeline stages, plain layers) may need different tensors
+    wanted: list = [None] * world
+    dist.all_gather_object(wanted, sorted({j.name for j in checked.jobs}), group=group)
+    needed = set().union(*wanted)
     order = {f: i for i, f in enumerate(ckpt.files)}
     records = sorted((r for r in ckpt.records if r.name in needed), key=lambda r: (order[r.file], r.byte_offset))
-    world, me = dist.get_world_size(group), dist.get_rank(group)
     boxes: list[dict[str, Box]] = [{} for _ in range(world)]
     dist.all_gather_object(boxes, _boxes(records, routes, view), group=group)
     pieces = _pieces(records, max(1, ONCE_BATCH_BYTES // 4))  # finer than a batch: the runs come out even

@@ -167,7 +167,7 @@ def local_quant_targets(model: nn.Module, view) -> tuple[dict[str, QuantTarget],
     blocks that need the all-reduce.  Fixes ``view`` for int4: its blocks count float columns."""
     from torch.distributed.tensor import Shard
 
-    from .distributed import _Block
+    from .distributed_blocks import _Block
     from .modules import quant_targets
     local: dict[str, QuantTarget] = {}
     absmax: list[RowAbsmax] = []

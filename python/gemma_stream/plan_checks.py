@@ -66,4 +66,7 @@ def describe_mismatch(plan: Plan, checkpoint: Checkpoint) -> str:
         if names:
             shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
             parts.append(f"{label} ({len(names)}): {shown}")
+    if any(m.endswith("would be dropped") for m in plan.mismatched_keys):
+        parts.append("routes that read part of a checkpoint tensor on purpose (one rank's shard) go inside "
+                     "gs.PartialRoutes(rename)")
     return "; ".join(parts)

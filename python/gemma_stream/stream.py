@@ -47,7 +47,7 @@ from .executors import get_executor, run_plan_jobs
 from .formats import Checkpoint, TensorRecord, open_checkpoint
 from .formats.records import open_validated
 from .plan import Rename, choose_cache, make_plan
-from .stream_budget import WindowBudget, aligned
+from .stream_budget import ALIGN, WindowBudget, aligned
 
 __all__ = ["iter_tensors", "stream_checkpoint", "TensorStream", "DEFAULT_WINDOW_BYTES"]
 
@@ -139,6 +139,7 @@ class _Reader(threading.Thread):
         self.threads, self.drop_cache = threads, drop_cache
 
     def run(self) -> None:
+        window: list[_Item] = []
         try:
             for window in self.windows:
                 if window[0].mapped:
@@ -157,7 +158,7 @@ class _Reader(threading.Thread):
                 del tensors
             self.budget.put(None)
         except BaseException as e:  # re-raised on the caller's thread
-            self.budget.put(e)
+            self.budget.put(_naming_tensor(e, window))
 
     def _map(self, window: list[_Item]) -> list[tuple[str, torch.Tensor]] | None:
         """The window's tensors as views of one private mapping of their bytes (None when closed)."""
@@ -180,26 +181,44 @@ class _Reader(threading.Thread):
         # cached), while the caller consumes the previous window: its copies then find them mapped
         # (a hint: errors, such as a kernel older than 5.14, leave the faults to the caller)
         pagecache.populate_read(array.ctypes.data, array.nbytes)
-        storage = torch.from_numpy(array).untyped_storage()
+        tensors = [(item.name, _own_bytes(array, item.record.byte_offset - base, item)) for item in window]
         del array      # from here the window's tensors alone keep the mapping alive
-        tensors = []
-        for item in window:
-            offset = (item.record.byte_offset - base) // item.dtype.itemsize
-            view = torch.empty(0, dtype=item.dtype).set_(storage, offset, item.record.shape)
-            tensors.append((item.name, view))
         return tensors
 
     def _read(self, window: list[_Item], buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        tensors, offset = {}, 0
+        tensors, offset, whole = {}, 0, buffer.numpy()
         for item in window:
-            tensors[item.record.name] = buffer[offset:offset + item.nbytes].view(item.dtype).view(item.record.shape)
+            tensors[item.record.name] = _own_bytes(whole, offset, item)
             offset += aligned(item.nbytes)
+        del whole, buffer
         part = Checkpoint(self.ckpt.format, self.ckpt.files, [item.record for item in window])
         plan = make_plan(part, tensors, strict=True)
         keep_going = lambda _done: not self.budget.stopped   # closing the iterator cancels the read
         run_plan_jobs(self.executor, plan.files, plan.jobs, threads=self.threads,
                       chunk_bytes=config().chunk_bytes, drop_cache=self.drop_cache, progress=keep_going)
         return [(item.name, tensors[item.record.name]) for item in window]
+
+
+def _own_bytes(window: np.ndarray, offset: int, item: _Item) -> torch.Tensor:
+    """``item``'s tensor over its bytes of a window's buffer or mapping, with a storage of its own:
+    views of one shared storage would make a caller's ``torch.save`` write the whole window, and
+    refuse it outright when the window holds two dtypes.  The array keeps ``window`` alive, so the
+    window's memory is released (its finalizer runs) only when its last tensor is freed."""
+    own = np.ndarray((item.nbytes,), dtype=np.uint8, buffer=window, offset=offset)
+    return torch.from_numpy(own).view(item.dtype).view(item.record.shape)
+
+
+def _naming_tensor(error: BaseException, window: list[_Item]) -> BaseException:
+    """A file error that names no tensor (the file changed or was cut short under the read), with the
+    tensors of the window being read."""
+    if not isinstance(error, CheckpointError) or error.tensor is not None or not window:
+        return error
+    first = window[0].record.name
+    more = f" and {len(window) - 1} more" if len(window) > 1 else ""
+    named = CheckpointError(f"{error} (while reading tensor {first!r}{more})", path=error.path, tensor=first,
+                            row=error.row)
+    named.__cause__ = error
+    return named
 
 
 def iter_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None, keys=None, rename: Rename = None,
@@ -253,7 +272,12 @@ def stream_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, key
         choose_cache(_Totals(total, min(window_bytes, total)), cache,  # type: ignore[arg-type]
                      mem_available() if cache == "auto" else None), explicit=cache == "drop")
     budget = WindowBudget(window_bytes)
-    reader = _Reader(ckpt, _windows(items, budget.slab_bytes), budget, backend=backend,
+    windows = _windows(items, budget.slab_bytes)
+    # slabs no larger than the largest window they hold: a small checkpoint's tensors are not views of
+    # a half-window buffer (torch.save of such a view writes the whole buffer: 128 MiB for a few bytes)
+    budget.slab_bytes = max([ALIGN] + [n for w in windows if not w[0].mapped and
+                                       (n := sum(aligned(item.nbytes) for item in w)) <= budget.slab_bytes])
+    reader = _Reader(ckpt, windows, budget, backend=backend,
                      threads=threads or config().default_threads, drop_cache=policy == "drop")
     return TensorStream(reader, budget)
 

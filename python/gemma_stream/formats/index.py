@@ -80,13 +80,14 @@ def read_index(index_path: str, read_shard: Callable[[str], Checkpoint]) -> Chec
         if absent:
             raise CheckpointError(
                 f"{shard_path}: tensor {absent[0]!r} is listed in {os.path.basename(index_path)} "
-                f"but not stored in this shard ({len(absent)} missing)")
+                f"but not stored in this shard ({len(absent)} missing)", path=shard_path, tensor=absent[0])
         for record in shard.records:
             if record.name not in wanted[shard_path]:
                 continue  # stored but not indexed: the index decides, as in transformers
             if record.name in seen:
                 raise CheckpointError(
-                    f"{shard_path}: tensor {record.name!r} is also stored in {seen[record.name]}")
+                    f"{shard_path}: tensor {record.name!r} is also stored in {seen[record.name]}",
+                    path=shard_path, tensor=record.name)
             seen[record.name] = shard_path
             records.append(record)
     index_meta = index.get("metadata")

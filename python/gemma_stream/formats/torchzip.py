@@ -174,11 +174,12 @@ def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: st
                 f"writes one storage with two types", path=path, tensor=name)
         entry = entries.get(data_prefix + key)
         if entry is None:
-            raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} has no 'data/{ref.key}' entry")
+            raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} has no 'data/{ref.key}' entry",
+                                  path=path, tensor=name)
         declared = ref.numel * ref.dtype.itemsize
         if entry.size < declared:
             raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} declares {declared} bytes "
-                                  f"but data/{ref.key} holds {entry.size}")
+                                  f"but data/{ref.key} holds {entry.size}", path=path, tensor=name)
         if key not in ranges:
             ranges[key] = (payload_offset(fd, path, entry, end_limit), entry.size)
     spans = sorted((start, start + size, key) for key, (start, size) in ranges.items())
