@@ -41,6 +41,8 @@ def runs(tmp_path_factory):
         "gemma3": save_tiny(str(root / "gemma3"), "gemma3", dtype=torch.bfloat16),
         # 390 is no multiple of 64: vLLM pads the embedding and the untied lm_head to 448 rows
         "llama": save_tiny(str(root / "llama"), "llama", vocab=390),
+        "mistral": save_tiny(str(root / "mistral"), "mistral"),
+        "qwen2": save_tiny(str(root / "qwen2"), "qwen2", fmt="bin"),
         # for tensor parallelism 2: one k/v head (both ranks keep it), and 390 rows split 224 + 166
         # over the ranks' 224-row embedding shards (the second padded)
         "gemma_tp": save_tiny(str(root / "gemma_tp"), "gemma", vocab=390, num_key_value_heads=1),
@@ -63,6 +65,10 @@ def runs(tmp_path_factory):
         "gemma3_direct": ("gemma3", "gemma_stream", {}, "bfloat16"),
         "llama_default": ("llama", "auto", {}, "float32"),
         "llama_direct": ("llama", "gemma_stream", {}, "float32"),
+        "mistral_default": ("mistral", "auto", {}, "float32"),
+        "mistral_direct": ("mistral", "gemma_stream", {}, "float32"),
+        "qwen2_default": ("qwen2", "auto", {}, "float32"),
+        "qwen2_direct": ("qwen2", "gemma_stream", {}, "float32"),
         "tp_reference": ("gemma_tp", "auto", {}, "float32"),
     }
     argv = [[models[m], fmt, extra, dtype] for m, fmt, extra, dtype in specs.values()]
@@ -118,7 +124,7 @@ def test_dtype_conversion_on_read(runs):
     assert runs["bf16_direct"]["weights"] != runs["auto"]["weights"]
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama", "mistral", "qwen2"])
 def test_other_architectures_direct(runs, arch):
     _same(runs, f"{arch}_direct", f"{arch}_default", "direct")
 

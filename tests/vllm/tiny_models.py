@@ -33,6 +33,10 @@ def _config(arch: str, vocab: int, **overrides):
         return transformers.Gemma3TextConfig(**common, sliding_window=32, query_pre_attn_scalar=32)
     if arch == "llama":
         return transformers.LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
+    if arch == "qwen2":   # biases on q/k/v, and tied embeddings as in the small Qwen2 models
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True)
     raise ValueError(arch)
 
 
@@ -40,7 +44,8 @@ def _model_class(arch: str):
     import transformers
 
     return {"gemma": transformers.GemmaForCausalLM, "gemma2": transformers.Gemma2ForCausalLM,
-            "gemma3": transformers.Gemma3ForCausalLM, "llama": transformers.LlamaForCausalLM}[arch]
+            "gemma3": transformers.Gemma3ForCausalLM, "llama": transformers.LlamaForCausalLM,
+            "mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[arch]
 
 
 def write_tokenizer(directory: str, vocab: int = VOCAB) -> None:

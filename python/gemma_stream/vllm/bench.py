@@ -5,6 +5,8 @@ Each measurement is a fresh process running ``LLM(...)`` with the engine in-proc
 
 * ``load_s``: the loader's own ``load_weights`` (checkpoint -> vLLM parameters),
 * ``llm_s``: the whole ``LLM()`` construction (model init, load, profiling, KV cache),
+* ``cpu_s``: the CPU time of all the process's threads during that step (what a busy
+  machine distorts least; the loader's own threads, vLLM's copy threads and page faults);
 * ``peak_mib``: the process's peak RSS during ``load_weights`` above its RSS just before
   (``VmHWM`` reset through ``/proc/self/clear_refs``): the parameters written plus what
   the loader keeps mapped or loaded besides them;
@@ -33,6 +35,9 @@ LOADERS = {
     "default": ("auto", {}),
     "direct": ("gemma_stream", {"path": "direct"}),
     "streaming": ("gemma_stream", {"path": "streaming"}),
+    # vLLM's load_weights fed tensors already in memory (read, untimed, before it starts), into the
+    # same freshly allocated parameters: the floor of any loader that goes through load_weights
+    "floor": ("gemma_stream", {"path": "streaming"}),
 }
 
 
@@ -79,7 +84,19 @@ def make_checkpoint(root: str, layers: int, fmt: str) -> str:
     return directory
 
 
-def _child(model_dir: str, load_format: str, extra: dict) -> dict:
+def _floor(self, model, model_config, ckpt) -> None:
+    """``GemmaStreamLoader._load_streaming`` for the "floor" loader: every tensor read into memory first,
+    then only ``model.load_weights`` timed (``load_weights_s``; ``load_s`` includes the read)."""
+    from ..stream import stream_checkpoint
+
+    ready = [(name, tensor.clone()) for name, tensor in stream_checkpoint(ckpt)]
+    start, cpu = time.perf_counter(), time.process_time()
+    model.load_weights(iter(ready))
+    self.last_split = {"read_wait_s": 0.0, "load_weights_s": time.perf_counter() - start,
+                       "load_weights_cpu_s": time.process_time() - cpu}
+
+
+def _child(model_dir: str, load_format: str, extra: dict, floor: bool = False) -> dict:
     """One LLM() in this process; returns the figures."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
@@ -101,14 +118,17 @@ def _child(model_dir: str, load_format: str, extra: dict) -> dict:
             before = status("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             load_weights(self, model, model_config)
             figures["load_s"] = time.perf_counter() - start
+            figures["cpu_s"] = time.process_time() - cpu
             figures["peak_mib"] = (status("VmHWM") - before) / 2**20
-            figures["path"] = getattr(self, "last_path", "") or "default"
             figures.update(getattr(self, "last_split", {}))
+            figures["path"] = getattr(self, "last_path", "") or "default"
         return wrapper
 
+    if floor:
+        GemmaStreamLoader._load_streaming = _floor
     DefaultModelLoader.load_weights = timed(DefaultModelLoader.load_weights)
     GemmaStreamLoader.load_weights = timed(GemmaStreamLoader.load_weights)
     start = time.perf_counter()
@@ -164,7 +184,8 @@ def _run_child(model_dir: str, loader: str) -> dict:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     out = subprocess.run([sys.executable, "-m", "gemma_stream.vllm.bench", "--child", model_dir, load_format,
-                          json.dumps(extra)], capture_output=True, text=True, env=env, timeout=1800)
+                          json.dumps(extra)] + (["--floor"] if loader == "floor" else []),
+                         capture_output=True, text=True, env=env, timeout=1800)
     lines = [line for line in out.stdout.splitlines() if line.startswith("FIGURES ")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{loader} on {model_dir} failed:\n{out.stderr[-4000:]}")
@@ -176,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=7, help="decoder layers (7: 0.97 GB in bf16; 18: 2.28 GB, "
                         "Gemma 2B's depth with half its MLP and a 32000 vocabulary)")
     parser.add_argument("--formats", default="safetensors,bin")
-    parser.add_argument("--loaders", default="default,direct,streaming")
+    parser.add_argument("--loaders", default="default,direct,streaming",
+                        help=f"comma-separated, of {', '.join(LOADERS)} (floor: vLLM's load_weights from memory)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--root", default="benchmarks/out/vllm", help="where the checkpoints are written (kept)")
     parser.add_argument("--json", default="benchmarks/out/vllm_bench.json")
@@ -184,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: per format, one process reloads the model N times each way (direct, "
                              "streaming mapped / copied, vLLM's load_weights from memory) and prints medians")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reloads:
         for fmt in args.formats.split(","):
@@ -193,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             print("RELOADS " + json.dumps({"format": fmt, "layers": args.layers, "seconds": times}), flush=True)
         return 0
     if args.child:
-        figures = _child(args.child[0], args.child[1], json.loads(args.child[2]))
+        figures = _child(args.child[0], args.child[1], json.loads(args.child[2]), floor=args.floor)
         print("FIGURES " + json.dumps(figures), flush=True)
         return 0
     rows = []
@@ -203,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         for loader in args.loaders.split(","):
             runs = [_run_child(model_dir, loader) for _ in range(args.repeat)]
             row = {"format": fmt, "loader": loader, "path": runs[0]["path"], "gb": size / 1e9, "runs": runs}
-            for key in ("load_s", "llm_s", "peak_mib", "read_wait_s", "load_weights_s"):
+            for key in ("load_s", "cpu_s", "llm_s", "peak_mib", "read_wait_s", "load_weights_s", "load_weights_cpu_s"):
                 if all(key in r for r in runs):
                     row[key] = statistics.median(r[key] for r in runs)
             rows.append(row)
-            split = (f"   (waiting for reads {row['read_wait_s']:.2f} s, vLLM load_weights {row['load_weights_s']:.2f} s)"
-                     if "read_wait_s" in row else "")
-            print(f"{fmt:12s} {loader:10s} load {row['load_s']:6.2f} s   LLM() {row['llm_s']:6.2f} s   "
+            split = (f"   (waiting for reads {row['read_wait_s']:.2f} s, vLLM load_weights {row['load_weights_s']:.2f} s"
+                     f", CPU {row['load_weights_cpu_s']:.2f} s)" if "read_wait_s" in row else "")
+            print(f"{fmt:12s} {loader:10s} load {row['load_s']:6.2f} s (CPU {row['cpu_s']:5.2f} s)   "
+                  f"LLM() {row['llm_s']:6.2f} s   "
                   f"peak +{row['peak_mib']:7.0f} MiB   ({row['gb']:.2f} GB, {len(runs)} run(s)){split}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

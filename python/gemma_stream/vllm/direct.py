@@ -1,7 +1,7 @@
 """The direct path: plan vLLM's own parameters as destinations and copy straight in.
 
 For architectures whose loading vLLM does with ``AutoWeightsLoader`` and its
-``WeightsMapper`` alone (Gemma, Gemma 2, Gemma 3 text, Llama), the checkpoint
+``WeightsMapper`` alone (Gemma, Gemma 2, Gemma 3 text, Llama, Mistral, Qwen2), the checkpoint
 name of every tensor maps to a parameter name plus, for fused projections, a
 shard id (``q``/``k``/``v`` of ``qkv_proj``, 0/1 of ``gate_up_proj``).  The
 shard id becomes a row range of the fused parameter, read from the vLLM
@@ -37,7 +37,10 @@ __all__ = ["DIRECT_ARCHITECTURES", "NotDirect", "plan_direct"]
 logger = logging.getLogger("gemma_stream")
 
 #: model classes whose ``load_weights`` is ``AutoWeightsLoader`` + ``hf_to_vllm_mapper`` and nothing else
-DIRECT_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM")
+#: (Mistral's ``load_weights`` also renames and permutes Mistral-format names such as ``wq``: those match no
+#: parameter here, so such a checkpoint streams; Qwen2 adds q/k/v biases, row ranges like the weights)
+DIRECT_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM",
+                        "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 class NotDirect(Exception):

@@ -150,11 +150,13 @@ class GemmaStreamLoader(BaseModelLoader):
         mode = "copy" if self.options.cache == "drop" else "mmap"
         stream = stream_checkpoint(ckpt, window_bytes=self.options.window_mb << 20, threads=self.options.threads,
                                    backend=self.options.backend, cache=self.options.cache, mode=mode)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         loaded = model.load_weights(stream)
         # the split of the streaming time: waiting for gemma_stream's reads, and vLLM's load_weights
+        # (and the CPU time of the whole process meanwhile: vLLM's copies, its page faults, our reads)
         self.last_split = {"read_wait_s": stream.waited_seconds,
-                           "load_weights_s": time.perf_counter() - start - stream.waited_seconds}
+                           "load_weights_s": time.perf_counter() - start - stream.waited_seconds,
+                           "load_weights_cpu_s": time.process_time() - cpu}
         logger.info("gemma_stream: streaming split: %.2f s waiting for reads, %.2f s in vLLM's load_weights",
                     self.last_split["read_wait_s"], self.last_split["load_weights_s"])
         if model_config.quantization is None and loaded is not None:
