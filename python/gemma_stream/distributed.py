@@ -13,7 +13,7 @@ planner's routes change; reading, conversion and executors are the single-proces
 checkpoint's bytes into one contiguous run of the files per rank; the ranks
 read their runs at the same time, a step at a time, and each sends every other
 rank only that rank's blocks (one all_to_all per step; replicated tensors are
-broadcast), so a rank receives about its shard (distributed_once.py; NOTES.md 16, 18, 22).
+broadcast), so a rank receives about its shard (distributed_once.py; NOTES.md 16, 18, 23).
 ``quantize=`` makes the DTensor layers quantized ones of DTensors (distributed_quant.py).
 """
 
