@@ -80,12 +80,21 @@ def int8_rows_target(module: torch.nn.Module, prefix: str) -> QuantTarget | None
     return QuantTarget("int8", (weight.shape[0], weight.shape[1]), weight, scaler, None, 0, (f"{p}weight_scaler",))
 
 
+def _hook(module: torch.nn.Module, name: str):
+    """``module.<name>`` when its class or the instance defines it, else None, without
+    ``nn.Module.__getattr__``'s failed lookup per module (a hook is never a parameter, buffer or
+    submodule): a few microseconds per module on every load."""
+    if hasattr(type(module), name) or name in module.__dict__:
+        return getattr(module, name)
+    return None
+
+
 def quant_targets(model: torch.nn.Module) -> dict[str, QuantTarget]:
     """Quantized destinations by weight name: modules that describe theirs (``gs_quant_target()``,
     gemma_stream's QuantLinear/QuantEmbedding) and gemma_pytorch's int8 layers."""
     targets = {}
     for prefix, module in model.named_modules():
-        describe = getattr(module, "gs_quant_target", None)
+        describe = _hook(module, "gs_quant_target")
         target = describe(prefix) if describe is not None else int8_rows_target(module, prefix)
         if target is not None:
             targets[f"{prefix}.weight" if prefix else "weight"] = target
@@ -141,7 +150,7 @@ def run_post_load_hooks(model: torch.nn.Module, threads: int) -> None:
     """``gs_post_load()`` of every module that has one (the int4 repack for torch's CPU kernel),
     on the loader's thread count: the native repack releases the GIL, and each hook touches
     only its own module's tensors (QuantLinear locks a weight it shares)."""
-    hooks = [hook for module in model.modules() if (hook := getattr(module, "gs_post_load", None)) is not None]
+    hooks = [hook for module in model.modules() if (hook := _hook(module, "gs_post_load")) is not None]
     workers = min(len(hooks), threads)
     if workers <= 1:
         for hook in hooks:

@@ -182,16 +182,23 @@ class _Planner:
             p.unexpected_keys.append(record.name)
             return
         tshape = tuple(target.shape)
-        src_lo, src_hi = _rows(route.src_rows, record.shape[0] if record.shape else 1,
-                               f"checkpoint tensor {record.name!r}")
-        dst_lo, dst_hi = _rows(route.dst_rows, tshape[0] if tshape else 1,
-                               f"{record.name!r} -> model tensor {route.target!r}")
-        src_c = _cols(route.src_cols, record.shape, f"checkpoint tensor {record.name!r}")
-        dst_c = _cols(route.dst_cols, tshape, f"{record.name!r} -> model tensor {route.target!r}")
-        src_shape = _block_shape(record.shape, (src_lo, src_hi) if route.src_rows else None,
-                                 src_c if route.src_cols else None)
-        dst_shape = _block_shape(tshape, (dst_lo, dst_hi) if route.dst_rows else None,
-                                 dst_c if route.dst_cols else None)
+        if route.src_rows is None and route.dst_rows is None and route.src_cols is None and route.dst_cols is None:
+            # the whole tensor into the whole target (almost every route): what the general case gives
+            src_lo, src_hi = 0, record.shape[0] if record.shape else 1
+            dst_lo, dst_hi = 0, tshape[0] if tshape else 1
+            dst_c = (0, tshape[1]) if len(tshape) >= 2 else (0, 1)
+            src_shape, dst_shape = tuple(record.shape), tshape
+        else:
+            src_lo, src_hi = _rows(route.src_rows, record.shape[0] if record.shape else 1,
+                                   f"checkpoint tensor {record.name!r}")
+            dst_lo, dst_hi = _rows(route.dst_rows, tshape[0] if tshape else 1,
+                                   f"{record.name!r} -> model tensor {route.target!r}")
+            src_c = _cols(route.src_cols, record.shape, f"checkpoint tensor {record.name!r}")
+            dst_c = _cols(route.dst_cols, tshape, f"{record.name!r} -> model tensor {route.target!r}")
+            src_shape = _block_shape(record.shape, (src_lo, src_hi) if route.src_rows else None,
+                                     src_c if route.src_cols else None)
+            dst_shape = _block_shape(tshape, (dst_lo, dst_hi) if route.dst_rows else None,
+                                     dst_c if route.dst_cols else None)
         if src_shape != dst_shape:
             p.mismatched_keys.append(
                 f"{record.name}: checkpoint shape {list(src_shape)} vs model {route.target!r} shape {list(dst_shape)}")
