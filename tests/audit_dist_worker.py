@@ -17,7 +17,7 @@ from torch import nn
 
 import dist_worker
 import gemma_stream as gs
-from dist_worker import TinyGemma, _local_slice, check_shards, reference_state, tp_model, write_checkpoints
+from dist_worker import TinyGemma, _local_slice, reference_state, write_checkpoints
 
 
 def run_all(rank: int, world: int, port: int, workdir: str, scenarios: list[tuple[str, dict]]) -> None:
@@ -144,6 +144,20 @@ def _read_once_totals(model: nn.Module, path: str, ref: dict[str, torch.Tensor],
 
 # ---------------------------------------------------------------- 2-D meshes with FSDP2
 
+def _local_bytes(model: nn.Module) -> int:
+    """Bytes of this rank's f32 local shards (each tensor once)."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}.values()
+    return sum(t.to_local().numel() * 4 for t in tensors)
+
+
+def _forward_equals_single(model: nn.Module, single_path: str) -> None:
+    single = TinyGemma()
+    gs.load_into(single, single_path)
+    ids = torch.arange(12).reshape(2, 6) % dist_worker.VOCAB
+    with torch.no_grad():
+        assert torch.allclose(model(ids), single(ids), rtol=1e-5, atol=1e-5)
+
+
 def run_hsdp(rank: int, world: int, workdir: str, opts: dict) -> None:
     """FSDP2 fully_shard on a 2-D mesh (HSDP: (Replicate(), Shard(0))): shards, bytes and forward."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -155,14 +169,9 @@ def run_hsdp(rank: int, world: int, workdir: str, opts: dict) -> None:
             model = _hsdp_model(mesh)
             report = gs.load_into(model, paths[fmt], backend=backend)
             assert _check_every_local(model, ref, f"hsdp {fmt} {backend}") > 0
-            own = sum(t.to_local().numel() * 4 for t in {id(t): t for t in
-                                                         model.state_dict(keep_vars=True).values()}.values())
+            own = _local_bytes(model)
             assert report.bytes_read == own, (fmt, backend, report.bytes_read, own)
-    single = TinyGemma()
-    gs.load_into(single, paths["single"])
-    ids = torch.arange(12).reshape(2, 6) % dist_worker.VOCAB
-    with torch.no_grad():
-        assert torch.allclose(model(ids), single(ids), rtol=1e-5, atol=1e-5)
+    _forward_equals_single(model, paths["single"])
     _read_once_totals(_hsdp_model(mesh), paths["sharded"], ref, "hsdp")
 
 
@@ -187,18 +196,13 @@ def run_tp_fsdp(rank: int, world: int, workdir: str, opts: dict) -> None:
             model = _tp_fsdp_model(mesh)
             report = gs.load_into(model, paths[fmt], backend=backend)
             assert _check_every_local(model, ref, f"tp+fsdp {fmt} {backend}") > 0
-            own = sum(t.to_local().numel() * 4 for t in {id(t): t for t in
-                                                         model.state_dict(keep_vars=True).values()}.values())
+            own = _local_bytes(model)
             assert own <= report.bytes_read <= own * 1.01, (fmt, backend, report.bytes_read, own)
     # the helper takes each tensor's coordinate on its own mesh (the norms' FSDP2 mesh is the 1-D "dp")
     reads = gs.distributed.rank_reads(model, paths["zip"])
     assert {r.rank for r in reads} == set(range(world))
     assert sum(r.nbytes for r in reads if r.rank == rank) == report.bytes_read
-    single = TinyGemma()
-    gs.load_into(single, paths["single"])
-    ids = torch.arange(12).reshape(2, 6) % dist_worker.VOCAB
-    with torch.no_grad():
-        assert torch.allclose(model(ids), single(ids), rtol=1e-5, atol=1e-5)
+    _forward_equals_single(model, paths["single"])
     _read_once_totals(_tp_fsdp_model(mesh), paths["single"], ref, "tp+fsdp")
     # a strided placement that interleaves rows is no block of the checkpoint tensor: a clear error
     from torch.distributed.tensor import DTensor, Shard

@@ -14,10 +14,9 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch built without distributed", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
 
 import audit_dist_worker  # noqa: E402
-from test_distributed import _check, _free_port  # noqa: E402
+from test_distributed import _check, spawned_groups  # noqa: E402
 
 SCENARIOS = {
     2: [("run_biases_embeddings", {}), ("run_hf_gemma_tp", {}), ("run_plain_local_once", {})],
@@ -28,21 +27,7 @@ SCENARIOS = {
 
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory):
-    """world size -> (results dir, the error mp.spawn raised or None); spawned on first use."""
-    done = {}
-
-    def run(world: int):
-        if world not in done:
-            workdir = tmp_path_factory.mktemp(f"audit{world}")
-            error = None
-            try:
-                mp.spawn(audit_dist_worker.run_all, args=(world, _free_port(), str(workdir), SCENARIOS[world]),
-                         nprocs=world, join=True)
-            except Exception as e:  # reported by the scenarios' tests
-                error = e
-            done[world] = (workdir / "results", error)
-        return done[world]
-    return run
+    return spawned_groups(tmp_path_factory, audit_dist_worker.run_all, SCENARIOS, "audit")
 
 
 @pytest.mark.parametrize("world", [2, 4])

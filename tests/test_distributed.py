@@ -35,23 +35,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def groups(tmp_path_factory):
-    """world size -> (results dir, the error mp.spawn raised or None); spawned on first use."""
+def spawned_groups(tmp_path_factory, run_all, scenarios: dict, prefix: str):
+    """world size -> (results dir, the error mp.spawn raised or None); ``run_all`` spawned on
+    ``scenarios[world]`` on first use."""
     done = {}
 
     def run(world: int):
         if world not in done:
-            workdir = tmp_path_factory.mktemp(f"world{world}")
+            workdir = tmp_path_factory.mktemp(f"{prefix}{world}")
             error = None
             try:
-                mp.spawn(dist_worker.run_all, args=(world, _free_port(), str(workdir), SCENARIOS[world]),
-                         nprocs=world, join=True)
+                mp.spawn(run_all, args=(world, _free_port(), str(workdir), scenarios[world]), nprocs=world, join=True)
             except Exception as e:  # reported by the scenarios' tests
                 error = e
             done[world] = (workdir / "results", error)
         return done[world]
     return run
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    return spawned_groups(tmp_path_factory, dist_worker.run_all, SCENARIOS, "world")
 
 
 def _check(groups, world: int, scenario: str) -> None:
