@@ -361,14 +361,12 @@ RunResult run_jobs(const std::vector<std::string>& paths, const std::vector<Copy
   result.completed = weighted_parallel_for(weights, threads, work, on_wait);
   result.bytes_read = batch.bytes_done.load();
   if (options.drop_cache) {
-    // Per-chunk drops leave the pages that straddle chunk edges and whatever
-    // readahead brought in past a thread's last chunk: drop the whole span once.
+    // Per-chunk drops leave the pages that straddle chunk edges, the folio that
+    // holds both the header (read by the format reader) and the first tensor,
+    // and whatever readahead brought in past a thread's last chunk: drop every
+    // file read from, whole, once more (drop_settled: after the reads still in flight).
     for (std::size_t f = 0; f < paths.size(); ++f) {
-      const auto& span = batch.spans[f];
-      if (span.second <= span.first) continue;
-      const uint64_t lo = span.first / kPageBytes * kPageBytes;
-      const uint64_t hi = (span.second + kPageBytes - 1) / kPageBytes * kPageBytes;
-      batch.files[f].drop_cache(lo, static_cast<std::size_t>(hi - lo));
+      if (batch.spans[f].second > batch.spans[f].first) drop_settled(batch.files[f]);
     }
   }
   if (result.completed && progress) progress(result.bytes_read);

@@ -24,6 +24,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #endif
 
@@ -153,6 +154,8 @@ void File::advise_sequential() const noexcept {}
 PageCacheProbe::PageCacheProbe(const File&) {}
 PageCacheProbe::~PageCacheProbe() noexcept {}
 bool PageCacheProbe::cached(uint64_t, std::size_t) const { return false; }
+uint64_t PageCacheProbe::resident_pages() const { return 0; }
+void drop_settled(const File&) noexcept {}
 
 void populate_writable(void*, std::size_t) noexcept {}
 
@@ -287,6 +290,59 @@ bool PageCacheProbe::cached(uint64_t offset, std::size_t n) const {
   for (PageState p : pages)
     if (!(p & 1)) return false;
   return true;
+}
+
+uint64_t PageCacheProbe::resident_pages() const {
+  if (!addr_) return 0;
+#ifdef __APPLE__
+  using PageState = char;
+#else
+  using PageState = unsigned char;
+#endif
+  std::vector<PageState> pages((length_ + kPageBytes - 1) / kPageBytes);
+  if (::mincore(addr_, length_, pages.data()) != 0) return 0;
+  uint64_t n = 0;
+  for (PageState p : pages) n += p & 1;
+  return n;
+}
+
+namespace {
+
+// Pages of the file in the page cache, counting those still being read
+// (cachestat, Linux 6.5+), which mincore does not show; -1 where the kernel
+// has no cachestat.
+int64_t pages_in_cache(int fd) noexcept {
+#if defined(__linux__)
+  struct {
+    uint64_t off, len;
+  } range{0, 0};  // len 0: to the end of the file
+  struct {
+    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+  } stat{};
+  if (::syscall(451 /* cachestat, one number on every architecture */, fd, &range, &stat, 0) != 0) return -1;
+  return static_cast<int64_t>(stat.nr_cache);
+#else
+  (void)fd;
+  return -1;
+#endif
+}
+
+}  // namespace
+
+void drop_settled(const File& file) noexcept {
+  file.drop_cache(0, 0);  // length 0: to the end of the file
+  if (cache_drop_support() != CacheDrop::AfterRead) return;
+  try {
+    const PageCacheProbe probe(file);
+    for (int i = 0; i < 20; ++i) {
+      const int64_t present = pages_in_cache(file.fd_);
+      if ((present < 0 ? probe.resident_pages() : static_cast<uint64_t>(present)) == 0) break;
+      ::usleep(1000);
+      file.drop_cache(0, 0);
+    }
+  } catch (const std::exception&) {
+    // out of memory for the residency vector: the one drop above stands
+  }
 }
 
 void populate_writable(void* addr, std::size_t n) noexcept {

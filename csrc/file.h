@@ -76,6 +76,7 @@ class File {
 
  private:
   friend class PageCacheProbe;
+  friend void drop_settled(const File& file) noexcept;
   std::string path_;
 #ifdef _WIN32
   void* handle_ = nullptr;  // HANDLE; nullptr when moved from
@@ -99,11 +100,19 @@ class PageCacheProbe {
   // True when every page of [offset, offset + n) is in the page cache; false
   // when some page is not or the file could not be mapped.
   bool cached(uint64_t offset, std::size_t n) const;
+  // Pages of the file in the page cache and readable (mincore).
+  uint64_t resident_pages() const;
 
  private:
   void* addr_ = nullptr;
   std::size_t length_ = 0;
 };
+
+// Drops the whole file from the page cache, then again, 1 ms apart, while
+// pages of it remain (for at most ~20 ms): a DONTNEED skips the pages a
+// readahead still in flight holds locked, and they land afterwards. Pages
+// someone has mapped stay: they are theirs.
+void drop_settled(const File& file) noexcept;
 
 // Faults in the whole pages inside [addr, addr + n) as writable before a
 // read lands there (MADV_POPULATE_WRITE, Linux 5.14+; a no-op elsewhere).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 from .errors import InternalError
 
@@ -167,6 +168,24 @@ def drop_cache(fd: int, offset: int, nbytes: int) -> bool:
         return False
     fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
     return True
+
+
+def drop_settled(fd: int, path: str) -> None:
+    """Drop the whole file from the page cache, then again, 1 ms apart, while pages of it remain.
+
+    A ``DONTNEED`` skips the pages a readahead still in flight holds locked, and
+    they land afterwards; retries for at most ~20 ms (pages someone has mapped
+    stay).  The C++ engine's ``drop_settled`` (csrc/file.cc).
+    """
+    if not drop_cache(fd, 0, 0) or cache_drop_support() != "fadvise_dontneed":
+        return
+    from .pagecache import pages_in_cache
+
+    for _ in range(20):
+        if not pages_in_cache(fd, path):
+            return
+        time.sleep(0.001)
+        drop_cache(fd, 0, 0)
 
 
 def bypass_cache(fd: int) -> bool:

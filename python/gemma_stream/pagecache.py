@@ -18,9 +18,10 @@ import ctypes
 import errno
 import mmap
 import os
+import sys
 
-__all__ = ["KERNEL_PAGE_BYTES", "MADV_POPULATE_READ", "has_madvise", "madvise", "populate_read", "resident_bytes",
-           "resident_fraction"]
+__all__ = ["KERNEL_PAGE_BYTES", "MADV_POPULATE_READ", "has_madvise", "madvise", "pages_in_cache", "populate_read",
+           "resident_bytes", "resident_fraction"]
 
 #: the kernel's page, as this process sees it: madvise and mincore work in whole pages from an
 #: address aligned to it.  The engine's page and folio (``fileio.PAGE_BYTES`` / ``FOLIO_BYTES``, equal
@@ -119,6 +120,32 @@ def resident_bytes(path: str) -> int | None:
         return None
     resident, _ = _resident_pages(libc, path)
     return min(resident * KERNEL_PAGE_BYTES, os.path.getsize(path))
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+def pages_in_cache(fd: int, path: str) -> int | None:
+    """Pages of the file in the page cache, those still being read included; None without ``mincore``.
+
+    ``cachestat`` (Linux 6.5+) counts the pages a readahead in flight holds,
+    ``mincore`` (the fallback) does not.
+    """
+    libc = _load()
+    if libc is None:
+        return None
+    if sys.platform.startswith("linux"):
+        stat = _Cachestat()
+        if libc.syscall(451, ctypes.c_int(fd), ctypes.byref(_CachestatRange(0, 0)), ctypes.byref(stat),  # cachestat
+                        ctypes.c_uint(0)) == 0:
+            return stat.nr_cache
+    return _resident_pages(libc, path)[0]
 
 
 def resident_fraction(paths) -> float | None:

@@ -88,20 +88,16 @@ class _Run:
             fileio.close(fd)
 
     def drop_spans(self, jobs: list[CopyJob]) -> None:
-        """Drop each file's whole read span once more, page-aligned.
+        """Drop every file the jobs read from the page cache, whole, once more.
 
         Per-chunk drops keep the pages that straddle chunk edges (DONTNEED only
-        drops whole pages) and what readahead fetched past the last chunk.
+        drops whole pages and whole large folios), the folio that holds both the
+        header the format reader read and the first tensor, and what readahead
+        fetched past the last chunk: :func:`fileio.drop_settled` drops them all,
+        after the readahead still in flight, as the C++ engine does.
         """
-        spans: dict[int, tuple[int, int]] = {}
-        for job in jobs:
-            lo, hi = spans.get(job.file_index, (job.src_offset, _source_end(job)))
-            spans[job.file_index] = (min(lo, job.src_offset), max(hi, _source_end(job)))
-        for index, (lo, hi) in spans.items():
-            lo -= lo % fileio.PAGE_BYTES
-            hi += -hi % fileio.PAGE_BYTES
-            if hi > lo:
-                fileio.drop_cache(self.fds[index], lo, hi - lo)
+        for index in sorted({job.file_index for job in jobs}):
+            fileio.drop_settled(self.fds[index], self.files[index])
 
     def _done(self, fd: int, offset: int, nbytes: int) -> None:
         if self.drop_cache:

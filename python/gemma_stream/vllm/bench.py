@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="safetensors,bin")
     parser.add_argument("--loaders", default="default,direct,streaming",
                         help=f"comma-separated, of {', '.join(LOADERS)} (floor: vLLM's load_weights from memory)")
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; each loads with every loader once, in turn")
     parser.add_argument("--root", default="benchmarks/out/vllm", help="where the checkpoints are written (kept)")
     parser.add_argument("--json", default="benchmarks/out/vllm_bench.json")
     parser.add_argument("--reloads", type=int, default=0, metavar="N",
@@ -219,12 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         figures = _child(args.child[0], args.child[1], json.loads(args.child[2]), floor=args.floor)
         print("FIGURES " + json.dumps(figures), flush=True)
         return 0
-    rows = []
+    rows, ratio_rows = [], []
     for fmt in args.formats.split(","):
         model_dir = make_checkpoint(args.root, args.layers, fmt)
         size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
-        for loader in args.loaders.split(","):
-            runs = [_run_child(model_dir, loader) for _ in range(args.repeat)]
+        loaders = args.loaders.split(",")
+        # rounds outermost, each starting one loader further on: the loaders of one round share the machine's state
+        by_loader: dict[str, list[dict]] = {loader: [] for loader in loaders}
+        for r in range(args.repeat):
+            for loader in loaders[r % len(loaders):] + loaders[:r % len(loaders)]:
+                by_loader[loader].append(_run_child(model_dir, loader))
+        for loader in loaders:
+            runs = by_loader[loader]
             row = {"format": fmt, "loader": loader, "path": runs[0]["path"], "gb": size / 1e9, "runs": runs}
             for key in ("load_s", "cpu_s", "llm_s", "peak_mib", "read_wait_s", "load_weights_s", "load_weights_cpu_s"):
                 if all(key in r for r in runs):
@@ -235,9 +241,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{fmt:12s} {loader:10s} load {row['load_s']:6.2f} s (CPU {row['cpu_s']:5.2f} s)   "
                   f"LLM() {row['llm_s']:6.2f} s   "
                   f"peak +{row['peak_mib']:7.0f} MiB   ({row['gb']:.2f} GB, {len(runs)} run(s)){split}", flush=True)
+        for slower, faster in (("streaming", "direct"), ("default", "direct")):
+            if slower in by_loader and faster in by_loader:
+                ratios = sorted(a["load_s"] / b["load_s"] for a, b in zip(by_loader[slower], by_loader[faster]))
+                ratio_rows.append({"format": fmt, "ratio": f"{slower}/{faster}", "load_s": ratios})
+                print(f"{fmt:12s} {slower}/{faster} load time, within rounds: {statistics.median(ratios):.2f}x "
+                      f"({ratios[0]:.2f}-{ratios[-1]:.2f})", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"layers": args.layers, "rows": rows}, f, indent=1)
+        json.dump({"layers": args.layers, "rows": rows, "ratios": ratio_rows}, f, indent=1)
     return 0
 
 
