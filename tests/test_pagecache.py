@@ -64,3 +64,18 @@ def test_madvise_reports_errno_instead_of_raising(cold_file):
     assert pagecache.madvise(storage.data_ptr() + 1, pagecache.KERNEL_PAGE_BYTES, 4) == 0    # MADV_DONTNEED, rounded
     assert pagecache.madvise(storage.data_ptr(), pagecache.KERNEL_PAGE_BYTES, 12345) == errno.EINVAL
     assert pagecache.KERNEL_PAGE_BYTES > 0 and fileio.FOLIO_BYTES % pagecache.KERNEL_PAGE_BYTES == 0
+
+
+def test_pages_in_cache_and_drop_settled(cold_file):
+    """The settled drop's question (cachestat, or mincore) sees reads, and the drop leaves nothing."""
+    fd = os.open(cold_file, os.O_RDONLY)
+    try:
+        assert pagecache.pages_in_cache(fd, str(cold_file)) * pagecache.KERNEL_PAGE_BYTES <= MiB
+        os.pread(fd, 3 * MiB, MiB)
+        assert pagecache.pages_in_cache(fd, str(cold_file)) * pagecache.KERNEL_PAGE_BYTES >= 3 * MiB
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)     # a readahead of the whole file, in flight
+        fileio.drop_settled(fd, str(cold_file))
+        assert pagecache.pages_in_cache(fd, str(cold_file)) == 0
+        assert pagecache.resident_bytes(cold_file) == 0
+    finally:
+        os.close(fd)
