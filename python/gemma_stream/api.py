@@ -187,7 +187,8 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     checkpoint.  ``state_dict_key`` picks the state dict inside a torch zip
     (found automatically by default; ``key=`` is its deprecated name).
     ``cache="drop"`` evicts the file from the page cache as it is
-    read, ``"keep"`` leaves it cached, and ``"auto"`` (the default) keeps it
+    read (and the whole file again at the end, once the kernel's readahead
+    has landed), ``"keep"`` leaves it cached, and ``"auto"`` (the default) keeps it
     unless the file and the model cannot both stay in memory.
     ``mode="mmap"`` replaces, instead of filling, every CPU tensor stored in
     its own dtype by a copy-on-write view of the file (like
