@@ -7,6 +7,12 @@ in a fresh process after evicting both files: ``gs.load_state_dict`` and a 2-thr
 whole file (16 MiB pieces dealt to the threads in turn, one shared descriptor) into fresh memory::
 
     ROUNDS=8 python benchmarks/pad_header_probe.py few_large      # files kept under /work/exp/pad
+
+The control (NOTES.md 30): ``plain2``, a byte-identical copy of the unpadded file written later, and
+``bound_fd``, the 2-thread pread with contiguous halves and a descriptor per thread (page-aligned
+pieces on every file).  On this VM the same reader on two identical files differed by up to 2x cold::
+
+    ROUNDS=6 python benchmarks/pad_header_probe.py few_large --control
 """
 import json, os, struct, subprocess, sys, time, statistics
 ROOT = os.environ.get("PAD_ROOT", "/work/exp/pad")
@@ -29,12 +35,32 @@ def write(path, specs, pad):
             f.write(torch.randn(*shape, generator=g).bfloat16().view(torch.int16).numpy().tobytes())
         f.flush(); os.fsync(f.fileno())
 def child(kind, path):
-    sys.path.insert(0, os.path.join(HERE, "..", "python"))
     import ctypes, threading
-    import gemma_stream as gs
+    try:
+        import gemma_stream as gs   # the installed package (a checkout's python/ has no engine unless built)
+    except ImportError:
+        sys.path.insert(0, os.path.join(HERE, "..", "python"))
+        import gemma_stream as gs
     t = time.perf_counter()
     if kind == "gs":
         gs.load_state_dict(path)
+    elif kind == "bound_fd":   # contiguous halves, a descriptor per thread, 16 MiB pieces
+        size = os.path.getsize(path)
+        half = (size // 2) & ~4095
+        libc = ctypes.CDLL(None)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        base = libc.mmap(None, size, 3, 0x22, -1, 0)
+        libc.madvise(ctypes.c_void_p(base), ctypes.c_size_t(size), 15)  # NOHUGEPAGE
+        def halves(k):
+            fd = os.open(path, os.O_RDONLY)
+            lo, hi = (0, half) if k == 0 else (half, size)
+            for off in range(lo, hi, 16 << 20):
+                n = min(16 << 20, hi - off)
+                os.preadv(fd, [(ctypes.c_char * n).from_address(base + off)], off)
+            os.close(fd)
+        ts = [threading.Thread(target=halves, args=(k,)) for k in range(2)]
+        [x.start() for x in ts]; [x.join() for x in ts]
     else:
         size = os.path.getsize(path)
         libc = ctypes.CDLL(None)
@@ -54,20 +80,29 @@ def child(kind, path):
     print(time.perf_counter() - t)
 if sys.argv[1] == "child":
     child(sys.argv[2], sys.argv[3]); sys.exit()
-sys.path.insert(0, os.path.join(HERE, "..", "python"))
-from gemma_stream.benchmark.mixes import mix_specs
+try:
+    from gemma_stream.benchmark.mixes import mix_specs
+except ImportError:
+    sys.path.insert(0, os.path.join(HERE, "..", "python"))
+    from gemma_stream.benchmark.mixes import mix_specs
 os.makedirs(ROOT, exist_ok=True)
 mix = sys.argv[1] if len(sys.argv) > 1 else "few_large"
+control = "--control" in sys.argv
 files = {}
 for pad in (False, True):
     p = f"{ROOT}/{mix}-{'pad' if pad else 'plain'}.safetensors"
     if not os.path.exists(p):
         write(p, mix_specs(mix, 2 << 30), pad)
     files["pad" if pad else "plain"] = p
+if control:
+    files["plain2"] = f"{ROOT}/{mix}-plain2.safetensors"
+    if not os.path.exists(files["plain2"]):
+        subprocess.run(["cp", "--reflink=never", files["plain"], files["plain2"]], check=True)
+        os.sync()
 res = {}
-entries = [(k, f) for k in ("bound", "gs") for f in ("plain", "pad")]
+entries = [(k, f) for k in ("bound", "gs") + (("bound_fd",) if control else ()) for f in files]
 for r in range(int(os.environ.get("ROUNDS", "5"))):
-    order = entries[r % 4:] + entries[:r % 4]
+    order = entries[r % len(entries):] + entries[:r % len(entries)]
     for kind, f in order:
         for p in files.values():
             fd = os.open(p, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
