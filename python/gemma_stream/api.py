@@ -297,7 +297,8 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
             continue
         tensor = torch.empty(record.shape, dtype=out_dtype, device=device)
         views[view_key] = targets[name] = tensor
-    plan = make_plan(ckpt, targets, rename={r.name: names.get(r.name) for r in ckpt.records}, strict=True)
+    plan = make_plan(ckpt, targets, strict=True,
+                     rename=None if rename is None else {r.name: names.get(r.name) for r in ckpt.records})
     mapped, prefetch = _map_zero_copy(plan, targets, torch.device(device), threads) if mode == "mmap" else \
         ({}, None)
     done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
@@ -312,6 +313,8 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 def normalize_names(ckpt: Checkpoint, rename: Rename) -> dict[str, str | None]:
     """Checkpoint name -> output name (or None to skip) for ``load_state_dict``: the planner's own
     rename normalization, limited to plain names (a new dict has no rows to route into)."""
+    if rename is None:   # every name as it is: no per-tensor routing (thousands of tensors in MoE checkpoints)
+        return {r.name: r.name for r in ckpt.records}
     routes_of = normalize_rename(rename)
     out: dict[str, str | None] = {}
     for r in ckpt.records:
