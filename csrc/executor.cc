@@ -53,7 +53,7 @@ struct Batch {
   const std::vector<CopyJob>& jobs;
   const Options& options;
   std::vector<File> files;
-  std::vector<std::pair<uint64_t, uint64_t>> spans;  // per file: [first, end) byte read, for the final drop
+  std::vector<bool> read_from;  // per file: whether a job reads it, for the final drop
   std::vector<std::unique_ptr<PageCacheProbe>> probes;  // per file: which pages are in the page cache
   std::vector<StridedLayout> strided;  // per job; empty shape when contiguous
   std::vector<Item> items;
@@ -105,8 +105,7 @@ void validate(const CopyJob& job, Batch& batch) {
                         std::to_string(end) + ") lie beyond the end of the file (" + std::to_string(file.size()) +
                         " bytes)",
                     file.path(), job.name);
-  auto& span = batch.spans[static_cast<std::size_t>(job.file)];
-  span = {std::min(span.first, job.src_offset), std::max(span.second, end)};
+  if (end > job.src_offset) batch.read_from[static_cast<std::size_t>(job.file)] = true;
   if (job.op == Op::Copy) {
     if (!can_convert(job.src_dtype, job.dst_dtype))
       throw JobError(where + ": cannot convert " + dtype_name(job.src_dtype) + " to " + dtype_name(job.dst_dtype));
@@ -334,7 +333,7 @@ RunResult run_jobs(const std::vector<std::string>& paths, const std::vector<Copy
     batch.files.emplace_back(p);
     if (!options.identities.empty()) batch.files.back().check_identity(options.identities[batch.files.size() - 1]);
   }
-  batch.spans.assign(paths.size(), {UINT64_MAX, 0});
+  batch.read_from.assign(paths.size(), false);
   for (const auto& job : jobs) validate(job, batch);
   for (const File& f : batch.files) batch.probes.emplace_back(new PageCacheProbe(f));
   batch.strided.resize(jobs.size());
@@ -366,7 +365,7 @@ RunResult run_jobs(const std::vector<std::string>& paths, const std::vector<Copy
     // and whatever readahead brought in past a thread's last chunk: drop every
     // file read from, whole, once more (drop_settled: after the reads still in flight).
     for (std::size_t f = 0; f < paths.size(); ++f) {
-      if (batch.spans[f].second > batch.spans[f].first) drop_settled(batch.files[f]);
+      if (batch.read_from[f]) drop_settled(batch.files[f], *batch.probes[f]);
     }
   }
   if (result.completed && progress) progress(result.bytes_read);

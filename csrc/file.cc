@@ -155,7 +155,7 @@ PageCacheProbe::PageCacheProbe(const File&) {}
 PageCacheProbe::~PageCacheProbe() noexcept {}
 bool PageCacheProbe::cached(uint64_t, std::size_t) const { return false; }
 uint64_t PageCacheProbe::resident_pages() const { return 0; }
-void drop_settled(const File&) noexcept {}
+void drop_settled(const File&, const PageCacheProbe&) noexcept {}
 
 void populate_writable(void*, std::size_t) noexcept {}
 
@@ -275,32 +275,36 @@ PageCacheProbe::~PageCacheProbe() noexcept {
   if (addr_) ::munmap(addr_, length_);
 }
 
+namespace {
+
+#ifdef __APPLE__
+using PageState = char;  // Apple's mincore takes char *, Linux's unsigned char *
+#else
+using PageState = unsigned char;
+#endif
+
+// mincore of the mapping's bytes [first, end), `first` page-aligned: one entry
+// per page, bit 0 set when the page is in the page cache; false when it fails.
+bool residency(void* addr, uint64_t first, uint64_t end, std::vector<PageState>* pages) {
+  pages->assign((end - first + kPageBytes - 1) / kPageBytes, 0);
+  return pages->empty() || ::mincore(static_cast<char*>(addr) + first, end - first, pages->data()) == 0;
+}
+
+}  // namespace
+
 bool PageCacheProbe::cached(uint64_t offset, std::size_t n) const {
   if (!addr_ || offset >= length_) return false;
-  const uint64_t first = offset / kPageBytes * kPageBytes;
-  const uint64_t end = std::min<uint64_t>(offset + n, length_);
-#ifdef __APPLE__
-  using PageState = char;  // Apple's mincore takes char *, Linux's unsigned char *
-#else
-  using PageState = unsigned char;
-#endif
-  std::vector<PageState> pages((end - first + kPageBytes - 1) / kPageBytes);
-  if (pages.empty()) return true;
-  if (::mincore(static_cast<char*>(addr_) + first, end - first, pages.data()) != 0) return false;
+  std::vector<PageState> pages;
+  if (!residency(addr_, offset / kPageBytes * kPageBytes, std::min<uint64_t>(offset + n, length_), &pages))
+    return false;
   for (PageState p : pages)
     if (!(p & 1)) return false;
   return true;
 }
 
 uint64_t PageCacheProbe::resident_pages() const {
-  if (!addr_) return 0;
-#ifdef __APPLE__
-  using PageState = char;
-#else
-  using PageState = unsigned char;
-#endif
-  std::vector<PageState> pages((length_ + kPageBytes - 1) / kPageBytes);
-  if (::mincore(addr_, length_, pages.data()) != 0) return 0;
+  std::vector<PageState> pages;
+  if (!addr_ || !residency(addr_, 0, length_, &pages)) return 0;
   uint64_t n = 0;
   for (PageState p : pages) n += p & 1;
   return n;
@@ -329,11 +333,10 @@ int64_t pages_in_cache(int fd) noexcept {
 
 }  // namespace
 
-void drop_settled(const File& file) noexcept {
+void drop_settled(const File& file, const PageCacheProbe& probe) noexcept {
   file.drop_cache(0, 0);  // length 0: to the end of the file
   if (cache_drop_support() != CacheDrop::AfterRead) return;
   try {
-    const PageCacheProbe probe(file);
     for (int i = 0; i < 20; ++i) {
       const int64_t present = pages_in_cache(file.fd_);
       if ((present < 0 ? probe.resident_pages() : static_cast<uint64_t>(present)) == 0) break;

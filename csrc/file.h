@@ -45,6 +45,8 @@ struct FileIdentity {
   int64_t mtime_ns = 0;
 };
 
+class PageCacheProbe;
+
 class File {
  public:
   explicit File(const std::string& path);
@@ -76,7 +78,7 @@ class File {
 
  private:
   friend class PageCacheProbe;
-  friend void drop_settled(const File& file) noexcept;
+  friend void drop_settled(const File& file, const PageCacheProbe& probe) noexcept;
   std::string path_;
 #ifdef _WIN32
   void* handle_ = nullptr;  // HANDLE; nullptr when moved from
@@ -111,8 +113,9 @@ class PageCacheProbe {
 // Drops the whole file from the page cache, then again, 1 ms apart, while
 // pages of it remain (for at most ~20 ms): a DONTNEED skips the pages a
 // readahead still in flight holds locked, and they land afterwards. Pages
-// someone has mapped stay: they are theirs.
-void drop_settled(const File& file) noexcept;
+// someone has mapped stay: they are theirs. `probe` (of this file) counts them
+// where the kernel has no cachestat.
+void drop_settled(const File& file, const PageCacheProbe& probe) noexcept;
 
 // Faults in the whole pages inside [addr, addr + n) as writable before a
 // read lands there (MADV_POPULATE_WRITE, Linux 5.14+; a no-op elsewhere).
