@@ -7,6 +7,7 @@ own readers. The checkpoints and the runners are shared with test_verify.py thro
 from __future__ import annotations
 
 import json
+import re
 import os
 import fcntl
 import pty
@@ -266,7 +267,9 @@ def test_demo_tiny(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     assert "torch.load + load_state_dict" in proc.stdout
     verdict = next(line for line in proc.stdout.splitlines() if line.startswith("gemma_stream: "))
-    assert " than torch.load + load_state_dict (median of 3 loads each)" in verdict
+    # on a 5.6 MiB model the two loaders can land within 5% of each other: "as fast as" is a verdict too
+    assert re.search(r"^gemma_stream: (\d+\.\dx (faster|slower) than|as fast as) torch\.load \+ load_state_dict"
+                     r"( \(within 5%\))? \(median of 3 loads each\)", verdict), verdict
     assert "memory not compared" in verdict and "0.00" not in proc.stdout
     assert list(tmp_path.iterdir()) == []  # the checkpoint is removed
 
