@@ -4,7 +4,7 @@
 
 Prints "RESULTS " and a JSON list, one entry per run: {"tokens": greedy token ids per prompt, "weights": sha256 of every parameter
 after the loader ran and before vLLM's post-load processing, "path": the gemma_stream
-path taken (or null)}.  The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+path taken (or null), "split": the streaming path's timings and copy counts}.  The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
 so the hooks below see the model; with tensor parallelism the model lives in vLLM's
 worker processes and only the tokens come back.
 """
@@ -21,7 +21,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.model_executor.model_loader import base_loader  # noqa: E402
 
 PROMPTS = [[2, 17, 33, 5, 91], [2, 200, 7], [2, 64, 64, 64, 11, 12, 13]]
-seen: dict = {"weights": None, "path": None, "reason": None, "torch_load_calls": 0}
+seen: dict = {"weights": None, "path": None, "reason": None, "split": None, "torch_load_calls": 0}
 post_load = base_loader.process_weights_after_loading
 torch_load = torch.load
 
@@ -47,7 +47,7 @@ base_loader.process_weights_after_loading = hash_then_process
 
 
 def run(model_dir: str, load_format: str, extra: dict, dtype: str, tensor_parallel: int = 1) -> dict:
-    seen.update(weights=None, path=None, reason=None, torch_load_calls=0)
+    seen.update(weights=None, path=None, reason=None, split=None, torch_load_calls=0)
     llm = LLM(model=model_dir, load_format=load_format, model_loader_extra_config=extra, dtype=dtype,
               enforce_eager=True, max_model_len=64, max_num_seqs=4, seed=0, gpu_memory_utilization=0.5,
               tensor_parallel_size=tensor_parallel)
@@ -65,7 +65,7 @@ def main() -> None:
 
     def recording(self, model, model_config):
         load(self, model, model_config)
-        seen["path"], seen["reason"] = self.last_path, self.last_reason
+        seen["path"], seen["reason"], seen["split"] = self.last_path, self.last_reason, self.last_split
 
     GemmaStreamLoader.load_weights = recording
     runs = json.loads(sys.argv[1])     # [[model_dir, load_format, extra, dtype], ...]

@@ -8,7 +8,11 @@ Two paths, chosen per model:
   With tensor parallelism each worker reads only its own slices.
 * **streaming**: ``model.load_weights(stream)`` with the tensors read ahead by
   :func:`gemma_stream.iter_tensors` as views of the mapped file (every other
-  architecture, quantized checkpoints vLLM processes itself).
+  architecture, quantized checkpoints vLLM processes itself).  The copies
+  vLLM's weight loaders make from those tensors into its parameters (whole
+  tensors, or rows and columns of them, into parameters or their rows) are
+  recorded and done by the engine from the file at the end
+  (:mod:`gemma_stream.capture`); everything else vLLM does runs as it would.
 
 ``.bin`` / ``.pt`` checkpoints are read by gemma_stream's pickle-free torch
 zip reader on both paths; nothing is unpickled and ``torch.load`` never runs.
@@ -28,6 +32,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from ..api import _execute
+from ..capture import CopyCapture
 from ..errors import GemmaStreamError
 from ..formats import open_checkpoint
 from ..plan import CACHE_POLICIES
@@ -45,6 +50,8 @@ OPTIONS = {
     "threads": "engine threads (default: one per usable core, at most 8)",
     "backend": "'auto', 'native' or 'python'",
     "window_mb": f"streaming path: MiB of tensors read ahead (default {DEFAULT_WINDOW_BYTES >> 20})",
+    "copies": "streaming path: 'engine' (vLLM's copies of the streamed tensors are recorded and done by "
+              "gemma_stream's engine straight from the file, the default) or 'vllm' (vLLM copies each tensor)",
 }
 _PATHS = ("auto", "direct", "streaming")
 #: the files vLLM's own loader fetches from the hub for a model's weights
@@ -58,6 +65,7 @@ class LoaderOptions:
     threads: int | None = None
     backend: str = "auto"
     window_mb: int = DEFAULT_WINDOW_BYTES >> 20
+    copies: str = "engine"
 
     @classmethod
     def parse(cls, extra: object) -> "LoaderOptions":
@@ -73,7 +81,8 @@ class LoaderOptions:
             raise GemmaStreamError(f"gemma_stream: unknown model_loader_extra_config key(s) "
                                    f"{', '.join(map(repr, unknown))}; valid keys are {valid}")
         options = cls(**extra)
-        choices = {"path": _PATHS, "cache": CACHE_POLICIES, "backend": ("auto", "native", "python")}
+        choices = {"path": _PATHS, "cache": CACHE_POLICIES, "backend": ("auto", "native", "python"),
+                   "copies": ("engine", "vllm")}
         for key, allowed in choices.items():
             if getattr(options, key) not in allowed:
                 raise GemmaStreamError(f"gemma_stream: {key}={getattr(options, key)!r}; expected one of "
@@ -131,6 +140,10 @@ class GemmaStreamLoader(BaseModelLoader):
         logger.info("gemma_stream: streaming path, %d file(s) in %.2f s", len(ckpt.files),
                     time.perf_counter() - start)
 
+    def _run_captured(self, plan) -> None:
+        _execute(plan, threads=self.options.threads, backend=self.options.backend, progress=None,
+                 cache=self.options.cache, desc="gemma_stream load")
+
     def _load_direct(self, model: nn.Module, ckpt) -> tuple[int, int, int]:
         """Bytes read, tensor parallel rank and size."""
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
@@ -146,19 +159,35 @@ class GemmaStreamLoader(BaseModelLoader):
 
     def _load_streaming(self, model: nn.Module, model_config: ModelConfig, ckpt) -> None:
         # vLLM's weight loaders copy every tensor into its parameter: hand them views of the mapped file
-        # (no copy of ours) unless the pages are to be dropped, which copies through the engine
+        # (no copy of ours) unless the pages are to be dropped, which copies through the engine.  With
+        # copies="engine" those copies are recorded and the engine reads the file straight into their
+        # destinations (gemma_stream.capture), so the views are not faulted in ahead
         mode = "copy" if self.options.cache == "drop" else "mmap"
+        capture = None
+        if mode == "mmap" and self.options.copies == "engine":
+            capture = CopyCapture(ckpt, self._run_captured)
         stream = stream_checkpoint(ckpt, window_bytes=self.options.window_mb << 20, threads=self.options.threads,
-                                   backend=self.options.backend, cache=self.options.cache, mode=mode)
+                                   backend=self.options.backend, cache=self.options.cache, mode=mode,
+                                   prefault=capture is None)
         start, cpu = time.perf_counter(), time.process_time()
-        loaded = model.load_weights(stream)
+        if capture is None:
+            loaded = model.load_weights(stream)
+        else:
+            with capture:
+                loaded = model.load_weights(capture.watch(stream))
+            capture.flush()
         # the split of the streaming time: waiting for gemma_stream's reads, and vLLM's load_weights
         # (and the CPU time of the whole process meanwhile: vLLM's copies, its page faults, our reads)
         self.last_split = {"read_wait_s": stream.waited_seconds,
                            "load_weights_s": time.perf_counter() - start - stream.waited_seconds,
                            "load_weights_cpu_s": time.process_time() - cpu}
-        logger.info("gemma_stream: streaming split: %.2f s waiting for reads, %.2f s in vLLM's load_weights",
-                    self.last_split["read_wait_s"], self.last_split["load_weights_s"])
+        if capture is not None:
+            self.last_split.update({f"copies_{k}": v for k, v in capture.stats.items()})
+        logger.info("gemma_stream: streaming split: %.2f s waiting for reads, %.2f s in vLLM's load_weights%s",
+                    self.last_split["read_wait_s"], self.last_split["load_weights_s"],
+                    "" if capture is None else f" ({capture.stats['captured']} of its copies, "
+                    f"{capture.stats['captured_bytes'] / 1e9:.2f} GB, done by the engine in "
+                    f"{capture.stats['flushes']} plan(s); {capture.stats['ran']} left to torch)")
         if model_config.quantization is None and loaded is not None:
             # the check vLLM's default loader makes for unquantized models
             absent = sorted({name for name, _ in model.named_parameters()} - set(loaded))
