@@ -162,3 +162,24 @@ def test_iter_tensors_still_yields_the_values_without_prefault(tmp_path, backend
     got = dict(stream_checkpoint(ckpt, mode="mmap", backend=backend, prefault=False, window_bytes=64))
     for name, tensor in gs.load_state_dict(path).items():
         assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize("captured", [True, False])
+def test_the_stream_faults_windows_in_only_while_torch_does_the_copies(tmp_path, monkeypatch, captured):
+    from gemma_stream import stream as stream_module
+
+    faulted = []
+    monkeypatch.setattr(stream_module.pagecache, "populate_read", lambda address, n: faulted.append(n))
+    ckpt = open_checkpoint(checkpoint(tmp_path))
+    capture = CopyCapture(ckpt, lambda plan: _execute(plan, threads=1, backend="python", progress=None,
+                                                      cache="keep", desc="test"))
+    stream = stream_checkpoint(ckpt, mode="mmap", prefault=capture.reads_ahead, window_bytes=64)
+    p = params()
+    with capture:
+        for name, w in capture.watch(stream):
+            if name in p:
+                p[name].copy_(w if captured else w.clone())
+    capture.flush()
+    assert (capture.stats["captured"] == 4) == captured
+    # windows are read ahead one at a time: once torch has copied the first tensors, later windows are faulted
+    assert (faulted == []) == captured

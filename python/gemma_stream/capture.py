@@ -25,8 +25,9 @@ as torch's).  At the end the recorded copies are one plan: the engine reads
 the file straight into the destinations on its threads, prefaulting them,
 exactly as the direct path does, for architectures nobody taught it.
 
-The stream's tensors are then never read by the caller (their pages need not
-be faulted in: ``stream_checkpoint(..., prefault=False)``).
+The stream's tensors are then never read by the caller, so their pages need
+not be faulted in ahead: ``stream_checkpoint(..., prefault=capture.reads_ahead)``
+does so only while torch has done more of the copying than the engine.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class CopyCapture(TorchDispatchMode):
             if name in self._records and tensor.is_contiguous() and tensor.device.type == "cpu":
                 self._sources[tensor.untyped_storage().data_ptr()] = (weakref.ref(tensor), name)
             yield name, tensor
+
+    def reads_ahead(self) -> bool:
+        """Whether the stream should fault its next window in: torch, not the engine, has done most
+        of the copying so far (the caller reads the tensors itself)."""
+        return self.stats["ran_bytes"] > self.stats["captured_bytes"]
 
     def _source(self, src: torch.Tensor) -> tuple[str, Route] | None:
         address = src.untyped_storage().data_ptr()

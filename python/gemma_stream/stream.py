@@ -31,7 +31,7 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ class _Reader(threading.Thread):
     """Plans and reads one window after the other into ``ready`` (None ends the stream)."""
 
     def __init__(self, ckpt: Checkpoint, windows: list[list[_Item]], budget: WindowBudget, *, backend: str,
-                 threads: int, drop_cache: bool, prefault: bool = True):
+                 threads: int, drop_cache: bool, prefault: bool | Callable[[], bool] = True):
         super().__init__(name="gemma_stream_iter", daemon=True)
         self.prefault = prefault
         self.ckpt, self.windows, self.budget = ckpt, windows, budget
@@ -181,7 +181,7 @@ class _Reader(threading.Thread):
         # fault the pages in here, on the reader's thread (reading them from disk if they are not
         # cached), while the caller consumes the previous window: its copies then find them mapped
         # (a hint: errors, such as a kernel older than 5.14, leave the faults to the caller)
-        if self.prefault:
+        if self.prefault() if callable(self.prefault) else self.prefault:
             pagecache.populate_read(array.ctypes.data, array.nbytes)
         tensors = [(item.name, _own_bytes(array, item.record.byte_offset - base, item)) for item in window]
         del array      # from here the window's tensors alone keep the mapping alive
@@ -259,10 +259,12 @@ def iter_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None, k
 
 def stream_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, keys=None, rename: Rename = None,
                       window_bytes: int = DEFAULT_WINDOW_BYTES, threads: int | None = None, backend: str = "auto",
-                      cache: str = "auto", mode: str = "copy", prefault: bool = True) -> "TensorStream":
+                      cache: str = "auto", mode: str = "copy",
+                      prefault: bool | Callable[[], bool] = True) -> "TensorStream":
     """``iter_tensors`` of a checkpoint already opened (and validated) by ``open_checkpoint``.
     ``prefault=False`` (``mode="mmap"``): the reader maps windows without faulting their pages in, for
-    a caller that mostly hands the tensors on unread (:mod:`gemma_stream.capture`)."""
+    a caller that mostly hands the tensors on unread (:mod:`gemma_stream.capture`); a callable is
+    asked before each window."""
     from .api import _check_mode
 
     if dtype is not None and dtype not in FLOAT_DTYPES:

@@ -53,6 +53,8 @@ def runs(tmp_path_factory):
         "dummy": ("gemma", "dummy", {}, "float32"),
         "auto": ("gemma", "gemma_stream", {}, "float32"),
         "streaming": ("gemma", "gemma_stream", STREAM, "float32"),
+        "streaming_vllm_copies": ("gemma", "gemma_stream", STREAM | {"copies": "vllm"}, "float32"),
+        "bf16_streaming": ("gemma", "gemma_stream", STREAM, "bfloat16"),
         "sharded_direct": ("gemma_sharded", "gemma_stream", {"path": "direct"}, "float32"),
         "bin_default": ("gemma_bin", "auto", {}, "float32"),
         "bin_direct": ("gemma_bin", "gemma_stream", {"path": "direct", "backend": "python"}, "float32"),
@@ -65,10 +67,12 @@ def runs(tmp_path_factory):
         "gemma3_direct": ("gemma3", "gemma_stream", {}, "bfloat16"),
         "llama_default": ("llama", "auto", {}, "float32"),
         "llama_direct": ("llama", "gemma_stream", {}, "float32"),
+        "llama_streaming": ("llama", "gemma_stream", STREAM, "float32"),
         "mistral_default": ("mistral", "auto", {}, "float32"),
         "mistral_direct": ("mistral", "gemma_stream", {}, "float32"),
         "qwen2_default": ("qwen2", "auto", {}, "float32"),
         "qwen2_direct": ("qwen2", "gemma_stream", {}, "float32"),
+        "qwen2_streaming": ("qwen2", "gemma_stream", STREAM, "float32"),
         "tp_reference": ("gemma_tp", "auto", {}, "float32"),
     }
     argv = [[models[m], fmt, extra, dtype] for m, fmt, extra, dtype in specs.values()]
@@ -104,8 +108,32 @@ def test_auto_takes_the_direct_path_for_gemma(runs):
     _same(runs, "auto", "default", "direct")
 
 
+def _engine_copied_everything(run, model_dir):
+    """Every tensor of the checkpoint reached the parameters through a recorded copy done by the engine."""
+    split = run["split"]
+    tensors = len(gs.inspect(model_dir))
+    assert split["copies_captured"] >= tensors and split["copies_ran"] == 0, split
+    assert split["copies_flushes"] >= 1
+
+
 def test_streaming_path(runs):
     _same(runs, "streaming", "default", "streaming")
+    _engine_copied_everything(runs["streaming"], runs["models"]["gemma"])
+
+
+def test_streaming_with_vllms_own_copies(runs):
+    _same(runs, "streaming_vllm_copies", "default", "streaming")
+    assert "copies_captured" not in runs["streaming_vllm_copies"]["split"]
+
+
+@pytest.mark.parametrize("name, reference, model", [("bf16_streaming", "bf16_default", "gemma"),
+                                                    ("llama_streaming", "llama_default", "llama"),
+                                                    ("qwen2_streaming", "qwen2_default", "qwen2")])
+def test_streaming_converts_pads_and_reads_bin(runs, name, reference, model):
+    """f32 checkpoint into a bf16 model (the engine converts, bit for bit as torch's copy); Llama's padded
+    vocabulary (vLLM zeroes the padding rows beside a pending copy); Qwen2's q/k/v biases from a .bin."""
+    _same(runs, name, reference, "streaming")
+    _engine_copied_everything(runs[name], runs["models"][model])
 
 
 def test_sharded_safetensors(runs):
@@ -132,7 +160,7 @@ def test_other_architectures_direct(runs, arch):
 def test_tensor_parallel_2_each_worker_reads_its_slices(runs):
     """TP=2 on vLLM's CPU backend (one core per worker): the plugin loads in each spawned worker through
     the entry point; the direct path reads each worker's slices only (LoadReport's bytes in its log
-    line), the streaming path reads everything; the greedy tokens of both equal the TP=1 default
+    line), the streaming path's recorded copies are each worker's rows and columns; the greedy tokens of both equal the TP=1 default
     loader's (float32; the engine is deterministic, so equal once is equal always on this machine)."""
     cores = sorted(os.sched_getaffinity(0))[:2]
     if len(cores) < 2:
@@ -144,6 +172,9 @@ def test_tensor_parallel_2_each_worker_reads_its_slices(runs):
     assert direct["tokens"] == runs["tp_reference"]["tokens"]
     assert streaming["tokens"] == runs["tp_reference"]["tokens"]
     assert stdout.count("gemma_stream: streaming split") == 2
+    # each rank's copies of its rows and columns of the streamed tensors were the engine's
+    captured = re.findall(r"\((\d+) of its copies, .*?; (\d+) left to torch\)", stdout)
+    assert len(captured) == 2 and all(int(n) > 0 and int(left) == 0 for n, left in captured), stdout[-3000:]
     read = sorted((int(rank), int(nbytes)) for nbytes, rank in
                   re.findall(r"gemma_stream: direct path, (\d+) bytes .* tensor parallel rank (\d) of 2", stdout))
     assert [rank for rank, _ in read] == [0, 1], stdout[-3000:]
@@ -178,7 +209,8 @@ def test_unknown_option_lists_the_valid_ones():
 
 @pytest.mark.parametrize("extra, match", [({"path": "fast"}, "path='fast'"), ({"threads": 0}, "threads=0"),
                                           ({"cache": "never"}, "cache='never'"),
-                                          ({"window_mb": True}, "window_mb=True")])
+                                          ({"window_mb": True}, "window_mb=True"),
+                                          ({"copies": "torch"}, "copies='torch'")])
 def test_bad_option_values(extra, match):
     with pytest.raises(gs.GemmaStreamError, match=match):
         GemmaStreamLoader(LoadConfig(load_format="gemma_stream", model_loader_extra_config=extra))

@@ -164,11 +164,12 @@ class GemmaStreamLoader(BaseModelLoader):
         # destinations (gemma_stream.capture), so the views are not faulted in ahead
         mode = "copy" if self.options.cache == "drop" else "mmap"
         capture = None
-        if mode == "mmap" and self.options.copies == "engine":
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())   # the engine writes CPU memory
+        if mode == "mmap" and self.options.copies == "engine" and on_cpu:
             capture = CopyCapture(ckpt, self._run_captured)
         stream = stream_checkpoint(ckpt, window_bytes=self.options.window_mb << 20, threads=self.options.threads,
                                    backend=self.options.backend, cache=self.options.cache, mode=mode,
-                                   prefault=capture is None)
+                                   prefault=True if capture is None else capture.reads_ahead)
         start, cpu = time.perf_counter(), time.process_time()
         if capture is None:
             loaded = model.load_weights(stream)
