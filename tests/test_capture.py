@@ -183,3 +183,24 @@ def test_the_stream_faults_windows_in_only_while_torch_does_the_copies(tmp_path,
     assert (capture.stats["captured"] == 4) == captured
     # windows are read ahead one at a time: once torch has copied the first tensors, later windows are faulted
     assert (faulted == []) == captured
+
+
+def test_a_caller_reading_back_every_copy_stops_the_capture(tmp_path, backend):
+    torch.manual_seed(1)
+    path = tmp_path / "many.safetensors"
+    save_file({f"t{i:02d}": torch.randn(4, 4) for i in range(40)}, str(path))
+    ckpt = open_checkpoint(str(path))
+    capture = CopyCapture(ckpt, lambda plan: _execute(plan, threads=1, backend=backend, progress=None,
+                                                      cache="keep", desc="test"))
+    got, sums = {}, []
+    with capture:
+        for name, w in capture.watch(stream_checkpoint(ckpt, mode="mmap", backend=backend)):
+            got[name] = torch.empty(4, 4)
+            got[name].copy_(w)
+            sums.append(got[name].sum().item())       # a read of the pending copy: a flush each time
+    capture.flush()
+    reference = gs.load_state_dict(str(path))
+    assert all(torch.equal(got[n], reference[n]) for n in reference)
+    assert sums == [reference[n].sum().item() for n in sorted(reference)]
+    assert not capture.capturing and capture.stats["flushes"] == 16 and capture.stats["captured"] == 16
+    assert capture.stats["ran"] == 24

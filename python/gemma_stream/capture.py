@@ -47,6 +47,8 @@ from .routes import PartialRoutes, Route
 __all__ = ["CopyCapture"]
 
 _COPY = torch.ops.aten.copy_.default
+#: flushes before the capture judges whether it pays (at least 4 copies per plan on average)
+_FEW_FLUSHES = 16
 
 
 def _extent(t: torch.Tensor) -> tuple[int, int, int] | None:
@@ -111,6 +113,8 @@ class CopyCapture(TorchDispatchMode):
         self._ranges: dict[int, list[tuple[int, int]]] = {}   # storage -> byte ranges pending copies fill
         #: what happened: copies recorded and their bytes, copies torch ran, flushes (the final one included)
         self.stats = {"captured": 0, "captured_bytes": 0, "ran": 0, "ran_bytes": 0, "flushes": 0}
+        #: False once flushes come every few copies (copies then run as torch's)
+        self.capturing = True
 
     def watch(self, stream: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """``stream`` passed through, each tensor registered as a source by its record name."""
@@ -172,7 +176,7 @@ class CopyCapture(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is _COPY and len(args) >= 2 and isinstance(args[0], torch.Tensor) and \
                 isinstance(args[1], torch.Tensor):
-            if self._capture(args[0], args[1]):
+            if self.capturing and self._capture(args[0], args[1]):
                 return args[0]
             self.stats["ran"] += 1
             self.stats["ran_bytes"] += args[0].numel() * args[0].element_size()
@@ -211,6 +215,10 @@ class CopyCapture(TorchDispatchMode):
         part = Checkpoint(self.ckpt.format, self.ckpt.files, [self._records[name] for name in routes])
         self._run(make_plan(part, targets, rename=PartialRoutes(routes.get), strict=True))
         self.stats["flushes"] += 1
+        # a caller that reads what it just copied makes a plan of one or two copies each time: a plan
+        # costs more than torch's copy of a small tensor, so such a caller copies by itself from here on
+        if self.stats["flushes"] >= _FEW_FLUSHES and self.stats["captured"] < 4 * self.stats["flushes"]:
+            self.capturing = False
 
 
 def _distinct(t: torch.Tensor) -> bool:
