@@ -54,7 +54,8 @@ def fused_loader(p, stream) -> None:
             p[name].data.copy_(w)
 
 
-def run_both(path, loader, *, backend, dtype=torch.float32, **stream_kw):
+def run_both(path, loader, *, backend, dtype=torch.float32, stream_dtype=None, **stream_kw):
+    stream_kw["dtype"] = stream_dtype
     reference = params(dtype)
     ckpt = open_checkpoint(path)
     loader(reference, stream_checkpoint(ckpt, mode="mmap", backend=backend, **stream_kw))
@@ -204,3 +205,10 @@ def test_a_caller_reading_back_every_copy_stops_the_capture(tmp_path, backend):
     assert sums == [reference[n].sum().item() for n in sorted(reference)]
     assert not capture.capturing and capture.stats["flushes"] == 16 and capture.stats["captured"] == 16
     assert capture.stats["ran"] == 24
+
+
+def test_a_stream_that_converts_is_no_source(tmp_path, backend):
+    """A bf16 stream of an f32 file copied into f32 parameters keeps torch's rounding: not captured."""
+    stats = run_both(checkpoint(tmp_path), fused_loader, backend=backend, dtype=torch.float32,
+                     stream_dtype=torch.bfloat16)
+    assert stats["captured"] == 1 and stats["ran"] == 8     # the int64 ids only

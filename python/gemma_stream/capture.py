@@ -117,9 +117,14 @@ class CopyCapture(TorchDispatchMode):
         self.capturing = True
 
     def watch(self, stream: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """``stream`` passed through, each tensor registered as a source by its record name."""
+        """``stream`` passed through, each tensor registered as a source by its record name.
+
+        The names must be the checkpoint's own (a stream of ``ckpt`` without ``rename``); a tensor
+        whose dtype or shape is not its record's (a stream converting dtypes) is no source."""
         for name, tensor in stream:
-            if name in self._records and tensor.is_contiguous() and tensor.device.type == "cpu":
+            record = self._records.get(name)
+            if record is not None and tensor.dtype == record.dtype.torch and tuple(tensor.shape) == record.shape \
+                    and tensor.is_contiguous() and tensor.device.type == "cpu":
                 self._sources[tensor.untyped_storage().data_ptr()] = (weakref.ref(tensor), name)
             yield name, tensor
 
