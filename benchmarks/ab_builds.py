@@ -1,16 +1,22 @@
-"""Warm ``gs.load_state_dict`` time of two builds of gemma_stream on the same files (NOTES.md 31).
+"""``gs.load_state_dict`` time of two builds of gemma_stream on the same files (NOTES.md 31, 33).
 
 Each build is a folder to put on PYTHONPATH (e.g. ``pip install --no-deps --target /tmp/site_a .``);
-each measurement is a fresh process taking the best of 5 warm loads; rounds alternate the builds'
-order; medians and spreads::
+each measurement is a fresh process taking the best of 5 warm loads, or with ``COLD=1`` one load
+after evicting the file (or the directory's files) from the page cache; rounds alternate the
+builds' order; medians and spreads, and the ratio of the two builds within each round::
 
-    python benchmarks/ab_builds.py /tmp/site_main /tmp/site_new FILE [FILE ...]   # ROUNDS=6
+    python benchmarks/ab_builds.py /tmp/site_main /tmp/site_new FILE [FILE ...]   # ROUNDS=6 COLD=0
 """
 import os
 import statistics
 import subprocess
 import sys
 
+COLD_CHILD = """
+import sys, time
+import gemma_stream as gs
+start = time.perf_counter(); sd = gs.load_state_dict(sys.argv[1]); print(time.perf_counter() - start)
+"""
 CHILD = """
 import sys, time
 import gemma_stream as gs
@@ -28,12 +34,16 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     builds, files = argv[:2], argv[2:]
+    cold = os.environ.get("COLD", "0") == "1"
     results: dict[tuple[str, str], list[float]] = {}
     for r in range(int(os.environ.get("ROUNDS", "6"))):
         for site in builds if r % 2 == 0 else builds[::-1]:
             for path in files:
                 env = dict(os.environ, PYTHONPATH=site)
-                out = subprocess.run([sys.executable, "-c", CHILD, path], capture_output=True, text=True, env=env)
+                if cold:
+                    _evict(path)
+                out = subprocess.run([sys.executable, "-c", COLD_CHILD if cold else CHILD, path],
+                                     capture_output=True, text=True, env=env)
                 if out.returncode:
                     print(out.stderr)
                     return 1
@@ -41,7 +51,23 @@ def main(argv: list[str]) -> int:
     for (path, site), values in sorted(results.items()):
         print(f"{path} {site}: median {1000 * statistics.median(values):.1f} ms "
               f"({1000 * min(values):.1f}-{1000 * max(values):.1f})")
+    for path in files:
+        ratios = [a / b for a, b in zip(results[path, builds[0]], results[path, builds[1]])]
+        print(f"{path}: {builds[0]} / {builds[1]} within rounds {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f})  (above 1: the second build is faster)")
     return 0
+
+
+def _evict(path: str) -> None:
+    """Drop the file, or every file of the directory, from the page cache (Linux)."""
+    paths = [os.path.join(path, name) for name in os.listdir(path)] if os.path.isdir(path) else [path]
+    for name in paths:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 if __name__ == "__main__":
