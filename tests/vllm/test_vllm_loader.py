@@ -43,6 +43,9 @@ def runs(tmp_path_factory):
         "llama": save_tiny(str(root / "llama"), "llama", vocab=390),
         "mistral": save_tiny(str(root / "mistral"), "mistral"),
         "qwen2": save_tiny(str(root / "qwen2"), "qwen2", fmt="bin"),
+        "gpt2": save_tiny(str(root / "gpt2"), "gpt2"),
+        "phi3": save_tiny(str(root / "phi3"), "phi3"),
+        "mixtral": save_tiny(str(root / "mixtral"), "mixtral"),
         # for tensor parallelism 2: one k/v head (both ranks keep it), and 390 rows split 224 + 166
         # over the ranks' 224-row embedding shards (the second padded)
         "gemma_tp": save_tiny(str(root / "gemma_tp"), "gemma", vocab=390, num_key_value_heads=1),
@@ -73,6 +76,8 @@ def runs(tmp_path_factory):
         "qwen2_default": ("qwen2", "auto", {}, "float32"),
         "qwen2_direct": ("qwen2", "gemma_stream", {}, "float32"),
         "qwen2_streaming": ("qwen2", "gemma_stream", STREAM, "float32"),
+        **{f"{arch}_{fmt}": (arch, fmt if fmt == "auto" else "gemma_stream", {}, "float32")
+           for arch in ("gpt2", "phi3", "mixtral") for fmt in ("default", "gemma_stream")},
         "tp_reference": ("gemma_tp", "auto", {}, "float32"),
     }
     argv = [[models[m], fmt, extra, dtype] for m, fmt, extra, dtype in specs.values()]
@@ -155,6 +160,22 @@ def test_dtype_conversion_on_read(runs):
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama", "mistral", "qwen2"])
 def test_other_architectures_direct(runs, arch):
     _same(runs, f"{arch}_direct", f"{arch}_default", "direct")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3", "mixtral"])
+def test_architectures_the_direct_path_does_not_know_stream(runs, arch):
+    """path="auto" streams them; what vLLM copies from the streamed tensors the engine does: Phi-3's
+    fused q/k/v and gate/up as row blocks of the checkpoint tensors, Mixtral's experts into their
+    slices of the fused expert parameters. GPT-2's Conv1D weights vLLM transposes first: those
+    copies stay torch's."""
+    run = runs[f"{arch}_gemma_stream"]
+    _same(runs, f"{arch}_gemma_stream", f"{arch}_default", "streaming")
+    assert "not one the direct path knows" in run["reason"]
+    split = run["split"]
+    if arch == "gpt2":
+        assert split["copies_captured"] > 0 and split["copies_ran"] > 0, split
+    else:
+        _engine_copied_everything(run, runs["models"][arch])
 
 
 def test_tensor_parallel_2_each_worker_reads_its_slices(runs):

@@ -37,6 +37,16 @@ def _config(arch: str, vocab: int, **overrides):
         return transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
     if arch == "qwen2":   # biases on q/k/v, and tied embeddings as in the small Qwen2 models
         return transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    # architectures the direct path does not know (streamed): GPT-2's Conv1D weights, which vLLM
+    # transposes; Phi-3's q/k/v and gate/up stored fused; Mixtral's experts
+    if arch == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab, n_embd=128, n_layer=2, n_head=4, n_positions=256,
+                                       bos_token_id=2, eos_token_id=1)
+    if arch == "phi3":
+        return transformers.Phi3Config(**common, tie_word_embeddings=False)
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                          tie_word_embeddings=False)
     raise ValueError(arch)
 
 
@@ -45,7 +55,9 @@ def _model_class(arch: str):
 
     return {"gemma": transformers.GemmaForCausalLM, "gemma2": transformers.Gemma2ForCausalLM,
             "gemma3": transformers.Gemma3ForCausalLM, "llama": transformers.LlamaForCausalLM,
-            "mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[arch]
+            "mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+            "gpt2": transformers.GPT2LMHeadModel, "phi3": transformers.Phi3ForCausalLM,
+            "mixtral": transformers.MixtralForCausalLM}[arch]
 
 
 def write_tokenizer(directory: str, vocab: int = VOCAB) -> None:
