@@ -4,9 +4,8 @@ on contiguous halves, each variant in a fresh process after evicting the file (N
 
     python benchmarks/coalesce_probe.py FILE.safetensors [ROUNDS]
 
-Caveat found with it: the per-tensor variant is Python's, so each of its 2,000 preads gives the
-GIL back and waits to take it again; the engine's C++ loop does not, and the same grouping in the
-engine gained nothing.
+Caveat: the same grouping in the engine gained nothing (NOTES.md 34). This probe times the reads
+alone, in Python threads; it does not predict a whole load.
 """
 import os, sys, time, threading, statistics, mmap, subprocess, json
 import torch
