@@ -7,9 +7,17 @@ on contiguous halves, each variant in a fresh process after evicting the file (N
 Caveat: the same grouping in the engine gained nothing (NOTES.md 34). This probe times the reads
 alone, in Python threads; it does not predict a whole load.
 """
-import os, sys, time, threading, statistics, mmap, subprocess, json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
 import torch
+
 import gemma_stream as gs
+
 path = sys.argv[1]; rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 6
 infos = sorted(gs.inspect(path), key=lambda t: t.offset)
 jobs = [(t.offset, t.nbytes) for t in infos if t.nbytes]
