@@ -212,3 +212,25 @@ def test_a_stream_that_converts_is_no_source(tmp_path, backend):
     stats = run_both(checkpoint(tmp_path), fused_loader, backend=backend, dtype=torch.float32,
                      stream_dtype=torch.bfloat16)
     assert stats["captured"] == 1 and stats["ran"] == 8     # the int64 ids only
+
+
+@pytest.mark.parametrize("when", [2, 7])
+def test_a_file_changed_under_the_stream_or_before_the_copies_names_file_and_tensor(tmp_path, backend, when):
+    import os
+
+    path = tmp_path / "m.safetensors"
+    save_file({f"t{i}": torch.randn(64, 64) for i in range(8)}, str(path))
+    ckpt = open_checkpoint(str(path))
+    capture = CopyCapture(ckpt, lambda plan: _execute(plan, threads=2, backend=backend, progress=None,
+                                                      cache="keep", desc="test"))
+    dst = {f"t{i}": torch.empty(64, 64) for i in range(8)}
+    stream = stream_checkpoint(ckpt, mode="mmap", backend=backend, prefault=False, window_bytes=1 << 14)
+    with pytest.raises(gs.CheckpointError) as info:
+        with capture:
+            for i, (name, w) in enumerate(capture.watch(stream)):
+                dst[name].copy_(w)
+                if i == when:      # mid-stream, or after the last tensor and before the recorded copies run
+                    os.truncate(path, os.path.getsize(path) // 2)
+        capture.flush()
+    assert str(path) in str(info.value) and info.value.tensor is not None
+    assert repr(info.value.tensor) in str(info.value)

@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .dtypes import FLOAT_DTYPES
+from .errors import CheckpointError
 from .formats import Checkpoint
 from .plan import Plan, make_plan
 from .routes import PartialRoutes, Route
@@ -218,7 +219,16 @@ class CopyCapture(TorchDispatchMode):
             targets[key] = dst
             routes.setdefault(name, []).append(Route(key, route.src_rows, None, route.src_cols, None))
         part = Checkpoint(self.ckpt.format, self.ckpt.files, [self._records[name] for name in routes])
-        self._run(make_plan(part, targets, rename=PartialRoutes(routes.get), strict=True))
+        try:
+            self._run(make_plan(part, targets, rename=PartialRoutes(routes.get), strict=True))
+        except CheckpointError as error:
+            if error.tensor is not None:
+                raise
+            # a file error that names no tensor (the file changed since its header was read): name them
+            first = pending[0][1]
+            more = f" and {len(routes) - 1} more" if len(routes) > 1 else ""
+            raise CheckpointError(f"{error} (while copying tensor {first!r}{more} into the model's parameters)",
+                                  path=error.path, tensor=first, row=error.row) from error
         self.stats["flushes"] += 1
         # a caller that reads what it just copied makes a plan of one or two copies each time: a plan
         # costs more than torch's copy of a small tensor, so such a caller copies by itself from here on
