@@ -12,6 +12,11 @@ import statistics
 import subprocess
 import sys
 
+try:   # the parent only evicts files: gemma_stream from this checkout if none is installed
+    import gemma_stream  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python"))
+
 COLD_CHILD = """
 import sys, time
 import gemma_stream as gs
@@ -59,15 +64,10 @@ def main(argv: list[str]) -> int:
 
 
 def _evict(path: str) -> None:
-    """Drop the file, or every file of the directory, from the page cache (Linux)."""
-    paths = [os.path.join(path, name) for name in os.listdir(path)] if os.path.isdir(path) else [path]
-    for name in paths:
-        fd = os.open(name, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    """Drop the file, or every file of the directory, from the page cache."""
+    from gemma_stream.benchmark.writers import evict
+
+    evict([os.path.join(path, name) for name in os.listdir(path)] if os.path.isdir(path) else [path])
 
 
 if __name__ == "__main__":

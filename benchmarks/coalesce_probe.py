@@ -17,14 +17,12 @@ import time
 import torch
 
 import gemma_stream as gs
+from gemma_stream.benchmark import writers
 
 path = sys.argv[1]; rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 6
 infos = sorted(gs.inspect(path), key=lambda t: t.offset)
 jobs = [(t.offset, t.nbytes) for t in infos if t.nbytes]
 total = sum(n for _, n in jobs)
-
-def evict():
-    fd = os.open(path, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
 
 def halves(items, weight):
     tot = sum(weight(i) for i in items); out = [[], []]; done = 0
@@ -72,7 +70,7 @@ res = {"per_tensor": [], "coalesced": []}
 for r in range(rounds):
     order = ["per_tensor", "coalesced"] if r % 2 == 0 else ["coalesced", "per_tensor"]
     for v in order:
-        evict()
+        writers.evict([path])
         out = subprocess.run([sys.executable, __file__, path, "0", v], capture_output=True, text=True)
         res[v].append(float(out.stdout.split()[-1]))
 ratios = [a / b for a, b in zip(res["per_tensor"], res["coalesced"])]

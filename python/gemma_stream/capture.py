@@ -151,7 +151,9 @@ class CopyCapture(TorchDispatchMode):
         return None if route is None else (entry[1], route)
 
     def _touches_pending(self, tensor: torch.Tensor) -> bool:
-        extent = _extent(tensor)
+        return self._overlaps_pending(_extent(tensor))
+
+    def _overlaps_pending(self, extent: tuple[int, int, int] | None) -> bool:
         if extent is None:
             return bool(self._pending)      # cannot tell what it reaches: assume it reaches them
         ranges = self._ranges.get(extent[0])
@@ -163,13 +165,13 @@ class CopyCapture(TorchDispatchMode):
             return False
         if dst.dtype != src.dtype and not (dst.dtype in FLOAT_DTYPES and src.dtype in FLOAT_DTYPES):
             return False
-        if any(s == 0 for n, s in zip(dst.shape, dst.stride()) if n > 1) or not _distinct(dst):
+        if not _distinct(dst):            # an expanded (stride 0) or self-overlapping destination
             return False
         found = self._source(src)
         extent = _extent(dst)
         if found is None or extent is None or extent[0] in self._sources:
             return False
-        if self._touches_pending(dst):
+        if self._overlaps_pending(extent):
             self.flush()
         name, route = found
         self._pending.append((dst, name, route))
@@ -187,8 +189,7 @@ class CopyCapture(TorchDispatchMode):
             self.stats["ran"] += 1
             self.stats["ran_bytes"] += args[0].numel() * args[0].element_size()
         if not func.is_view:
-            tensors = list(_tensors(args)) + list(_tensors(kwargs.values()))
-            if self._pending and any(self._touches_pending(t) for t in tensors):
+            if self._pending and any(self._touches_pending(t) for t in (*_tensors(args), *_tensors(kwargs.values()))):
                 self.flush()
             self._mark_written(func, args, kwargs)
         return func(*args, **kwargs)

@@ -134,7 +134,8 @@ class _Reader(threading.Thread):
     def __init__(self, ckpt: Checkpoint, windows: list[list[_Item]], budget: WindowBudget, *, backend: str,
                  threads: int, drop_cache: bool, prefault: bool | Callable[[], bool] = True):
         super().__init__(name="gemma_stream_iter", daemon=True)
-        self.prefault = prefault
+        #: asked before each mapped window: fault its pages in ahead?
+        self.prefault: Callable[[], bool] = prefault if callable(prefault) else (lambda: prefault)
         self.ckpt, self.windows, self.budget = ckpt, windows, budget
         self.executor = get_executor(backend)
         self.threads, self.drop_cache = threads, drop_cache
@@ -181,7 +182,7 @@ class _Reader(threading.Thread):
         # fault the pages in here, on the reader's thread (reading them from disk if they are not
         # cached), while the caller consumes the previous window: its copies then find them mapped
         # (a hint: errors, such as a kernel older than 5.14, leave the faults to the caller)
-        if self.prefault() if callable(self.prefault) else self.prefault:
+        if self.prefault():
             pagecache.populate_read(array.ctypes.data, array.nbytes)
         tensors = [(item.name, _own_bytes(array, item.record.byte_offset - base, item)) for item in window]
         del array      # from here the window's tensors alone keep the mapping alive

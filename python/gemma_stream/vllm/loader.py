@@ -140,9 +140,12 @@ class GemmaStreamLoader(BaseModelLoader):
         logger.info("gemma_stream: streaming path, %d file(s) in %.2f s", len(ckpt.files),
                     time.perf_counter() - start)
 
-    def _run_captured(self, plan) -> None:
-        _execute(plan, threads=self.options.threads, backend=self.options.backend, progress=None,
-                 cache=self.options.cache, desc="gemma_stream load")
+    def _run(self, plan):
+        """Execute ``plan`` with this loader's options (the direct plan, or the streaming path's
+        recorded copies); returns what ran."""
+        done, _, _, _ = _execute(plan, threads=self.options.threads, backend=self.options.backend, progress=None,
+                                 cache=self.options.cache, desc="gemma_stream load")
+        return done
 
     def _load_direct(self, model: nn.Module, ckpt) -> tuple[int, int, int]:
         """Bytes read, tensor parallel rank and size."""
@@ -150,8 +153,7 @@ class GemmaStreamLoader(BaseModelLoader):
 
         size, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         plan, padding, _ = plan_direct(model, ckpt, tp_size=size)
-        done, _, _, _ = _execute(plan, threads=self.options.threads, backend=self.options.backend,
-                                 progress=None, cache=self.options.cache, desc="gemma_stream load")
+        done = self._run(plan)
         with torch.no_grad():
             for rows in padding:
                 rows.zero_()
@@ -166,7 +168,7 @@ class GemmaStreamLoader(BaseModelLoader):
         capture = None
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())   # the engine writes CPU memory
         if mode == "mmap" and self.options.copies == "engine" and on_cpu:
-            capture = CopyCapture(ckpt, self._run_captured)
+            capture = CopyCapture(ckpt, self._run)
         stream = stream_checkpoint(ckpt, window_bytes=self.options.window_mb << 20, threads=self.options.threads,
                                    backend=self.options.backend, cache=self.options.cache, mode=mode,
                                    prefault=True if capture is None else capture.reads_ahead)
