@@ -2,15 +2,18 @@
 
 Each build is a folder to put on PYTHONPATH (e.g. ``pip install --no-deps --target /tmp/site_a .``);
 each measurement is a fresh process taking the best of 5 warm loads, or with ``COLD=1`` one load
-after evicting the file (or the directory's files) from the page cache; rounds alternate the
-builds' order; medians and spreads, and the ratio of the two builds within each round::
+after evicting the file (or the directory's files) from the page cache, or with ``IDLE=S`` one
+load after S seconds of sleep (the file stays in the page cache, but on this VM the host takes
+back the memory of pages left alone for seconds, NOTES.md 35); rounds alternate the builds'
+order; medians and spreads, and the ratio of the two builds within each round::
 
-    python benchmarks/ab_builds.py /tmp/site_main /tmp/site_new FILE [FILE ...]   # ROUNDS=6 COLD=0
+    python benchmarks/ab_builds.py /tmp/site_main /tmp/site_new FILE [FILE ...]   # ROUNDS=6 COLD=0 IDLE=0
 """
 import os
 import statistics
 import subprocess
 import sys
+import time
 
 try:   # the parent only evicts files: gemma_stream from this checkout if none is installed
     import gemma_stream  # noqa: F401
@@ -40,6 +43,7 @@ def main(argv: list[str]) -> int:
         return 2
     builds, files = argv[:2], argv[2:]
     cold = os.environ.get("COLD", "0") == "1"
+    idle = float(os.environ.get("IDLE", "0"))
     results: dict[tuple[str, str], list[float]] = {}
     for r in range(int(os.environ.get("ROUNDS", "6"))):
         for site in builds if r % 2 == 0 else builds[::-1]:
@@ -47,7 +51,9 @@ def main(argv: list[str]) -> int:
                 env = dict(os.environ, PYTHONPATH=site)
                 if cold:
                     _evict(path)
-                out = subprocess.run([sys.executable, "-c", COLD_CHILD if cold else CHILD, path],
+                elif idle:
+                    time.sleep(idle)
+                out = subprocess.run([sys.executable, "-c", COLD_CHILD if cold or idle else CHILD, path],
                                      capture_output=True, text=True, env=env)
                 if out.returncode:
                     print(out.stderr)

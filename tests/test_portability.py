@@ -75,6 +75,26 @@ def test_concurrent_positional_reads_return_the_file_bytes(data_file, monkeypatc
         os.fstat(fd)
 
 
+@pytest.mark.parametrize("path_taken", list(READ_PATHS))
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pread_many_returns_every_range_in_order(data_file, monkeypatch, path_taken, threads):
+    """Thousands of scattered reads (a torch zip's local headers), split over threads by runs:
+    each answer lands at its own index, short at the end of the file and empty past it."""
+    path, data = data_file
+    for name in READ_PATHS[path_taken]:
+        monkeypatch.delattr(os, name, raising=False)
+    rng = random.Random(threads)
+    ranges = [(rng.randrange(1, 300), rng.randrange(len(data) + 50)) for _ in range(fileio.PARALLEL_READS * 4 + 7)]
+    ranges += [(10, len(data) - 4), (10, len(data) + 1)]
+    fd = fileio.open_read(path)
+    try:
+        got = fileio.pread_many(fd, ranges, threads)
+    finally:
+        fileio.close(fd)
+    assert got == [data[offset:offset + n] for n, offset in ranges]
+    assert got[-2:] == [data[-4:], b""]
+
+
 def test_read_past_the_end_returns_what_is_there(data_file, portable_os):
     path, data = data_file
     fd = fileio.open_read(path)

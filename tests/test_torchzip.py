@@ -214,6 +214,32 @@ def test_many_tensors_parse_quickly(tmp_path):
     assert len(read_torchzip(str(path)).records) == 2000
 
 
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_local_headers_read_on_threads_give_the_same_records(tmp_path, monkeypatch, threads):
+    """A zip of more storages than fileio.PARALLEL_READS: its local headers are read on the
+    loader's threads, each record still placed at its own storage's bytes."""
+    monkeypatch.setenv("GEMMA_STREAM_THREADS", threads)
+    path = tmp_path / "many.pt"
+    torch.save({f"layers.{i}.w": torch.randn(i % 5 + 1, 3) for i in range(700)}, path)
+    check_against_torch(path)
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_the_first_bad_local_header_is_the_one_refused(tmp_path, monkeypatch, threads):
+    monkeypatch.setenv("GEMMA_STREAM_THREADS", threads)
+    source = tmp_path / "many.pt"
+    torch.save({f"w{i}": torch.full((2,), float(i)) for i in range(600)}, source)
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as z:
+        for key in ("many/data/250", "many/data/590"):   # the second one in another thread's run
+            offset = z.getinfo(key).header_offset
+            data[offset:offset + 4] = b"PK\x07\x08"
+    path = tmp_path / "bad.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"local header of 'many/data/250' at offset \d+ does not match"):
+        read_torchzip(str(path))
+
+
 # --- files that must be refused ----------------------------------------------------------
 
 

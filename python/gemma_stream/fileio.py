@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .errors import InternalError
 
@@ -126,6 +127,35 @@ def pread(fd: int, n: int, offset: int) -> bytes:
     pread_ = getattr(os, "pread", None)
     if pread_ is not None:
         return pread_(fd, n, offset)
+    return _pread_portable(fd, n, offset)
+
+
+#: below this many reads, :func:`pread_many` stays on the calling thread (starting threads costs more)
+PARALLEL_READS = 256
+
+
+def pread_many(fd: int, ranges: list[tuple[int, int]], threads: int = 1) -> list[bytes]:
+    """``pread(fd, n, offset)`` of every ``(n, offset)``, in order, on up to ``threads`` threads.
+
+    For thousands of small reads scattered over a file (a torch zip's local headers): each thread
+    takes one contiguous run of the ranges, so its reads stay in file order, and the page faults
+    or disk reads behind them overlap instead of queueing on one thread (on a VM whose host had
+    reclaimed the cached pages, 2,065 headers took 55 ms on one thread and 32 ms on two)."""
+    pread_ = getattr(os, "pread", None) or _pread_portable
+    if threads <= 1 or len(ranges) < PARALLEL_READS:
+        return [pread_(fd, n, offset) for n, offset in ranges]
+    threads = min(threads, len(ranges) // (PARALLEL_READS // 2))
+    step = -(-len(ranges) // threads)
+
+    def part(first: int) -> list[bytes]:
+        return [pread_(fd, n, offset) for n, offset in ranges[first:first + step]]
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gemma_stream_pread") as pool:
+        parts = list(pool.map(part, range(0, len(ranges), step)))
+    return [data for chunk in parts for data in chunk]
+
+
+def _pread_portable(fd: int, n: int, offset: int) -> bytes:
     buffer = bytearray(n)
     view = memoryview(buffer)
     done = 0

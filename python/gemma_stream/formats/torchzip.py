@@ -20,10 +20,12 @@ import os
 from typing import Any
 
 from .. import fileio
+from ..config import config
 from ..errors import CheckpointError
 from .pickle_walker import StorageRef, TensorView, describe, walk_pickle
 from .records import Checkpoint, CheckpointFile, TensorRecord, check_shape, contiguous_strides, gc_paused
-from .zip_archive import EOCD_BYTES, ZipEntry, not_zip, payload_offset, read_exact, read_zip_directory
+from .zip_archive import (EOCD_BYTES, ZipEntry, not_zip, payload_offset, payload_offsets, read_exact,
+                          read_zip_directory)
 
 __all__ = ["read_torchzip", "ZipEntry", "read_zip_directory", "payload_offset", "STATE_DICT_KEYS"]
 
@@ -152,26 +154,28 @@ def _refuse_view(path: str, name: str, view: TensorView) -> None:
 
 
 def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: str,
-                    tensors: dict[str, TensorView], end_limit: int) -> dict[str, int]:
-    """Payload offset of each storage used; each data/<key> holds at least the declared bytes."""
-    ranges: dict[str, tuple[int, int]] = {}
+                    tensors: dict[str, TensorView], end_limit: int, threads: int) -> dict[str, int]:
+    """Payload offset of each storage used; each data/<key> holds at least the declared bytes.
+    The local headers are read on ``threads`` threads."""
     declared_as: dict[str, tuple[str, StorageRef]] = {}
+    used: dict[str, ZipEntry] = {}
     data_prefix = f"{prefix}data/"
     for name, view in tensors.items():
         ref = view.storage
         key = ref.key
-        if key in ranges:   # another view of a storage already placed: only its type must agree
-            first_name, first = declared_as[key]
-        else:
-            first_name, first = declared_as[key] = name, ref
-        if first is not ref and (first.dtype, first.numel) != (ref.dtype, ref.numel):
-            # torch.load types a storage by its first reference and would rebuild this tensor in that
-            # dtype; torch.save never writes this ("Cannot save multiple tensors or storages that view
-            # the same data as different types"): refuse rather than reinterpret the bytes
-            raise CheckpointError(
-                f"{path}: tensor {name!r}: storage {ref.key!r} is declared as {ref.numel} x {ref.dtype.name} "
-                f"here and as {first.numel} x {first.dtype.name} by tensor {first_name!r}; torch.save never "
-                f"writes one storage with two types", path=path, tensor=name)
+        first = declared_as.get(key)
+        if first is not None:   # another view of a storage already placed: only its type must agree
+            first_name, first_ref = first
+            if first_ref is not ref and (first_ref.dtype, first_ref.numel) != (ref.dtype, ref.numel):
+                # torch.load types a storage by its first reference and would rebuild this tensor in that
+                # dtype; torch.save never writes this ("Cannot save multiple tensors or storages that view
+                # the same data as different types"): refuse rather than reinterpret the bytes
+                raise CheckpointError(
+                    f"{path}: tensor {name!r}: storage {ref.key!r} is declared as {ref.numel} x {ref.dtype.name} "
+                    f"here and as {first_ref.numel} x {first_ref.dtype.name} by tensor {first_name!r}; torch.save "
+                    f"never writes one storage with two types", path=path, tensor=name)
+            continue
+        declared_as[key] = name, ref
         entry = entries.get(data_prefix + key)
         if entry is None:
             raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} has no 'data/{ref.key}' entry",
@@ -180,13 +184,14 @@ def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: st
         if entry.size < declared:
             raise CheckpointError(f"{path}: tensor {name!r}: storage {ref.key!r} declares {declared} bytes "
                                   f"but data/{ref.key} holds {entry.size}", path=path, tensor=name)
-        if key not in ranges:
-            ranges[key] = (payload_offset(fd, path, entry, end_limit), entry.size)
-    spans = sorted((start, start + size, key) for key, (start, size) in ranges.items())
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        used[key] = entry
+    # one batch of local headers: the same checks, in the same order, as one payload_offset each
+    starts = payload_offsets(fd, path, list(used.values()), end_limit, threads)
+    spans = sorted(zip(starts, [start + entry.size for start, entry in zip(starts, used.values())], used))
+    for (_, end, first_key), (start, _, second) in zip(spans, spans[1:]):
         if start < end:  # a forged directory could alias two storages
-            raise CheckpointError(f"{path}: storages {first!r} and {second!r} overlap in the file")
-    return {key: start for key, (start, _) in ranges.items()}
+            raise CheckpointError(f"{path}: storages {first_key!r} and {second!r} overlap in the file")
+    return dict(zip(used, starts))
 
 
 def _check_byteorder(fd: int, path: str, entries: dict[str, ZipEntry], prefix: str, end_limit: int) -> None:
@@ -246,7 +251,7 @@ def _read_torchzip(path: str, key: str | None) -> Checkpoint:
         tensors: dict[str, TensorView] = {}
         extras: dict[str, str] = {}
         _flatten(state_dict, "", 0, tensors, extras, path)
-        offsets = _storage_ranges(fd, path, entries, prefix, tensors, data_end)
+        offsets = _storage_ranges(fd, path, entries, prefix, tensors, data_end, config().default_threads)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}", path=path) from e
     finally:
