@@ -46,6 +46,26 @@ def test_resident_bytes_follow_reads_and_drops(cold_file, tmp_path):
         pagecache.resident_bytes(tmp_path / "absent.bin")
 
 
+def test_sampled_residency_tells_warm_from_cold_and_half(cold_file):
+    """``samples=``: a few pages spread over the file estimate the fraction (the read-ahead's
+    warm-or-cold check), within a sample's resolution of the full count."""
+    assert pagecache.resident_fraction([cold_file], samples=64) < 0.1
+    with open(cold_file, "rb") as f:
+        while f.read(MiB):
+            pass
+    assert pagecache.resident_fraction([cold_file], samples=64) == 1.0
+    size = os.path.getsize(cold_file)
+    fd = os.open(cold_file, os.O_RDONLY)
+    try:
+        fileio.drop_cache(fd, size // 2, size - size // 2)       # the second half leaves the cache
+    finally:
+        os.close(fd)
+    full = pagecache.resident_fraction([cold_file])
+    assert 0.4 < full < 0.6
+    assert abs(pagecache.resident_fraction([cold_file], samples=64) - full) <= 2 / 64
+    assert pagecache.resident_fraction([cold_file], samples=10**9) == full   # more samples than pages: all
+
+
 def test_populate_read_brings_mapped_pages_in_without_touching_them(cold_file):
     """One call faults in the range and returns once it is read; nothing is read from Python."""
     size = os.path.getsize(cold_file)

@@ -24,6 +24,7 @@ from .formats.records import gc_paused
 from .modules import materialize, meta_tensors, quant_targets, run_post_load_hooks, same_kind, swap_tensors
 from .plan import CACHE_POLICIES, Plan, Rename, Route, choose_cache, make_plan, normalize_rename, zero_copy_jobs
 from .progress import Progress, progress_callback
+from .readahead import start_copy_readahead
 
 __all__ = ["LoadReport", "StateDict", "TensorInfo", "load_into", "load_state_dict", "inspect"]
 
@@ -47,7 +48,8 @@ class LoadReport:
     files: list[str] = field(default_factory=list)
     #: the page-cache policy the copy ran with ("keep" or "drop"; ``cache="auto"`` resolved)
     cache: str = ""
-    #: ``mode="mmap"``: the background read-ahead of the mapped ranges (``.wait()``, ``.done``), or None
+    #: the background read-ahead (``.wait()``, ``.done``), or None: ``mode="mmap"``'s of the mapped ranges;
+    #: ``mode="copy"``'s of the plan's bytes, cold files only, stopped when the copy ends
     prefetch: Prefetch | None = field(default=None, repr=False)
     #: host bytes of the staging ring (destinations off the CPU or not contiguous), its uploads, and the
     #: share of the shorter of reading and uploading hidden behind the other (1: fully overlapped)
@@ -112,6 +114,15 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     finally:
         close()
     return done, time.perf_counter() - start, executor.name, cache
+
+
+def _read_ahead(plan: Plan, cache: str, mode: str) -> Prefetch | None:
+    """``mode="copy"``: the plan's source bytes asked for ahead of the engine on a background
+    thread, when the files are cold and fit in memory (:mod:`gemma_stream.readahead`)."""
+    if mode != "copy" or not plan.jobs:
+        return None
+    resolved = choose_cache(plan, cache, mem_available() if cache == "auto" else None)
+    return start_copy_readahead(plan, resolved)
 
 
 def _check_mode(mode: str, cache: str, device: str | torch.device | None = None) -> str:
@@ -228,10 +239,16 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     metas = meta_tensors(model)
     uninitialized = _unfilled_meta(metas, plan, targets, ckpt.where, strict)
     mapped, prefetch = _map_zero_copy(plan, targets, device, threads) if mode == "mmap" else ({}, None)
-    swap_tensors(model, {key: view for key, (_, view) in mapped.items()})
-    plan.rebind(materialize(model, device, {k: v for k, v in metas.items() if k not in mapped}))
-    done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
-                                                  cache=cache, desc="gemma_stream load")
+    if mode == "copy":   # reads while the model is allocated, then ahead of the engine
+        prefetch = _read_ahead(plan, cache, mode)
+    try:
+        swap_tensors(model, {key: view for key, (_, view) in mapped.items()})
+        plan.rebind(materialize(model, device, {k: v for k, v in metas.items() if k not in mapped}))
+        done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+                                                      cache=cache, desc="gemma_stream load")
+    finally:
+        if prefetch is not None and mode == "copy":
+            prefetch.cancel()   # the engine has read everything (or failed): nothing left to ask for
     run_post_load_hooks(model, threads or config().default_threads)
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
@@ -300,9 +317,13 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     plan = make_plan(ckpt, targets, strict=True,
                      rename=None if rename is None else {r.name: names.get(r.name) for r in ckpt.records})
     mapped, prefetch = _map_zero_copy(plan, targets, torch.device(device), threads) if mode == "mmap" else \
-        ({}, None)
-    done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
-                                                  cache=cache, desc="gemma_stream read")
+        ({}, _read_ahead(plan, cache, mode))
+    try:
+        done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
+                                                      cache=cache, desc="gemma_stream read")
+    finally:
+        if prefetch is not None and mode == "copy":
+            prefetch.cancel()
     out = StateDict({name: mapped[id(t)][1] if id(t) in mapped else t for name, t in targets.items()})
     out.report = LoadReport(loaded=plan.loaded, skipped_keys=plan.skipped_keys,
                             mapped=[name for name, _ in mapped.values()], bytes_read=done.bytes_read, seconds=seconds,

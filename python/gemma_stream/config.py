@@ -15,7 +15,7 @@ class Config:
     backend: str | None      # GEMMA_STREAM_BACKEND: "native" | "python" (overrides backend="auto")
     threads: int | None      # GEMMA_STREAM_THREADS
     chunk_bytes: int         # GEMMA_STREAM_CHUNK_MB (MiB)
-    prefetch: str = "auto"   # GEMMA_STREAM_PREFETCH: "auto" | "on" | "off" (mode="mmap" read-ahead)
+    prefetch: str = "auto"   # GEMMA_STREAM_PREFETCH: "auto" | "on" | "off" (the read-ahead, both modes)
     staging_bytes: int | None = None  # GEMMA_STREAM_STAGING_MB: the staging ring (default 4 x chunk x threads)
     force_staging: bool = False       # GEMMA_STREAM_FORCE_STAGING=1: stage contiguous CPU destinations too (tests)
     avx2: bool = True        # GEMMA_STREAM_NO_AVX2=1 sets False: the engine's quantizers use their portable loops

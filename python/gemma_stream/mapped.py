@@ -142,24 +142,32 @@ class Prefetch:
                 return
 
     def _willneed(self) -> None:
-        for path, start, end, _ in self.ranges:
-            if self._cancel.is_set():
-                return
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError:
-                continue
-            try:
-                pos = start
-                while pos < end and not self._cancel.is_set():
-                    step = min(self.STEP, end - pos)
-                    if not fileio.advise_willneed(fd, pos, step):
-                        break  # no such advice here (Windows)
-                    pos += step
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+        fds: dict[str, int | None] = {}   # one descriptor per file, however many ranges it has
+        try:
+            for path, start, end, _ in self.ranges:
+                if self._cancel.is_set():
+                    return
+                if path not in fds:
+                    try:
+                        fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    except OSError:
+                        fds[path] = None
+                fd = fds[path]
+                if fd is None:
+                    continue
+                try:
+                    pos = start
+                    while pos < end and not self._cancel.is_set():
+                        step = min(self.STEP, end - pos)
+                        if not fileio.advise_willneed(fd, pos, step):
+                            return  # no such advice here (Windows)
+                        pos += step
+                except OSError:
+                    pass
+        finally:
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
 
     @property
     def done(self) -> bool:

@@ -86,11 +86,20 @@ def populate_read(address: int, nbytes: int = KERNEL_PAGE_BYTES) -> int | None:
     return madvise(address, nbytes, MADV_POPULATE_READ)
 
 
-def _resident_pages(libc, path: str) -> tuple[int, int]:
-    """(resident pages, pages) of one file, from ``mincore`` on a mapping that is never touched."""
+#: mincore's vector byte -> its residency bit (the other bits are reserved)
+_LOW_BIT = bytes(i & 1 for i in range(256))
+
+
+def _resident_pages(libc, path: str, samples: int | None = None) -> tuple[int, int]:
+    """(resident pages, pages) of one file, from ``mincore`` on a mapping that is never touched;
+    with ``samples``, of that many pages spread evenly over the file (the kernel's ``mincore``
+    walk costs ~4 ms per GiB; a sample of 256 pages, a fraction of a millisecond)."""
     size = os.path.getsize(path)
     if size == 0:
         return 0, 0
+    pages = (size + KERNEL_PAGE_BYTES - 1) // KERNEL_PAGE_BYTES
+    if samples is not None and samples < pages:
+        return _resident_sample(libc, path, size, pages, samples)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
@@ -98,12 +107,34 @@ def _resident_pages(libc, path: str) -> tuple[int, int]:
             error = ctypes.get_errno()
             raise OSError(error, f"mmap {path}: {os.strerror(error)}")
         try:
-            pages = (size + KERNEL_PAGE_BYTES - 1) // KERNEL_PAGE_BYTES
             vector = (ctypes.c_ubyte * pages)()
             if libc.mincore(address, size, vector) != 0:
                 error = ctypes.get_errno()
                 raise OSError(error, f"mincore {path}: {os.strerror(error)}")
-            return sum(b & 1 for b in bytes(vector)), pages
+            return bytes(vector).translate(_LOW_BIT).count(1), pages   # in C: 0.3 ms for 1 GiB, not 10
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def _resident_sample(libc, path: str, size: int, pages: int, samples: int) -> tuple[int, int]:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            error = ctypes.get_errno()
+            raise OSError(error, f"mmap {path}: {os.strerror(error)}")
+        try:
+            one = (ctypes.c_ubyte * 1)()
+            resident = 0
+            for k in range(samples):
+                page = (2 * k + 1) * pages // (2 * samples)   # the middle of each of ``samples`` stretches
+                if libc.mincore(address + page * KERNEL_PAGE_BYTES, KERNEL_PAGE_BYTES, one) != 0:
+                    error = ctypes.get_errno()
+                    raise OSError(error, f"mincore {path}: {os.strerror(error)}")
+                resident += one[0] & 1
+            return resident, samples
         finally:
             libc.munmap(address, size)
     finally:
@@ -148,8 +179,10 @@ def pages_in_cache(fd: int, path: str) -> int | None:
     return _resident_pages(libc, path)[0]
 
 
-def resident_fraction(paths) -> float | None:
-    """Fraction of the files' pages in the page cache (1.0 for no pages; None without ``mincore``).
+def resident_fraction(paths, samples: int | None = None) -> float | None:
+    """Fraction of the files' pages in the page cache (1.0 for no pages; None without ``mincore``);
+    ``samples``: estimated from at most that many pages per file, evenly spread (cheap, for a
+    warm-or-cold decision; the files' sizes do not weigh the estimate then).
 
     >>> resident_fraction(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
     """
@@ -158,6 +191,6 @@ def resident_fraction(paths) -> float | None:
         return None
     resident = total = 0
     for path in paths:
-        r, n = _resident_pages(libc, path)
+        r, n = _resident_pages(libc, path, samples)
         resident, total = resident + r, total + n
     return resident / total if total else 1.0

@@ -61,9 +61,11 @@ WARM_FRACTION = 0.95
 
 def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, supported: bool = True,
                      cached_fraction: float | None = None) -> bool:
-    """Whether ``mode="mmap"`` reads its mapped bytes ahead in the background (GEMMA_STREAM_PREFETCH).
+    """Whether a load reads its bytes ahead in the background (GEMMA_STREAM_PREFETCH): ``mode="mmap"``'s
+    mapped ranges, or ``mode="copy"``'s plan (``readahead.py``, which also never reads ahead with
+    ``cache="drop"``).
 
-    ``mapped_bytes``: the views' byte ranges joined; ``available``: MemAvailable
+    ``mapped_bytes``: the byte ranges joined; ``available``: MemAvailable
     (None where unknown); ``supported``: the platform can ask for pages ahead
     (``posix_fadvise``; macOS and Windows cannot).  "auto" reads ahead only when
     the ranges fit in ``available`` with a fifth to spare: otherwise the

@@ -258,6 +258,8 @@ LOADERS: dict[str, Loader] = {
                              quantizes=True),
     "gs_native_keep": Loader("gemma_stream native, cache='keep'", "primary", _gs("native", cache="keep"),
                              quantizes=True),
+    "gs_native_ra_off": Loader("gemma_stream native, read-ahead off", "primary", _gs("native", prefetch="off"),
+                               quantizes=True),
     "gs_mmap": Loader("gemma_stream mode='mmap' (+touch)", "primary", _gs("native", mode="mmap"), touch=True),
     "gs_mmap_ra_on": Loader("gemma_stream mode='mmap', read-ahead on (+touch)", "primary",
                             _gs("native", mode="mmap", prefetch="on"), touch=True),

@@ -70,6 +70,7 @@ class Entry:
 
 ENTRIES = [Entry(*e.split("@")) for e in (
     "gs_native@safetensors", "gs_native@sharded", "gs_native@zip",
+    "gs_native_ra_off@safetensors", "gs_native_ra_off@sharded", "gs_native_ra_off@zip",
     "gs_mmap_ra_on@safetensors", "gs_mmap_ra_off@safetensors", "gs_mmap_ra_on@zip", "gs_mmap_ra_off@zip",
     "torch_load_mmap_assign@zip", "safetensors@safetensors",
     "pread_2t_4k@safetensors", "pread_2t_4k@sharded", "pread_2t_4k@zip")]
@@ -92,6 +93,9 @@ RATIOS = [
     Ratio("copy, of the 2-thread bound (zip)", "gs_native@zip", "pread_2t_4k@zip", 0.95),
     Ratio("copy vs safetensors load_model", "gs_native@safetensors", "safetensors@safetensors", 1.0, ("warm",)),
     Ratio("copy, zip vs safetensors (GB/s)", "gs_native@zip", "gs_native@safetensors", 0.9),
+    Ratio("copy read-ahead on vs off (safetensors)", "gs_native@safetensors", "gs_native_ra_off@safetensors", 1.0),
+    Ratio("copy read-ahead on vs off (sharded)", "gs_native@sharded", "gs_native_ra_off@sharded", 1.0),
+    Ratio("copy read-ahead on vs off (zip)", "gs_native@zip", "gs_native_ra_off@zip", 1.0),
     Ratio("mmap read-ahead on vs torch.load(mmap)+assign", "gs_mmap_ra_on@safetensors",
           "torch_load_mmap_assign@zip", 1.0),
     Ratio("mmap read-ahead off vs torch.load(mmap)+assign", "gs_mmap_ra_off@safetensors",

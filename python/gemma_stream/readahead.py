@@ -1,0 +1,67 @@
+"""Copy mode's read-ahead: a plan's source bytes asked for before the engine reads them.
+
+A cold load spends its first tens of milliseconds in Python (planning, allocating the model; 50 ms
+for 2,065 tensors) with the disk idle, and then the engine's threads each keep one readahead
+window in flight.  :func:`start_copy_readahead` starts, right after the plan is made, one
+background thread that asks the kernel for the plan's byte ranges with ``posix_fadvise(WILLNEED)``
+in 2 MiB steps (``mapped.Prefetch``, the same thread ``mode="mmap"`` uses), front to back: the
+kernel then has many more reads in flight than the engine's own readahead windows.  Walking the
+engine threads' stretches in turn instead (each thread reads one contiguous share of the jobs,
+``csrc/parallel_for.h``) measured slower.  Cold, on a 2,065-tensor 1 GiB file, see
+benchmarks/NOTES.md section 36 for the figures.
+
+Whether it runs is :func:`gemma_stream.plan.choose_readahead`'s call on ``GEMMA_STREAM_PREFETCH``
+(auto: when the bytes fit in ``MemAvailable`` with a fifth to spare and the files are not already
+in the page cache), and never with ``cache="drop"``, whose pages would come back behind the engine.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import pagecache
+from .config import config, mem_available
+from .jobs import Plan
+from .mapped import MERGE_GAP, Prefetch
+from .plan import choose_readahead
+
+__all__ = ["start_copy_readahead", "readahead_ranges", "MIN_READAHEAD_BYTES"]
+
+#: below this many bytes to read, a load is over before a read-ahead could help
+MIN_READAHEAD_BYTES = 32 << 20
+#: pages per file probed for "is it cached already" (a whole-file mincore cost ~5 ms per GiB warm)
+RESIDENCY_SAMPLES = 256
+
+
+def readahead_ranges(plan: Plan) -> list[tuple[str, int, int, int]]:
+    """The plan's source bytes as ``(path, start, end, 0)`` in file order (files in plan order),
+    neighbours less than ``MERGE_GAP`` apart joined (a torch zip's local headers between storages)."""
+    extents = sorted((job.file_index, offset, offset + nbytes) for job in plan.jobs
+                     for offset, nbytes in job.file_ranges() if nbytes > 0)
+    merged: list[list[int]] = []
+    for index, start, end in extents:
+        if merged and merged[-1][0] == index and start <= merged[-1][2] + MERGE_GAP:
+            merged[-1][2] = max(merged[-1][2], end)
+        else:
+            merged.append([index, start, end])
+    return [(plan.files[index], start, end, 0) for index, start, end in merged]
+
+
+def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> Prefetch | None:
+    """Start reading the plan's source bytes ahead of the engine, or None when it would not help
+    (warm files, too little to read, ``cache="drop"``, no ``posix_fadvise``, ``policy="off"``).
+    ``cache`` is the policy the load resolved ("keep"/"drop"); ``policy`` defaults to
+    ``GEMMA_STREAM_PREFETCH``."""
+    policy = config().prefetch if policy is None else policy
+    if cache == "drop" or policy == "off" or not hasattr(os, "posix_fadvise"):
+        return None
+    nbytes = sum(job.file_bytes for job in plan.jobs)
+    if nbytes < MIN_READAHEAD_BYTES and policy != "on":
+        return None
+    files = sorted({plan.files[job.file_index] for job in plan.jobs})
+    auto = policy == "auto"
+    cached = pagecache.resident_fraction(files, samples=RESIDENCY_SAMPLES) if auto else None
+    if not choose_readahead(policy, nbytes, mem_available() if auto else None, cached_fraction=cached):
+        return None
+    ranges = readahead_ranges(plan)
+    return Prefetch(ranges, threads=1) if ranges else None
