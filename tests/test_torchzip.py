@@ -224,6 +224,29 @@ def test_local_headers_read_on_threads_give_the_same_records(tmp_path, monkeypat
     check_against_torch(path)
 
 
+@pytest.mark.parametrize("cold", [True, False])
+def test_a_cold_zip_asks_for_all_its_local_headers_first(tmp_path, monkeypatch, cold):
+    """Cold, every local header is asked for (WILLNEED) before the first is read, so the disk
+    queues them all; warm, none is: the reads find them cached."""
+    from gemma_stream import fileio, pagecache
+    from gemma_stream.benchmark.writers import evict
+    path = tmp_path / "many.pt"
+    # 25 MiB: reading the directory and data.pkl must not bring the whole file in with them
+    torch.save({f"w{i}": torch.full((16384,), float(i)) for i in range(400)}, path)
+    if cold:
+        evict([path])
+        if pagecache.resident_fraction([path]) not in (None, 0.0) and pagecache.resident_fraction([path]) > 0.5:
+            pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
+    else:
+        path.read_bytes()
+    asked = []
+    monkeypatch.setattr(fileio, "advise_willneed", lambda fd, offset, n: asked.append(offset) or True)
+    check_against_torch(path)
+    with zipfile.ZipFile(path) as z:
+        headers = sorted(z.getinfo(f"many/data/{i}").header_offset for i in range(400))
+    assert sorted(asked) == (headers if cold else [])
+
+
 @pytest.mark.parametrize("threads", ["1", "4"])
 def test_the_first_bad_local_header_is_the_one_refused(tmp_path, monkeypatch, threads):
     monkeypatch.setenv("GEMMA_STREAM_THREADS", threads)

@@ -134,13 +134,20 @@ def pread(fd: int, n: int, offset: int) -> bytes:
 PARALLEL_READS = 256
 
 
-def pread_many(fd: int, ranges: list[tuple[int, int]], threads: int = 1) -> list[bytes]:
+def pread_many(fd: int, ranges: list[tuple[int, int]], threads: int = 1, advise: bool = False) -> list[bytes]:
     """``pread(fd, n, offset)`` of every ``(n, offset)``, in order, on up to ``threads`` threads.
 
     For thousands of small reads scattered over a file (a torch zip's local headers): each thread
     takes one contiguous run of the ranges, so its reads stay in file order, and the page faults
     or disk reads behind them overlap instead of queueing on one thread (on a VM whose host had
-    reclaimed the cached pages, 2,065 headers took 55 ms on one thread and 32 ms on two)."""
+    reclaimed the cached pages, 2,065 headers took 55 ms on one thread and 32 ms on two).
+    ``advise``: for a file that is not cached, first ask for every range with
+    ``posix_fadvise(WILLNEED)``, so the disk has them all queued at once rather than ``threads``
+    at a time (a cold zip's 2,065 headers: 140-177 ms, then 53-84 ms)."""
+    if advise:
+        for n, offset in ranges:
+            if not advise_willneed(fd, offset, n):
+                break   # no such advice here
     pread_ = getattr(os, "pread", None) or _pread_portable
     if threads <= 1 or len(ranges) < PARALLEL_READS:
         return [pread_(fd, n, offset) for n, offset in ranges]

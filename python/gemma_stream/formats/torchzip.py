@@ -19,7 +19,7 @@ import operator
 import os
 from typing import Any
 
-from .. import fileio
+from .. import fileio, pagecache
 from ..config import config
 from ..errors import CheckpointError
 from .pickle_walker import StorageRef, TensorView, describe, walk_pickle
@@ -186,12 +186,28 @@ def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: st
                                   f"but data/{ref.key} holds {entry.size}", path=path, tensor=name)
         used[key] = entry
     # one batch of local headers: the same checks, in the same order, as one payload_offset each
-    starts = payload_offsets(fd, path, list(used.values()), end_limit, threads)
+    starts = payload_offsets(fd, path, list(used.values()), end_limit, threads, cold=_is_cold(path, len(used)))
     spans = sorted(zip(starts, [start + entry.size for start, entry in zip(starts, used.values())], used))
     for (_, end, first_key), (start, _, second) in zip(spans, spans[1:]):
         if start < end:  # a forged directory could alias two storages
             raise CheckpointError(f"{path}: storages {first_key!r} and {second!r} overlap in the file")
     return dict(zip(used, starts))
+
+
+#: a file this much in the page cache (sampled) has its local headers read without asking first
+_WARM_FRACTION = 0.95
+
+
+def _is_cold(path: str, headers: int) -> bool:
+    """Whether to ask for the local headers before reading them: many of them, and the file not
+    cached (a sample of its pages; where that cannot be known, ask: the advice is a hint)."""
+    if headers < fileio.PARALLEL_READS:
+        return False
+    try:
+        cached = pagecache.resident_fraction([path], samples=64)
+    except OSError:   # a file system that cannot map the file: nothing is known, and reading goes on
+        cached = None
+    return cached is None or cached < _WARM_FRACTION
 
 
 def _check_byteorder(fd: int, path: str, entries: dict[str, ZipEntry], prefix: str, end_limit: int) -> None:

@@ -189,18 +189,20 @@ def payload_offset(fd: int, path: str, entry: ZipEntry, end_limit: int) -> int:
     return start
 
 
-def payload_offsets(fd: int, path: str, entries: list[ZipEntry], end_limit: int, threads: int = 1) -> list[int]:
+def payload_offsets(fd: int, path: str, entries: list[ZipEntry], end_limit: int, threads: int = 1,
+                    cold: bool = False) -> list[int]:
     """:func:`payload_offset` of each entry, in order: the same checks and the same errors.
 
     One call per checkpoint instead of one per storage (a many-tensor zip has thousands): the
-    local headers are read on up to ``threads`` threads (:func:`fileio.pread_many`), then each is
-    checked inline; an entry that fails any check goes through :func:`payload_offset`, whose
-    refusal names it, and the first such entry in ``entries`` is the one refused."""
+    local headers are read on up to ``threads`` threads (:func:`fileio.pread_many`, all asked for
+    at once first when the file is ``cold``), then each is checked inline; an entry that fails any
+    check goes through :func:`payload_offset`, whose refusal names it, and the first such entry in
+    ``entries`` is the one refused."""
     local_size = _LOCAL.size
     limit = 1 << 62
     ranges = [(local_size + len(e.raw_name), e.local_header_offset if 0 <= e.local_header_offset < limit else 0)
               for e in entries]
-    headers = fileio.pread_many(fd, ranges, threads)
+    headers = fileio.pread_many(fd, ranges, threads, advise=cold)
     unpack_lengths = _LOCAL_LENGTHS.unpack_from
     out = []
     append = out.append
