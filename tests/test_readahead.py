@@ -127,3 +127,16 @@ def test_the_read_ahead_stops_when_the_load_fails(tmp_path, monkeypatch):
     with pytest.raises(gs.CheckpointError):
         gs.load_state_dict(path)
     assert started and started[0] is not None and started[0]._cancel.is_set()
+
+
+@pytest.mark.parametrize("tensors, reads_ahead", [(8, True), (300, False)])
+def test_a_zip_of_many_storages_is_not_read_ahead(tmp_path, monkeypatch, tensors, reads_ahead):
+    """Its reader asks for every local header at open (cold), and a plan read-ahead on top of
+    that measured slower; a zip of few storages is read ahead like any file."""
+    monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "on")
+    path = tmp_path / "m.pt"
+    sd = {f"w{i}": torch.randn(64) for i in range(tensors)}
+    torch.save(sd, path)
+    out = gs.load_state_dict(path)
+    assert (out.report.prefetch is not None) == reads_ahead
+    assert all(torch.equal(out[name], tensor) for name, tensor in sd.items())

@@ -18,6 +18,7 @@ from .dtypes import CONVERTIBLE, FLOAT_DTYPES
 from .errors import GemmaStreamError, MismatchError, UninitializedWarning, UsageError
 from .executors import RunResult, get_executor, run_plan_jobs
 from .mapped import FileViews, Prefetch
+from . import fileio
 from .fileio import platform_cache_policy
 from .formats import Checkpoint, open_checkpoint
 from .formats.records import gc_paused
@@ -116,10 +117,14 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     return done, time.perf_counter() - start, executor.name, cache
 
 
-def _read_ahead(plan: Plan, cache: str, mode: str) -> Prefetch | None:
+def _read_ahead(plan: Plan, cache: str, mode: str, ckpt: Checkpoint) -> Prefetch | None:
     """``mode="copy"``: the plan's source bytes asked for ahead of the engine on a background
-    thread, when the files are cold and fit in memory (:mod:`gemma_stream.readahead`)."""
+    thread, when the files are cold and fit in memory (:mod:`gemma_stream.readahead`).  Not for a
+    torch zip of many storages: its reader has already asked for every local header, and reading
+    the plan ahead on top measured slower (0.92 on vs off, many_small cold; NOTES.md 36)."""
     if mode != "copy" or not plan.jobs:
+        return None
+    if ckpt.format == "torchzip" and len(ckpt.records) >= fileio.PARALLEL_READS:
         return None
     resolved = choose_cache(plan, cache, mem_available() if cache == "auto" else None)
     return start_copy_readahead(plan, resolved)
@@ -240,7 +245,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     uninitialized = _unfilled_meta(metas, plan, targets, ckpt.where, strict)
     mapped, prefetch = _map_zero_copy(plan, targets, device, threads) if mode == "mmap" else ({}, None)
     if mode == "copy":   # reads while the model is allocated, then ahead of the engine
-        prefetch = _read_ahead(plan, cache, mode)
+        prefetch = _read_ahead(plan, cache, mode, ckpt)
     try:
         swap_tensors(model, {key: view for key, (_, view) in mapped.items()})
         plan.rebind(materialize(model, device, {k: v for k, v in metas.items() if k not in mapped}))
@@ -317,7 +322,7 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     plan = make_plan(ckpt, targets, strict=True,
                      rename=None if rename is None else {r.name: names.get(r.name) for r in ckpt.records})
     mapped, prefetch = _map_zero_copy(plan, targets, torch.device(device), threads) if mode == "mmap" else \
-        ({}, _read_ahead(plan, cache, mode))
+        ({}, _read_ahead(plan, cache, mode, ckpt))
     try:
         done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                                       cache=cache, desc="gemma_stream read")
