@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fileio
 from .config import config, mem_available
 from .deprecation import renamed_argument
 from .dtypes import CONVERTIBLE, FLOAT_DTYPES
 from .errors import GemmaStreamError, MismatchError, UninitializedWarning, UsageError
 from .executors import RunResult, get_executor, run_plan_jobs
 from .mapped import FileViews, Prefetch
-from . import fileio
 from .fileio import platform_cache_policy
 from .formats import Checkpoint, open_checkpoint
 from .formats.records import gc_paused

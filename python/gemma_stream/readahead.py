@@ -60,7 +60,10 @@ def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> P
         return None
     files = sorted({plan.files[job.file_index] for job in plan.jobs})
     auto = policy == "auto"
-    cached = pagecache.resident_fraction(files, samples=RESIDENCY_SAMPLES) if auto else None
+    try:
+        cached = pagecache.resident_fraction(files, samples=RESIDENCY_SAMPLES) if auto else None
+    except OSError:   # a file system that cannot map the files: not known, and the load goes on
+        cached = None
     if not choose_readahead(policy, nbytes, mem_available() if auto else None, cached_fraction=cached):
         return None
     ranges = readahead_ranges(plan)
