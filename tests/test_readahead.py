@@ -156,3 +156,16 @@ def test_a_file_whose_residency_cannot_be_probed_still_loads(tmp_path, monkeypat
     monkeypatch.setattr(pagecache, "resident_fraction", refuse)
     out = gs.load_state_dict(path)
     assert torch.equal(out["w"], sd["w"])
+
+
+def test_only_the_front_of_the_plan_is_read_ahead(tmp_path):
+    """READAHEAD_BYTES of the plan's bytes, from the front, however large the plan."""
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(1 << 20), "b": torch.zeros(1 << 20)}, str(path))   # 4 MiB each
+    ckpt = open_checkpoint(str(path))
+    plan = make_plan(ckpt, {"a": torch.empty(1 << 20), "b": torch.empty(1 << 20)})
+    whole = readahead.readahead_ranges(plan)
+    assert sum(e - s for _, s, e, _ in whole) == 8 * MiB
+    front = readahead.readahead_ranges(plan, 5 * MiB)
+    assert [(s, e) for _, s, e, _ in front] == [(whole[0][1], whole[0][1] + 5 * MiB)]
+    assert readahead.readahead_ranges(plan, 0) == []

@@ -3,9 +3,9 @@
 A cold load spends its first tens of milliseconds in Python (planning, allocating the model; 50 ms
 for 2,065 tensors) with the disk idle, and then the engine's threads each keep one readahead
 window in flight.  :func:`start_copy_readahead` starts, right after the plan is made, one
-background thread that asks the kernel for the plan's byte ranges with ``posix_fadvise(WILLNEED)``
-in 2 MiB steps (``mapped.Prefetch``, the same thread ``mode="mmap"`` uses), front to back: the
-kernel then has many more reads in flight than the engine's own readahead windows.  Walking the
+background thread that asks the kernel for the first ``READAHEAD_BYTES`` of the plan's byte
+ranges with ``posix_fadvise(WILLNEED)`` in 2 MiB steps (``mapped.Prefetch``, the same thread
+``mode="mmap"`` uses), front to back: the engine starts on a deep queue of reads.  Walking the
 engine threads' stretches in turn instead (each thread reads one contiguous share of the jobs,
 ``csrc/parallel_for.h``) measured slower.  Cold, on a 2,065-tensor 1 GiB file, see
 benchmarks/NOTES.md section 36 for the figures.
@@ -25,17 +25,22 @@ from .jobs import Plan
 from .mapped import MERGE_GAP, Prefetch
 from .plan import choose_readahead
 
-__all__ = ["start_copy_readahead", "readahead_ranges", "MIN_READAHEAD_BYTES"]
+__all__ = ["start_copy_readahead", "readahead_ranges", "MIN_READAHEAD_BYTES", "READAHEAD_BYTES"]
 
 #: below this many bytes to read, a load is over before a read-ahead could help
 MIN_READAHEAD_BYTES = 32 << 20
+#: how much of the plan is asked for: the front, while Python allocates and the engine starts.  The
+#: whole plan measured no better at 1 GiB and worse at 5 GiB, where the one stream ahead of the
+#: engine's first thread held back its second (0.86 on vs off on gemma7b's zip; NOTES.md 36)
+READAHEAD_BYTES = 256 << 20
 #: pages per file probed for "is it cached already" (a whole-file mincore cost ~5 ms per GiB warm)
 RESIDENCY_SAMPLES = 256
 
 
-def readahead_ranges(plan: Plan) -> list[tuple[str, int, int, int]]:
+def readahead_ranges(plan: Plan, limit: int | None = None) -> list[tuple[str, int, int, int]]:
     """The plan's source bytes as ``(path, start, end, 0)`` in file order (files in plan order),
-    neighbours less than ``MERGE_GAP`` apart joined (a torch zip's local headers between storages)."""
+    neighbours less than ``MERGE_GAP`` apart joined (a torch zip's local headers between storages),
+    the first ``limit`` bytes of them when given."""
     extents = sorted((job.file_index, offset, offset + nbytes) for job in plan.jobs
                      for offset, nbytes in job.file_ranges() if nbytes > 0)
     merged: list[list[int]] = []
@@ -44,7 +49,15 @@ def readahead_ranges(plan: Plan) -> list[tuple[str, int, int, int]]:
             merged[-1][2] = max(merged[-1][2], end)
         else:
             merged.append([index, start, end])
-    return [(plan.files[index], start, end, 0) for index, start, end in merged]
+    out = []
+    for index, start, end in merged:
+        if limit is not None:
+            if limit <= 0:
+                break
+            end = min(end, start + limit)
+            limit -= end - start
+        out.append((plan.files[index], start, end, 0))
+    return out
 
 
 def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> Prefetch | None:
@@ -66,5 +79,5 @@ def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> P
         cached = None
     if not choose_readahead(policy, nbytes, mem_available() if auto else None, cached_fraction=cached):
         return None
-    ranges = readahead_ranges(plan)
+    ranges = readahead_ranges(plan, READAHEAD_BYTES)
     return Prefetch(ranges, threads=1) if ranges else None
