@@ -66,12 +66,21 @@ def test_ranges_are_the_plans_bytes_in_file_order(tmp_path):
     ("keep", "off", 64 * MiB, False),
     ("drop", "on", 64 * MiB, False),  # the pages would come back behind the engine's drops
     ("keep", "auto", 1, False),       # too little to read for a read-ahead to help
+    ("keep", "cold", 64 * MiB, True),  # "auto" on a cold file (its residency faked)
+    ("keep", "big", 64 * MiB, False),  # the same past MAX_AUTO_PLAN_BYTES (lowered to 32 MiB here)
+    ("keep", "big-on", 64 * MiB, True),
 ])
-def test_when_the_read_ahead_starts(tmp_path, cache, policy, size, expect):
+def test_when_the_read_ahead_starts(tmp_path, monkeypatch, cache, policy, size, expect):
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.zeros(max(1, size // 4))}, str(path))
     ckpt = open_checkpoint(str(path))
     plan = make_plan(ckpt, {"w": torch.empty(max(1, size // 4))})
+    if policy in ("cold", "big", "big-on"):
+        monkeypatch.setattr(readahead.pagecache, "resident_fraction", lambda *args, **kwargs: 0.0)
+        monkeypatch.setattr(readahead, "mem_available", lambda: 1 << 40)
+        if policy != "cold":
+            monkeypatch.setattr(readahead, "MAX_AUTO_PLAN_BYTES", 32 * MiB)
+        policy = "on" if policy == "big-on" else "auto"
     started = readahead.start_copy_readahead(plan, cache, policy)
     assert (started is not None) == expect
     if started is not None:

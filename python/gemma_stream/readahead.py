@@ -25,7 +25,8 @@ from .jobs import Plan
 from .mapped import MERGE_GAP, Prefetch
 from .plan import choose_readahead
 
-__all__ = ["start_copy_readahead", "readahead_ranges", "MIN_READAHEAD_BYTES", "READAHEAD_BYTES"]
+__all__ = ["start_copy_readahead", "readahead_ranges", "MIN_READAHEAD_BYTES", "MAX_AUTO_PLAN_BYTES",
+           "READAHEAD_BYTES"]
 
 #: below this many bytes to read, a load is over before a read-ahead could help
 MIN_READAHEAD_BYTES = 32 << 20
@@ -33,6 +34,10 @@ MIN_READAHEAD_BYTES = 32 << 20
 #: whole plan measured no better at 1 GiB and worse at 5 GiB, where the one stream ahead of the
 #: engine's first thread held back its second (0.86 on vs off on gemma7b's zip; NOTES.md 36)
 READAHEAD_BYTES = 256 << 20
+#: "auto" reads ahead only plans up to this size: at 1 GiB the read-ahead gained 1.1-1.6x cold on
+#: every mix; at 5 GiB it measured 0.91-1.07 (the setup it overlaps is a smaller share of a larger
+#: load, and the engine's own readahead keeps the disk busy).  2 GiB lies between what was measured.
+MAX_AUTO_PLAN_BYTES = 2 << 30
 #: pages per file probed for "is it cached already" (a whole-file mincore cost ~5 ms per GiB warm)
 RESIDENCY_SAMPLES = 256
 
@@ -62,14 +67,15 @@ def readahead_ranges(plan: Plan, limit: int | None = None) -> list[tuple[str, in
 
 def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> Prefetch | None:
     """Start reading the plan's source bytes ahead of the engine, or None when it would not help
-    (warm files, too little to read, ``cache="drop"``, no ``posix_fadvise``, ``policy="off"``).
+    (warm files, too little or, for "auto", too much to read, ``cache="drop"``, no
+    ``posix_fadvise``, ``policy="off"``).
     ``cache`` is the policy the load resolved ("keep"/"drop"); ``policy`` defaults to
     ``GEMMA_STREAM_PREFETCH``."""
     policy = config().prefetch if policy is None else policy
     if cache == "drop" or policy == "off" or not hasattr(os, "posix_fadvise"):
         return None
     nbytes = sum(job.file_bytes for job in plan.jobs)
-    if nbytes < MIN_READAHEAD_BYTES and policy != "on":
+    if policy != "on" and not MIN_READAHEAD_BYTES <= nbytes <= MAX_AUTO_PLAN_BYTES:
         return None
     files = sorted({plan.files[job.file_index] for job in plan.jobs})
     auto = policy == "auto"
