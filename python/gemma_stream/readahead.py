@@ -12,7 +12,8 @@ benchmarks/NOTES.md section 36 for the figures.
 
 Whether it runs is :func:`gemma_stream.plan.choose_readahead`'s call on ``GEMMA_STREAM_PREFETCH``
 (auto: when the bytes fit in ``MemAvailable`` with a fifth to spare and the files are not already
-in the page cache), and never with ``cache="drop"``, whose pages would come back behind the engine.
+in the page cache), for "auto" only on plans of 32 MiB to 2 GiB, and never with ``cache="drop"``,
+whose pages would come back behind the engine.
 """
 
 from __future__ import annotations
