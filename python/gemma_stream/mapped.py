@@ -31,12 +31,24 @@ from .formats.records import contiguous_strides, open_validated
 from .layout import span_elements
 from .plan import choose_readahead
 
-__all__ = ["FileViews", "Prefetch", "readahead_window"]
+__all__ = ["FileViews", "Prefetch", "join_extents", "readahead_window"]
 
 
 _FAULT_STEP_MAX = 8 << 20        # one fault per 8 MiB at most (measured: 16 and 32 MiB left gaps)
 _MIN_FAULT_WINDOW = 1 << 20      # below this readahead window, faults read too little: use WILLNEED
 MERGE_GAP = 1 << 20              # mapped ranges closer than this are read ahead as one
+
+
+def join_extents(extents) -> list[tuple[int, int, int]]:
+    """``(file index, start, end)`` byte ranges sorted, overlaps and neighbours less than
+    ``MERGE_GAP`` apart joined: what a read-ahead walks, in file order."""
+    merged: list[tuple[int, int, int]] = []
+    for index, start, end in sorted(extents):
+        if merged and merged[-1][0] == index and start <= merged[-1][2] + MERGE_GAP:
+            merged[-1] = (index, merged[-1][1], max(merged[-1][2], end))
+        else:
+            merged.append((index, start, end))
+    return merged
 
 
 def readahead_window(path: str) -> int | None:
@@ -242,13 +254,8 @@ class FileViews:
         one (one fault each, at each range's end) made the read-ahead lose to none at all on a
         4,172-tensor zip, cold (NOTES.md section 17); reading the few header bytes between them
         costs nothing."""
-        merged: list[tuple[int, int, int]] = []
-        for index, start, end in sorted(self._extents):
-            if merged and merged[-1][0] == index and start <= merged[-1][2] + MERGE_GAP:
-                merged[-1] = (index, merged[-1][1], max(merged[-1][2], end))
-            else:
-                merged.append((index, start, end))
-        return [(self.files[index], start, end, self._storages[index].data_ptr()) for index, start, end in merged]
+        return [(self.files[index], start, end, self._storages[index].data_ptr())
+                for index, start, end in join_extents(self._extents)]
 
     def prefetch(self, policy: str = "auto", threads: int = 2) -> Prefetch | None:
         """Start reading what the views cover, in file order, in the background, if

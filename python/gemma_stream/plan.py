@@ -21,6 +21,7 @@ from .dtypes import CONVERTIBLE, from_torch
 from .errors import MismatchError, UsageError
 from .formats.records import Checkpoint, TensorRecord, contiguous_strides
 from .jobs import CopyJob, Plan, QuantTarget, is_plain_cpu as _is_plain_cpu
+from .pagecache import WARM_FRACTION
 from .plan_checks import check_quant_columns, check_split_covers, describe_mismatch
 from .routes import PartialRoutes, Rename, RenameResult, Route, normalize_rename
 
@@ -53,10 +54,6 @@ def choose_cache(plan: Plan, cache: str, available: int | None) -> str:
 
 
 READAHEAD_POLICIES = ("auto", "on", "off")
-
-
-#: a mapped file this much in the page cache is warm: "auto" does not read it ahead
-WARM_FRACTION = 0.95
 
 
 def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, supported: bool = True,

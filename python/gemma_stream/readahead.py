@@ -23,7 +23,7 @@ import os
 from . import pagecache
 from .config import config, mem_available
 from .jobs import Plan
-from .mapped import MERGE_GAP, Prefetch
+from .mapped import MERGE_GAP, Prefetch, join_extents
 from .plan import choose_readahead
 
 __all__ = ["start_copy_readahead", "readahead_ranges", "MIN_READAHEAD_BYTES", "MAX_AUTO_PLAN_BYTES",
@@ -43,20 +43,20 @@ MAX_AUTO_PLAN_BYTES = 2 << 30
 RESIDENCY_SAMPLES = 256
 
 
-def readahead_ranges(plan: Plan, limit: int | None = None) -> list[tuple[str, int, int, int]]:
+def _extents(plan: Plan) -> list[tuple[int, int, int]]:
+    """(file index, start, end) of every read the plan's jobs make."""
+    return [(job.file_index, offset, offset + nbytes) for job in plan.jobs
+            for offset, nbytes in job.file_ranges() if nbytes > 0]
+
+
+def readahead_ranges(plan: Plan, limit: int | None = None,
+                     extents: list[tuple[int, int, int]] | None = None) -> list[tuple[str, int, int, int]]:
     """The plan's source bytes as ``(path, start, end, 0)`` in file order (files in plan order),
     neighbours less than ``MERGE_GAP`` apart joined (a torch zip's local headers between storages),
-    the first ``limit`` bytes of them when given."""
-    extents = sorted((job.file_index, offset, offset + nbytes) for job in plan.jobs
-                     for offset, nbytes in job.file_ranges() if nbytes > 0)
-    merged: list[list[int]] = []
-    for index, start, end in extents:
-        if merged and merged[-1][0] == index and start <= merged[-1][2] + MERGE_GAP:
-            merged[-1][2] = max(merged[-1][2], end)
-        else:
-            merged.append([index, start, end])
+    the first ``limit`` bytes of them when given.  ``extents``: :func:`_extents` of the plan, when
+    the caller has them."""
     out = []
-    for index, start, end in merged:
+    for index, start, end in join_extents(_extents(plan) if extents is None else extents):
         if limit is not None:
             if limit <= 0:
                 break
@@ -75,10 +75,11 @@ def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> P
     policy = config().prefetch if policy is None else policy
     if cache == "drop" or policy == "off" or not hasattr(os, "posix_fadvise"):
         return None
-    nbytes = sum(job.file_bytes for job in plan.jobs)
+    extents = _extents(plan)   # one walk of the jobs serves the size and the ranges
+    nbytes = sum(end - start for _, start, end in extents)
     if policy != "on" and not MIN_READAHEAD_BYTES <= nbytes <= MAX_AUTO_PLAN_BYTES:
         return None
-    files = sorted({plan.files[job.file_index] for job in plan.jobs})
+    files = sorted({plan.files[index] for index, _, _ in extents})
     auto = policy == "auto"
     try:
         cached = pagecache.resident_fraction(files, samples=RESIDENCY_SAMPLES) if auto else None
@@ -86,5 +87,5 @@ def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> P
         cached = None
     if not choose_readahead(policy, nbytes, mem_available() if auto else None, cached_fraction=cached):
         return None
-    ranges = readahead_ranges(plan, READAHEAD_BYTES)
+    ranges = readahead_ranges(plan, READAHEAD_BYTES, extents)
     return Prefetch(ranges, threads=1) if ranges else None

@@ -187,15 +187,11 @@ def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: st
         used[key] = entry
     # one batch of local headers: the same checks, in the same order, as one payload_offset each
     starts = payload_offsets(fd, path, list(used.values()), end_limit, threads, cold=_is_cold(path, len(used)))
-    spans = sorted(zip(starts, [start + entry.size for start, entry in zip(starts, used.values())], used))
+    spans = sorted((start, start + entry.size, key) for start, (key, entry) in zip(starts, used.items()))
     for (_, end, first_key), (start, _, second) in zip(spans, spans[1:]):
         if start < end:  # a forged directory could alias two storages
             raise CheckpointError(f"{path}: storages {first_key!r} and {second!r} overlap in the file")
     return dict(zip(used, starts))
-
-
-#: a file this much in the page cache (sampled) has its local headers read without asking first
-_WARM_FRACTION = 0.95
 
 
 def _is_cold(path: str, headers: int) -> bool:
@@ -207,7 +203,7 @@ def _is_cold(path: str, headers: int) -> bool:
         cached = pagecache.resident_fraction([path], samples=64)
     except OSError:   # a file system that cannot map the file: nothing is known, and reading goes on
         cached = None
-    return cached is None or cached < _WARM_FRACTION
+    return cached is None or cached < pagecache.WARM_FRACTION
 
 
 def _check_byteorder(fd: int, path: str, entries: dict[str, ZipEntry], prefix: str, end_limit: int) -> None:
