@@ -37,10 +37,9 @@ def test_mmap_mode_reads_the_mapped_ranges_ahead_in_the_background(big_file, bac
         monkeypatch.setattr(mapped, "readahead_window", lambda path: 128 << 10)
 
     def fresh_model():
-        with torch.device("meta"):
-            model = nn.Module()
-            for name, tensor in sd.items():
-                model.register_buffer(name, torch.empty_like(tensor))
+        model = nn.Module()
+        for name, tensor in sd.items():
+            model.register_buffer(name, torch.empty_like(tensor, device="meta"))
         return model
 
     monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "off")

@@ -19,10 +19,9 @@ MiB = 1 << 20
 
 
 def _meta_model(sd: dict[str, torch.Tensor]) -> nn.Module:
-    with torch.device("meta"):
-        model = nn.Module()
-        for name, tensor in sd.items():
-            model.register_buffer(name, torch.empty_like(tensor))
+    model = nn.Module()
+    for name, tensor in sd.items():
+        model.register_buffer(name, torch.empty_like(tensor, device="meta"))
     return model
 
 
@@ -114,6 +113,27 @@ def test_a_cold_copy_load_reads_ahead_and_a_warm_one_does_not(big_file, backend,
     sd2 = gs.load_state_dict(path, backend=backend)
     assert sd2.report.prefetch is None and not asked
     assert all(torch.equal(sd2[name], tensor) for name, tensor in sd.items())
+
+
+@pytest.mark.page_cache
+def test_a_meta_model_counts_before_it_is_allocated(big_file, monkeypatch):
+    """load_into decides keep or drop once, before it allocates a model built on meta: the bytes
+    it is about to allocate count, so a load that will drop the file never reads it ahead (the
+    pages would come back behind the engine's drops)."""
+    path, sd = big_file
+    data = sum(t.nbytes for t in sd.values())
+    monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "on")
+    monkeypatch.setattr(gs.api, "mem_available", lambda: 2 * data - 1)   # file + model do not fit
+    asked = _recorded_willneed(monkeypatch)
+    model = _meta_model(sd)
+    report = gs.load_into(model, path)
+    assert report.cache == "drop" and report.prefetch is None and not asked
+    assert all(torch.equal(getattr(model, name), tensor) for name, tensor in sd.items())
+    monkeypatch.setattr(gs.api, "mem_available", lambda: 2 * data)       # they fit: kept, read ahead
+    model = _meta_model(sd)
+    report = gs.load_into(model, path)
+    assert report.cache == "keep" and report.prefetch is not None and report.prefetch.wait(30)
+    assert all(torch.equal(getattr(model, name), tensor) for name, tensor in sd.items())
 
 
 def test_the_read_ahead_stops_when_the_load_fails(tmp_path, monkeypatch):

@@ -22,7 +22,8 @@ from .mapped import FileViews, Prefetch
 from .fileio import platform_cache_policy
 from .formats import Checkpoint, open_checkpoint
 from .formats.records import gc_paused
-from .modules import materialize, meta_tensors, quant_targets, run_post_load_hooks, same_kind, swap_tensors
+from .modules import (materialize, meta_tensors, module_walk, quant_targets, run_post_load_hooks, same_kind,
+                      swap_tensors)
 from .plan import CACHE_POLICIES, Plan, Rename, Route, choose_cache, make_plan, normalize_rename, zero_copy_jobs
 from .progress import Progress, progress_callback
 from .readahead import start_copy_readahead
@@ -99,11 +100,26 @@ def _open(path: str | os.PathLike | Checkpoint, key: str | None) -> Checkpoint:
     return path if isinstance(path, Checkpoint) else open_checkpoint(path, key=key)
 
 
+def _resolve_cache(plan: Plan, cache: str, device: torch.device | None = None) -> str:
+    """``cache`` as "keep" or "drop" for this plan (:func:`~gemma_stream.plan.choose_cache`), decided
+    once per load, before the model is allocated: destinations still on ``meta`` count as host
+    memory when ``device`` is the CPU, as they will once allocated."""
+    if cache != "auto":
+        return cache
+    available = mem_available()
+    if available is None:
+        return choose_cache(plan, cache, None)
+    meta_on_host = device is not None and device.type == "cpu"
+    return choose_cache(plan, cache, available, plan.host_nbytes(meta_on_host))
+
+
 def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progress, cache: str,
-             desc: str) -> tuple[RunResult, float, str, str]:
-    """Run the plan's jobs; returns (what ran, seconds, executor name, cache policy used)."""
-    cache = platform_cache_policy(choose_cache(plan, cache, mem_available() if cache == "auto" else None),
-                                  explicit=cache == "drop")
+             desc: str, resolved: str | None = None) -> tuple[RunResult, float, str, str]:
+    """Run the plan's jobs; returns (what ran, seconds, executor name, cache policy used).
+    ``cache``: the caller's policy; ``resolved``: its :func:`_resolve_cache`, when already decided."""
+    if resolved is None:
+        resolved = _resolve_cache(plan, cache)
+    cache = platform_cache_policy(resolved, explicit=cache == "drop")
     cfg = config()
     executor = get_executor(backend)
     callback, close = progress_callback(progress, plan.nbytes, desc)
@@ -117,16 +133,16 @@ def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progres
     return done, time.perf_counter() - start, executor.name, cache
 
 
-def _read_ahead(plan: Plan, cache: str, mode: str, ckpt: Checkpoint) -> Prefetch | None:
+def _read_ahead(plan: Plan, resolved: str, mode: str, ckpt: Checkpoint) -> Prefetch | None:
     """``mode="copy"``: the plan's source bytes asked for ahead of the engine on a background
     thread, when the files are cold and fit in memory (:mod:`gemma_stream.readahead`).  Not for a
     torch zip of many tensors: its reader has already asked for every local header, and reading
-    the plan ahead on top measured slower (0.92 on vs off, many_small cold; NOTES.md 36)."""
+    the plan ahead on top measured slower (0.92 on vs off, many_small cold; NOTES.md 36).
+    ``resolved``: the load's cache policy, "keep" or "drop" (:func:`_resolve_cache`)."""
     if mode != "copy" or not plan.jobs:
         return None
     if ckpt.format == "torchzip" and len(ckpt.records) >= fileio.PARALLEL_READS:
         return None
-    resolved = choose_cache(plan, cache, mem_available() if cache == "auto" else None)
     return start_copy_readahead(plan, resolved)
 
 
@@ -240,21 +256,23 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
         targets = model.state_dict(keep_vars=True)
     device = torch.device(device) if device is not None else torch.device("cpu")
     # one plan, on the model as built: a mismatch is raised before anything is allocated or mapped
-    plan = make_plan(ckpt, targets, rename=rename, quant=quant_targets(model), strict=strict)
-    metas = meta_tensors(model)
+    walk = module_walk(model)   # the model's modules as quantized: every step below visits these
+    plan = make_plan(ckpt, targets, rename=rename, quant=quant_targets(model, walk), strict=strict)
+    metas = meta_tensors(model, walk)
     uninitialized = _unfilled_meta(metas, plan, targets, ckpt.where, strict)
     mapped, prefetch = _map_zero_copy(plan, targets, device, threads) if mode == "mmap" else ({}, None)
+    resolved = _resolve_cache(plan, cache, device)
     if mode == "copy":   # reads while the model is allocated, then ahead of the engine
-        prefetch = _read_ahead(plan, cache, mode, ckpt)
+        prefetch = _read_ahead(plan, resolved, mode, ckpt)
     try:
-        swap_tensors(model, {key: view for key, (_, view) in mapped.items()})
-        plan.rebind(materialize(model, device, {k: v for k, v in metas.items() if k not in mapped}))
+        swap_tensors(model, {key: view for key, (_, view) in mapped.items()}, walk)
+        plan.rebind(materialize(model, device, {k: v for k, v in metas.items() if k not in mapped}, walk))
         done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
-                                                      cache=cache, desc="gemma_stream load")
+                                                      cache=cache, desc="gemma_stream load", resolved=resolved)
     finally:
         if prefetch is not None and mode == "copy":
             prefetch.cancel()   # the engine has read everything (or failed): nothing left to ask for
-    run_post_load_hooks(model, threads or config().default_threads)
+    run_post_load_hooks(model, threads or config().default_threads, walk)
     return LoadReport(loaded=plan.loaded, missing_keys=plan.missing_keys, unexpected_keys=plan.unexpected_keys,
                       mismatched_keys=plan.mismatched_keys, skipped_keys=plan.skipped_keys,
                       uninitialized=uninitialized, mapped=[name for name, _ in mapped.values()],
@@ -321,11 +339,12 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         views[view_key] = targets[name] = tensor
     plan = make_plan(ckpt, targets, strict=True,
                      rename=None if rename is None else {r.name: names.get(r.name) for r in ckpt.records})
+    resolved = _resolve_cache(plan, cache)
     mapped, prefetch = _map_zero_copy(plan, targets, torch.device(device), threads) if mode == "mmap" else \
-        ({}, _read_ahead(plan, cache, mode, ckpt))
+        ({}, _read_ahead(plan, resolved, mode, ckpt))
     try:
         done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
-                                                      cache=cache, desc="gemma_stream read")
+                                                      cache=cache, desc="gemma_stream read", resolved=resolved)
     finally:
         if prefetch is not None and mode == "copy":
             prefetch.cancel()

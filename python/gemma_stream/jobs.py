@@ -107,8 +107,13 @@ class Plan:
     def dst_nbytes(self) -> int:
         """Bytes the jobs write into host memory (weights, scales and zero points on the CPU;
         an accelerator's memory does not compete with the page cache)."""
-        return sum(t.numel() * t.element_size() for job in self.jobs for t in (job.dst, job.scale, job.zero)
-                   if t is not None and t.device.type == "cpu")
+        return self.host_nbytes()
+
+    def host_nbytes(self, meta_on_host: bool = False) -> int:
+        """``dst_nbytes``, counting destinations still on ``meta`` too when ``meta_on_host`` (a
+        load that will allocate them on the CPU, asked before it does)."""
+        return sum(t.nbytes for job in self.jobs for t in (job.dst, job.scale, job.zero)
+                   if t is not None and (t.is_cpu or meta_on_host and t.is_meta))
 
     def filled(self, targets: Mapping[str, torch.Tensor]) -> set[int]:
         """``id`` of every target tensor the jobs write whole (partly written ones are missing keys)."""

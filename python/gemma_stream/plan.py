@@ -33,7 +33,7 @@ __all__ = ["Route", "PartialRoutes", "QuantTarget", "CopyJob", "Plan", "choose_c
 CACHE_POLICIES = ("auto", "keep", "drop")
 
 
-def choose_cache(plan: Plan, cache: str, available: int | None) -> str:
+def choose_cache(plan: Plan, cache: str, available: int | None, dst_nbytes: int | None = None) -> str:
     """``cache="auto"`` -> "keep" or "drop" for this plan.
 
     "drop" when the bytes read and the bytes written cannot both stay in memory
@@ -43,6 +43,8 @@ def choose_cache(plan: Plan, cache: str, available: int | None) -> str:
     faults (on a 24 GiB VM, a cold 7B load took 11.7 s with drop against 14.1 s
     with keep; benchmarks/NOTES.md, section 12).  "keep" otherwise, so a file
     that fits stays cached for the next load.  "keep"/"drop" pass through.
+    ``dst_nbytes``: the bytes written, when the caller counted them otherwise than
+    ``plan.dst_nbytes`` (destinations still on ``meta`` that the load will allocate).
     """
     if cache not in CACHE_POLICIES:
         raise UsageError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
@@ -50,7 +52,8 @@ def choose_cache(plan: Plan, cache: str, available: int | None) -> str:
         return cache
     if available is None:
         return "keep"
-    return "drop" if plan.nbytes + plan.dst_nbytes > available else "keep"
+    written = plan.dst_nbytes if dst_nbytes is None else dst_nbytes
+    return "drop" if plan.nbytes + written > available else "keep"
 
 
 READAHEAD_POLICIES = ("auto", "on", "off")
@@ -203,7 +206,8 @@ class _Planner:
                 f"{record.name}: checkpoint shape {list(src_shape)} vs model {route.target!r} shape {list(dst_shape)}")
             return
         dst_dtype = from_torch(target.dtype)
-        if record.dtype != dst_dtype and not (record.dtype.name in CONVERTIBLE and dst_dtype.name in CONVERTIBLE):
+        if record.dtype is not dst_dtype and record.dtype != dst_dtype and \
+                not (record.dtype.name in CONVERTIBLE and dst_dtype.name in CONVERTIBLE):
             p.mismatched_keys.append(
                 f"{record.name}: checkpoint dtype {record.dtype.torch} cannot be loaded into "
                 f"{route.target!r} of dtype {target.dtype}")
@@ -353,7 +357,7 @@ def make_plan(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, re
         if routes is None:
             planner.plan.skipped_keys.append(record.name)
             continue
-        if check_splits and not isinstance(rename, PartialRoutes):
+        if check_splits and rename is not None and not isinstance(rename, PartialRoutes):   # None: whole tensors
             check_split_covers(record, routes, planner.plan)
         for route in routes:
             planner.route(record, route)

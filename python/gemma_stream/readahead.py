@@ -73,18 +73,22 @@ def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> P
     ``cache`` is the policy the load resolved ("keep"/"drop"); ``policy`` defaults to
     ``GEMMA_STREAM_PREFETCH``."""
     policy = config().prefetch if policy is None else policy
-    if cache == "drop" or policy == "off" or not hasattr(os, "posix_fadvise"):
+    if cache == "drop" or policy == "off" or not hasattr(os, "posix_fadvise") or not plan.jobs:
         return None
+    auto = policy == "auto"
+    cached = None
+    if auto:   # first, as it is cheap: a warm load (the common case) then walks no job's ranges
+        files = sorted({plan.files[job.file_index] for job in plan.jobs})
+        try:
+            cached = pagecache.resident_fraction(files, samples=RESIDENCY_SAMPLES)
+        except OSError:   # a file system that cannot map the files: not known, and the load goes on
+            cached = None
+        if cached is not None and cached >= pagecache.WARM_FRACTION:   # choose_readahead's rule, early
+            return None
     extents = _extents(plan)   # one walk of the jobs serves the size and the ranges
     nbytes = sum(end - start for _, start, end in extents)
     if policy != "on" and not MIN_READAHEAD_BYTES <= nbytes <= MAX_AUTO_PLAN_BYTES:
         return None
-    files = sorted({plan.files[index] for index, _, _ in extents})
-    auto = policy == "auto"
-    try:
-        cached = pagecache.resident_fraction(files, samples=RESIDENCY_SAMPLES) if auto else None
-    except OSError:   # a file system that cannot map the files: not known, and the load goes on
-        cached = None
     if not choose_readahead(policy, nbytes, mem_available() if auto else None, cached_fraction=cached):
         return None
     ranges = readahead_ranges(plan, READAHEAD_BYTES, extents)
