@@ -9,6 +9,7 @@
 #include "file.h"
 #include "int4_layout.h"
 #include "quant.h"
+#include "read_ranges.h"
 
 namespace py = pybind11;
 
@@ -146,6 +147,27 @@ py::tuple run(const std::vector<std::string>& files, const JobBatch& batch, int 
   return py::make_tuple(result.bytes_read, result.completed);
 }
 
+// read_ranges(path, offsets, lengths, threads, identity=None) -> (bytes, [bytes read per range]):
+// the ranges back to back in one bytes object, filled with the GIL released (read_ranges.h).
+py::tuple read_ranges(const std::string& path, const std::vector<uint64_t>& offsets,
+                      const std::vector<uint64_t>& lengths, int threads, const std::optional<IdentityTuple>& identity) {
+  uint64_t total = 0;
+  for (uint64_t n : lengths)
+    if (!gs::checked_add_u64(total, n, &total) || total > (uint64_t(1) << 40))
+      throw gs::JobError("read_ranges: more than 1 TiB asked for");
+  py::bytes buffer(nullptr, static_cast<std::size_t>(total));   // not shared with anyone until returned
+  char* out = PyBytes_AS_STRING(buffer.ptr());
+  gs::FileIdentity expected;
+  if (identity) expected = {std::get<0>(*identity), std::get<1>(*identity), std::get<2>(*identity),
+                            std::get<3>(*identity)};
+  std::vector<uint64_t> got;
+  {
+    py::gil_scoped_release release;
+    got = gs::read_ranges(path, identity ? &expected : nullptr, offsets, lengths, threads, out);
+  }
+  return py::make_tuple(buffer, got);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -166,6 +188,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("run", &run, py::arg("files"), py::arg("jobs"), py::arg("threads"), py::arg("chunk_bytes"),
         py::arg("drop_cache"), py::arg("progress"), py::arg("identities") = std::vector<IdentityTuple>(),
         py::arg("allow_avx2") = true, "Run copy jobs; returns (bytes_read, completed).");
+  m.def("read_ranges", &read_ranges, py::arg("path"), py::arg("offsets"), py::arg("lengths"), py::arg("threads"),
+        py::arg("identity") = py::none(),
+        "Read many byte ranges of one file, back to back, without the GIL; returns (bytes, bytes read per range).");
   m.def("dtype_table", &dtype_table, "(name, code, itemsize, convertible) of every dtype code the engine knows.");
   m.attr("PAGE_BYTES") = gs::kPageBytes;
   m.attr("FOLIO_BYTES") = gs::kFolioBytes;

@@ -120,3 +120,43 @@ def test_avx2_switch_comes_from_config(monkeypatch):
     monkeypatch.setenv("GEMMA_STREAM_NO_AVX2", "0")
     assert config().avx2 is True and native.quant_kernels() == _native.quant_kernels(True)
     assert _native.quant_kernels(False) == "portable"
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_read_ranges_reads_each_range_back_to_back(tmp_path, threads):
+    """_native.read_ranges: every range's bytes in order, one after another; a range is cut at the
+    end of the file (its unread tail zeroed) and one past the end reads nothing."""
+    from gemma_stream.executors import native_module
+    native = native_module()
+    path = tmp_path / "f.bin"
+    data = bytes(range(256)) * 40
+    path.write_bytes(data)
+    ranges = [(off, n) for off, n in ((i * 37 % 9000, i % 50 + 1) for i in range(600))]
+    ranges += [(len(data) - 5, 12), (len(data) + 3, 4), (0, 0)]
+    buf, got = native.read_ranges(str(path), [o for o, _ in ranges], [n for _, n in ranges], threads)
+    at = 0
+    for (offset, n), length in zip(ranges, got):
+        assert length == max(0, min(n, len(data) - offset))
+        assert buf[at:at + length] == data[offset:offset + length] and buf[at + length:at + n] == bytes(n - length)
+        at += n
+    assert len(buf) == at
+
+
+def test_read_ranges_refuses_another_file(tmp_path):
+    """With an identity, the file opened must be the one it describes; a missing file is an OSError."""
+    import os
+
+    from gemma_stream.executors import native_module
+    from gemma_stream.formats.records import identity_of
+    native = native_module()
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 100)
+    identity = identity_of(os.stat(path))
+    assert native.read_ranges(str(path), [10], [5], 1, identity)[0] == b"xxxxx"
+    replacement = tmp_path / "g.bin"
+    replacement.write_bytes(b"y" * 100)
+    os.replace(replacement, path)
+    with pytest.raises(OSError, match="changed after its header was read"):
+        native.read_ranges(str(path), [10], [5], 1, identity)
+    with pytest.raises(OSError, match="cannot open"):
+        native.read_ranges(str(tmp_path / "missing.bin"), [0], [1], 1)

@@ -214,18 +214,84 @@ def test_many_tensors_parse_quickly(tmp_path):
     assert len(read_torchzip(str(path)).records) == 2000
 
 
+@pytest.fixture(params=["background", "caller"])
+def header_reads(request, monkeypatch):
+    """Where a zip of many storages has its local headers read: by the native engine on a
+    background thread while the pickle is walked, or by the reader itself after the walk (the
+    pure-Python path, GEMMA_STREAM_BACKEND=python)."""
+    import gemma_stream as gs
+    if request.param == "background" and not gs.native_available():
+        pytest.skip("needs the native engine")
+    if request.param == "caller":
+        monkeypatch.setenv("GEMMA_STREAM_BACKEND", "python")
+    return request.param
+
+
+class _RecordingNative:
+    """The native module, with read_ranges recorded (and replaced, when ``reply`` is given)."""
+
+    def __init__(self, real, reply=None):
+        self.real, self.reply, self.calls = real, reply, []
+
+    def read_ranges(self, path, offsets, lengths, threads, identity=None):
+        import threading
+        self.calls.append((threading.current_thread().name, list(offsets)))
+        if self.reply is not None:
+            return self.reply(offsets, lengths)
+        return self.real.read_ranges(path, offsets, lengths, threads, identity)
+
+
 @pytest.mark.parametrize("threads", ["1", "4"])
-def test_local_headers_read_on_threads_give_the_same_records(tmp_path, monkeypatch, threads):
+def test_local_headers_read_on_threads_give_the_same_records(tmp_path, monkeypatch, threads, header_reads):
     """A zip of more storages than fileio.PARALLEL_READS: its local headers are read on the
-    loader's threads, each record still placed at its own storage's bytes."""
+    loader's threads (or in the background), each record still placed at its own storage's bytes."""
     monkeypatch.setenv("GEMMA_STREAM_THREADS", threads)
     path = tmp_path / "many.pt"
     torch.save({f"layers.{i}.w": torch.randn(i % 5 + 1, 3) for i in range(700)}, path)
     check_against_torch(path)
 
 
+def test_the_native_engine_reads_the_local_headers_while_the_pickle_is_walked(tmp_path, monkeypatch):
+    """With the native engine, one read_ranges call on a background thread reads every storage's
+    local header, started before the walk; the records are the same."""
+    import gemma_stream as gs
+    from gemma_stream import executors
+    if not gs.native_available():
+        pytest.skip("needs the native engine")
+    recording = _RecordingNative(executors.native_module())
+    monkeypatch.setattr(executors, "_native", recording)
+    path = tmp_path / "many.pt"
+    torch.save({f"layers.{i}.w": torch.randn(i % 5 + 1, 3) for i in range(300)}, path)
+    check_against_torch(path)
+    with zipfile.ZipFile(path) as z:
+        headers = sorted(z.getinfo(f"many/data/{i}").header_offset for i in range(300))
+    assert [(name, sorted(offsets)) for name, offsets in recording.calls] == [("gemma_stream_zip_headers", headers)]
+
+
+@pytest.mark.parametrize("reply", ["fails", "garbage"])
+def test_a_failed_background_read_leaves_the_reading_to_the_reader(tmp_path, monkeypatch, reply):
+    """The background headers are a head start, not trusted: a read that fails, or bytes that are
+    not the headers, leave each storage to the reader's own reads and checks."""
+    import gemma_stream as gs
+    from gemma_stream import executors
+    if not gs.native_available():
+        pytest.skip("needs the native engine")
+
+    def answer(offsets, lengths):
+        if reply == "fails":
+            raise OSError("the disk went away")
+        return bytes(sum(lengths)), list(lengths)
+
+    recording = _RecordingNative(executors.native_module(), answer)
+    monkeypatch.setattr(executors, "_native", recording)
+    path = tmp_path / "many.pt"
+    torch.save({f"layers.{i}.w": torch.randn(i % 5 + 1, 3) for i in range(300)}, path)
+    check_against_torch(path)
+    assert len(recording.calls) == 1
+
+
 @pytest.mark.parametrize("cold", [True, False])
-def test_a_cold_zip_asks_for_all_its_local_headers_first(tmp_path, monkeypatch, cold):
+def test_a_cold_zip_asks_for_all_its_local_headers_first(tmp_path, monkeypatch, cold, header_reads):
     """Cold, every local header is asked for (WILLNEED) before the first is read, so the disk
     queues them all; warm, none is: the reads find them cached."""
     from gemma_stream import fileio, pagecache
@@ -248,7 +314,7 @@ def test_a_cold_zip_asks_for_all_its_local_headers_first(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("threads", ["1", "4"])
-def test_the_first_bad_local_header_is_the_one_refused(tmp_path, monkeypatch, threads):
+def test_the_first_bad_local_header_is_the_one_refused(tmp_path, monkeypatch, threads, header_reads):
     monkeypatch.setenv("GEMMA_STREAM_THREADS", threads)
     source = tmp_path / "many.pt"
     torch.save({f"w{i}": torch.full((2,), float(i)) for i in range(600)}, source)

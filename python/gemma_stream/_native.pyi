@@ -55,6 +55,11 @@ def run(files: list[str], jobs: JobBatch, threads: int, chunk_bytes: int, drop_c
         identities: list[_IdentityTuple] = ..., allow_avx2: bool = True) -> tuple[int, bool]:
     """Run copy jobs; returns (bytes_read, completed). allow_avx2=False: the quantizers' portable loops."""
 
+def read_ranges(path: str, offsets: list[int], lengths: list[int], threads: int,
+                identity: _IdentityTuple | None = None) -> tuple[bytes, list[int]]:
+    """Read many byte ranges of one file back to back, without the GIL, on up to ``threads`` threads;
+    a range is cut at the end of the file (its unread tail zeroed). Returns (bytes, bytes read per range)."""
+
 def dtype_table() -> list[tuple[str, int, int, bool]]:
     """(name, code, itemsize, convertible among f16/bf16/f32) of every dtype code the engine knows."""
 

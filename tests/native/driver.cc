@@ -10,6 +10,7 @@
 //   cmake --build build-driver && build-driver/gemma_stream_driver [WORK_DIR]
 //
 // Exit status 0 when every check passed; one line per check on stdout.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +25,7 @@
 #include "file.h"
 #include "int4_layout.h"
 #include "quant.h"
+#include "read_ranges.h"
 
 namespace {
 
@@ -220,6 +222,33 @@ int main(int argc, char** argv) {
                               q.data(), gs::DType::I8, "specials");
     nan_row.scale = scale.data();
     expect_error<gs::DataError>("NaN row", files, {nan_row}, "row 0 holds NaN or infinity");
+
+    // Many small reads in one call (a torch zip's local headers): back to back, the last one cut at
+    // the end of the file with its unread tail zeroed, one past the end reading nothing.
+    {
+      std::vector<uint64_t> offsets, lengths;
+      for (uint64_t i = 0; i < 300; ++i) {
+        offsets.push_back(pattern_at + (i * 997) % (pattern_bytes - 64));
+        lengths.push_back(1 + i % 60);
+      }
+      offsets.push_back(bytes.size() - 5);
+      lengths.push_back(12);
+      offsets.push_back(bytes.size() + 10);
+      lengths.push_back(4);
+      uint64_t total = 0;
+      for (uint64_t n : lengths) total += n;
+      std::vector<char> got_bytes(static_cast<std::size_t>(total), 'x');
+      const std::vector<uint64_t> got = gs::read_ranges(input, nullptr, offsets, lengths, 3, got_bytes.data());
+      bool ok = got.size() == offsets.size();
+      uint64_t at = 0;
+      for (std::size_t i = 0; ok && i < offsets.size(); ++i) {
+        const uint64_t want = offsets[i] >= bytes.size() ? 0 : std::min<uint64_t>(lengths[i], bytes.size() - offsets[i]);
+        ok = got[i] == want && std::memcmp(got_bytes.data() + at, bytes.data() + offsets[i], want) == 0;
+        for (uint64_t k = want; ok && k < lengths[i]; ++k) ok = got_bytes[at + k] == 0;
+        at += lengths[i];
+      }
+      report("read_ranges: many small reads, cut at the end", ok);
+    }
   } catch (const std::exception& e) {
     report("unexpected exception", false, e.what());
   }

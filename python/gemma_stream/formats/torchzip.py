@@ -24,8 +24,8 @@ from ..config import config
 from ..errors import CheckpointError
 from .pickle_walker import StorageRef, TensorView, describe, walk_pickle
 from .records import Checkpoint, CheckpointFile, TensorRecord, check_shape, contiguous_strides, gc_paused
-from .zip_archive import (EOCD_BYTES, ZipEntry, not_zip, payload_offset, payload_offsets, read_exact,
-                          read_zip_directory)
+from .zip_archive import (EOCD_BYTES, LocalHeaderReads, ZipEntry, not_zip, payload_offset, payload_offsets,
+                          read_exact, read_zip_directory)
 
 __all__ = ["read_torchzip", "ZipEntry", "read_zip_directory", "payload_offset", "STATE_DICT_KEYS"]
 
@@ -154,9 +154,10 @@ def _refuse_view(path: str, name: str, view: TensorView) -> None:
 
 
 def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: str,
-                    tensors: dict[str, TensorView], end_limit: int, threads: int) -> dict[str, int]:
+                    tensors: dict[str, TensorView], end_limit: int, threads: int, cold: bool,
+                    reads: LocalHeaderReads | None) -> dict[str, int]:
     """Payload offset of each storage used; each data/<key> holds at least the declared bytes.
-    The local headers are read on ``threads`` threads."""
+    The local headers are read on ``threads`` threads, or come from ``reads``."""
     declared_as: dict[str, tuple[str, StorageRef]] = {}
     used: dict[str, ZipEntry] = {}
     data_prefix = f"{prefix}data/"
@@ -186,12 +187,17 @@ def _storage_ranges(fd: int, path: str, entries: dict[str, ZipEntry], prefix: st
                                   f"but data/{ref.key} holds {entry.size}", path=path, tensor=name)
         used[key] = entry
     # one batch of local headers: the same checks, in the same order, as one payload_offset each
-    starts = payload_offsets(fd, path, list(used.values()), end_limit, threads, cold=_is_cold(path, len(used)))
+    starts = payload_offsets(fd, path, list(used.values()), end_limit, threads, cold=cold, reads=reads)
     spans = sorted((start, start + entry.size, key) for start, (key, entry) in zip(starts, used.items()))
     for (_, end, first_key), (start, _, second) in zip(spans, spans[1:]):
         if start < end:  # a forged directory could alias two storages
             raise CheckpointError(f"{path}: storages {first_key!r} and {second!r} overlap in the file")
     return dict(zip(used, starts))
+
+
+def _data_entries(entries: dict[str, ZipEntry], prefix: str) -> list[ZipEntry]:
+    data_prefix = f"{prefix}data/"
+    return [e for name, e in entries.items() if name.startswith(data_prefix)]
 
 
 def _is_cold(path: str, headers: int) -> bool:
@@ -243,6 +249,7 @@ def _read_torchzip(path: str, key: str | None) -> Checkpoint:
         fd = fileio.open_read(path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open: {e.strerror or e}", path=path) from e
+    reads = None
     try:
         st = os.fstat(fd)
         path = CheckpointFile(path, st)   # the records' file: executors check they read this very file
@@ -253,6 +260,11 @@ def _read_torchzip(path: str, key: str | None) -> Checkpoint:
             raise not_zip(path, fileio.pread(fd, 16, 0))
         entries, data_end = read_zip_directory(fd, path, file_size)
         prefix = _archive_prefix(path, entries)
+        storages = _data_entries(entries, prefix)
+        threads = config().default_threads
+        cold = _is_cold(path, len(storages))
+        # every storage's local header, read while the pickle is walked (native engine, many storages)
+        reads = LocalHeaderReads.start(fd, path, path.identity, storages, threads, cold)
         _check_byteorder(fd, path, entries, prefix, data_end)
         pkl = entries[f"{prefix}data.pkl"]
         if pkl.size > MAX_PICKLE_BYTES:
@@ -263,10 +275,12 @@ def _read_torchzip(path: str, key: str | None) -> Checkpoint:
         tensors: dict[str, TensorView] = {}
         extras: dict[str, str] = {}
         _flatten(state_dict, "", 0, tensors, extras, path)
-        offsets = _storage_ranges(fd, path, entries, prefix, tensors, data_end, config().default_threads)
+        offsets = _storage_ranges(fd, path, entries, prefix, tensors, data_end, threads, cold, reads)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}", path=path) from e
     finally:
+        if reads is not None:
+            reads.join()   # before the descriptor it advises on closes
         fileio.close(fd)
     if top_key is not None:  # siblings such as "epoch"; a clash with a state-dict entry is renamed
         for k, value in tree.items():

@@ -16,14 +16,15 @@ Example::
 from __future__ import annotations
 
 import struct
+import threading
 from typing import NamedTuple
 
 from .. import fileio
 from ..errors import CheckpointError
 from .safetensors import not_a_checkpoint
 
-__all__ = ["ZipEntry", "read_zip_directory", "payload_offset", "payload_offsets", "read_exact", "not_zip", "EOCD_BYTES",
-           "MAX_DIRECTORY_BYTES"]
+__all__ = ["ZipEntry", "read_zip_directory", "payload_offset", "payload_offsets", "LocalHeaderReads", "read_exact",
+           "not_zip", "EOCD_BYTES", "MAX_DIRECTORY_BYTES"]
 
 MAX_DIRECTORY_BYTES = 1 << 28     # bounds what a forged EOCD can make us read
 
@@ -189,20 +190,94 @@ def payload_offset(fd: int, path: str, entry: ZipEntry, end_limit: int) -> int:
     return start
 
 
+def _header_ranges(entries: list[ZipEntry]) -> list[tuple[int, int]]:
+    """``(bytes, offset)`` of each entry's local header and name (an offset no file has reads at 0:
+    the checks then refuse the entry)."""
+    local_size, limit = _LOCAL.size, 1 << 62
+    return [(local_size + len(e.raw_name), e.local_header_offset if 0 <= e.local_header_offset < limit else 0)
+            for e in entries]
+
+
+class LocalHeaderReads:
+    """The local headers of many entries, read on a background thread while the caller goes on
+    (a torch zip's reader walks its pickle meanwhile): one call into the native engine reads them
+    all without the GIL, so the reads, and the page faults behind them, overlap the walk.
+
+    :meth:`start` returns None where it would not help: no native engine (or
+    ``GEMMA_STREAM_BACKEND=python``), fewer than ``fileio.PARALLEL_READS`` entries, or more than
+    ``MAX_BYTES`` of headers.  The bytes are only a head start: :func:`payload_offsets` checks them
+    as it checks its own reads, and a failed background read leaves the reading to it.
+    """
+
+    MAX_BYTES = 64 << 20
+
+    def __init__(self, fd: int, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
+                 threads: int, cold: bool, native):
+        self._entries = entries
+        self._headers: dict[str, bytes] | None = None
+        self._thread = threading.Thread(target=self._read, args=(fd, path, identity, threads, cold, native),
+                                        name="gemma_stream_zip_headers", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, fd: int, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
+              threads: int, cold: bool) -> LocalHeaderReads | None:
+        from ..config import config
+        from ..executors import native_module
+        native = native_module()
+        if native is None or config().backend == "python" or len(entries) < fileio.PARALLEL_READS:
+            return None
+        if sum(_LOCAL.size + len(e.raw_name) for e in entries) > cls.MAX_BYTES:
+            return None
+        return cls(fd, path, identity, entries, threads, cold, native)
+
+    def _read(self, fd: int, path: str, identity, threads: int, cold: bool, native) -> None:
+        ranges = _header_ranges(self._entries)
+        try:
+            if cold:   # the disk gets every header queued at once (fileio.pread_many's advise)
+                fileio.advise_ranges(fd, ranges)
+            data, got = native.read_ranges(str(path), [o for _, o in ranges], [n for n, _ in ranges], threads,
+                                           identity)
+        except Exception:   # noqa: BLE001  (the reader's own reads then say what is wrong)
+            return
+        out, at = {}, 0
+        for entry, (n, _), length in zip(self._entries, ranges, got):
+            out[entry.name] = data[at:at + length]
+            at += n
+        self._headers = out
+
+    def headers(self, entries: list[ZipEntry]) -> list[bytes] | None:
+        """The headers of ``entries`` (each one of those started with), once read; None when the
+        background read failed."""
+        self._thread.join()
+        found = self._headers
+        if found is None:
+            return None
+        try:
+            return [found[e.name] for e in entries]
+        except KeyError:
+            return None
+
+    def join(self) -> None:
+        self._thread.join()
+
+
 def payload_offsets(fd: int, path: str, entries: list[ZipEntry], end_limit: int, threads: int = 1,
-                    cold: bool = False) -> list[int]:
+                    cold: bool = False, reads: LocalHeaderReads | None = None) -> list[int]:
     """:func:`payload_offset` of each entry, in order: the same checks and the same errors.
 
     One call per checkpoint instead of one per storage (a many-tensor zip has thousands): the
     local headers are read on up to ``threads`` threads (:func:`fileio.pread_many`, all asked for
-    at once first when the file is ``cold``), then each is checked inline; an entry that fails any
-    check goes through :func:`payload_offset`, whose refusal names it, and the first such entry in
-    ``entries`` is the one refused."""
+    at once first when the file is ``cold``), or taken from ``reads`` (read in the background),
+    then each is checked inline; an entry that fails any check goes through
+    :func:`payload_offset`, whose refusal names it, and the first such entry in ``entries`` is the
+    one refused."""
     local_size = _LOCAL.size
     limit = 1 << 62
-    ranges = [(local_size + len(e.raw_name), e.local_header_offset if 0 <= e.local_header_offset < limit else 0)
-              for e in entries]
-    headers = fileio.pread_many(fd, ranges, threads, advise=cold)
+    ranges = _header_ranges(entries)
+    headers = reads.headers(entries) if reads is not None else None
+    if headers is None:
+        headers = fileio.pread_many(fd, ranges, threads, advise=cold)
     unpack_lengths = _LOCAL_LENGTHS.unpack_from
     out = []
     append = out.append
