@@ -376,3 +376,38 @@ def test_init_empty_computes_buffers_and_leaves_parameters_on_meta(tmp_path, bac
     assert model.head.weight is model.embed.weight  # the tie made in __init__ is kept
     for name, tensor in sd.items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_one_module_walk_serves_every_step_of_a_load(tmp_path):
+    """load_into walks the model's modules once (modules.module_walk) and each step reads that walk
+    as it read its own: a module registered under two names (a tied head) is visited once where
+    named_modules() visits it once, its tensors are swapped under both names, and quantized
+    targets are found the same."""
+    from gemma_stream.modules import _unique, meta_tensors, module_walk, quant_targets
+    from gemma_stream.quant import quantize_
+
+    def build():
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Embedding(64, 32), nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32)))
+            model.head = model[0]          # the same module under a second name
+        return model
+
+    model = build()
+    walk = module_walk(model)
+    assert list(_unique(walk)) == list(model.named_modules())
+    assert [p for p, _ in walk] == [p for p, _ in model.named_modules(remove_duplicate=False)]
+    assert meta_tensors(model, walk).keys() == meta_tensors(model).keys()
+    quantize_(model, "int8")
+    walk = module_walk(model)
+    assert quant_targets(model, walk).keys() == quant_targets(model).keys() and quant_targets(model)
+
+    source = build().to_empty(device="cpu")
+    torch.manual_seed(0)
+    for p in source.parameters():
+        p.data.normal_()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items() if not k.startswith("head.")},
+              str(tmp_path / "m.safetensors"))
+    model = build()
+    gs.load_into(model, str(tmp_path / "m.safetensors"))
+    assert model.head is model[0] and torch.equal(model.head.weight, source[0].weight)
+    assert all(not t.is_meta for t in model.state_dict().values())

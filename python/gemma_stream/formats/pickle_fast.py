@@ -123,6 +123,9 @@ def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used:
     size = len(data)
     match, u32, getsizeof = ENTRY_AFTER_NAME.match, _U32, sys.getsizeof
     start_pos, walked_total = pos, 0
+    # the four memo reads as checked, by their opcodes: within one call the memo only grows, so
+    # an index once read and checked keeps its object (entries repeat the same four reads)
+    checked_reads: dict[tuple[bytes, bytes, bytes, bytes], tuple[str, Global]] = {}
     while pos + 5 <= size and data[pos] == 0x58:   # BINUNICODE: the entry's name
         length = u32(data, pos + 1)[0]
         name_end = pos + 5 + length
@@ -133,19 +136,26 @@ def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used:
          numel_token, put_pid, offset_token, size_ints, size_op, put_size, stride_ints, stride_op, put_stride, grad,
          get_dict, put_dict, put_args, put_view) = m.groups()
         nmemo = len(memo)
-        # the memo reads: indices the walker has stored, holding what a regular entry reads there
-        # (an index past them, even the entry's own name, is left to the general path)
-        i1 = get_rebuild[1] if len(get_rebuild) == 2 else u32(get_rebuild, 1)[0]
-        i2 = get_tag[1] if len(get_tag) == 2 else u32(get_tag, 1)[0]
-        i3 = get_type[1] if len(get_type) == 2 else u32(get_type, 1)[0]
-        i4 = get_dict[1] if len(get_dict) == 2 else u32(get_dict, 1)[0]
-        if i1 >= nmemo or i2 >= nmemo or i3 >= nmemo or i4 >= nmemo:
-            break
-        rebuild, tag, storage_type, ordered_dict = memo[i1], memo[i2], memo[i3], memo[i4]
-        if not (type(rebuild) is Global and rebuild.qualname == _REBUILD and type(tag) is str and tag == "storage"
-                and type(storage_type) is Global and storage_type.is_storage_type and storage_type.dtype
-                and type(ordered_dict) is Global and ordered_dict.qualname == _ORDERED_DICT
-                and key_len[0] == len(key)):
+        reads = (get_rebuild, get_tag, get_type, get_dict)
+        found = checked_reads.get(reads)
+        if found is None:
+            # the memo reads: indices the walker has stored, holding what a regular entry reads there
+            # (an index past them, even the entry's own name, is left to the general path)
+            i1 = get_rebuild[1] if len(get_rebuild) == 2 else u32(get_rebuild, 1)[0]
+            i2 = get_tag[1] if len(get_tag) == 2 else u32(get_tag, 1)[0]
+            i3 = get_type[1] if len(get_type) == 2 else u32(get_type, 1)[0]
+            i4 = get_dict[1] if len(get_dict) == 2 else u32(get_dict, 1)[0]
+            if i1 >= nmemo or i2 >= nmemo or i3 >= nmemo or i4 >= nmemo:
+                break
+            rebuild, tag, storage_type, ordered_dict = memo[i1], memo[i2], memo[i3], memo[i4]
+            if not (type(rebuild) is Global and rebuild.qualname == _REBUILD and type(tag) is str
+                    and tag == "storage" and type(storage_type) is Global and storage_type.is_storage_type
+                    and storage_type.dtype and type(ordered_dict) is Global
+                    and ordered_dict.qualname == _ORDERED_DICT):
+                break
+            found = checked_reads[reads] = (tag, storage_type)
+        tag, storage_type = found
+        if key_len[0] != len(key):
             break
         if get_loc is None:
             if loc_len[0] != len(loc):
