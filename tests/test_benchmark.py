@@ -417,6 +417,21 @@ def test_engine_probe_script_maps_its_cases_onto_the_harness(tmp_path):
         engine_probe.case_spec(args, "gs_native@fast", "x.safetensors")
 
 
+def test_load_phases_script_times_each_phase(tmp_path):
+    """benchmarks/load_phases.py: one fresh process per load, every phase of load_into timed; a torch
+    zip's reader phases too."""
+    from gemma_stream.benchmark.matrix import write_cell_files
+    from gemma_stream.benchmark.mixes import parse_mix_size
+    files = write_cell_files(str(tmp_path / "cell"), "many_small", parse_mix_size("tiny"))
+    proc = _script("load_phases.py", "--mix", "many_small", "--size", "tiny", "--rounds", "1", "--rewarm",
+                   files["safetensors"]["path"], files["zip"]["path"], tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    single, zipped = proc.stdout.split(files["zip"]["path"])
+    for phase in ("total", "_open", "make_plan", "materialize", "_execute"):
+        assert f"  {phase} " in single and f"  {phase} " in zipped
+    assert "zip.walk_pickle" in zipped and "zip.walk_pickle" not in single
+
+
 def test_reader_benchmark_measures_both_formats():
     from gemma_stream.benchmark.readers import run_readers
     out = run_readers(tensors=60, repeat=1, load=True)

@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from .errors import InternalError
 
 __all__ = ["open_read", "close", "read_into", "pread", "write_at", "open_flags", "drop_cache",
-           "advise_sequential", "advise_willneed", "advise_ranges", "bypass_cache", "cache_drop_support", "platform_cache_policy",
-           "PAGE_BYTES", "FOLIO_BYTES"]
+           "advise_sequential", "advise_willneed", "advise_ranges", "bypass_cache", "cache_drop_support",
+           "platform_cache_policy", "PAGE_BYTES", "FOLIO_BYTES"]
 
 #: The page the executors round cache drops and buffers to, and the largest page-cache folio
 #: (x86-64's PMD size; DONTNEED keeps a folio a range only partly covers). Stated once here; the
