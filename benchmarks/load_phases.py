@@ -26,26 +26,20 @@ import time
 
 CHILD = r"""
 import json, sys, time
+from contextlib import ExitStack
 import torch
 import gemma_stream as gs
 from gemma_stream import api
+from gemma_stream.benchmark.job_overhead import timed_calls
 from gemma_stream.benchmark.mixes import mix_specs
 from gemma_stream.benchmark.shapes import module_from_specs
 from gemma_stream.formats import torchzip, zip_archive
 
 seconds = {}
+stack = ExitStack()
 
 def wrap(owner, name, label=None):
-    real = getattr(owner, name)
-    label = label or name
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
-    setattr(owner, name, timed)
+    stack.enter_context(timed_calls(owner, name, seconds, label or name, clock=time.perf_counter))
 
 for name in ("_open", "module_walk", "quant_targets", "make_plan", "meta_tensors", "_unfilled_meta",
              "_resolve_cache", "_read_ahead", "materialize", "_execute", "run_post_load_hooks"):

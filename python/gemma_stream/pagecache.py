@@ -20,8 +20,8 @@ import mmap
 import os
 import sys
 
-__all__ = ["KERNEL_PAGE_BYTES", "MADV_POPULATE_READ", "has_madvise", "madvise", "pages_in_cache", "populate_read",
-           "resident_bytes", "resident_fraction"]
+__all__ = ["KERNEL_PAGE_BYTES", "MADV_POPULATE_READ", "has_madvise", "is_warm", "madvise", "pages_in_cache",
+           "populate_read", "resident_bytes", "resident_fraction", "WARM_FRACTION"]
 
 #: the kernel's page, as this process sees it: madvise and mincore work in whole pages from an
 #: address aligned to it.  The engine's page and folio (``fileio.PAGE_BYTES`` / ``FOLIO_BYTES``, equal
@@ -168,6 +168,17 @@ def pages_in_cache(fd: int, path: str) -> int | None:
                         ctypes.c_uint(0)) == 0:
             return stat.nr_cache
     return _resident_pages(libc, path)[0]
+
+
+def is_warm(paths, samples: int | None = None) -> bool | None:
+    """Whether the files are in the page cache: at least ``WARM_FRACTION`` of their pages (of
+    ``samples`` pages per file, when given); None where that cannot be known (no ``mincore``, or a
+    file system that cannot map the files)."""
+    try:
+        fraction = resident_fraction(paths, samples)
+    except OSError:
+        return None
+    return None if fraction is None else fraction >= WARM_FRACTION
 
 
 def resident_fraction(paths, samples: int | None = None) -> float | None:

@@ -11,9 +11,10 @@ engine threads' stretches in turn instead (each thread reads one contiguous shar
 benchmarks/NOTES.md section 36 for the figures.
 
 Whether it runs is :func:`gemma_stream.plan.choose_readahead`'s call on ``GEMMA_STREAM_PREFETCH``
-(auto: when the bytes fit in ``MemAvailable`` with a fifth to spare and the files are not already
-in the page cache), for "auto" only on plans of 32 MiB to 2 GiB, and never with ``cache="drop"``,
-whose pages would come back behind the engine.
+(auto: when the bytes fit in ``MemAvailable`` with a fifth to spare), after "auto" has found the
+files not already in the page cache (``pagecache.is_warm`` on a sample of pages), for "auto" only
+on plans of 32 MiB to 2 GiB, and never with ``cache="drop"``, whose pages would come back behind
+the engine.
 """
 
 from __future__ import annotations
@@ -76,20 +77,15 @@ def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> P
     if cache == "drop" or policy == "off" or not hasattr(os, "posix_fadvise") or not plan.jobs:
         return None
     auto = policy == "auto"
-    cached = None
-    if auto:   # first, as it is cheap: a warm load (the common case) then walks no job's ranges
-        files = sorted({plan.files[job.file_index] for job in plan.jobs})
-        try:
-            cached = pagecache.resident_fraction(files, samples=RESIDENCY_SAMPLES)
-        except OSError:   # a file system that cannot map the files: not known, and the load goes on
-            cached = None
-        if cached is not None and cached >= pagecache.WARM_FRACTION:   # choose_readahead's rule, early
-            return None
+    # first, as it is cheap (a sample of pages): a warm load, the common case, walks no job's ranges;
+    # where residency cannot be known (None) the load reads ahead as for a cold file
+    if auto and pagecache.is_warm(sorted({plan.files[job.file_index] for job in plan.jobs}), RESIDENCY_SAMPLES):
+        return None
     extents = _extents(plan)   # one walk of the jobs serves the size and the ranges
     nbytes = sum(end - start for _, start, end in extents)
     if policy != "on" and not MIN_READAHEAD_BYTES <= nbytes <= MAX_AUTO_PLAN_BYTES:
         return None
-    if not choose_readahead(policy, nbytes, mem_available() if auto else None, cached_fraction=cached):
+    if not choose_readahead(policy, nbytes, mem_available() if auto else None):
         return None
     ranges = readahead_ranges(plan, READAHEAD_BYTES, extents)
     return Prefetch(ranges, threads=1) if ranges else None

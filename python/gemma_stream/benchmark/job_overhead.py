@@ -52,16 +52,17 @@ class _Flat(torch.nn.Module):
 
 
 @contextmanager
-def _timed(owner, attr: str, totals: dict, key: str):
-    """Accumulate the CPU time spent in ``owner.attr`` under ``totals[key]``."""
+def timed_calls(owner, attr: str, totals: dict, key: str, clock=time.process_time):
+    """Accumulate the time spent in ``owner.attr`` under ``totals[key]`` while the context is open:
+    CPU time by default, ``clock=time.perf_counter`` for wall time (``benchmarks/load_phases.py``)."""
     original = getattr(owner, attr)
 
     def wrapper(*args, **kwargs):
-        start = time.process_time()
+        start = clock()
         try:
             return original(*args, **kwargs)
         finally:
-            totals[key] = totals.get(key, 0.0) + time.process_time() - start
+            totals[key] = totals.get(key, 0.0) + clock() - start
     setattr(owner, attr, wrapper)
     try:
         yield
@@ -81,9 +82,9 @@ def _load_cpu(path: str, shapes: list[tuple[int, int]], rounds: int, threads: in
         if fresh:   # destinations allocated by the load, as for a gs.init_empty model
             with torch.device("meta"):
                 model = _Flat(shapes)
-        with _timed(api, "make_plan", parts_round, "plan"), \
-                _timed(native_executor.NativeExecutor, "run", parts_round, "executor"), \
-                _timed(native_executor, "_native_run", parts_round, "engine"):
+        with timed_calls(api, "make_plan", parts_round, "plan"), \
+                timed_calls(native_executor.NativeExecutor, "run", parts_round, "executor"), \
+                timed_calls(native_executor, "_native_run", parts_round, "engine"):
             start = time.process_time()
             gs.load_into(model, path, threads=threads, backend="native", cache="keep")
             parts_round["total"] = time.process_time() - start

@@ -203,13 +203,7 @@ def _data_entries(entries: dict[str, ZipEntry], prefix: str) -> list[ZipEntry]:
 def _is_cold(path: str, headers: int) -> bool:
     """Whether to ask for the local headers before reading them: many of them, and the file not
     cached (a sample of its pages; where that cannot be known, ask: the advice is a hint)."""
-    if headers < fileio.PARALLEL_READS:
-        return False
-    try:
-        cached = pagecache.resident_fraction([path], samples=64)
-    except OSError:   # a file system that cannot map the file: nothing is known, and reading goes on
-        cached = None
-    return cached is None or cached < pagecache.WARM_FRACTION
+    return headers >= fileio.PARALLEL_READS and not pagecache.is_warm([path], samples=64)
 
 
 def _check_byteorder(fd: int, path: str, entries: dict[str, ZipEntry], prefix: str, end_limit: int) -> None:

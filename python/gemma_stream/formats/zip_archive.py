@@ -20,6 +20,7 @@ import threading
 from typing import NamedTuple
 
 from .. import fileio
+from ..config import config
 from ..errors import CheckpointError
 from .safetensors import not_a_checkpoint
 
@@ -222,8 +223,7 @@ class LocalHeaderReads:
     @classmethod
     def start(cls, fd: int, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
               threads: int, cold: bool) -> LocalHeaderReads | None:
-        from ..config import config
-        from ..executors import native_module
+        from ..executors import native_module   # here: executors import the planner, which imports formats
         native = native_module()
         if native is None or config().backend == "python" or len(entries) < fileio.PARALLEL_READS:
             return None
