@@ -86,6 +86,7 @@ def test_mmap_prefetch_joins_ranges_in_file_order_and_respects_memory(tmp_path, 
     (file, start, end, base), = views.ranges()
     assert (file, start, end) == (str(path), 4096, 4096 + 8192 + 40)
     assert base == views._storages[0].data_ptr()                 # where the file is mapped
+    monkeypatch.setattr(pagecache, "is_warm", lambda paths, samples=None: False)   # as if cold
     monkeypatch.setattr(mapped, "mem_available", lambda: 100)
     assert views.prefetch("auto") is None                        # does not fit with a fifth to spare
     assert views.prefetch("off") is None
@@ -94,3 +95,35 @@ def test_mmap_prefetch_joins_ranges_in_file_order_and_respects_memory(tmp_path, 
     monkeypatch.setenv("GEMMA_STREAM_PREFETCH", "sometimes")
     with pytest.raises(ValueError, match="GEMMA_STREAM_PREFETCH"):
         gs.load_state_dict(path, mode="mmap")
+
+
+def test_mmap_prefetch_decides_warm_on_a_sample_of_pages_first(tmp_path, monkeypatch):
+    """"auto" asks whether the files are cached on ``RESIDENCY_SAMPLES`` pages per file before it
+    joins any range (a whole-file mincore cost as much as the rest of a warm 1 GiB load); warm, no
+    read-ahead; where residency cannot be known (None), the read-ahead starts as for a cold file."""
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({"a": torch.zeros(4096)}, paths[-1])
+    views = mapped.FileViews(paths)
+    views.view(1, 4096, torch.float32, (1024,), None)
+    views.view(0, 4096, torch.float32, (1024,), None)
+    asked = []
+
+    def is_warm(files, samples=None):
+        asked.append((list(files), samples))
+        return answer
+
+    monkeypatch.setattr(pagecache, "is_warm", is_warm)
+    monkeypatch.setattr(mapped, "mem_available", lambda: 1 << 40)
+    monkeypatch.setattr(views, "ranges", lambda: pytest.fail("ranges joined for a warm file"))
+    answer = True
+    assert views.prefetch("auto") is None
+    assert asked == [(sorted(paths), pagecache.RESIDENCY_SAMPLES)]
+    monkeypatch.undo()
+    monkeypatch.setattr(pagecache, "is_warm", is_warm)
+    monkeypatch.setattr(mapped, "mem_available", lambda: 1 << 40)
+    for answer in (False, None):   # cold, or cannot tell
+        started = views.prefetch("auto")
+        assert started is not None and started.wait(10) and started.done
+    assert views.prefetch("off") is None and len(asked) == 3        # "off" asks nothing

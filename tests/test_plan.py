@@ -127,19 +127,6 @@ def test_readahead_decision_takes_the_facts_it_is_given(policy, mapped_bytes, av
     assert choose_readahead(policy, mapped_bytes, available, supported=supported) is expected
 
 
-@pytest.mark.parametrize("policy, cached_fraction, expected", [
-    ("auto", None, True),    # unknown (no mincore): decide on memory alone
-    ("auto", 0.0, True),     # cold
-    ("auto", 0.5, True),     # half cached: the rest is worth reading ahead
-    ("auto", 0.95, False),   # warm: a read-ahead would only compete with the first touches
-    ("on", 1.0, True),       # "on" means on
-])
-def test_readahead_decision_skips_a_file_already_in_the_page_cache(policy, cached_fraction, expected):
-    from gemma_stream.plan import choose_readahead
-
-    assert choose_readahead(policy, 800, 1000, cached_fraction=cached_fraction) is expected
-
-
 def test_readahead_decision_refuses_an_unknown_policy():
     from gemma_stream.plan import choose_readahead
 

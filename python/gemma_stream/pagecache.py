@@ -21,7 +21,7 @@ import os
 import sys
 
 __all__ = ["KERNEL_PAGE_BYTES", "MADV_POPULATE_READ", "has_madvise", "is_warm", "madvise", "pages_in_cache",
-           "populate_read", "resident_bytes", "resident_fraction", "WARM_FRACTION"]
+           "populate_read", "resident_bytes", "resident_fraction", "WARM_FRACTION", "RESIDENCY_SAMPLES"]
 
 #: the kernel's page, as this process sees it: madvise and mincore work in whole pages from an
 #: address aligned to it.  The engine's page and folio (``fileio.PAGE_BYTES`` / ``FOLIO_BYTES``, equal
@@ -89,6 +89,10 @@ def populate_read(address: int, nbytes: int = KERNEL_PAGE_BYTES) -> int | None:
 #: a file this much in the page cache counts as warm: nothing to read ahead (the copy and mmap
 #: read-aheads, ``plan.choose_readahead``) and no local headers to ask for (the torch zip reader)
 WARM_FRACTION = 0.95
+
+#: pages per file sampled to decide warm or cold (``is_warm``): a whole-file ``mincore`` costs
+#: 4-15 ms per GiB on this project's VM, 256 pages a fraction of a millisecond
+RESIDENCY_SAMPLES = 256
 
 #: mincore's vector byte -> its residency bit (the other bits are reserved)
 _LOW_BIT = bytes(i & 1 for i in range(256))

@@ -21,7 +21,6 @@ from .dtypes import CONVERTIBLE, from_torch
 from .errors import MismatchError, UsageError
 from .formats.records import Checkpoint, TensorRecord, contiguous_strides
 from .jobs import CopyJob, Plan, QuantTarget, is_plain_cpu as _is_plain_cpu
-from .pagecache import WARM_FRACTION
 from .plan_checks import check_quant_columns, check_split_covers, describe_mismatch
 from .routes import PartialRoutes, Rename, RenameResult, Route, normalize_rename
 
@@ -59,8 +58,7 @@ def choose_cache(plan: Plan, cache: str, available: int | None, dst_nbytes: int 
 READAHEAD_POLICIES = ("auto", "on", "off")
 
 
-def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, supported: bool = True,
-                     cached_fraction: float | None = None) -> bool:
+def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, supported: bool = True) -> bool:
     """Whether a load reads its bytes ahead in the background (GEMMA_STREAM_PREFETCH): ``mode="mmap"``'s
     mapped ranges, or ``mode="copy"``'s plan (``readahead.py``, which also never reads ahead with
     ``cache="drop"``).
@@ -70,10 +68,11 @@ def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, s
     (``posix_fadvise``; macOS and Windows cannot).  "auto" reads ahead only when
     the ranges fit in ``available`` with a fifth to spare: otherwise the
     read-ahead would push out its own first pages, or the rest of the
-    system's, before they are used; and not when ``cached_fraction`` (of the
-    mapped files' bytes in the page cache, None where unknown) says the file is
-    already in memory (measured: a warm read-ahead only competes with the first
-    touches, 0.91x on a warm many-small zip).  "on" always, "off" never; nothing
+    system's, before they are used.  A warm load never gets this far: its
+    callers ask ``pagecache.is_warm`` first, on a sample of pages, before they
+    join a range (a warm read-ahead only competes with the first touches,
+    0.91x on a warm many-small zip; a whole-file mincore cost as much as the
+    rest of a warm 1 GiB load, NOTES.md 38).  "on" always, "off" never; nothing
     mapped, nothing to read.
 
     >>> choose_readahead("auto", mapped_bytes=5 << 30, available=16 << 30)
@@ -87,8 +86,6 @@ def choose_readahead(policy: str, mapped_bytes: int, available: int | None, *, s
         return False
     if policy == "on":
         return True
-    if cached_fraction is not None and cached_fraction >= WARM_FRACTION:
-        return False
     return available is not None and mapped_bytes <= 0.8 * available
 
 

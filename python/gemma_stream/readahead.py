@@ -40,8 +40,6 @@ READAHEAD_BYTES = 256 << 20
 #: every mix; at 5 GiB it measured 0.91-1.07 (the setup it overlaps is a smaller share of a larger
 #: load, and the engine's own readahead keeps the disk busy).  2 GiB lies between what was measured.
 MAX_AUTO_PLAN_BYTES = 2 << 30
-#: pages per file probed for "is it cached already" (a whole-file mincore cost ~5 ms per GiB warm)
-RESIDENCY_SAMPLES = 256
 
 
 def _extents(plan: Plan) -> list[tuple[int, int, int]]:
@@ -79,7 +77,8 @@ def start_copy_readahead(plan: Plan, cache: str, policy: str | None = None) -> P
     auto = policy == "auto"
     # first, as it is cheap (a sample of pages): a warm load, the common case, walks no job's ranges;
     # where residency cannot be known (None) the load reads ahead as for a cold file
-    if auto and pagecache.is_warm(sorted({plan.files[job.file_index] for job in plan.jobs}), RESIDENCY_SAMPLES):
+    if auto and pagecache.is_warm(sorted({plan.files[job.file_index] for job in plan.jobs}),
+                                    pagecache.RESIDENCY_SAMPLES):
         return None
     extents = _extents(plan)   # one walk of the jobs serves the size and the ranges
     nbytes = sum(end - start for _, start, end in extents)
