@@ -5,7 +5,9 @@ each measurement is a fresh process taking the best of 5 warm loads, or with ``C
 after evicting the file (or the directory's files) from the page cache, or with ``IDLE=S`` one
 load after S seconds of sleep (the file stays in the page cache, but on this VM the host takes
 back the memory of pages left alone for seconds, NOTES.md 35); rounds alternate the builds'
-order; medians and spreads, and the ratio of the two builds within each round::
+order; medians and spreads, and the ratio of the two builds within each round.  Each child is
+checked to import its own build (``runner.CHILD_BOOT``: with an editable install in the
+interpreter, PYTHONPATH alone ran the editable tree for both builds, NOTES.md 38)::
 
     python benchmarks/ab_builds.py /tmp/site_main /tmp/site_new FILE [FILE ...]   # ROUNDS=6 COLD=0 IDLE=0
 """
@@ -19,6 +21,7 @@ try:   # the parent only evicts files: gemma_stream from this checkout if none i
     import gemma_stream  # noqa: F401
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python"))
+from gemma_stream.benchmark.runner import child_command  # noqa: E402
 
 COLD_CHILD = """
 import sys, time
@@ -53,7 +56,8 @@ def main(argv: list[str]) -> int:
                     _evict(path)
                 elif idle:
                     time.sleep(idle)
-                out = subprocess.run([sys.executable, "-c", COLD_CHILD if cold or idle else CHILD, path],
+                # each child imports its build and no other (an editable install would redirect it)
+                out = subprocess.run(child_command(os.path.abspath(site), COLD_CHILD if cold or idle else CHILD, path),
                                      capture_output=True, text=True, env=env)
                 if out.returncode:
                     print(out.stderr)

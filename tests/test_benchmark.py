@@ -441,3 +441,26 @@ def test_reader_benchmark_measures_both_formats():
                                     "load_zip_seconds", "load_into_main_thread_safetensors_seconds",
                                     "load_into_main_thread_sharded_seconds", "load_into_main_thread_zip_seconds"))
     assert out["zip_over_safetensors"] == out["open_zip_seconds"] / out["open_safetensors_seconds"]
+
+
+def test_a_benchmark_child_imports_the_build_it_is_given_and_no_other(tmp_path):
+    """``runner.child_command``: a build on PYTHONPATH alone lost to an editable install's finder
+    (both sides of an A/B ran the same tree, NOTES.md 38); the child now imports ``root``'s
+    package, with bytecode compiled first, or fails saying where it came from."""
+    from gemma_stream.benchmark.runner import child_command
+
+    build = tmp_path / "build_b" / "gemma_stream"
+    build.mkdir(parents=True)
+    (build / "__init__.py").write_text("WHICH = 'build b'\n")
+    (build / "lazy.py").write_text("X = 1\n")
+    out = subprocess.run(child_command(str(build.parent), "print(gemma_stream.WHICH, sys.argv[1:])", "arg"),
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(build.parent)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "build b ['arg']"
+    assert list((build / "__pycache__").glob("lazy.*.pyc"))      # compiled as an installed wheel is
+
+    empty = tmp_path / "no_build"
+    empty.mkdir()
+    out = subprocess.run(child_command(str(empty), "print('ran')"), capture_output=True, text=True)
+    assert out.returncode != 0 and "ran" not in out.stdout
+    assert "not " + str(empty) in out.stderr or "No module named 'gemma_stream'" in out.stderr

@@ -23,8 +23,8 @@ from .probes import (children_cpu_seconds, cpu_busy, cpu_times, mem_available, m
                      wait_for_idle)
 from .workloads import Workload, folder_of, log_progress, quantized_bytes, synthetic_workload, user_workload
 
-__all__ = ["Workload", "Row", "cpu_busy", "cpu_times", "mem_available", "run_child", "run_loaders",
-           "synthetic_workload", "user_workload", "wait_for_idle"]
+__all__ = ["CHILD_BOOT", "Workload", "Row", "child_command", "cpu_busy", "cpu_times", "ensure_bytecode",
+           "mem_available", "run_child", "run_loaders", "synthetic_workload", "user_workload", "wait_for_idle"]
 
 # a shared machine: a run during which the rest of the machine used this much CPU does not count when
 # quieter runs exist (the median is taken over the quiet ones)
@@ -101,24 +101,84 @@ class Row:
 
 # ---------------------------------------------------------------- running children
 
-def _child_env() -> dict:
+def _package_root() -> str:
     import gemma_stream
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(gemma_stream.__file__)))
+    return os.path.dirname(os.path.dirname(os.path.abspath(gemma_stream.__file__)))
+
+
+def _child_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+#: The start of every child: gemma_stream from ``root`` (argv[1]) and nowhere else.  An editable
+#: install puts a finder ahead of ``sys.path`` (scikit-build-core's redirects every
+#: ``gemma_stream`` import to the source tree), so a build on PYTHONPATH alone is silently not the
+#: build that runs: A/B runs of two builds then measure one build twice (NOTES.md 38).  Finders
+#: that place ``gemma_stream`` outside ``root`` are dropped, and a child that still imports it from
+#: elsewhere fails instead of measuring the wrong code.
+CHILD_BOOT = """
+import os, sys
+root = os.path.abspath(sys.argv.pop(1))
+for finder in list(sys.meta_path):
+    try:
+        spec = finder.find_spec("gemma_stream", None)
+    except Exception:
+        continue
+    origin = getattr(spec, "origin", None)
+    if origin and not os.path.abspath(origin).startswith(root + os.sep):
+        sys.meta_path.remove(finder)
+sys.path.insert(0, root)
+import gemma_stream
+if not os.path.abspath(gemma_stream.__file__).startswith(root + os.sep):
+    sys.exit(f"gemma_stream.benchmark: the child imported gemma_stream from {gemma_stream.__file__}, not {root}")
+"""
+
+
+def child_command(root: str, code: str, *args: str) -> list[str]:
+    """``python -c`` running ``code`` (with ``args`` as ``sys.argv[1:]``) after ``CHILD_BOOT`` has made
+    sure that ``gemma_stream`` comes from ``root`` (a folder holding the package), whose modules are
+    first compiled to bytecode (``ensure_bytecode``)."""
+    ensure_bytecode(root)
+    return [sys.executable, "-c", CHILD_BOOT + code, root, *args]
+
+
+_COMPILED: set[str] = set()
+
+
+def ensure_bytecode(root: str) -> bool:
+    """Compile ``root``'s gemma_stream to ``__pycache__`` once per run, as installing a wheel does.
+
+    A load imports some modules on first use (the zip reader, the native executor); without their
+    bytecode each fresh process compiles them inside its timed load: 20-40 ms of a 300 ms warm
+    1 GiB load where ``PYTHONDONTWRITEBYTECODE`` is set or the tree is a fresh checkout (NOTES.md
+    38), which a user's installed wheel never pays.  False where the tree cannot be written."""
+    import compileall
+
+    package = os.path.join(root, "gemma_stream")
+    if package in _COMPILED:
+        return True
+    ok = bool(compileall.compile_dir(package, quiet=2))
+    if ok:
+        _COMPILED.add(package)
+    return ok
+
+
+_CHILD_MAIN = "from gemma_stream.benchmark.child import child_main\nsys.exit(child_main(sys.argv[1]))\n"
 
 
 def run_child(spec: dict, timeout: float, pythonpath: str | None = None) -> dict:
     """One load in a fresh interpreter (``spec`` as ``child`` reads it); its result, plus ``others_cpu``.
 
-    ``pythonpath``: import gemma_stream from there instead (another build: before/after).
+    ``pythonpath``: import gemma_stream from there instead (another build: before/after); the child
+    fails rather than import it from anywhere else (``CHILD_BOOT``).
     """
-    cmd = [sys.executable, "-m", "gemma_stream.benchmark", "--child", json.dumps(spec)]
     env = _child_env()
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
+    cmd = child_command(os.path.abspath(pythonpath or _package_root()), _CHILD_MAIN, json.dumps(spec))
     ours0, (busy0, total0) = children_cpu_seconds(), cpu_times()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     ours1, (busy1, total1) = children_cpu_seconds(), cpu_times()
