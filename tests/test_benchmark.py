@@ -464,3 +464,25 @@ def test_a_benchmark_child_imports_the_build_it_is_given_and_no_other(tmp_path):
     out = subprocess.run(child_command(str(empty), "print('ran')"), capture_output=True, text=True)
     assert out.returncode != 0 and "ran" not in out.stdout
     assert "not " + str(empty) in out.stderr or "No module named 'gemma_stream'" in out.stderr
+
+
+def test_mix_variants_script_runs_named_variants_with_their_env_and_build(tmp_path):
+    """benchmarks/mix_variants.py: a few entries of one cell over many rounds; a variant's env reaches
+    its child, a variant naming another build runs that build (here a folder without one: it fails)."""
+    proc = _script("mix_variants.py", "--mix", "many_small", "--size", "tiny", "--format", "sharded", "--rounds", "2",
+                   "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "v.json"),
+                   "bound=pread_2t_4k", "gs=gs_native:GEMMA_STREAM_PREFETCH=off", "mmap=gs_mmap#zip",
+                   tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads((tmp_path / "v.json").read_text())
+    assert out["format"] == "sharded" and out["state"] == "cold"
+    assert {k: len(v) for k, v in out["seconds"].items()} == {"bound": 2, "gs": 2, "mmap": 2}
+    assert [v["entry"] for v in out["variants"]] == ["pread_2t_4k@sharded", "gs_native@sharded", "gs_mmap@zip"]
+    assert out["variants"][1]["env"] == {"GEMMA_STREAM_PREFETCH": "off"}
+    assert "  gs " in proc.stdout and "round 2:" in proc.stdout
+    (tmp_path / "nobuild").mkdir()
+    proc = _script("mix_variants.py", "--mix", "many_small", "--size", "tiny", "--rounds", "1",
+                   "--workdir", str(tmp_path / "w"), f"gs=gs_native@{tmp_path / 'nobuild'}", tmp_path=tmp_path)
+    assert proc.returncode != 0
+    proc = _script("mix_variants.py", "--size", "tiny", "gs=no_such_loader", tmp_path=tmp_path)
+    assert proc.returncode != 0 and "unknown loader" in proc.stderr
