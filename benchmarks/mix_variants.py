@@ -32,7 +32,7 @@ try:
 except ImportError:   # running from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python"))
 
-from gemma_stream.benchmark import matrix, writers  # noqa: E402
+from gemma_stream.benchmark import matrix  # noqa: E402
 from gemma_stream.benchmark.mixes import mix_specs, parse_mix_size, size_name  # noqa: E402
 from gemma_stream.benchmark.runner import run_child  # noqa: E402
 
@@ -72,15 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = parse_mix_size(args.size)
     formats = matrix.write_cell_files(os.path.join(args.workdir, f"{args.mix}-{size_name(nbytes)}"), args.mix, nbytes)
     every_file = [f for e in formats.values() for f in e["data"]]
-    checks = matrix._check_names(mix_specs(args.mix, nbytes))
+    checks = matrix.fingerprint_names(mix_specs(args.mix, nbytes))
     seconds: dict[str, list[float]] = {v["name"]: [] for v in variants}
     for r in range(args.rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-            files = formats[v["entry"].fmt]["data"]
-            writers.evict(every_file if args.state == "cold" else [f for f in every_file if f not in files])
-            if args.state == "warm":
-                writers.warm_up(files)
-            spec = matrix._spec(v["entry"], args.mix, nbytes, formats, None, checks)
+            matrix.set_cache_state(args.state, every_file, formats[v["entry"].fmt]["data"])
+            spec = matrix.entry_spec(v["entry"], args.mix, nbytes, formats, None, checks)
             spec["env"] = v["env"]
             seconds[v["name"]].append(run_child(spec, 1800.0, v["build"])["seconds"])
         print(f"round {r + 1}: " + "  ".join(f"{n} {s[-1]:.3f}" for n, s in seconds.items()), flush=True)

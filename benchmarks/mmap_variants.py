@@ -30,8 +30,7 @@ try:
     import gemma_stream  # noqa: F401
 except ImportError:   # running from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python"))
-    import gemma_stream  # noqa: F401
-from gemma_stream.benchmark.runner import child_command  # noqa: E402
+from gemma_stream.benchmark.runner import child_command, package_root  # noqa: E402
 
 _RUN_THIS_FILE = "import runpy\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
 
@@ -116,7 +115,7 @@ def run(directory: str, variants: list[str], rounds: int) -> None:
             for path in _paths(directory):
                 _drop(path)
             env = dict(os.environ)
-            root = os.path.dirname(os.path.dirname(os.path.abspath(gemma_stream.__file__)))
+            root = package_root()
             if v.startswith("old."):
                 env["PYTHONPATH"] = root = os.path.abspath(os.environ["OLD_PYTHONPATH"])
             # the child imports gemma_stream from root and nowhere else (runner.CHILD_BOOT, NOTES.md 38)

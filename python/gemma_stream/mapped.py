@@ -267,8 +267,8 @@ class FileViews:
         I/O; where it cannot be known, as for a cold file): a whole-file ``mincore`` took as long as
         the rest of a warm 1 GiB load (NOTES.md 38)."""
         auto = policy == "auto"
-        paths = sorted({self.files[index] for index, _, _ in self._extents})
-        if auto and paths and pagecache.is_warm(paths, pagecache.RESIDENCY_SAMPLES):
+        if auto and self._extents and pagecache.is_warm(sorted({self.files[index] for index, _, _ in self._extents}),
+                                                        pagecache.RESIDENCY_SAMPLES):
             return None
         ranges = self.ranges()
         mapped_bytes = sum(end - start for _, start, end, _ in ranges)

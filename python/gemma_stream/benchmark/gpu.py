@@ -196,9 +196,9 @@ def _run_child(spec: dict, force_staging: bool) -> dict:
     env = dict(os.environ)
     if force_staging:
         env["GEMMA_STREAM_FORCE_STAGING"] = "1"
-    from .runner import _package_root, ensure_bytecode
+    from .runner import ensure_bytecode, package_root
 
-    ensure_bytecode(_package_root())   # no module compiled inside a timed load (NOTES.md 38)
+    ensure_bytecode(package_root())   # no module compiled inside a timed load (NOTES.md 38)
     proc = subprocess.run([sys.executable, "-m", "gemma_stream.benchmark.gpu", "--child", json.dumps(spec)],
                           env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():

@@ -33,8 +33,8 @@ from .matrix_report import format_cells, render_markdown
 from .report import machine_info, write_json
 from .runner import cpu_busy, mem_available, run_child, wait_for_idle
 
-__all__ = ["ENTRIES", "RATIOS", "Entry", "Ratio", "add_matrix_arguments", "run_cell", "run_matrix", "shard_limit",
-           "summarize", "write_cell_files"]
+__all__ = ["ENTRIES", "RATIOS", "Entry", "Ratio", "add_matrix_arguments", "entry_spec", "fingerprint_names", "run_cell",
+           "run_matrix", "set_cache_state", "shard_limit", "summarize", "write_cell_files"]
 
 FORMATS = ("safetensors", "sharded", "zip")
 _FORMAT_OF = {"safetensors": "safetensors", "sharded": "safetensors", "zip": "ckpt"}
@@ -169,7 +169,8 @@ def write_cell_files(folder: str, mix: str, nbytes: int, order: tuple[str, ...] 
     return formats
 
 
-def _spec(entry: Entry, mix: str, nbytes: int, formats: dict, threads: int | None, check_names: list[str]) -> dict:
+def entry_spec(entry: Entry, mix: str, nbytes: int, formats: dict, threads: int | None, check_names: list[str]) -> dict:
+    """The child's spec for one load of ``entry`` on the cell's ``formats``."""
     files = formats[entry.fmt]
     return {"loader": entry.loader, "model": {"kind": "mix", "mix": mix, "nbytes": nbytes, "naming": "mix"},
             "model_dtype": "bfloat16", "threads": threads, "key": None, "quantize": None,
@@ -178,10 +179,22 @@ def _spec(entry: Entry, mix: str, nbytes: int, formats: dict, threads: int | Non
             "check_names": check_names, "sqnr_names": []}
 
 
-def _check_names(specs: list) -> list[str]:
+def fingerprint_names(specs: list) -> list[str]:
     """A few 2-D tensors from the start, middle and end: loaders that disagree about a value are caught."""
     matrices = [name for name, shape in specs if len(shape) == 2]
     return sorted({matrices[0], matrices[len(matrices) // 2], matrices[-1]}) if matrices else []
+
+
+def set_cache_state(state: str, all_files: list[str], files: list[str]) -> float:
+    """Before one load: every file of the cell evicted ("cold"), or only ``files`` cached ("warm", read
+    back unless already cached); returns the fraction of ``files`` cached."""
+    if state == "cold":
+        writers.evict(all_files)
+    else:
+        writers.evict([f for f in all_files if f not in files])
+        if writers.cached_fraction(files) < 0.99:
+            writers.warm_up(files)
+    return writers.cached_fraction(files)
 
 
 # ---------------------------------------------------------------- one cell
@@ -192,7 +205,7 @@ def run_cell(mix: str, nbytes: int, state: str, formats: dict, entries: list[Ent
     """``rounds`` rounds of every entry on one (mix, size, state); the raw runs and their summary."""
     specs = mix_specs(mix, nbytes)
     data_bytes = sum(math.prod(s) for _, s in specs) * ITEMSIZE
-    check_names = _check_names(specs)
+    check_names = fingerprint_names(specs)
     all_files = [f for e in formats.values() for f in e["data"]]
     cell = {"mix": mix, "size": size_name(nbytes), "nbytes": nbytes, "state": state, "tensors": len(specs),
             "data_bytes": data_bytes, "files": {k: v["data"] for k, v in formats.items()},
@@ -210,19 +223,12 @@ def run_cell(mix: str, nbytes: int, state: str, formats: dict, entries: list[Ent
         shift = max(index, 0) % max(len(live), 1)
         order = (live[shift:] + live[:shift]) if index >= 0 else live[:1]
         for entry in order:
-            files = formats[entry.fmt]["data"]
-            if state == "cold":
-                writers.evict(all_files)
-            else:
-                writers.evict([f for f in all_files if f not in files])
-                if writers.cached_fraction(files) < 0.99:
-                    writers.warm_up(files)
-            cached = writers.cached_fraction(files)
+            cached = set_cache_state(state, all_files, formats[entry.fmt]["data"])
             busy = wait_for_idle(wait_idle) if wait_idle > 0 else cpu_busy(0.2)
             where = "warm-up, discarded" if index < 0 else f"{index + 1}/{rounds}"
             _log(f"[{mix} {size_name(nbytes)} {state} {where}] {entry.key} ({cached:.0%} cached, cpu {busy:.0%} busy) ...")
             try:
-                result = run_child(_spec(entry, mix, nbytes, formats, threads, check_names), timeout, pythonpath)
+                result = run_child(entry_spec(entry, mix, nbytes, formats, threads, check_names), timeout, pythonpath)
             except Exception as exc:   # a failed load is a recorded error, never a silent gap
                 cell["entries"][entry.key]["errors"].append(f"round {index + 1}: {str(exc)[-300:]}")
                 _log(f"    error: {str(exc)[-300:]}")

@@ -8,6 +8,7 @@ live in ``workloads``, the machine probes in ``probes``; their names stay import
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -24,7 +25,8 @@ from .probes import (children_cpu_seconds, cpu_busy, cpu_times, mem_available, m
 from .workloads import Workload, folder_of, log_progress, quantized_bytes, synthetic_workload, user_workload
 
 __all__ = ["CHILD_BOOT", "Workload", "Row", "child_command", "cpu_busy", "cpu_times", "ensure_bytecode",
-           "mem_available", "run_child", "run_loaders", "synthetic_workload", "user_workload", "wait_for_idle"]
+           "mem_available", "package_root", "run_child", "run_loaders", "synthetic_workload", "user_workload",
+           "wait_for_idle"]
 
 # a shared machine: a run during which the rest of the machine used this much CPU does not count when
 # quieter runs exist (the median is taken over the quiet ones)
@@ -101,14 +103,16 @@ class Row:
 
 # ---------------------------------------------------------------- running children
 
-def _package_root() -> str:
+def package_root() -> str:
+    """The folder holding the gemma_stream this process imported (what a child puts first on its path)."""
     import gemma_stream
+
     return os.path.dirname(os.path.dirname(os.path.abspath(gemma_stream.__file__)))
 
 
 def _child_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
@@ -145,9 +149,7 @@ def child_command(root: str, code: str, *args: str) -> list[str]:
     return [sys.executable, "-c", CHILD_BOOT + code, root, *args]
 
 
-_COMPILED: set[str] = set()
-
-
+@functools.cache
 def ensure_bytecode(root: str) -> bool:
     """Compile ``root``'s gemma_stream to ``__pycache__`` once per run, as installing a wheel does.
 
@@ -157,13 +159,7 @@ def ensure_bytecode(root: str) -> bool:
     38), which a user's installed wheel never pays.  False where the tree cannot be written."""
     import compileall
 
-    package = os.path.join(root, "gemma_stream")
-    if package in _COMPILED:
-        return True
-    ok = bool(compileall.compile_dir(package, quiet=2))
-    if ok:
-        _COMPILED.add(package)
-    return ok
+    return bool(compileall.compile_dir(os.path.join(root, "gemma_stream"), quiet=2))
 
 
 _CHILD_MAIN = "from gemma_stream.benchmark.child import child_main\nsys.exit(child_main(sys.argv[1]))\n"
@@ -178,7 +174,7 @@ def run_child(spec: dict, timeout: float, pythonpath: str | None = None) -> dict
     env = _child_env()
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    cmd = child_command(os.path.abspath(pythonpath or _package_root()), _CHILD_MAIN, json.dumps(spec))
+    cmd = child_command(os.path.abspath(pythonpath or package_root()), _CHILD_MAIN, json.dumps(spec))
     ours0, (busy0, total0) = children_cpu_seconds(), cpu_times()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     ours1, (busy1, total1) = children_cpu_seconds(), cpu_times()
