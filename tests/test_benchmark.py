@@ -458,6 +458,11 @@ def test_a_benchmark_child_imports_the_build_it_is_given_and_no_other(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "build b ['arg']"
     assert list((build / "__pycache__").glob("lazy.*.pyc"))      # compiled as an installed wheel is
+    # without PYTHONPATH too: the path finder, which finds the checkout first, must not be dropped
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(child_command(str(build.parent), "print(gemma_stream.WHICH)"), capture_output=True,
+                         text=True, env=env)
+    assert (out.returncode, out.stdout.strip()) == (0, "build b"), out.stderr
 
     empty = tmp_path / "no_build"
     empty.mkdir()

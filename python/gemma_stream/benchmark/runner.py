@@ -126,6 +126,7 @@ def _child_env() -> dict:
 CHILD_BOOT = """
 import os, sys
 root = os.path.abspath(sys.argv.pop(1))
+sys.path.insert(0, root)   # first, so that the path finder finds root's package and is kept
 for finder in list(sys.meta_path):
     try:
         spec = finder.find_spec("gemma_stream", None)
@@ -134,7 +135,6 @@ for finder in list(sys.meta_path):
     origin = getattr(spec, "origin", None)
     if origin and not os.path.abspath(origin).startswith(root + os.sep):
         sys.meta_path.remove(finder)
-sys.path.insert(0, root)
 import gemma_stream
 if not os.path.abspath(gemma_stream.__file__).startswith(root + os.sep):
     sys.exit(f"gemma_stream.benchmark: the child imported gemma_stream from {gemma_stream.__file__}, not {root}")
