@@ -214,13 +214,12 @@ def test_many_tensors_parse_quickly(tmp_path):
     assert len(read_torchzip(str(path)).records) == 2000
 
 
-@pytest.fixture(params=["background", "caller"])
+@pytest.fixture(params=["native", "caller"])
 def header_reads(request, monkeypatch):
-    """Where a zip of many storages has its local headers read: by the native engine on a
-    background thread while the pickle is walked, or by the reader itself after the walk (the
-    pure-Python path, GEMMA_STREAM_BACKEND=python)."""
+    """How a zip of many storages has its local headers read: by the native engine in one call, or
+    one pread each by the reader itself (the pure-Python path, GEMMA_STREAM_BACKEND=python)."""
     import gemma_stream as gs
-    if request.param == "background" and not gs.native_available():
+    if request.param == "native" and not gs.native_available():
         pytest.skip("needs the native engine")
     if request.param == "caller":
         monkeypatch.setenv("GEMMA_STREAM_BACKEND", "python")
@@ -244,33 +243,56 @@ class _RecordingNative:
 @pytest.mark.parametrize("threads", ["1", "4"])
 def test_local_headers_read_on_threads_give_the_same_records(tmp_path, monkeypatch, threads, header_reads):
     """A zip of more storages than fileio.PARALLEL_READS: its local headers are read on the
-    loader's threads (or in the background), each record still placed at its own storage's bytes."""
+    loader's threads (by the native engine or one pread each), each record still placed at its own
+    storage's bytes."""
     monkeypatch.setenv("GEMMA_STREAM_THREADS", threads)
     path = tmp_path / "many.pt"
     torch.save({f"layers.{i}.w": torch.randn(i % 5 + 1, 3) for i in range(700)}, path)
     check_against_torch(path)
 
 
-def test_the_native_engine_reads_the_local_headers_while_the_pickle_is_walked(tmp_path, monkeypatch):
-    """With the native engine, one read_ranges call on a background thread reads every storage's
-    local header, started before the walk; the records are the same."""
+@pytest.mark.parametrize("cold", [True, False])
+def test_the_native_engine_reads_every_local_header_in_one_call_asked_for_before_the_walk(tmp_path, monkeypatch,
+                                                                                          cold):
+    """With the native engine, one read_ranges call on the caller's thread reads every storage's local
+    header (a Python thread reading them waited for the walk's GIL, NOTES.md 39); a cold file has
+    every header asked for before the pickle is walked, so the disk reads them meanwhile."""
+    import threading
     import gemma_stream as gs
-    from gemma_stream import executors
+    from gemma_stream import executors, fileio
+    from gemma_stream.formats import torchzip
     if not gs.native_available():
         pytest.skip("needs the native engine")
+    events = []
     recording = _RecordingNative(executors.native_module())
+    real_read, real_walk = recording.read_ranges, torchzip.walk_pickle
+
+    def read_ranges(*args):
+        events.append("read")
+        return real_read(*args)
+
+    def walk_pickle(*args, **kwargs):
+        events.append("walk")
+        return real_walk(*args, **kwargs)
+
+    recording.read_ranges = read_ranges
     monkeypatch.setattr(executors, "_native", recording)
+    monkeypatch.setattr(torchzip, "walk_pickle", walk_pickle)
+    monkeypatch.setattr(torchzip, "_is_cold", lambda path, headers: cold)
+    monkeypatch.setattr(fileio, "advise_ranges", lambda fd, ranges: events.append(("advise", len(ranges))))
     path = tmp_path / "many.pt"
     torch.save({f"layers.{i}.w": torch.randn(i % 5 + 1, 3) for i in range(300)}, path)
     check_against_torch(path)
     with zipfile.ZipFile(path) as z:
         headers = sorted(z.getinfo(f"many/data/{i}").header_offset for i in range(300))
-    assert [(name, sorted(offsets)) for name, offsets in recording.calls] == [("gemma_stream_zip_headers", headers)]
+    assert [(name, sorted(offsets)) for name, offsets in recording.calls] == [(threading.current_thread().name, headers)]
+    expected = ([("advise", 300)] if cold else []) + ["walk", "read"]
+    assert events[-len(expected):] == expected and (cold or ("advise", 300) not in events), events
 
 
 @pytest.mark.parametrize("reply", ["fails", "garbage"])
-def test_a_failed_background_read_leaves_the_reading_to_the_reader(tmp_path, monkeypatch, reply):
-    """The background headers are a head start, not trusted: a read that fails, or bytes that are
+def test_a_failed_native_header_read_leaves_the_reading_to_the_reader(tmp_path, monkeypatch, reply):
+    """The natively read headers are not trusted: a read that fails, or bytes that are
     not the headers, leave each storage to the reader's own reads and checks."""
     import gemma_stream as gs
     from gemma_stream import executors

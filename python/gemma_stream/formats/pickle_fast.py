@@ -62,7 +62,7 @@ _FIXED_OPCODES = 20
 #: (bounded, so a hostile pickle of distinct values cannot grow them past a few MB)
 _CACHE_LIMIT = 1 << 14
 _int_cache: dict[bytes, tuple[int, int]] = {}
-_dims_cache: dict[bytes, tuple[tuple[int, ...], int, int] | None] = {}
+_dims_cache: dict[bytes, tuple[tuple[int, ...], int, int]] = {}
 
 
 def _int(token: bytes) -> tuple[int, int]:
@@ -80,20 +80,21 @@ def _int(token: bytes) -> tuple[int, int]:
     return found
 
 
-def _dims(ints: bytes | None, op: bytes | None) -> tuple[tuple[int, ...], int, int] | None:
-    """(dims, budget charge, opcodes) of a size or stride (its PUT is counted by the caller).
+def _dims(ints: bytes, op: bytes) -> tuple[tuple[int, ...], int, int]:
+    """(dims, budget charge, opcodes) of a size or stride (its PUT is counted by the caller), or
+    :data:`_BAD_DIMS` when the tuple opcode disagrees with the count of ints.
 
     The tuple may be shared by several entries: it is immutable and equal to what the general
     walker builds."""
-    if ints is None:   # EMPTY_TUPLE
+    if not ints:   # EMPTY_TUPLE
         return _EMPTY_DIMS
     run = ints + op
-    found = _dims_cache.get(run, _dims_cache)
-    if found is not _dims_cache:
+    found = _dims_cache.get(run)
+    if found is not None:
         return found
     tokens = _INT_TOKEN.findall(ints)
     if len(tokens) != _TUPLE_OPS[op[0]]:
-        found = None
+        found = _BAD_DIMS
     else:
         dims, charge = [], SLOT + OBJECT + SLOT * len(tokens)
         for token in tokens:
@@ -107,6 +108,7 @@ def _dims(ints: bytes | None, op: bytes | None) -> tuple[tuple[int, ...], int, i
 
 
 _EMPTY_DIMS = ((), SLOT, 1)
+_BAD_DIMS = ((), 0, 0)   # by identity: a run of ints the general walker would not make a size of
 
 
 def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used: int, limit: int,
@@ -122,6 +124,7 @@ def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used:
     """
     size = len(data)
     match, u32, getsizeof = ENTRY_AFTER_NAME.match, _U32, sys.getsizeof
+    int_cache, dims_cache = _int_cache, _dims_cache
     start_pos, walked_total = pos, 0
     # the four memo reads as checked, by their opcodes: within one call the memo only grows, so
     # an index once read and checked keeps its object (entries repeat the same four reads)
@@ -132,9 +135,10 @@ def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used:
         m = match(data, name_end)
         if m is None:
             break
+        # b"" for the alternatives not taken (every group taken is at least a byte)
         (put_name, get_rebuild, get_tag, get_type, key_len, key, put_key, loc_len, loc, put_loc, get_loc,
          numel_token, put_pid, offset_token, size_ints, size_op, put_size, stride_ints, stride_op, put_stride, grad,
-         get_dict, put_dict, put_args, put_view) = m.groups()
+         get_dict, put_dict, put_args, put_view) = m.groups(b"")
         nmemo = len(memo)
         reads = (get_rebuild, get_tag, get_type, get_dict)
         found = checked_reads.get(reads)
@@ -157,7 +161,7 @@ def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used:
         tag, storage_type = found
         if key_len[0] != len(key):
             break
-        if get_loc is None:
+        if not get_loc:
             if loc_len[0] != len(loc):
                 break
             loc_charge, loc = SLOT + OBJECT + len(loc), loc.decode("ascii")
@@ -166,23 +170,28 @@ def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used:
             if index >= nmemo or type(memo[index]) is not str:
                 break
             loc_charge, loc = SLOT, memo[index]
-        numel, numel_charge = _int(numel_token)
-        offset, offset_charge = _int(offset_token)
-        size_dims = _dims(size_ints, size_op)
-        stride_dims = _dims(stride_ints, stride_op)
-        if numel < 0 or size_dims is None or stride_dims is None:
+        found_int = int_cache.get(numel_token) or _int(numel_token)
+        numel, numel_charge = found_int
+        found_int = int_cache.get(offset_token) or _int(offset_token)
+        offset, offset_charge = found_int
+        size_dims = _EMPTY_DIMS if not size_ints else dims_cache.get(size_ints + size_op) or _dims(size_ints, size_op)
+        stride_dims = (_EMPTY_DIMS if not stride_ints
+                       else dims_cache.get(stride_ints + stride_op) or _dims(stride_ints, stride_op))
+        if numel < 0 or size_dims is _BAD_DIMS or stride_dims is _BAD_DIMS:
             break
-        # the memo stores, in order: name, key, location, pid tuple, size, stride, {}, the args, the view
-        index = nmemo
-        for token in (put_name, put_key, put_loc, put_pid, put_size, put_stride, put_dict, put_args, put_view):
-            if token is not None:
-                if (token[1] if len(token) == 2 else u32(token, 1)[0]) != index:
-                    index = -1   # out of sequence: the general path stores it where it says
-                    break
-                index += 1
-        if index < 0:
+        # the memo stores, in order: name, key, location, pid tuple, size, stride, {}, the args, the
+        # view (the location, size and stride only when they have a PUT), at the indices the PUTs
+        # name, which must be the next ones (else the general path stores them where they say)
+        stored = 6 + (put_loc != b"") + (put_size != b"") + (put_stride != b"")
+        puts = b"".join((put_name, put_key, put_loc, put_pid, put_size, put_stride, put_dict, put_args, put_view))
+        if len(puts) == 5 * stored:      # LONG_BINPUTs, as torch.save writes from index 256
+            in_sequence = _LONG_PUTS[stored](puts) == tuple(range(nmemo, nmemo + stored))
+        elif len(puts) == 2 * stored:    # BINPUTs
+            in_sequence = nmemo + stored <= 256 and puts[1::2] == bytes(range(nmemo, nmemo + stored))
+        else:                            # the two kinds mixed, around index 256
+            in_sequence = _puts_in_sequence(puts, nmemo)
+        if not in_sequence:
             break
-        stored = index - nmemo   # 6, plus the location's and one per non-empty size or stride
         try:
             name = data[pos + 5:name_end].decode("utf-8")
         except UnicodeDecodeError:
@@ -202,12 +211,12 @@ def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used:
         hooks: dict = {}
         view = TensorView(storage, dtype, offset, dims_size, dims_stride)
         memo += [name, key]
-        if put_loc is not None:
+        if put_loc:
             memo.append(loc)
         memo.append((tag, storage_type, key, loc, numel))
-        if put_size is not None:
+        if put_size:
             memo.append(dims_size)
-        if put_stride is not None:
+        if put_stride:
             memo.append(dims_stride)
         memo += [hooks, (storage, offset, dims_size, dims_stride, grad == b"\x88", hooks), view]
         stack += [name, view]
@@ -217,3 +226,23 @@ def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used:
             opcodes_left -= walked
         pos = m.end()
     return (pos, used, walked_total) if pos != start_pos else None
+
+
+#: the indices of ``n`` LONG_BINPUTs in a row (the opcode bytes skipped: the pattern fixed them)
+_LONG_PUTS = {n: struct.Struct("<" + "xI" * n).unpack for n in range(6, 10)}
+
+
+def _puts_in_sequence(puts: bytes, index: int) -> bool:
+    """Whether BINPUTs and LONG_BINPUTs (each taken whole by the pattern) store ``index``, ``index + 1``, ..."""
+    pos = 0
+    while pos < len(puts):
+        if puts[pos] == 0x71:   # BINPUT
+            if puts[pos + 1] != index:
+                return False
+            pos += 2
+        else:
+            if _U32(puts, pos + 1)[0] != index:
+                return False
+            pos += 5
+        index += 1
+    return True

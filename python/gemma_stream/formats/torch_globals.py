@@ -34,7 +34,10 @@ class Global:
     is_storage_type: bool = False
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+# StorageRef and TensorView are built once per tensor of a checkpoint (thousands in a MoE zip), and
+# a frozen dataclass's __init__ (object.__setattr__ per field) took 0.9 us against 0.25 us: they are
+# plain slotted records, which nothing outside the zip reader holds or changes.
+@dataclass(eq=False, slots=True)
 class StorageRef:
     """A persistent id ``('storage', type, key, location, numel)``: bytes in ``data/<key>``.
 
@@ -47,7 +50,7 @@ class StorageRef:
     numel: int
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@dataclass(eq=False, slots=True)
 class TensorView:
     """What ``_rebuild_tensor_v2/v3`` would build: a strided view of one storage.
 

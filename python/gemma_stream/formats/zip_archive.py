@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import struct
-import threading
 from typing import NamedTuple
 
 from .. import fileio
@@ -34,7 +33,7 @@ _ZIP64_LOCATOR = struct.Struct("<4sIQI")        # 20 bytes, just before the EOCD
 _ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")     # 56 bytes
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory file header, 46 bytes
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")         # local file header, 30 bytes
-_LOCAL_LENGTHS = struct.Struct("<HH")           # its name and extra field lengths, at offset 26
+_LOCAL_CHECKED = struct.Struct("<4s4xH16xHH")  # its signature, method, name and extra field lengths
 _U32_MAX, _U16_MAX = 0xFFFFFFFF, 0xFFFF
 
 _LEGACY_HINT = (
@@ -140,14 +139,15 @@ def read_zip_directory(fd: int, path: str, file_size: int) -> tuple[dict[str, Zi
          lho) = _CENTRAL.unpack_from(directory, pos)
         if sig != b"PK\x01\x02":
             raise CheckpointError(f"{path}: central directory entry {index} has a bad signature")
-        raw_name = directory[pos + 46:pos + 46 + name_len]
-        extra = directory[pos + 46 + name_len:pos + 46 + name_len + extra_len]
-        pos += _CENTRAL.size + name_len + extra_len + comment_len
+        name_at = pos + 46
+        raw_name = directory[name_at:name_at + name_len]
+        pos = name_at + name_len + extra_len + comment_len
         if pos > cd_size:
             raise CheckpointError(f"{path}: central directory entry {index} runs past the directory")
         name = raw_name.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
-        wanted = [size == _U32_MAX, csize == _U32_MAX, lho == _U32_MAX]
-        if any(wanted):
+        if size == _U32_MAX or csize == _U32_MAX or lho == _U32_MAX:
+            wanted = [size == _U32_MAX, csize == _U32_MAX, lho == _U32_MAX]
+            extra = directory[name_at + name_len:name_at + name_len + extra_len]
             values = iter(_zip64_extra(path, name, extra, wanted))
             size, csize, lho = (next(values) if w else v for w, v in zip(wanted, (size, csize, lho)))
         if flags & 1:
@@ -200,25 +200,29 @@ def _header_ranges(entries: list[ZipEntry]) -> list[tuple[int, int]]:
 
 
 class LocalHeaderReads:
-    """The local headers of many entries, read on a background thread while the caller goes on
-    (a torch zip's reader walks its pickle meanwhile): one call into the native engine reads them
-    all without the GIL, so the reads, and the page faults behind them, overlap the walk.
+    """The local headers of many entries, asked for before the caller goes on (a torch zip's
+    reader walks its pickle meanwhile) and read when it wants them: on a file that is not cached
+    every header is asked for at once (``posix_fadvise(WILLNEED)``), so the disk reads them while
+    the pickle is walked; :meth:`headers` then reads them all in one call into the native engine,
+    without the GIL, on the loader's threads, and cuts the bytes into headers.
+
+    No Python thread: one that read them in the background waited for the walk to let go of the
+    GIL (5 ms switches) before it could start, so its read began 12-20 ms late, after the walk,
+    and the caller then waited 3-4 ms for it; made to start at once, it ran beside the walk on
+    this project's 2 cores and slowed it more than it saved (NOTES.md 39).
 
     :meth:`start` returns None where it would not help: no native engine (or
     ``GEMMA_STREAM_BACKEND=python``), fewer than ``fileio.PARALLEL_READS`` entries, or more than
-    ``MAX_BYTES`` of headers.  The bytes are only a head start: :func:`payload_offsets` checks them
-    as it checks its own reads, and a failed background read leaves the reading to it.
+    ``MAX_BYTES`` of headers.  The bytes are only read, not trusted: :func:`payload_offsets` checks
+    them as it checks its own reads, and a failed read leaves the reading to it.
     """
 
     MAX_BYTES = 64 << 20
 
-    def __init__(self, fd: int, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
-                 threads: int, cold: bool, native):
-        self._entries = entries
-        self._headers: dict[str, bytes] | None = None
-        self._thread = threading.Thread(target=self._read, args=(fd, path, identity, threads, cold, native),
-                                        name="gemma_stream_zip_headers", daemon=True)
-        self._thread.start()
+    def __init__(self, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
+                 ranges: list[tuple[int, int]], threads: int, native):
+        self._path, self._identity, self._entries, self._ranges = str(path), identity, entries, ranges
+        self._threads, self._native = threads, native
 
     @classmethod
     def start(cls, fd: int, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
@@ -227,39 +231,32 @@ class LocalHeaderReads:
         native = native_module()
         if native is None or config().backend == "python" or len(entries) < fileio.PARALLEL_READS:
             return None
-        if sum(_LOCAL.size + len(e.raw_name) for e in entries) > cls.MAX_BYTES:
+        ranges = _header_ranges(entries)
+        if sum(n for n, _ in ranges) > cls.MAX_BYTES:
             return None
-        return cls(fd, path, identity, entries, threads, cold, native)
-
-    def _read(self, fd: int, path: str, identity, threads: int, cold: bool, native) -> None:
-        ranges = _header_ranges(self._entries)
-        try:
-            if cold:   # the disk gets every header queued at once (fileio.pread_many's advise)
-                fileio.advise_ranges(fd, ranges)
-            data, got = native.read_ranges(str(path), [o for _, o in ranges], [n for n, _ in ranges], threads,
-                                           identity)
-        except Exception:   # noqa: BLE001  (the reader's own reads then say what is wrong)
-            return
-        out, at = {}, 0
-        for entry, (n, _), length in zip(self._entries, ranges, got):
-            out[entry.name] = data[at:at + length]
-            at += n
-        self._headers = out
+        if cold:   # the disk gets every header queued at once, and reads them while the caller goes on
+            fileio.advise_ranges(fd, ranges)
+        return cls(path, identity, entries, ranges, threads, native)
 
     def headers(self, entries: list[ZipEntry]) -> list[bytes] | None:
-        """The headers of ``entries`` (each one of those started with), once read; None when the
-        background read failed."""
-        self._thread.join()
-        found = self._headers
-        if found is None:
-            return None
+        """The headers of ``entries`` (each one of those started with); None when the read failed."""
+        lengths = [n for n, _ in self._ranges]
         try:
-            return [found[e.name] for e in entries]
+            data, got = self._native.read_ranges(self._path, [o for _, o in self._ranges], lengths, self._threads,
+                                                 self._identity)
+        except Exception:   # noqa: BLE001  (the reader's own reads then say what is wrong)
+            return None
+        out, at = [], 0
+        for n, length in zip(lengths, got):
+            out.append(data[at:at + length])
+            at += n
+        if entries == self._entries:   # the same list, or the same entries in the same order
+            return out
+        index = {entry.name: i for i, entry in enumerate(self._entries)}
+        try:
+            return [out[index[entry.name]] for entry in entries]
         except KeyError:
             return None
-
-    def join(self) -> None:
-        self._thread.join()
 
 
 def payload_offsets(fd: int, path: str, entries: list[ZipEntry], end_limit: int, threads: int = 1,
@@ -268,26 +265,25 @@ def payload_offsets(fd: int, path: str, entries: list[ZipEntry], end_limit: int,
 
     One call per checkpoint instead of one per storage (a many-tensor zip has thousands): the
     local headers are read on up to ``threads`` threads (:func:`fileio.pread_many`, all asked for
-    at once first when the file is ``cold``), or taken from ``reads`` (read in the background),
+    at once first when the file is ``cold``), or taken from ``reads`` (one native call),
     then each is checked inline; an entry that fails any check goes through
     :func:`payload_offset`, whose refusal names it, and the first such entry in ``entries`` is the
     one refused."""
     local_size = _LOCAL.size
     limit = 1 << 62
-    ranges = _header_ranges(entries)
     headers = reads.headers(entries) if reads is not None else None
     if headers is None:
-        headers = fileio.pread_many(fd, ranges, threads, advise=cold)
-    unpack_lengths = _LOCAL_LENGTHS.unpack_from
+        headers = fileio.pread_many(fd, _header_ranges(entries), threads, advise=cold)
+    unpack_checked = _LOCAL_CHECKED.unpack_from
     out = []
     append = out.append
-    for entry, header, (n, _) in zip(entries, headers, ranges):
+    for entry, header in zip(entries, headers):
         offset = entry.local_header_offset
-        if (len(header) == n and 0 <= offset < limit and header.startswith(b"PK\x03\x04")
-                and header[8:10] == b"\0\0" and header[local_size:] == entry.raw_name):
-            name_len, extra_len = unpack_lengths(header, 26)
+        raw_name = entry.raw_name
+        if len(header) == local_size + len(raw_name) and 0 <= offset < limit and header.endswith(raw_name):
+            sig, method, name_len, extra_len = unpack_checked(header)
             start = offset + local_size + name_len + extra_len
-            if start + entry.size <= end_limit:
+            if sig == b"PK\x03\x04" and method == 0 and start + entry.size <= end_limit:
                 append(start)
                 continue
         append(payload_offset(fd, path, entry, end_limit))   # raises, naming the entry
