@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rewarm", action="store_true", help="evict every file, then read the next one in")
     args = parser.parse_args(argv)
     from gemma_stream.benchmark.mixes import parse_mix_size
+    from gemma_stream.benchmark.runner import child_command, package_root
     from gemma_stream.benchmark.writers import evict, warm_up
     nbytes = parse_mix_size(args.size)
 
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 evict([f for p in args.files for f in files_of(p)])
                 warm_up(files_of(path))
             time.sleep(args.idle)
-            out = subprocess.run([sys.executable, "-c", CHILD, args.mix, str(nbytes), path],
+            # the build this process imports, with its bytecode compiled (runner.child_command: a lazy
+            # import compiled inside the timed load cost a many-tensor zip's _open 5-10 ms)
+            out = subprocess.run(child_command(package_root(), CHILD, args.mix, str(nbytes), path),
                                  capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr, file=sys.stderr)
