@@ -191,6 +191,13 @@ PYBIND11_MODULE(_native, m) {
   m.def("read_ranges", &read_ranges, py::arg("path"), py::arg("offsets"), py::arg("lengths"), py::arg("threads"),
         py::arg("identity") = py::none(),
         "Read many byte ranges of one file, back to back, without the GIL; returns (bytes, bytes read per range).");
+  py::class_<gs::BackgroundAdvice>(m, "BackgroundAdvice",
+                                   "Asks for many byte ranges of one file (posix_fadvise WILLNEED) on a thread of "
+                                   "its own; wait() joins it. A hint: failures are ignored.")
+      .def(py::init<std::string, std::vector<uint64_t>, std::vector<uint64_t>>(), py::arg("path"),
+           py::arg("offsets"), py::arg("lengths"))
+      .def("wait", &gs::BackgroundAdvice::wait, py::call_guard<py::gil_scoped_release>(),
+           "Block, without the GIL, until every range has been asked for.");
   m.def("dtype_table", &dtype_table, "(name, code, itemsize, convertible) of every dtype code the engine knows.");
   m.attr("PAGE_BYTES") = gs::kPageBytes;
   m.attr("FOLIO_BYTES") = gs::kFolioBytes;

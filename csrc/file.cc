@@ -151,6 +151,8 @@ void File::drop_cache(uint64_t, std::size_t) const noexcept {}
 void File::bypass_cache() const noexcept {}
 void File::advise_sequential() const noexcept {}
 
+void File::advise_willneed(uint64_t, std::size_t) const noexcept {}
+
 PageCacheProbe::PageCacheProbe(const File&) {}
 PageCacheProbe::~PageCacheProbe() noexcept {}
 bool PageCacheProbe::cached(uint64_t, std::size_t) const { return false; }
@@ -260,6 +262,15 @@ void File::advise_sequential() const noexcept {
   ::posix_fadvise(fd_, 0, 0, POSIX_FADV_SEQUENTIAL);
 #elif defined(F_RDAHEAD)
   ::fcntl(fd_, F_RDAHEAD, 1);
+#endif
+}
+
+void File::advise_willneed(uint64_t offset, std::size_t n) const noexcept {
+#if defined(POSIX_FADV_WILLNEED) && !defined(__APPLE__)
+  ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n), POSIX_FADV_WILLNEED);
+#else
+  (void)offset;
+  (void)n;
 #endif
 }
 

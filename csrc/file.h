@@ -69,6 +69,9 @@ class File {
   // Tells the kernel the whole file will be read sequentially (POSIX_FADV_SEQUENTIAL,
   // macOS F_RDAHEAD; Windows gets FILE_FLAG_SEQUENTIAL_SCAN at open instead).
   void advise_sequential() const noexcept;
+  // Asks the kernel to start reading [offset, offset + n) into the page cache and returns at
+  // once (POSIX_FADV_WILLNEED); a no-op where there is no such advice (macOS, Windows).
+  void advise_willneed(uint64_t offset, std::size_t n) const noexcept;
 
   // Throws IoError unless the open file is the one `expected` describes.
   void check_identity(const FileIdentity& expected) const;

@@ -35,4 +35,22 @@ std::vector<uint64_t> read_ranges(const std::string& path, const FileIdentity* e
   return got;
 }
 
+BackgroundAdvice::BackgroundAdvice(std::string path, std::vector<uint64_t> offsets, std::vector<uint64_t> lengths)
+    : thread_([path = std::move(path), offsets = std::move(offsets), lengths = std::move(lengths)]() noexcept {
+        try {
+          File file(path);
+          for (std::size_t i = 0; i < offsets.size() && i < lengths.size(); ++i)
+            file.advise_willneed(offsets[i], static_cast<std::size_t>(lengths[i]));
+        } catch (...) {
+          // a hint: the caller's own reads of these ranges report what went wrong
+        }
+      }) {}
+
+BackgroundAdvice::~BackgroundAdvice() noexcept { wait(); }
+
+void BackgroundAdvice::wait() noexcept {
+  if (thread_.joinable()) thread_.join();
+}
+
 }  // namespace gs
+

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "file.h"
@@ -23,5 +24,26 @@ namespace gs {
 std::vector<uint64_t> read_ranges(const std::string& path, const FileIdentity* expected,
                                   const std::vector<uint64_t>& offsets, const std::vector<uint64_t>& lengths,
                                   int threads, char* out);
+
+// Asks for every range [offsets[i], offsets[i] + lengths[i]) of `path` with
+// File::advise_willneed, in order, on a thread of its own, and returns at once:
+// a cold torch zip's thousands of local headers are queued on the disk while
+// the caller walks the pickle (asked for on the caller's thread, they took it
+// 15-23 ms first; from a Python thread, the asking waited for the walk's GIL).
+// A hint only: a file that cannot be opened, or advice the OS refuses, asks for
+// nothing, and the reads that follow say what the file holds. wait() and the
+// destructor join the thread.
+class BackgroundAdvice {
+ public:
+  BackgroundAdvice(std::string path, std::vector<uint64_t> offsets, std::vector<uint64_t> lengths);
+  ~BackgroundAdvice() noexcept;
+  BackgroundAdvice(const BackgroundAdvice&) = delete;
+  BackgroundAdvice& operator=(const BackgroundAdvice&) = delete;
+
+  void wait() noexcept;
+
+ private:
+  std::thread thread_;
+};
 
 }  // namespace gs

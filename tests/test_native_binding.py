@@ -160,3 +160,59 @@ def test_read_ranges_refuses_another_file(tmp_path):
         native.read_ranges(str(path), [10], [5], 1, identity)
     with pytest.raises(OSError, match="cannot open"):
         native.read_ranges(str(tmp_path / "missing.bin"), [0], [1], 1)
+
+
+def test_background_advice_asks_for_each_range_on_its_own_thread(tmp_path):
+    """_native.BackgroundAdvice: returns at once, asks for every range (POSIX_FADV_WILLNEED) on a
+    native thread, and wait() joins it; the ranges of an evicted file come back into the page cache.
+    A missing file, or ranges past the end, ask for nothing and raise nothing (a hint)."""
+    import sys
+    import time
+
+    from gemma_stream import pagecache
+    from gemma_stream.benchmark.writers import evict
+    from gemma_stream.executors import native_module
+    native = native_module()
+    advice = native.BackgroundAdvice(str(tmp_path / "missing.bin"), [0], [4096])
+    advice.wait()
+    advice.wait()   # joined once; a second wait returns
+    path = tmp_path / "f.bin"
+    page = 4096
+    path.write_bytes(bytes(range(256)) * (64 * page // 256))   # 64 pages
+    evict([path])
+    if not sys.platform.startswith("linux") or (pagecache.resident_fraction([path]) or 0.0) > 0.5:
+        pytest.skip("needs Linux and a file system that drops pages on POSIX_FADV_DONTNEED")
+    wanted = [3, 17, 40, 63]
+    advice = native.BackgroundAdvice(str(path), [p * page for p in wanted] + [1 << 40], [page] * 5)
+    advice.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:   # asked for, not waited for: the reads may still be in flight
+        if all(_page_cached(path, p * page) for p in wanted):
+            break
+        time.sleep(0.01)
+    assert all(_page_cached(path, p * page) for p in wanted)
+    del advice   # the destructor of a joined advice does nothing more
+
+
+def _page_cached(path, offset: int) -> bool:
+    """Whether the page at ``offset`` of ``path`` is in the page cache (mincore on an untouched mapping)."""
+    import ctypes
+    import mmap
+    import os
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+        assert address not in (None, ctypes.c_void_p(-1).value)
+        vector = (ctypes.c_ubyte * 1)()
+        try:
+            assert libc.mincore(address, 4096, vector) == 0
+        finally:
+            libc.munmap(address, 4096)
+        return bool(vector[0] & 1)
+    finally:
+        os.close(fd)

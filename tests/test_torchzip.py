@@ -239,6 +239,13 @@ class _RecordingNative:
             return self.reply(offsets, lengths)
         return self.real.read_ranges(path, offsets, lengths, threads, identity)
 
+    def BackgroundAdvice(self, path, offsets, lengths):   # noqa: N802 (the native class's name)
+        self.advised = getattr(self, "advised", []) + list(offsets)
+        return self.real.BackgroundAdvice(path, offsets, lengths)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
 
 @pytest.mark.parametrize("threads", ["1", "4"])
 def test_local_headers_read_on_threads_give_the_same_records(tmp_path, monkeypatch, threads, header_reads):
@@ -256,7 +263,8 @@ def test_the_native_engine_reads_every_local_header_in_one_call_asked_for_before
                                                                                           cold):
     """With the native engine, one read_ranges call on the caller's thread reads every storage's local
     header (a Python thread reading them waited for the walk's GIL, NOTES.md 39); a cold file has
-    every header asked for before the pickle is walked, so the disk reads them meanwhile."""
+    every header asked for on a native thread before the pickle is walked, so the disk reads them
+    meanwhile."""
     import threading
     import gemma_stream as gs
     from gemma_stream import executors, fileio
@@ -275,11 +283,15 @@ def test_the_native_engine_reads_every_local_header_in_one_call_asked_for_before
         events.append("walk")
         return real_walk(*args, **kwargs)
 
-    recording.read_ranges = read_ranges
+    def advice(path, offsets, lengths):
+        events.append(("advise", len(offsets)))
+        return recording.real.BackgroundAdvice(path, offsets, lengths)
+
+    recording.read_ranges, recording.BackgroundAdvice = read_ranges, advice
     monkeypatch.setattr(executors, "_native", recording)
     monkeypatch.setattr(torchzip, "walk_pickle", walk_pickle)
     monkeypatch.setattr(torchzip, "_is_cold", lambda path, headers: cold)
-    monkeypatch.setattr(fileio, "advise_ranges", lambda fd, ranges: events.append(("advise", len(ranges))))
+    monkeypatch.setattr(fileio, "advise_ranges", lambda fd, ranges: events.append(("python advice", len(ranges))))
     path = tmp_path / "many.pt"
     torch.save({f"layers.{i}.w": torch.randn(i % 5 + 1, 3) for i in range(300)}, path)
     check_against_torch(path)
@@ -288,6 +300,7 @@ def test_the_native_engine_reads_every_local_header_in_one_call_asked_for_before
     assert [(name, sorted(offsets)) for name, offsets in recording.calls] == [(threading.current_thread().name, headers)]
     expected = ([("advise", 300)] if cold else []) + ["walk", "read"]
     assert events[-len(expected):] == expected and (cold or ("advise", 300) not in events), events
+    assert not any(e[0] == "python advice" for e in events if isinstance(e, tuple)), events
 
 
 @pytest.mark.parametrize("reply", ["fails", "garbage"])
@@ -329,9 +342,15 @@ def test_a_cold_zip_asks_for_all_its_local_headers_first(tmp_path, monkeypatch, 
         path.read_bytes()
     asked = []
     monkeypatch.setattr(fileio, "advise_willneed", lambda fd, offset, n: asked.append(offset) or True)
+    recording = None
+    if header_reads == "native":   # asked on a native thread (_native.BackgroundAdvice)
+        from gemma_stream import executors
+        recording = _RecordingNative(executors.native_module())
+        monkeypatch.setattr(executors, "_native", recording)
     check_against_torch(path)
     with zipfile.ZipFile(path) as z:
         headers = sorted(z.getinfo(f"many/data/{i}").header_offset for i in range(400))
+    asked += getattr(recording, "advised", [])
     assert sorted(asked) == (headers if cold else [])
 
 

@@ -60,6 +60,13 @@ def read_ranges(path: str, offsets: list[int], lengths: list[int], threads: int,
     """Read many byte ranges of one file back to back, without the GIL, on up to ``threads`` threads;
     a range is cut at the end of the file (its unread tail zeroed). Returns (bytes, bytes read per range)."""
 
+class BackgroundAdvice:
+    """Asks for many byte ranges of one file (posix_fadvise WILLNEED) on a native thread of its own."""
+
+    def __init__(self, path: str, offsets: list[int], lengths: list[int]) -> None: ...
+    def wait(self) -> None: ...
+
+
 def dtype_table() -> list[tuple[str, int, int, bool]]:
     """(name, code, itemsize, convertible among f16/bf16/f32) of every dtype code the engine knows."""
 

@@ -202,14 +202,16 @@ def _header_ranges(entries: list[ZipEntry]) -> list[tuple[int, int]]:
 class LocalHeaderReads:
     """The local headers of many entries, asked for before the caller goes on (a torch zip's
     reader walks its pickle meanwhile) and read when it wants them: on a file that is not cached
-    every header is asked for at once (``posix_fadvise(WILLNEED)``), so the disk reads them while
-    the pickle is walked; :meth:`headers` then reads them all in one call into the native engine,
-    without the GIL, on the loader's threads, and cuts the bytes into headers.
+    every header is asked for at once (``posix_fadvise(WILLNEED)``) on a native thread
+    (``_native.BackgroundAdvice``), so the disk reads them while the pickle is walked;
+    :meth:`headers` then reads them all in one call into the native engine, without the GIL, on
+    the loader's threads, and cuts the bytes into headers.
 
     No Python thread: one that read them in the background waited for the walk to let go of the
-    GIL (5 ms switches) before it could start, so its read began 12-20 ms late, after the walk,
-    and the caller then waited 3-4 ms for it; made to start at once, it ran beside the walk on
-    this project's 2 cores and slowed it more than it saved (NOTES.md 39).
+    GIL before it could start, so its read began 12-20 ms late, after the walk, and the caller
+    then waited 3-4 ms for it; made to start at once, its reads ran beside the walk on this
+    project's 2 cores and slowed it more than they saved.  Asking, rather than reading, is what
+    runs beside the walk: on the caller's thread it took 15-23 ms first (NOTES.md 39).
 
     :meth:`start` returns None where it would not help: no native engine (or
     ``GEMMA_STREAM_BACKEND=python``), fewer than ``fileio.PARALLEL_READS`` entries, or more than
@@ -220,9 +222,12 @@ class LocalHeaderReads:
     MAX_BYTES = 64 << 20
 
     def __init__(self, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
-                 ranges: list[tuple[int, int]], threads: int, native):
+                 ranges: list[tuple[int, int]], threads: int, native, cold: bool):
         self._path, self._identity, self._entries, self._ranges = str(path), identity, entries, ranges
         self._threads, self._native = threads, native
+        # cold: every header asked for at once, on a native thread (no GIL), while the caller goes on
+        self._advice = native.BackgroundAdvice(self._path, [o for _, o in ranges], [n for n, _ in ranges]) \
+            if cold else None
 
     @classmethod
     def start(cls, fd: int, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
@@ -234,12 +239,12 @@ class LocalHeaderReads:
         ranges = _header_ranges(entries)
         if sum(n for n, _ in ranges) > cls.MAX_BYTES:
             return None
-        if cold:   # the disk gets every header queued at once, and reads them while the caller goes on
-            fileio.advise_ranges(fd, ranges)
-        return cls(path, identity, entries, ranges, threads, native)
+        return cls(path, identity, entries, ranges, threads, native, cold)
 
     def headers(self, entries: list[ZipEntry]) -> list[bytes] | None:
         """The headers of ``entries`` (each one of those started with); None when the read failed."""
+        if self._advice is not None:
+            self._advice.wait()   # without the GIL; the advice is queued well before the walk ends
         lengths = [n for n, _ in self._ranges]
         try:
             data, got = self._native.read_ranges(self._path, [o for _, o in self._ranges], lengths, self._threads,
