@@ -170,13 +170,10 @@ def take_entries(data: bytes, pos: int, stack: list[Any], memo: list[Any], used:
             if index >= nmemo or type(memo[index]) is not str:
                 break
             loc_charge, loc = SLOT, memo[index]
-        found_int = int_cache.get(numel_token) or _int(numel_token)
-        numel, numel_charge = found_int
-        found_int = int_cache.get(offset_token) or _int(offset_token)
-        offset, offset_charge = found_int
-        size_dims = _EMPTY_DIMS if not size_ints else dims_cache.get(size_ints + size_op) or _dims(size_ints, size_op)
-        stride_dims = (_EMPTY_DIMS if not stride_ints
-                       else dims_cache.get(stride_ints + stride_op) or _dims(stride_ints, stride_op))
+        numel, numel_charge = int_cache.get(numel_token) or _int(numel_token)
+        offset, offset_charge = int_cache.get(offset_token) or _int(offset_token)
+        size_dims = dims_cache.get(size_ints + size_op) or _dims(size_ints, size_op)
+        stride_dims = dims_cache.get(stride_ints + stride_op) or _dims(stride_ints, stride_op)
         if numel < 0 or size_dims is _BAD_DIMS or stride_dims is _BAD_DIMS:
             break
         # the memo stores, in order: name, key, location, pid tuple, size, stride, {}, the args, the

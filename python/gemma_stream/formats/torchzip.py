@@ -262,7 +262,7 @@ def _read_torchzip(path: str, key: str | None) -> Checkpoint:
         cold = _is_cold(path, len(storages))
         # every storage's local header, asked for now when the file is cold (the disk reads them while
         # the pickle is walked), read in one native call when they are wanted
-        reads = LocalHeaderReads.start(fd, path, path.identity, storages, threads, cold)
+        reads = LocalHeaderReads.start(path, path.identity, storages, threads, cold)
         _check_byteorder(fd, path, entries, prefix, data_end)
         pkl = entries[f"{prefix}data.pkl"]
         if pkl.size > MAX_PICKLE_BYTES:

@@ -222,33 +222,32 @@ class LocalHeaderReads:
     MAX_BYTES = 64 << 20
 
     def __init__(self, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
-                 ranges: list[tuple[int, int]], threads: int, native, cold: bool):
-        self._path, self._identity, self._entries, self._ranges = str(path), identity, entries, ranges
-        self._threads, self._native = threads, native
+                 offsets: list[int], lengths: list[int], threads: int, native, cold: bool):
+        self._path, self._identity, self._entries = str(path), identity, entries
+        self._offsets, self._lengths, self._threads, self._native = offsets, lengths, threads, native
         # cold: every header asked for at once, on a native thread (no GIL), while the caller goes on
-        self._advice = native.BackgroundAdvice(self._path, [o for _, o in ranges], [n for n, _ in ranges]) \
-            if cold else None
+        self._advice = native.BackgroundAdvice(self._path, offsets, lengths) if cold else None
 
     @classmethod
-    def start(cls, fd: int, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
+    def start(cls, path: str, identity: tuple[int, int, int, int] | None, entries: list[ZipEntry],
               threads: int, cold: bool) -> LocalHeaderReads | None:
         from ..executors import native_module   # here: executors import the planner, which imports formats
         native = native_module()
         if native is None or config().backend == "python" or len(entries) < fileio.PARALLEL_READS:
             return None
         ranges = _header_ranges(entries)
-        if sum(n for n, _ in ranges) > cls.MAX_BYTES:
+        lengths = [n for n, _ in ranges]
+        if sum(lengths) > cls.MAX_BYTES:
             return None
-        return cls(path, identity, entries, ranges, threads, native, cold)
+        return cls(path, identity, entries, [o for _, o in ranges], lengths, threads, native, cold)
 
     def headers(self, entries: list[ZipEntry]) -> list[bytes] | None:
         """The headers of ``entries`` (each one of those started with); None when the read failed."""
         if self._advice is not None:
             self._advice.wait()   # without the GIL; the advice is queued well before the walk ends
-        lengths = [n for n, _ in self._ranges]
+        lengths = self._lengths
         try:
-            data, got = self._native.read_ranges(self._path, [o for _, o in self._ranges], lengths, self._threads,
-                                                 self._identity)
+            data, got = self._native.read_ranges(self._path, self._offsets, lengths, self._threads, self._identity)
         except Exception:   # noqa: BLE001  (the reader's own reads then say what is wrong)
             return None
         out, at = [], 0
