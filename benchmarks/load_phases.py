@@ -11,7 +11,8 @@ Files alternate within rounds; medians and spreads in milliseconds::
 
 ``--idle S`` sleeps S seconds before each load (this VM's host takes back the memory of page-cache
 pages left alone for seconds, NOTES.md 35); ``--rewarm`` evicts every file given and reads the
-next one back in before each load, as ``bench_mixes.py``'s warm state does.
+next one back in before each load, as ``bench_mixes.py``'s warm state does; ``--cold`` evicts every
+file given before each load, as its cold state does.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1", help="the mix's size: GiB or tiny, as bench_mixes.py (default 1)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--idle", type=float, default=0.0, help="seconds of sleep before each load")
-    parser.add_argument("--rewarm", action="store_true", help="evict every file, then read the next one in")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--rewarm", action="store_true", help="evict every file, then read the next one in")
+    group.add_argument("--cold", action="store_true", help="evict every file before each load")
     args = parser.parse_args(argv)
     from gemma_stream.benchmark.mixes import parse_mix_size
     from gemma_stream.benchmark.runner import child_command, package_root
@@ -81,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict]] = {path: [] for path in args.files}
     for r in range(args.rounds):
         for path in args.files if r % 2 == 0 else args.files[::-1]:
-            if args.rewarm:
+            if args.rewarm or args.cold:
                 evict([f for p in args.files for f in files_of(p)])
+            if args.rewarm:
                 warm_up(files_of(path))
             time.sleep(args.idle)
             # the build this process imports, with its bytecode compiled (runner.child_command: a lazy
