@@ -430,6 +430,31 @@ def test_load_phases_script_times_each_phase(tmp_path):
     for phase in ("total", "_open", "make_plan", "materialize", "_execute"):
         assert f"  {phase} " in single and f"  {phase} " in zipped
     assert "zip.walk_pickle" in zipped and "zip.walk_pickle" not in single
+    # --cold: every file evicted before each load, the same phases timed
+    proc = _script("load_phases.py", "--mix", "many_small", "--size", "tiny", "--rounds", "1", "--cold",
+                   files["zip"]["path"], tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "zip.walk_pickle" in proc.stdout and "  _execute " in proc.stdout
+    proc = _script("load_phases.py", "--cold", "--rewarm", files["zip"]["path"], tmp_path=tmp_path)
+    assert proc.returncode != 0 and "not allowed with" in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not hasattr(os, "wait4"), reason="posix_fadvise, wait4")
+def test_cold_cpu_probe_reports_each_load_with_its_cpu(tmp_path):
+    """benchmarks/cold_cpu_probe.py: the bound, keep and drop, each cold in a fresh process, with the
+    child's CPU seconds and page faults; every load must have run (a failed child fails the probe)."""
+    from gemma_stream.benchmark.matrix import write_cell_files
+    from gemma_stream.benchmark.mixes import parse_mix_size
+    files = write_cell_files(str(tmp_path / "cell"), "gemma7b", parse_mix_size("tiny"))
+    proc = _script("cold_cpu_probe.py", files["safetensors"]["path"], "--mix", "gemma7b", "--size", "tiny",
+                   "--rounds", "1", "--idle", "0", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert [r[2] for r in rows] == ["bound", "keep", "drop"]
+    for r in rows:
+        assert float(r[3]) > 0 and r[5] == "user" and float(r[9]) >= 0 and int(r[13]) > 0
+    proc = _script("cold_cpu_probe.py", str(tmp_path / "missing.safetensors"), "--rounds", "1", tmp_path=tmp_path)
+    assert proc.returncode != 0
 
 
 def test_reader_benchmark_measures_both_formats():
