@@ -4,8 +4,9 @@ faults (``os.wait4``), rounds rotating the order (NOTES.md 40)::
 
     python benchmarks/cold_cpu_probe.py /work/exp/mix5/gemma7b-5gib/model.safetensors --mix gemma7b --size 5 --rounds 3
 
-The file is evicted (``posix_fadvise(DONTNEED)``) before each load. The seconds are ``load_into``'s
-(the bound's read) alone; the CPU seconds and faults are the whole child's, imports included.
+The file is evicted (``writers.evict``) before each load. Each child imports this process's build,
+compiled to bytecode first (``runner.child_command``). The seconds are ``load_into``'s (the bound's
+read) alone; the CPU seconds and faults are the whole child's, imports included.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import time
 
 GS = r"""
-import sys, time, torch, gemma_stream as gs
+import time, torch, gemma_stream as gs
 from gemma_stream.benchmark.mixes import mix_specs, parse_mix_size
 from gemma_stream.benchmark.shapes import module_from_specs
 path, mix, size, cache = sys.argv[1:5]
@@ -29,21 +30,13 @@ print(time.perf_counter() - start)
 """
 
 BOUND = r"""
-import sys, time, types
+import time, types
 from gemma_stream.benchmark.bounds import pread_bound
 run = pread_bound(2, huge_pages=False)(types.SimpleNamespace(files={"data": [sys.argv[1]]}))
 start = time.perf_counter()
 kept = run()
 print(time.perf_counter() - start)
 """
-
-
-def evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,14 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle", type=float, default=1.0, help="seconds of sleep after each eviction")
     args = parser.parse_args(argv)
+    from gemma_stream.benchmark.runner import child_command, package_root
+    from gemma_stream.benchmark.writers import evict
     loads = [("bound", [BOUND, args.file]),
              ("keep", [GS, args.file, args.mix, args.size, "keep"]),
              ("drop", [GS, args.file, args.mix, args.size, "drop"])]
     for r in range(args.rounds):
         for name, child in loads[r % 3:] + loads[:r % 3]:
-            evict(args.file)
+            evict([args.file])
             time.sleep(args.idle)
-            proc = subprocess.Popen([sys.executable, "-c", *child], stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(child_command(package_root(), *child), stdout=subprocess.PIPE, text=True)
             out = proc.stdout.read()
             _, status, usage = os.wait4(proc.pid, 0)
             if status:

@@ -53,4 +53,3 @@ void BackgroundAdvice::wait() noexcept {
 }
 
 }  // namespace gs
-

@@ -245,13 +245,13 @@ class LocalHeaderReads:
         """The headers of ``entries`` (each one of those started with); None when the read failed."""
         if self._advice is not None:
             self._advice.wait()   # without the GIL; the advice is queued well before the walk ends
-        lengths = self._lengths
         try:
-            data, got = self._native.read_ranges(self._path, self._offsets, lengths, self._threads, self._identity)
+            data, got = self._native.read_ranges(self._path, self._offsets, self._lengths, self._threads,
+                                                 self._identity)
         except Exception:   # noqa: BLE001  (the reader's own reads then say what is wrong)
             return None
         out, at = [], 0
-        for n, length in zip(lengths, got):
+        for n, length in zip(self._lengths, got):
             out.append(data[at:at + length])
             at += n
         if entries == self._entries:   # the same list, or the same entries in the same order
