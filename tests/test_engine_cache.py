@@ -88,6 +88,81 @@ def test_cache_auto_counts_what_is_written_not_what_is_read():
         choose_cache(plan, "sometimes", 0)
 
 
+def test_cache_auto_drops_a_large_cold_plan_only():
+    """choose_cache's ``cold``: drop above COLD_DROP_BYTES, keep at or below it and for a warm file;
+    an explicit policy wins."""
+    from gemma_stream.plan import COLD_DROP_BYTES, Plan, choose_cache
+
+    class Job:
+        def __init__(self, nbytes):
+            self.nbytes, self.dst, self.scale, self.zero = nbytes, torch.empty(0), None, None
+
+    big, small = Plan(files=[], jobs=[Job(COLD_DROP_BYTES + 1)]), Plan(files=[], jobs=[Job(COLD_DROP_BYTES)])
+    roomy = 1 << 50
+    assert choose_cache(big, "auto", roomy, cold=True) == "drop"
+    assert choose_cache(big, "auto", None, cold=True) == "drop"      # no MemAvailable needed
+    assert choose_cache(big, "auto", roomy) == "keep"                # warm, or shared: stays cached
+    assert choose_cache(small, "auto", roomy, cold=True) == "keep"   # small enough to keep
+    assert choose_cache(big, "keep", roomy, cold=True) == "keep"
+
+
+@pytest.fixture()
+def cold_drop_at_zero(monkeypatch):
+    """Every plan counts as large: the 24 MiB file takes the large-cold-file path."""
+    import gemma_stream.api as api
+    import gemma_stream.plan as planner
+    monkeypatch.setattr(planner, "COLD_DROP_BYTES", 0)
+    monkeypatch.setattr(api, "COLD_DROP_BYTES", 0)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+
+def _empty_like(sd) -> nn.Module:
+    model = nn.Module()
+    for name, tensor in sd.items():
+        model.register_buffer(name, torch.empty_like(tensor))
+    return model
+
+
+@pytest.mark.page_cache
+def test_cache_auto_drops_a_large_cold_file_and_keeps_a_warm_one(big_file, backend, cold_drop_at_zero):
+    path, sd = big_file
+    model = _empty_like(sd)
+    set_cached(path, False)
+    report = gs.load_into(model, path, backend=backend, threads=2)
+    assert report.cache == "drop" and cached_bytes(path) <= 3 * MiB
+    assert all(torch.equal(getattr(model, name), tensor) for name, tensor in sd.items())
+    set_cached(path, True)   # a warm file is not thrown out
+    assert gs.load_into(model, path, backend=backend, threads=2).cache == "keep"
+    assert cached_bytes(path) >= 0.9 * os.path.getsize(path)
+    set_cached(path, False)
+    out = gs.load_state_dict(path, backend=backend, threads=2)
+    assert out.report.cache == "drop" and torch.equal(out["tail"], sd["tail"])
+    set_cached(path, False)   # mapped weights live in the page cache: never dropped
+    report = gs.load_state_dict(path, backend=backend, mode="mmap").report
+    assert report.cache == "keep"
+    if report.prefetch is not None:   # its read-ahead would fill the page cache behind the next test
+        report.prefetch.wait(60)
+
+
+@pytest.mark.page_cache
+@pytest.mark.parametrize("local", ["2", None], ids=["local-ranks", "process-group"])
+def test_cache_auto_keeps_a_large_cold_file_other_ranks_may_read(big_file, cold_drop_at_zero, monkeypatch, local):
+    """Ranks on one node share the page cache: a cold file read by several of them stays cached,
+    whether the launcher said so (LOCAL_WORLD_SIZE) or, without it, a process group of 2 ranks is up."""
+    import torch.distributed as dist
+    path, sd = big_file
+    if local is None:
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    set_cached(path, False)
+    assert gs.load_state_dict(path, threads=2).report.cache == "keep"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")   # the launcher's word wins: one rank on this node
+    set_cached(path, False)
+    assert gs.load_state_dict(path, threads=2).report.cache == "drop"
+
+
 def test_cache_drop_releases_pages_as_the_load_goes(big_file, monkeypatch):
     """Mid-load, too: starting from a cached file, what is still cached never exceeds what is left to
     read by more than a few MiB (one chunk and the 2 MiB folio it may straddle). Sampled from the

@@ -64,6 +64,11 @@ def test_sampled_residency_tells_warm_from_cold_and_half(cold_file):
     assert 0.4 < full < 0.6
     assert abs(pagecache.resident_fraction([cold_file], samples=64) - full) <= 2 / 64
     assert pagecache.resident_fraction([cold_file], samples=10**9) == full   # more samples than pages: all
+    # half cached is neither warm nor cold: "auto" neither skips the read-ahead nor drops its pages
+    assert not pagecache.is_warm([cold_file], 64) and not pagecache.is_cold([cold_file], 64)
+    evict([cold_file])
+    assert pagecache.is_cold([cold_file], 64) and not pagecache.is_warm([cold_file], 64)
+    assert not pagecache.is_cold([cold_file.parent / "absent.bin"])   # unknown: not cold
 
 
 def test_populate_read_brings_mapped_pages_in_without_touching_them(cold_file):

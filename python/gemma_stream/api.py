@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import fileio
+from . import fileio, pagecache
 from .config import config, mem_available
 from .deprecation import renamed_argument
 from .dtypes import CONVERTIBLE, FLOAT_DTYPES
@@ -24,7 +24,8 @@ from .formats import Checkpoint, open_checkpoint
 from .formats.records import gc_paused
 from .modules import (materialize, meta_tensors, module_walk, quant_targets, run_post_load_hooks, same_kind,
                       swap_tensors)
-from .plan import CACHE_POLICIES, Plan, Rename, Route, choose_cache, make_plan, normalize_rename, zero_copy_jobs
+from .plan import (CACHE_POLICIES, COLD_DROP_BYTES, Plan, Rename, Route, choose_cache, make_plan, normalize_rename,
+                   zero_copy_jobs)
 from .progress import Progress, progress_callback
 from .readahead import start_copy_readahead
 
@@ -100,17 +101,36 @@ def _open(path: str | os.PathLike | Checkpoint, key: str | None) -> Checkpoint:
     return path if isinstance(path, Checkpoint) else open_checkpoint(path, key=key)
 
 
-def _resolve_cache(plan: Plan, cache: str, device: torch.device | None = None) -> str:
+def _resolve_cache(plan: Plan, cache: str, device: torch.device | None = None, *, alone: bool = False) -> str:
     """``cache`` as "keep" or "drop" for this plan (:func:`~gemma_stream.plan.choose_cache`), decided
-    once per load, before the model is allocated: destinations still on ``meta`` count as host
-    memory when ``device`` is the CPU, as they will once allocated."""
+    once per load, before the model is allocated and before any read-ahead: destinations still on
+    ``meta`` count as host memory when ``device`` is the CPU, as they will once allocated.
+    ``alone``: a load that reads its files whole for this process (``load_into``,
+    ``load_state_dict``), which may drop a large cold file (:func:`_cold_for_this_process`)."""
     if cache != "auto":
         return cache
+    cold = alone and plan.nbytes > COLD_DROP_BYTES and _cold_for_this_process(plan)
     available = mem_available()
     if available is None:
-        return choose_cache(plan, cache, None)
+        return choose_cache(plan, cache, None, cold=cold)
     meta_on_host = device is not None and device.type == "cpu"
-    return choose_cache(plan, cache, available, plan.host_nbytes(meta_on_host))
+    return choose_cache(plan, cache, available, plan.host_nbytes(meta_on_host), cold=cold)
+
+
+def _cold_for_this_process(plan: Plan) -> bool:
+    """Whether the plan's files are out of the page cache (``pagecache.is_cold``, on a sample of
+    pages) and no other process of a job on this node is about to read them: not under a launcher
+    that started several local ranks (``LOCAL_WORLD_SIZE``) nor, without that variable, in an
+    initialized process group of more than one rank, whose ranks may share the node's page cache."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    if local.isdigit():
+        if int(local) > 1:
+            return False
+    elif torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        return False
+    files = sorted({plan.files[job.file_index] for job in plan.jobs})
+    return pagecache.is_cold(files, pagecache.RESIDENCY_SAMPLES)
 
 
 def _execute(plan: Plan, *, threads: int | None, backend: str, progress: Progress, cache: str,
@@ -221,7 +241,10 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     ``cache="drop"`` evicts the file from the page cache as it is
     read (and the whole file again at the end, once the kernel's readahead
     has landed), ``"keep"`` leaves it cached, and ``"auto"`` (the default) keeps it
-    unless the file and the model cannot both stay in memory.
+    unless the file and the model cannot both stay in memory, or the file is
+    cold, over 2 GiB and read by no other rank on this machine (then keeping
+    it would cost a second model's worth of fresh memory during the load;
+    ``report.cache`` says which ran).
     ``mode="mmap"`` replaces, instead of filling, every CPU tensor stored in
     its own dtype by a copy-on-write view of the file (like
     ``torch.load(mmap=True)`` + ``assign=True``: the fastest start, weights
@@ -261,7 +284,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     metas = meta_tensors(model, walk)
     uninitialized = _unfilled_meta(metas, plan, targets, ckpt.where, strict)
     mapped, prefetch = _map_zero_copy(plan, targets, device, threads) if mode == "mmap" else ({}, None)
-    resolved = _resolve_cache(plan, cache, device)
+    resolved = _resolve_cache(plan, cache, device, alone=True)
     if mode == "copy":   # reads while the model is allocated, then ahead of the engine
         prefetch = _read_ahead(plan, resolved, mode, ckpt)
     try:
@@ -339,7 +362,7 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         views[view_key] = targets[name] = tensor
     plan = make_plan(ckpt, targets, strict=True,
                      rename=None if rename is None else {r.name: names.get(r.name) for r in ckpt.records})
-    resolved = _resolve_cache(plan, cache)
+    resolved = _resolve_cache(plan, cache, alone=True)
     mapped, prefetch = _map_zero_copy(plan, targets, torch.device(device), threads) if mode == "mmap" else \
         ({}, _read_ahead(plan, resolved, mode, ckpt))
     try:

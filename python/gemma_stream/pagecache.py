@@ -21,7 +21,8 @@ import os
 import sys
 
 __all__ = ["KERNEL_PAGE_BYTES", "MADV_POPULATE_READ", "has_madvise", "is_warm", "madvise", "pages_in_cache",
-           "populate_read", "resident_bytes", "resident_fraction", "WARM_FRACTION", "RESIDENCY_SAMPLES"]
+           "populate_read", "resident_bytes", "resident_fraction", "WARM_FRACTION", "COLD_FRACTION", "RESIDENCY_SAMPLES",
+           "is_cold"]
 
 #: the kernel's page, as this process sees it: madvise and mincore work in whole pages from an
 #: address aligned to it.  The engine's page and folio (``fileio.PAGE_BYTES`` / ``FOLIO_BYTES``, equal
@@ -89,6 +90,9 @@ def populate_read(address: int, nbytes: int = KERNEL_PAGE_BYTES) -> int | None:
 #: a file this much in the page cache counts as warm: nothing to read ahead (the copy and mmap
 #: read-aheads, ``plan.choose_readahead``) and no local headers to ask for (the torch zip reader)
 WARM_FRACTION = 0.95
+#: a file at most this much in the page cache counts as cold (``is_cold``: ``cache="auto"`` may drop
+#: a large one, ``api._resolve_cache``); between the two, a file partly cached by another reader
+COLD_FRACTION = 0.05
 
 #: pages per file sampled to decide warm or cold (``is_warm``): a whole-file ``mincore`` costs
 #: 4-15 ms per GiB on this project's VM, 256 pages a fraction of a millisecond
@@ -183,6 +187,16 @@ def is_warm(paths, samples: int | None = None) -> bool | None:
     except OSError:
         return None
     return None if fraction is None else fraction >= WARM_FRACTION
+
+
+def is_cold(paths, samples: int | None = None) -> bool:
+    """Whether the files are out of the page cache: at most ``COLD_FRACTION`` of their pages (of
+    ``samples`` pages per file, when given); False where that cannot be known."""
+    try:
+        fraction = resident_fraction(paths, samples)
+    except OSError:
+        return False
+    return fraction is not None and fraction <= COLD_FRACTION
 
 
 def resident_fraction(paths, samples: int | None = None) -> float | None:

@@ -25,14 +25,19 @@ from .plan_checks import check_quant_columns, check_split_covers, describe_misma
 from .routes import PartialRoutes, Rename, RenameResult, Route, normalize_rename
 
 __all__ = ["Route", "PartialRoutes", "QuantTarget", "CopyJob", "Plan", "choose_cache", "choose_readahead",
-           "make_plan", "normalize_rename", "zero_copy_jobs", "Rename", "RenameResult", "CACHE_POLICIES",
-           "READAHEAD_POLICIES"]
+           "COLD_DROP_BYTES", "make_plan", "normalize_rename", "zero_copy_jobs", "Rename", "RenameResult",
+           "CACHE_POLICIES", "READAHEAD_POLICIES"]
 
 
 CACHE_POLICIES = ("auto", "keep", "drop")
 
+#: ``cache="auto"`` drops a cold plan larger than this when one process reads it (``choose_cache``'s
+#: ``cold``): the size above which copy mode no longer reads ahead either (``readahead.py``)
+COLD_DROP_BYTES = 2 << 30
 
-def choose_cache(plan: Plan, cache: str, available: int | None, dst_nbytes: int | None = None) -> str:
+
+def choose_cache(plan: Plan, cache: str, available: int | None, dst_nbytes: int | None = None, *,
+                 cold: bool = False) -> str:
     """``cache="auto"`` -> "keep" or "drop" for this plan.
 
     "drop" when the bytes read and the bytes written cannot both stay in memory
@@ -40,15 +45,27 @@ def choose_cache(plan: Plan, cache: str, available: int | None, dst_nbytes: int 
     then keeping the file would only push out the model's first pages or other
     files, and dropping hands the file's pages straight to the model's page
     faults (on a 24 GiB VM, a cold 7B load took 11.7 s with drop against 14.1 s
-    with keep; benchmarks/NOTES.md, section 12).  "keep" otherwise, so a file
-    that fits stays cached for the next load.  "keep"/"drop" pass through.
-    ``dst_nbytes``: the bytes written, when the caller counted them otherwise than
-    ``plan.dst_nbytes`` (destinations still on ``meta`` that the load will allocate).
+    with keep; benchmarks/NOTES.md, section 12).  "drop" too when ``cold``
+    (the caller found the files out of the page cache and no other process
+    of a job about to read them) and the plan reads more than
+    ``COLD_DROP_BYTES``: keeping a large cold file costs a second model's
+    worth of fresh memory while the load runs, which dropping recycles into
+    the model's own pages (a cold 5 GiB load ran 2.2x faster with drop on
+    this project's VM; NOTES.md 41); a file that was warm stays cached.
+    "keep" otherwise, so a file that fits stays cached for the next load.
+    "keep"/"drop" pass through.  ``dst_nbytes``: the bytes written, when the
+    caller counted them otherwise than ``plan.dst_nbytes`` (destinations still
+    on ``meta`` that the load will allocate).
+
+    >>> choose_cache(plan_of_5_gib, "auto", available=20 << 30, cold=True)
+    'drop'
     """
     if cache not in CACHE_POLICIES:
         raise UsageError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if cache != "auto":
         return cache
+    if cold and plan.nbytes > COLD_DROP_BYTES:
+        return "drop"
     if available is None:
         return "keep"
     written = plan.dst_nbytes if dst_nbytes is None else dst_nbytes

@@ -31,7 +31,7 @@ from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-from ..api import _execute
+from ..api import _execute, _resolve_cache
 from ..capture import CopyCapture
 from ..errors import GemmaStreamError
 from ..formats import open_checkpoint
@@ -142,9 +142,12 @@ class GemmaStreamLoader(BaseModelLoader):
 
     def _run(self, plan):
         """Execute ``plan`` with this loader's options (the direct plan, or the streaming path's
-        recorded copies); returns what ran."""
+        recorded copies); returns what ran.  ``cache="auto"`` decides as ``gs.load_into`` does: a large cold
+        checkpoint is dropped behind the load unless other ranks of the process group may read it."""
+        cache = self.options.cache
+        resolved = _resolve_cache(plan, cache, alone=True)
         done, _, _, _ = _execute(plan, threads=self.options.threads, backend=self.options.backend, progress=None,
-                                 cache=self.options.cache, desc="gemma_stream load")
+                                 cache=cache, desc="gemma_stream load", resolved=resolved)
         return done
 
     def _load_direct(self, model: nn.Module, ckpt) -> tuple[int, int, int]:
