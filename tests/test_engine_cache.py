@@ -181,3 +181,20 @@ def test_cache_drop_releases_pages_as_the_load_goes(big_file, monkeypatch):
     assert len(samples) > 10
     for done, cached in samples:
         assert cached <= size - done + 4 * MiB, (done, cached, size)
+
+
+@pytest.mark.page_cache
+def test_cache_auto_keeps_a_cold_zip_of_many_tensors(tmp_path, cold_drop_at_zero):
+    """A torch zip whose reader asked for every local header ahead keeps its pages: dropping measured
+    slower there (NOTES.md 41); a zip of a few tensors drops like any large cold file."""
+    from gemma_stream import fileio
+    many = {f"t{i}": torch.full((1 << 16,), float(i)) for i in range(fileio.PARALLEL_READS)}   # 64 MiB
+    for name, sd in (("many", many), ("few", {"a": torch.arange(4.0 * MiB), "b": torch.ones(4 * MiB)})):
+        path = tmp_path / f"{name}.pt"
+        torch.save(sd, path)
+        set_cached(path, False)
+        if cached_bytes(path) > MiB:
+            pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
+        out = gs.load_state_dict(path, threads=2)
+        assert out.report.cache == ("keep" if name == "many" else "drop")
+        assert all(torch.equal(out[k], v) for k, v in sd.items())

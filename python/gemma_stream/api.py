@@ -101,15 +101,19 @@ def _open(path: str | os.PathLike | Checkpoint, key: str | None) -> Checkpoint:
     return path if isinstance(path, Checkpoint) else open_checkpoint(path, key=key)
 
 
-def _resolve_cache(plan: Plan, cache: str, device: torch.device | None = None, *, alone: bool = False) -> str:
+def _resolve_cache(plan: Plan, cache: str, device: torch.device | None = None, *,
+                   ckpt: Checkpoint | None = None) -> str:
     """``cache`` as "keep" or "drop" for this plan (:func:`~gemma_stream.plan.choose_cache`), decided
     once per load, before the model is allocated and before any read-ahead: destinations still on
     ``meta`` count as host memory when ``device`` is the CPU, as they will once allocated.
-    ``alone``: a load that reads its files whole for this process (``load_into``,
-    ``load_state_dict``), which may drop a large cold file (:func:`_cold_for_this_process`)."""
+    ``ckpt``: given by the loads that may drop a large cold file (``load_into``, ``load_state_dict``,
+    vLLM's direct path; :func:`_cold_for_this_process`), except a torch zip of many tensors, whose
+    reader has asked for every local header: dropping measured 0.87 of keeping there (many_small
+    at 2 GiB) and 1.1-1.9x faster on every other mix and format (NOTES.md 41)."""
     if cache != "auto":
         return cache
-    cold = alone and plan.nbytes > COLD_DROP_BYTES and _cold_for_this_process(plan)
+    cold = ckpt is not None and not _headers_asked(ckpt) and plan.nbytes > COLD_DROP_BYTES \
+        and _cold_for_this_process(plan)
     available = mem_available()
     if available is None:
         return choose_cache(plan, cache, None, cold=cold)
@@ -159,11 +163,14 @@ def _read_ahead(plan: Plan, resolved: str, mode: str, ckpt: Checkpoint) -> Prefe
     torch zip of many tensors: its reader has already asked for every local header, and reading
     the plan ahead on top measured slower (0.92 on vs off, many_small cold; NOTES.md 36).
     ``resolved``: the load's cache policy, "keep" or "drop" (:func:`_resolve_cache`)."""
-    if mode != "copy" or not plan.jobs:
-        return None
-    if ckpt.format == "torchzip" and len(ckpt.records) >= fileio.PARALLEL_READS:
+    if mode != "copy" or not plan.jobs or _headers_asked(ckpt):
         return None
     return start_copy_readahead(plan, resolved)
+
+
+def _headers_asked(ckpt: Checkpoint) -> bool:
+    """A torch zip of enough tensors that its reader asked for every local header ahead."""
+    return ckpt.format == "torchzip" and len(ckpt.records) >= fileio.PARALLEL_READS
 
 
 def _check_mode(mode: str, cache: str, device: str | torch.device | None = None) -> str:
@@ -242,9 +249,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     read (and the whole file again at the end, once the kernel's readahead
     has landed), ``"keep"`` leaves it cached, and ``"auto"`` (the default) keeps it
     unless the file and the model cannot both stay in memory, or the file is
-    cold, over 2 GiB and read by no other rank on this machine (then keeping
-    it would cost a second model's worth of fresh memory during the load;
-    ``report.cache`` says which ran).
+    cold, over 1 GiB and read by no other rank on this machine (then keeping
+    it would cost a second model's worth of fresh memory during the load; a
+    torch zip of 256 tensors or more is kept; ``report.cache`` says which ran).
     ``mode="mmap"`` replaces, instead of filling, every CPU tensor stored in
     its own dtype by a copy-on-write view of the file (like
     ``torch.load(mmap=True)`` + ``assign=True``: the fastest start, weights
@@ -284,7 +291,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
     metas = meta_tensors(model, walk)
     uninitialized = _unfilled_meta(metas, plan, targets, ckpt.where, strict)
     mapped, prefetch = _map_zero_copy(plan, targets, device, threads) if mode == "mmap" else ({}, None)
-    resolved = _resolve_cache(plan, cache, device, alone=True)
+    resolved = _resolve_cache(plan, cache, device, ckpt=ckpt)
     if mode == "copy":   # reads while the model is allocated, then ahead of the engine
         prefetch = _read_ahead(plan, resolved, mode, ckpt)
     try:
@@ -362,7 +369,7 @@ def load_state_dict(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         views[view_key] = targets[name] = tensor
     plan = make_plan(ckpt, targets, strict=True,
                      rename=None if rename is None else {r.name: names.get(r.name) for r in ckpt.records})
-    resolved = _resolve_cache(plan, cache, alone=True)
+    resolved = _resolve_cache(plan, cache, ckpt=ckpt)
     mapped, prefetch = _map_zero_copy(plan, targets, torch.device(device), threads) if mode == "mmap" else \
         ({}, _read_ahead(plan, resolved, mode, ckpt))
     try:

@@ -32,8 +32,9 @@ __all__ = ["Route", "PartialRoutes", "QuantTarget", "CopyJob", "Plan", "choose_c
 CACHE_POLICIES = ("auto", "keep", "drop")
 
 #: ``cache="auto"`` drops a cold plan larger than this when one process reads it (``choose_cache``'s
-#: ``cold``): the size above which copy mode no longer reads ahead either (``readahead.py``)
-COLD_DROP_BYTES = 2 << 30
+#: ``cold``): at 2 GiB a dropping cold load beat a kept one with its read-ahead on every mix and
+#: format, at 1 GiB the kept load with its read-ahead is 1.1-1.6x the bound (NOTES.md 41)
+COLD_DROP_BYTES = 1 << 30
 
 
 def choose_cache(plan: Plan, cache: str, available: int | None, dst_nbytes: int | None = None, *,
@@ -50,8 +51,8 @@ def choose_cache(plan: Plan, cache: str, available: int | None, dst_nbytes: int 
     of a job about to read them) and the plan reads more than
     ``COLD_DROP_BYTES``: keeping a large cold file costs a second model's
     worth of fresh memory while the load runs, which dropping recycles into
-    the model's own pages (a cold 5 GiB load ran 2.2x faster with drop on
-    this project's VM; NOTES.md 41); a file that was warm stays cached.
+    the model's own pages (a cold 5 GiB load ran 1.9x faster with drop on
+    this project's VM, 1.1-1.9x at 2 GiB; NOTES.md 41); a file that was warm stays cached.
     "keep" otherwise, so a file that fits stays cached for the next load.
     "keep"/"drop" pass through.  ``dst_nbytes``: the bytes written, when the
     caller counted them otherwise than ``plan.dst_nbytes`` (destinations still

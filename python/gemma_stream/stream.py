@@ -236,7 +236,9 @@ def iter_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None, k
     its own.  ``dtype`` converts floating-point tensors (f16/bf16/f32),
     ``keys`` selects tensors, ``rename`` (dict or callable, a name or None to
     skip) renames them; ``cache``, ``threads``, ``backend`` and ``state_dict_key`` as in
-    ``load_state_dict``.  The tensors are new CPU tensors the caller owns;
+    ``load_state_dict``, except that ``cache="auto"`` drops only when the file and a window cannot
+    both stay in memory (a large cold file is kept: the rule that drops it was measured on whole
+    loads, NOTES.md 41).  The tensors are new CPU tensors the caller owns;
     breaking out of the loop stops the read-ahead.
 
     ``mode="mmap"``: a tensor that needs no conversion is a view of a private

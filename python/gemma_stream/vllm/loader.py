@@ -140,12 +140,13 @@ class GemmaStreamLoader(BaseModelLoader):
         logger.info("gemma_stream: streaming path, %d file(s) in %.2f s", len(ckpt.files),
                     time.perf_counter() - start)
 
-    def _run(self, plan):
+    def _run(self, plan, ckpt=None):
         """Execute ``plan`` with this loader's options (the direct plan, or the streaming path's
-        recorded copies); returns what ran.  ``cache="auto"`` decides as ``gs.load_into`` does: a large cold
-        checkpoint is dropped behind the load unless other ranks of the process group may read it."""
+        recorded copies); returns what ran.  With ``ckpt`` (the direct path) ``cache="auto"`` decides
+        as ``gs.load_into`` does: a large cold checkpoint is dropped behind the load unless other
+        ranks of the process group may read it; the streaming path keeps it, as ``iter_tensors``."""
         cache = self.options.cache
-        resolved = _resolve_cache(plan, cache, alone=True)
+        resolved = _resolve_cache(plan, cache, ckpt=ckpt)
         done, _, _, _ = _execute(plan, threads=self.options.threads, backend=self.options.backend, progress=None,
                                  cache=cache, desc="gemma_stream load", resolved=resolved)
         return done
@@ -156,7 +157,7 @@ class GemmaStreamLoader(BaseModelLoader):
 
         size, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         plan, padding, _ = plan_direct(model, ckpt, tp_size=size)
-        done = self._run(plan)
+        done = self._run(plan, ckpt)
         with torch.no_grad():
             for rows in padding:
                 rows.zero_()
