@@ -201,4 +201,8 @@ def test_quantize_on_read_peak_is_the_int8_model(tmp_path, arch, backend):
                           os.path.dirname(__file__), str(arch)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["peak"] <= 1.05 * result["model"] + (64 << 20), result
+    # the fallback holds per thread a bounce buffer of up to one chunk and its quantizers' float
+    # temporaries of about one more (executors/python.py): 2 x 2 x 16 MiB, 45-69 MiB measured over the
+    # model; a float copy of the weights would add ~200 MiB
+    slack = (64 << 20) if backend == "native" else (96 << 20)
+    assert result["peak"] <= 1.05 * result["model"] + slack, result
