@@ -109,10 +109,8 @@ def test_cache_auto_drops_a_large_cold_plan_only():
 @pytest.fixture()
 def cold_drop_at_zero(monkeypatch):
     """Every plan counts as large: the 24 MiB file takes the large-cold-file path."""
-    import gemma_stream.api as api
     import gemma_stream.plan as planner
     monkeypatch.setattr(planner, "COLD_DROP_BYTES", 0)
-    monkeypatch.setattr(api, "COLD_DROP_BYTES", 0)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
 
 

@@ -24,7 +24,7 @@ from .formats import Checkpoint, open_checkpoint
 from .formats.records import gc_paused
 from .modules import (materialize, meta_tensors, module_walk, quant_targets, run_post_load_hooks, same_kind,
                       swap_tensors)
-from .plan import (CACHE_POLICIES, COLD_DROP_BYTES, Plan, Rename, Route, choose_cache, make_plan, normalize_rename,
+from .plan import (CACHE_POLICIES, Plan, Rename, Route, choose_cache, drops_if_cold, make_plan, normalize_rename,
                    zero_copy_jobs)
 from .progress import Progress, progress_callback
 from .readahead import start_copy_readahead
@@ -112,7 +112,7 @@ def _resolve_cache(plan: Plan, cache: str, device: torch.device | None = None, *
     at 2 GiB) and 1.1-1.9x faster on every other mix and format (NOTES.md 41)."""
     if cache != "auto":
         return cache
-    cold = ckpt is not None and not _headers_asked(ckpt) and plan.nbytes > COLD_DROP_BYTES \
+    cold = ckpt is not None and not _headers_asked(ckpt) and drops_if_cold(plan) \
         and _cold_for_this_process(plan)
     available = mem_available()
     if available is None:

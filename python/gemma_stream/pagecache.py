@@ -178,24 +178,27 @@ def pages_in_cache(fd: int, path: str) -> int | None:
     return _resident_pages(libc, path)[0]
 
 
+def _known_fraction(paths, samples: int | None) -> float | None:
+    """``resident_fraction``, or None where it cannot be known (no ``mincore``, or a file system
+    that cannot map the files)."""
+    try:
+        return resident_fraction(paths, samples)
+    except OSError:
+        return None
+
+
 def is_warm(paths, samples: int | None = None) -> bool | None:
     """Whether the files are in the page cache: at least ``WARM_FRACTION`` of their pages (of
     ``samples`` pages per file, when given); None where that cannot be known (no ``mincore``, or a
     file system that cannot map the files)."""
-    try:
-        fraction = resident_fraction(paths, samples)
-    except OSError:
-        return None
+    fraction = _known_fraction(paths, samples)
     return None if fraction is None else fraction >= WARM_FRACTION
 
 
 def is_cold(paths, samples: int | None = None) -> bool:
     """Whether the files are out of the page cache: at most ``COLD_FRACTION`` of their pages (of
     ``samples`` pages per file, when given); False where that cannot be known."""
-    try:
-        fraction = resident_fraction(paths, samples)
-    except OSError:
-        return False
+    fraction = _known_fraction(paths, samples)
     return fraction is not None and fraction <= COLD_FRACTION
 
 

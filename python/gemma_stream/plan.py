@@ -25,7 +25,7 @@ from .plan_checks import check_quant_columns, check_split_covers, describe_misma
 from .routes import PartialRoutes, Rename, RenameResult, Route, normalize_rename
 
 __all__ = ["Route", "PartialRoutes", "QuantTarget", "CopyJob", "Plan", "choose_cache", "choose_readahead",
-           "COLD_DROP_BYTES", "make_plan", "normalize_rename", "zero_copy_jobs", "Rename", "RenameResult",
+           "COLD_DROP_BYTES", "drops_if_cold", "make_plan", "normalize_rename", "zero_copy_jobs", "Rename", "RenameResult",
            "CACHE_POLICIES", "READAHEAD_POLICIES"]
 
 
@@ -35,6 +35,12 @@ CACHE_POLICIES = ("auto", "keep", "drop")
 #: ``cold``): at 2 GiB a dropping cold load beat a kept one with its read-ahead on every mix and
 #: format, at 1 GiB the kept load with its read-ahead is 1.1-1.6x the bound (NOTES.md 41)
 COLD_DROP_BYTES = 1 << 30
+
+
+def drops_if_cold(plan: Plan) -> bool:
+    """Whether ``cache="auto"`` drops this plan when its files are cold and one process reads them:
+    it reads more than ``COLD_DROP_BYTES``.  Callers ask this before they sample the page cache."""
+    return plan.nbytes > COLD_DROP_BYTES
 
 
 def choose_cache(plan: Plan, cache: str, available: int | None, dst_nbytes: int | None = None, *,
@@ -65,7 +71,7 @@ def choose_cache(plan: Plan, cache: str, available: int | None, dst_nbytes: int 
         raise UsageError(f"cache must be 'auto', 'keep' or 'drop', not {cache!r}")
     if cache != "auto":
         return cache
-    if cold and plan.nbytes > COLD_DROP_BYTES:
+    if cold and drops_if_cold(plan):
         return "drop"
     if available is None:
         return "keep"
