@@ -20,9 +20,9 @@ import mmap
 import os
 import sys
 
-__all__ = ["KERNEL_PAGE_BYTES", "MADV_POPULATE_READ", "has_madvise", "is_warm", "madvise", "pages_in_cache",
-           "populate_read", "resident_bytes", "resident_fraction", "WARM_FRACTION", "COLD_FRACTION", "RESIDENCY_SAMPLES",
-           "is_cold"]
+__all__ = ["KERNEL_PAGE_BYTES", "MADV_POPULATE_READ", "has_madvise", "is_cold", "is_warm", "madvise",
+           "pages_in_cache", "populate_read", "resident_bytes", "resident_fraction", "WARM_FRACTION",
+           "COLD_FRACTION", "RESIDENCY_SAMPLES"]
 
 #: the kernel's page, as this process sees it: madvise and mincore work in whole pages from an
 #: address aligned to it.  The engine's page and folio (``fileio.PAGE_BYTES`` / ``FOLIO_BYTES``, equal

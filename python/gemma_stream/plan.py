@@ -25,8 +25,8 @@ from .plan_checks import check_quant_columns, check_split_covers, describe_misma
 from .routes import PartialRoutes, Rename, RenameResult, Route, normalize_rename
 
 __all__ = ["Route", "PartialRoutes", "QuantTarget", "CopyJob", "Plan", "choose_cache", "choose_readahead",
-           "COLD_DROP_BYTES", "drops_if_cold", "make_plan", "normalize_rename", "zero_copy_jobs", "Rename", "RenameResult",
-           "CACHE_POLICIES", "READAHEAD_POLICIES"]
+           "COLD_DROP_BYTES", "drops_if_cold", "make_plan", "normalize_rename", "zero_copy_jobs", "Rename",
+           "RenameResult", "CACHE_POLICIES", "READAHEAD_POLICIES"]
 
 
 CACHE_POLICIES = ("auto", "keep", "drop")
