@@ -56,6 +56,31 @@ def test_load_into_meta_model_keeps_ties_classes_and_grad(tmp_path, backend):
         assert torch.equal(tensor, sd.get(name, sd["embed.weight"])), name
 
 
+def test_meta_tensors_laid_out_otherwise_keep_their_layout_and_values(tmp_path, backend):
+    # a parameter built transposed on meta: its allocation keeps the layout, so a job planned on it,
+    # or on rows of it (a fused target), writes each element where the model reads it
+    w = torch.arange(12.0).reshape(3, 4)
+    q, k = torch.arange(8.0).reshape(2, 4) + 100, torch.arange(4.0).reshape(1, 4) + 200
+    path = tmp_path / "m.safetensors"
+    save_file({"w": w, "q": q, "k": k}, str(path))
+    model = nn.Module()
+    model.w = nn.Parameter(torch.empty(4, 3, device="meta").t())
+    model.qk = nn.Parameter(torch.empty(4, 3, device="meta").t())
+    gs.load_into(model, path, backend=backend,
+                 rename={"q": gs.Route("qk", dst_rows=(0, 2)), "k": gs.Route("qk", dst_rows=(2, 3))})
+    assert model.w.stride() == (1, 3) and model.qk.stride() == (1, 3)
+    assert torch.equal(model.w, w) and torch.equal(model.qk, torch.cat([q, k]))
+    # an overlapping meta layout (an expanded row) is allocated dense: filled whole it loads, in parts it cannot
+    model = nn.Module()
+    model.w = nn.Parameter(torch.empty(1, 4, device="meta").expand(3, 4))
+    gs.load_into(model, path, backend=backend, strict=False)
+    assert torch.equal(model.w, w)
+    model.qk = nn.Parameter(torch.empty(1, 4, device="meta").expand(3, 4))
+    with pytest.raises(gs.MismatchError, match="'qk' has overlapping strides"):
+        gs.load_into(model, path, backend=backend, strict=False,
+                     rename={"w": None, "q": gs.Route("qk", dst_rows=(0, 2)), "k": gs.Route("qk", dst_rows=(2, 3))})
+
+
 def test_tied_weight_present_twice_is_loaded_once(tmp_path, backend):
     sd = reference_state(tied_in_file=True)
     sd["head.weight"] = sd["head.weight"].clone()

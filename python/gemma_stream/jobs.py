@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from .dtypes import DType, from_torch
-from .errors import InternalError
+from .errors import InternalError, MismatchError
 from .layout import span_elements
 
 __all__ = ["QuantTarget", "CopyJob", "Plan", "is_plain_cpu"]
@@ -125,24 +125,38 @@ class Plan:
 
         A load plans once, on the model as built (so a mismatch is found before
         anything is allocated), then allocates; each job's destination is the
-        same view (size, strides, offset) of the replacing tensor.
+        same view (size, strides, offset) of the replacing tensor, which
+        ``modules.materialize`` lays out as the meta tensor was.
         """
-        def moved(region: torch.Tensor | None) -> torch.Tensor | None:
-            if region is None or not region.is_meta:
-                return region
-            base = region._base if region._base is not None else region
-            new = replacement.get(id(base))
+        def moved(region: torch.Tensor, target: str) -> torch.Tensor:
+            new = replacement.get(id(region))
+            if new is not None:   # the whole tensor (almost every job)
+                return new
+            base = region._base
+            new = replacement.get(id(base)) if base is not None else None
             if new is None:
                 raise InternalError(f"gemma_stream bug: a job writes a meta tensor that was not allocated "
-                                   f"({list(region.shape)})")
-            if base is region and region.is_contiguous():   # the whole tensor: materialize made it contiguous
-                return new
+                                    f"({list(region.shape)})")
+            if any(n > 1 and a != b for n, a, b in zip(base.shape, base.stride(), new.stride())):
+                raise MismatchError(f"model tensor {target!r} has overlapping strides {list(base.stride())}: "
+                                    f"it cannot be filled in parts; give it a dense layout")
             return new.as_strided(region.size(), region.stride(), region.storage_offset())
 
         for job in self.jobs:
-            job.dst, job.scale, job.zero = moved(job.dst), moved(job.scale), moved(job.zero)
-            job.staged = not all(is_plain_cpu(r) for r in (job.dst, job.scale, job.zero) if r is not None)
+            dst, scale, zero = job.dst, job.scale, job.zero
+            if dst.is_meta:
+                job.dst = dst = moved(dst, job.target)
+            if scale is None and zero is None:
+                job.staged = not is_plain_cpu(dst)
+                continue
+            if scale is not None and scale.is_meta:
+                job.scale = scale = moved(scale, job.target)
+            if zero is not None and zero.is_meta:
+                job.zero = zero = moved(zero, job.target)
+            job.staged = not all(is_plain_cpu(r) for r in (dst, scale, zero) if r is not None)
 
 
 def is_plain_cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.is_contiguous()
+    """Contiguous host memory, which the engine writes through a raw pointer.  ``is_cpu``: a
+    seventh of the cost of building ``t.device`` (60 against 440 ns, once or more per job)."""
+    return t.is_cpu and t.is_contiguous()

@@ -70,9 +70,13 @@ def int8_rows_target(module: torch.nn.Module, prefix: str) -> QuantTarget | None
     """gemma_pytorch's quantized ``Linear``/``Embedding`` (``quant=True``): an int8 ``weight`` [N, K]
     beside a floating ``weight_scaler`` [N].  That is our int8 contract layout, so a float
     checkpoint is quantized on read straight into it (the scale in the scaler's own dtype)."""
+    scaler = module._parameters.get("weight_scaler")
+    if scaler is None:
+        scaler = module._buffers.get("weight_scaler")
+        if scaler is None:   # every module of a float model: asked first
+            return None
     weight = module._parameters.get("weight")
-    scaler = module._parameters.get("weight_scaler", module._buffers.get("weight_scaler"))
-    if weight is None or scaler is None or weight.dtype != torch.int8 or weight.dim() != 2:
+    if weight is None or weight.dtype != torch.int8 or weight.dim() != 2:
         return None
     if not scaler.is_floating_point() or tuple(scaler.shape) != (weight.shape[0],):
         return None
@@ -80,11 +84,16 @@ def int8_rows_target(module: torch.nn.Module, prefix: str) -> QuantTarget | None
     return QuantTarget("int8", (weight.shape[0], weight.shape[1]), weight, scaler, None, 0, (f"{p}weight_scaler",))
 
 
-def _hook(module: torch.nn.Module, name: str):
+def _hook(module: torch.nn.Module, name: str, on_class: dict[type, bool]):
     """``module.<name>`` when its class or the instance defines it, else None, without
     ``nn.Module.__getattr__``'s failed lookup per module (a hook is never a parameter, buffer or
-    submodule): a few microseconds per module on every load."""
-    if hasattr(type(module), name) or name in module.__dict__:
+    submodule): a few microseconds per module on every load.  ``on_class``: whether each class
+    has it, filled as the caller's walk meets classes (a failed ``hasattr`` is the costly part)."""
+    kind = type(module)
+    found = on_class.get(kind)
+    if found is None:
+        found = on_class[kind] = hasattr(kind, name)
+    if found or name in module.__dict__:
         return getattr(module, name)
     return None
 
@@ -110,9 +119,9 @@ def quant_targets(model: torch.nn.Module, walk: list[tuple[str, torch.nn.Module]
     """Quantized destinations by weight name: modules that describe theirs (``gs_quant_target()``,
     gemma_stream's QuantLinear/QuantEmbedding) and gemma_pytorch's int8 layers.  ``walk``:
     :func:`module_walk` of the model, when the caller holds it."""
-    targets = {}
+    targets, on_class = {}, {}
     for prefix, module in (model.named_modules() if walk is None else _unique(walk)):
-        describe = _hook(module, "gs_quant_target")
+        describe = _hook(module, "gs_quant_target", on_class)
         target = describe(prefix) if describe is not None else int8_rows_target(module, prefix)
         if target is not None:
             targets[f"{prefix}.weight" if prefix else "weight"] = target
@@ -126,13 +135,17 @@ def meta_tensors(model: torch.nn.Module, walk: list[tuple[str, torch.nn.Module]]
     for prefix, module in (module_walk(model) if walk is None else walk):
         for slot in (module._parameters, module._buffers):
             for attr, tensor in slot.items():
-                if tensor is not None and tensor.is_meta and id(tensor) not in out:
+                if tensor is not None and id(tensor) not in out and tensor.is_meta:
                     out[id(tensor)] = (f"{prefix}.{attr}" if prefix else attr, tensor)
     return out
 
 
 def same_kind(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """``data`` as the same kind of tensor as ``old``: its Parameter class and ``requires_grad``."""
+    if type(old) is torch.nn.Parameter and type(data) is torch.Tensor:
+        # what Parameter(data) runs for a plain tensor, without its Python frame or the metaclass's
+        # isinstance hook (benchmarks/NOTES.md 44)
+        return torch.Tensor._make_subclass(torch.nn.Parameter, data, old.requires_grad)
     if not isinstance(old, torch.nn.Parameter):
         return data
     try:
@@ -148,23 +161,33 @@ def swap_tensors(model: torch.nn.Module, replacement: dict[int, torch.Tensor],
         return
     for _, module in (module_walk(model) if walk is None else walk):
         for slot in (module._parameters, module._buffers):
-            for attr, old in list(slot.items()):
-                if old is not None and id(old) in replacement:
-                    slot[attr] = replacement[id(old)]
+            if slot:
+                for attr, old in slot.items():   # values replaced, no key added: iterating stays valid
+                    if id(old) in replacement:   # id(None) is never a key: None is alive, unlike a freed tensor
+                        slot[attr] = replacement[id(old)]
 
 
 def materialize(model: torch.nn.Module, device: torch.device,
                 metas: dict[int, tuple[str, torch.Tensor]] | None = None,
                 walk: list[tuple[str, torch.nn.Module]] | None = None) -> dict[int, torch.Tensor]:
-    """Allocate (uninitialized) every tensor still on ``meta`` on ``device``, keeping ties and
-    Parameter classes; returns ``id(meta tensor) -> its replacement`` for ``Plan.rebind``.
+    """Allocate (uninitialized) every tensor still on ``meta`` on ``device``, keeping ties,
+    Parameter classes and layouts; returns ``id(meta tensor) -> its replacement`` for ``Plan.rebind``.
     ``metas``: :func:`meta_tensors` of the model, when the caller already holds it."""
     if metas is None:
         metas = meta_tensors(model, walk)
-    replacement = {key: same_kind(old, torch.empty(old.shape, dtype=old.dtype, device=device))
-                   for key, (_, old) in metas.items()}
+    replacement = {key: same_kind(old, _empty(old, device)) for key, (_, old) in metas.items()}
     swap_tensors(model, replacement, walk)
     return replacement
+
+
+def _empty(meta: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Uninitialized memory for ``meta`` on ``device``, laid out as ``meta`` is (a transposed
+    parameter stays transposed), so a job planned on any view of it writes the same elements."""
+    if meta.is_contiguous():
+        # size= by keyword: a torch.Size passed by position is parsed against empty()'s
+        # named-dimension overload first (benchmarks/NOTES.md 44)
+        return torch.empty(size=meta.shape, dtype=meta.dtype, device=device)
+    return torch.empty_like(meta, device=device)   # dense layouts kept; an overlapping one made contiguous
 
 
 def run_post_load_hooks(model: torch.nn.Module, threads: int,
@@ -173,7 +196,8 @@ def run_post_load_hooks(model: torch.nn.Module, threads: int,
     on the loader's thread count: the native repack releases the GIL, and each hook touches
     only its own module's tensors (QuantLinear locks a weight it shares)."""
     modules = model.modules() if walk is None else (module for _, module in _unique(walk))
-    hooks = [hook for module in modules if (hook := _hook(module, "gs_post_load")) is not None]
+    on_class: dict[type, bool] = {}
+    hooks = [hook for module in modules if (hook := _hook(module, "gs_post_load", on_class)) is not None]
     workers = min(len(hooks), threads)
     if workers <= 1:
         for hook in hooks:

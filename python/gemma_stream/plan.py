@@ -162,13 +162,10 @@ class _Planner:
         self.quant = quant
         self.file_index = {f: i for i, f in enumerate(checkpoint.files)}
         # names of one tied tensor share a group; coverage is tracked per group
-        self.group_of: dict[str, int] = {}
-        first_name: dict[int, str] = {}
-        for name, tensor in targets.items():
-            self.group_of[name] = id(tensor)
-            first_name.setdefault(id(tensor), name)
+        self.group_of: dict[str, int] = {name: id(tensor) for name, tensor in targets.items()}
         # per group: written blocks (row_lo, row_hi, col_lo, col_hi, source)
         self.covered: dict[int, list[tuple[int, int, int, int, str]]] = {}
+        self.complete: set[int] = set()   # groups one whole-tensor job fills (finish need not add them up)
         self.plan = Plan(files=list(checkpoint.files), jobs=[])
 
     # ---- coverage -------------------------------------------------------
@@ -197,6 +194,8 @@ class _Planner:
 
     # ---- jobs -----------------------------------------------------------
     def route(self, record: TensorRecord, route: Route) -> None:
+        if route.src_rows is None and route.dst_rows is None and route.src_cols is None and route.dst_cols is None:
+            return self.whole(record, route.target)
         p = self.plan
         if route.target in self.quant and record.dtype.is_float:
             return self._quant_job(record, route, self.quant[route.target])
@@ -205,33 +204,21 @@ class _Planner:
             p.unexpected_keys.append(record.name)
             return
         tshape = tuple(target.shape)
-        if route.src_rows is None and route.dst_rows is None and route.src_cols is None and route.dst_cols is None:
-            # the whole tensor into the whole target (almost every route): what the general case gives
-            src_lo, src_hi = 0, record.shape[0] if record.shape else 1
-            dst_lo, dst_hi = 0, tshape[0] if tshape else 1
-            dst_c = (0, tshape[1]) if len(tshape) >= 2 else (0, 1)
-            src_shape, dst_shape = tuple(record.shape), tshape
-        else:
-            src_lo, src_hi = _rows(route.src_rows, record.shape[0] if record.shape else 1,
-                                   f"checkpoint tensor {record.name!r}")
-            dst_lo, dst_hi = _rows(route.dst_rows, tshape[0] if tshape else 1,
-                                   f"{record.name!r} -> model tensor {route.target!r}")
-            src_c = _cols(route.src_cols, record.shape, f"checkpoint tensor {record.name!r}")
-            dst_c = _cols(route.dst_cols, tshape, f"{record.name!r} -> model tensor {route.target!r}")
-            src_shape = _block_shape(record.shape, (src_lo, src_hi) if route.src_rows else None,
-                                     src_c if route.src_cols else None)
-            dst_shape = _block_shape(tshape, (dst_lo, dst_hi) if route.dst_rows else None,
-                                     dst_c if route.dst_cols else None)
+        src_lo, src_hi = _rows(route.src_rows, record.shape[0] if record.shape else 1,
+                               f"checkpoint tensor {record.name!r}")
+        dst_lo, dst_hi = _rows(route.dst_rows, tshape[0] if tshape else 1,
+                               f"{record.name!r} -> model tensor {route.target!r}")
+        src_c = _cols(route.src_cols, record.shape, f"checkpoint tensor {record.name!r}")
+        dst_c = _cols(route.dst_cols, tshape, f"{record.name!r} -> model tensor {route.target!r}")
+        src_shape = _block_shape(record.shape, (src_lo, src_hi) if route.src_rows else None,
+                                 src_c if route.src_cols else None)
+        dst_shape = _block_shape(tshape, (dst_lo, dst_hi) if route.dst_rows else None,
+                                 dst_c if route.dst_cols else None)
         if src_shape != dst_shape:
             p.mismatched_keys.append(
                 f"{record.name}: checkpoint shape {list(src_shape)} vs model {route.target!r} shape {list(dst_shape)}")
             return
-        dst_dtype = from_torch(target.dtype)
-        if record.dtype is not dst_dtype and record.dtype != dst_dtype and \
-                not (record.dtype.name in CONVERTIBLE and dst_dtype.name in CONVERTIBLE):
-            p.mismatched_keys.append(
-                f"{record.name}: checkpoint dtype {record.dtype.torch} cannot be loaded into "
-                f"{route.target!r} of dtype {target.dtype}")
+        if not self._convertible(record, route.target, target):
             return
         if not self._claim(route.target, (dst_lo, dst_hi) if tshape else (0, 1), record.name, dst_c):
             p.skipped_keys.append(record.name)
@@ -247,6 +234,47 @@ class _Planner:
                                   src_offset=offset, src_dtype=record.dtype, shape=tuple(src_shape),
                                   src_strides=strides, dst=region, staged=not _is_plain_cpu(region)))
         p.loaded.append(route.target)
+
+    def whole(self, record: TensorRecord, name: str) -> None:
+        """``record`` whole into the whole target ``name``: every route of a load without
+        ``rename``, and almost every route of one with it (a few microseconds a tensor less
+        than the general case of :meth:`route`; benchmarks/NOTES.md 44)."""
+        p = self.plan
+        qt = self.quant.get(name)
+        if qt is not None and record.dtype.is_float:
+            return self._quant_job(record, Route(name), qt)
+        target = self.targets.get(name)
+        if target is None:
+            p.unexpected_keys.append(record.name)
+            return
+        shape = record.shape
+        if shape != target.shape:   # a tuple against a torch.Size: compared as tuples
+            p.mismatched_keys.append(
+                f"{record.name}: checkpoint shape {list(shape)} vs model {name!r} shape {list(target.shape)}")
+            return
+        if not self._convertible(record, name, target):
+            return
+        if not self._claim(name, (0, shape[0]) if shape else (0, 1), record.name,
+                           (0, shape[1]) if len(shape) >= 2 else (0, 1)):
+            p.skipped_keys.append(record.name)
+            return
+        self.complete.add(self.group_of[name])
+        offset, strides = (record.byte_offset, None) if record.strides is None else self._source(record, 0)
+        p.jobs.append(CopyJob(name=record.name, target=name, file_index=self.file_index[record.file],
+                              src_offset=offset, src_dtype=record.dtype, shape=shape, src_strides=strides,
+                              dst=target, staged=not _is_plain_cpu(target)))
+        p.loaded.append(name)
+
+    def _convertible(self, record: TensorRecord, name: str, target: torch.Tensor) -> bool:
+        """Whether ``record``'s dtype can be written into ``target``'s (the same, or floats
+        converted); a mismatch is noted otherwise."""
+        dst_dtype = from_torch(target.dtype)
+        if record.dtype is dst_dtype or record.dtype == dst_dtype or \
+                (record.dtype.name in CONVERTIBLE and dst_dtype.name in CONVERTIBLE):
+            return True
+        self.plan.mismatched_keys.append(f"{record.name}: checkpoint dtype {record.dtype.torch} cannot be loaded "
+                                         f"into {name!r} of dtype {target.dtype}")
+        return False
 
     def _column_jobs(self, record: TensorRecord, route: Route, rows: tuple[int, int], cols: tuple[int, int],
                      region: torch.Tensor) -> None:
@@ -345,7 +373,7 @@ class _Planner:
 
     def finish(self) -> Plan:
         p = self.plan
-        seen_groups: set[int] = set()
+        seen_groups = set(self.complete)
         for name, tensor in self.targets.items():
             group = self.group_of[name]
             if group in seen_groups:
@@ -374,6 +402,9 @@ def make_plan(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, re
     routes_of = normalize_rename(rename)
     planner = _Planner(checkpoint, targets, quant or {})
     for record in checkpoint.records:
+        if rename is None:   # every record whole into the tensor of its own name
+            planner.whole(record, record.name)
+            continue
         routes = routes_of(record.name)
         if routes is None:
             planner.plan.skipped_keys.append(record.name)

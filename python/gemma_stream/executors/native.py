@@ -9,6 +9,7 @@ from ..config import config
 from ..dtypes import DTYPES, from_torch
 from ..errors import CheckpointError, InternalError, nan_row
 from ..formats.records import CheckpointFile
+from ..jobs import is_plain_cpu
 from ..plan import CopyJob
 
 _native_run = _native.run   # one name, so the job-overhead benchmark can time the engine call
@@ -24,10 +25,6 @@ def _code(dtype) -> int:
     return code if code is not None else from_torch(dtype).code   # from_torch names the unknown dtype
 
 
-def _plain_cpu(t) -> bool:
-    return t.device.type == "cpu" and t.is_contiguous()
-
-
 def encode(jobs: list[CopyJob]) -> _native.JobBatch:
     """The jobs as the engine's typed batch, one column per field, filled in one pass.
 
@@ -38,7 +35,7 @@ def encode(jobs: list[CopyJob]) -> _native.JobBatch:
     dst, dst_dtype, scale, zero, scale_dtype, group_size, name, first_row, block_rows = [], [], [], [], [], [], [], [], []
     for job in jobs:
         d, s, z = job.dst, job.scale, job.zero
-        if not _plain_cpu(d) or (s is not None and not _plain_cpu(s)) or (z is not None and not _plain_cpu(z)):
+        if not is_plain_cpu(d) or (s is not None and not is_plain_cpu(s)) or (z is not None and not is_plain_cpu(z)):
             raise InternalError(f"tensor {job.name!r}: native executor needs contiguous CPU destinations")
         op.append(_OPS[job.op])
         file.append(job.file_index)
