@@ -21,8 +21,8 @@ import torch
 
 from .plan import QuantTarget
 
-__all__ = ["init_empty", "module_walk", "quant_targets", "meta_tensors", "materialize", "swap_tensors", "same_kind",
-           "run_post_load_hooks", "int8_rows_target"]
+__all__ = ["init_empty", "module_walk", "quant_targets", "MetaTensors", "meta_tensors", "materialize", "swap_tensors",
+           "same_kind", "run_post_load_hooks", "int8_rows_target"]
 
 _PATCH_LOCK = threading.RLock()
 
@@ -128,15 +128,28 @@ def quant_targets(model: torch.nn.Module, walk: list[tuple[str, torch.nn.Module]
     return targets
 
 
-def meta_tensors(model: torch.nn.Module, walk: list[tuple[str, torch.nn.Module]] | None = None
-                 ) -> dict[int, tuple[str, torch.Tensor]]:
+class MetaTensors(dict):
+    """:func:`meta_tensors`' answer: id -> (first name, tensor), and ``slots``, the (parameter or
+    buffer dict, attribute, id) of every place one of them sits, so that :func:`materialize` puts
+    the new tensors there without walking the model's modules again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slots: list[tuple[dict, str, int]] = []
+
+
+def meta_tensors(model: torch.nn.Module, walk: list[tuple[str, torch.nn.Module]] | None = None) -> MetaTensors:
     """Every parameter and buffer (persistent or not) still on ``meta``: id -> (first name, tensor)."""
-    out: dict[int, tuple[str, torch.Tensor]] = {}
+    out = MetaTensors()
+    slots = out.slots
     for prefix, module in (module_walk(model) if walk is None else walk):
         for slot in (module._parameters, module._buffers):
             for attr, tensor in slot.items():
-                if tensor is not None and id(tensor) not in out and tensor.is_meta:
-                    out[id(tensor)] = (f"{prefix}.{attr}" if prefix else attr, tensor)
+                if tensor is not None and tensor.is_meta:
+                    key = id(tensor)
+                    if key not in out:
+                        out[key] = (f"{prefix}.{attr}" if prefix else attr, tensor)
+                    slots.append((slot, attr, key))
     return out
 
 
@@ -172,11 +185,16 @@ def materialize(model: torch.nn.Module, device: torch.device,
                 walk: list[tuple[str, torch.nn.Module]] | None = None) -> dict[int, torch.Tensor]:
     """Allocate (uninitialized) every tensor still on ``meta`` on ``device``, keeping ties,
     Parameter classes and layouts; returns ``id(meta tensor) -> its replacement`` for ``Plan.rebind``.
-    ``metas``: :func:`meta_tensors` of the model, when the caller already holds it."""
+    ``metas``: :func:`meta_tensors` of the model (or those of them to allocate, any other
+    mapping), when the caller already holds it; the model must not have changed since."""
     if metas is None:
         metas = meta_tensors(model, walk)
     replacement = {key: same_kind(old, _empty(old, device)) for key, (_, old) in metas.items()}
-    swap_tensors(model, replacement, walk)
+    if isinstance(metas, MetaTensors):   # where each sits, found by the same walk (ties included)
+        for slot, attr, key in metas.slots:
+            slot[attr] = replacement[key]
+    else:
+        swap_tensors(model, replacement, walk)
     return replacement
 
 
