@@ -254,11 +254,17 @@ class _Planner:
             return
         if not self._convertible(record, name, target):
             return
-        if not self._claim(name, (0, shape[0]) if shape else (0, 1), record.name,
-                           (0, shape[1]) if len(shape) >= 2 else (0, 1)):
+        group = self.group_of[name]
+        if group in self.complete:   # a tied name already filled whole: the same claim again
             p.skipped_keys.append(record.name)
             return
-        self.complete.add(self.group_of[name])
+        rows, cols = (0, shape[0]) if shape else (0, 1), (0, shape[1]) if len(shape) >= 2 else (0, 1)
+        if group not in self.covered:
+            self.covered[group] = [(*rows, *cols, record.name)]
+        elif not self._claim(name, rows, record.name, cols):   # parts written by other routes: checked
+            p.skipped_keys.append(record.name)
+            return
+        self.complete.add(group)
         offset, strides = (record.byte_offset, None) if record.strides is None else self._source(record, 0)
         p.jobs.append(CopyJob(name=record.name, target=name, file_index=self.file_index[record.file],
                               src_offset=offset, src_dtype=record.dtype, shape=shape, src_strides=strides,

@@ -242,6 +242,9 @@ def read_torchzip(path: str, key: str | None = None) -> Checkpoint:
         return _read_torchzip(os.path.abspath(os.fspath(path)), key)
 
 
+_FILE_ORDER = operator.attrgetter("byte_offset", "name")   # views of one storage by name
+
+
 def _read_torchzip(path: str, key: str | None) -> Checkpoint:
     try:
         fd = fileio.open_read(path)
@@ -283,6 +286,6 @@ def _read_torchzip(path: str, key: str | None) -> Checkpoint:
             if k != top_key:
                 extras[f"{k}" if f"{k}" not in extras else f"[top level] {k}"] = describe(value)
     records = _records(path, tensors, offsets)
-    records.sort(key=lambda r: (r.byte_offset, r.name))
+    records.sort(key=_FILE_ORDER)
     metadata = {"state_dict_key": top_key} if top_key is not None else {}
     return Checkpoint(format="torchzip", files=[path], records=records, metadata=metadata, extras=extras)
