@@ -296,8 +296,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
         prefetch = _read_ahead(plan, resolved, mode, ckpt)
     try:
         swap_tensors(model, {key: view for key, (_, view) in mapped.items()}, walk)
-        plan.rebind(materialize(model, device, {k: v for k, v in metas.items() if k not in mapped} if mapped
-                                else metas, walk))
+        for key in mapped:   # those are views of the file now; the rest of the meta tensors are allocated
+            metas.pop(key, None)
+        plan.rebind(materialize(model, device, metas, walk))
         done, seconds, backend_name, cache = _execute(plan, threads=threads, backend=backend, progress=progress,
                                                       cache=cache, desc="gemma_stream load", resolved=resolved)
     finally:

@@ -185,14 +185,16 @@ def materialize(model: torch.nn.Module, device: torch.device,
                 walk: list[tuple[str, torch.nn.Module]] | None = None) -> dict[int, torch.Tensor]:
     """Allocate (uninitialized) every tensor still on ``meta`` on ``device``, keeping ties,
     Parameter classes and layouts; returns ``id(meta tensor) -> its replacement`` for ``Plan.rebind``.
-    ``metas``: :func:`meta_tensors` of the model (or those of them to allocate, any other
-    mapping), when the caller already holds it; the model must not have changed since."""
+    ``metas``: :func:`meta_tensors` of the model, when the caller already holds it (keys taken
+    out of it are not allocated); the model must not have changed since but for those."""
     if metas is None:
         metas = meta_tensors(model, walk)
     replacement = {key: same_kind(old, _empty(old, device)) for key, (_, old) in metas.items()}
     if isinstance(metas, MetaTensors):   # where each sits, found by the same walk (ties included)
         for slot, attr, key in metas.slots:
-            slot[attr] = replacement[key]
+            new = replacement.get(key)
+            if new is not None:   # a key the caller took out is left where it is
+                slot[attr] = new
     else:
         swap_tensors(model, replacement, walk)
     return replacement

@@ -173,7 +173,11 @@ class _Planner:
                cols: tuple[int, int] = (0, 1)) -> bool:
         """Record that block ``rows`` x ``cols`` of ``target`` is written; False if already written
         (tied duplicate)."""
-        spans = self.covered.setdefault(self.group_of[target], [])
+        group = self.group_of[target]
+        spans = self.covered.get(group)
+        if spans is None:   # the group's first block (almost every claim): nothing to overlap
+            self.covered[group] = [(rows[0], rows[1], cols[0], cols[1], source)]
+            return True
         for lo, hi, clo, chi, other in spans:
             if (lo, hi, clo, chi) == (*rows, *cols):
                 return False
@@ -258,10 +262,8 @@ class _Planner:
         if group in self.complete:   # a tied name already filled whole: the same claim again
             p.skipped_keys.append(record.name)
             return
-        rows, cols = (0, shape[0]) if shape else (0, 1), (0, shape[1]) if len(shape) >= 2 else (0, 1)
-        if group not in self.covered:
-            self.covered[group] = [(*rows, *cols, record.name)]
-        elif not self._claim(name, rows, record.name, cols):   # parts written by other routes: checked
+        if not self._claim(name, (0, shape[0]) if shape else (0, 1), record.name,
+                           (0, shape[1]) if len(shape) >= 2 else (0, 1)):
             p.skipped_keys.append(record.name)
             return
         self.complete.add(group)
