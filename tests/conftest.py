@@ -139,6 +139,24 @@ def call_cli(capsys, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, rc, out, err)
 
 
+def package_without_native(tmp_path: Path) -> Path:
+    """A copy of the package without its compiled engine, at ``tmp_path / "gemma_stream"``, for a
+    child run with ``PYTHONPATH=tmp_path``.  Skips the test where the engine is found other than
+    beside the package: an editable install's import hook maps ``gemma_stream._native`` to its
+    build whatever folder the package is imported from, so no copy can lack it there."""
+    import importlib.util
+    import shutil
+
+    package = Path(gs.__file__).resolve().parent
+    spec = importlib.util.find_spec("gemma_stream._native")
+    if spec is not None and spec.origin and Path(spec.origin).resolve().parent != package:
+        pytest.skip(f"gemma_stream._native is imported from {spec.origin}, not beside the package "
+                    f"(an editable install): a copy of the package would still find it")
+    copy = tmp_path / "gemma_stream"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("_native*", "__pycache__"))
+    return copy
+
+
 def bytes_at(path: str, offset: int, n: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)

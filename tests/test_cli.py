@@ -23,7 +23,7 @@ import torch
 import gemma_stream
 from gemma_stream import cli
 
-from conftest import PACKAGE_ROOT, bytes_at, call_cli, run_cli
+from conftest import PACKAGE_ROOT, bytes_at, call_cli, package_without_native, run_cli
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -160,10 +160,7 @@ def test_version_names_the_backend_and_why(capsys, monkeypatch):
 
 def test_version_without_the_extension_says_why(tmp_path):
     """A copy of the package without _native*.so: the fallback is named, with the reason."""
-    import shutil
-    copy = tmp_path / "gemma_stream"
-    shutil.copytree(Path(gemma_stream.__file__).parent, copy,
-                    ignore=shutil.ignore_patterns("_native*", "__pycache__"))
+    copy = package_without_native(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     env.pop("GEMMA_STREAM_BACKEND", None)
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "gemma_stream", "--version"], env=env, text=True,

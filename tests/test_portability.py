@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ from torch import nn
 import gemma_stream as gs
 from gemma_stream import fileio
 from gemma_stream.errors import InternalError
+
+from conftest import package_without_native
 
 # (os functions removed) -> the read path fileio takes: preadv, pread, per-thread seek + readinto
 READ_PATHS = {"preadv": [], "pread": ["preadv"], "thread-handles": ["preadv", "pread"]}
@@ -175,9 +176,7 @@ def test_cache_drop_without_os_support_keeps_the_pages_says_so_and_warns_once(tm
 
 
 def test_missing_extension_warning_names_the_real_cause(tmp_path):
-    package = Path(gs.__file__).parent
-    shutil.copytree(package, tmp_path / "gemma_stream",
-                    ignore=shutil.ignore_patterns("_native*.so", "_native*.pyd", "__pycache__"))
+    package_without_native(tmp_path)
     code = ("import warnings; warnings.simplefilter('always')\n"
             "import gemma_stream as gs\n"
             "from gemma_stream.executors import get_executor\n"
