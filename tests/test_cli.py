@@ -15,7 +15,6 @@ import struct
 import subprocess
 import termios
 import sys
-from pathlib import Path
 
 import pytest
 import torch
